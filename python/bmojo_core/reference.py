@@ -1,0 +1,369 @@
+"""Pure-PyTorch reference implementations (the oracles) of bmojo_core's diagonal scans.
+
+These functions *define* the documented semantics of the fast kernels (SPEC §2). They are
+written for clarity, not speed: they loop over time in Python, one step at a time, using
+ordinary differentiable torch operations, so that
+
+* they run in float64 (and are the ground truth of the parity and gradient tests);
+* ``torch.autograd`` differentiates them (reference gradients);
+* they depend on nothing but ``torch`` and ``math`` (never on ``bmojo_core._core``).
+
+Conventions (SPEC §1): the state after consuming ``u_t`` is ``h_t``; the output ``y_t``
+reads ``h_t``; ``h_0`` (the initial state, default zero) is the state before the first
+input. Computation happens in the promoted floating dtype of the inputs, at least float32
+(float64 as soon as any input is float64); outputs are returned in the dtype of the main
+input, states in the compute dtype.
+
+Functions:
+
+* :func:`softplus_thresholded` -- ``softplus(x)``, but exactly ``x`` where ``x > 20``.
+* :func:`diag_scan` -- ``h_t = a_t * h_{t-1} + b_t`` over the last axis (forward or reverse).
+* :func:`selective_scan` -- Mamba-1 selective scan (``mamba_ssm.selective_scan_fn``
+  semantics) with the ``initial_state`` and packed-sequence ``seq_idx`` extensions.
+* :func:`selective_state_update` -- one (or several) streaming steps, in place
+  (``mamba_ssm.selective_state_update`` semantics), with a state pool, padding rows and
+  intermediate-state snapshots.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "softplus_thresholded",
+    "diag_scan",
+    "selective_scan",
+    "selective_state_update",
+]
+
+_SOFTPLUS_THRESHOLD = 20.0
+
+
+def softplus_thresholded(x: torch.Tensor) -> torch.Tensor:
+    """``softplus(x) = log(1 + exp(x))``, replaced by the identity where ``x > 20``.
+
+    This is the convention of the CUDA peers (mamba_ssm); the gradient is exact on both
+    branches (``sigmoid(x)`` below the threshold, ``1`` above it).
+    """
+    return torch.where(x > _SOFTPLUS_THRESHOLD, x, F.softplus(x))
+
+
+def _compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
+    """float64 if any given floating tensor is float64, else float32."""
+    for t in tensors:
+        if t is not None and t.dtype == torch.float64:
+            return torch.float64
+    return torch.float32
+
+
+def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return None if t is None else t.to(dtype)
+
+
+# ---------------------------------------------------------------------------------------
+# 2.1 first-order diagonal scan
+# ---------------------------------------------------------------------------------------
+
+
+def diag_scan(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    initial_state: torch.Tensor | None = None,
+    reverse: bool = False,
+    return_last_state: bool = False,
+):
+    """First-order diagonal (elementwise) linear recurrence over the last axis.
+
+    ``a`` and ``b`` have the same shape ``(..., L)``; ``initial_state`` has shape ``(...)``
+    (default zeros).
+
+    * forward: ``h_t = a_t * h_{t-1} + b_t`` for ``t = 1..L`` with ``h_0 = initial_state``;
+      the last state is ``h_L`` (``h[..., -1]``);
+    * ``reverse=True``: ``h_t = a_t * h_{t+1} + b_t`` for ``t = L..1`` with
+      ``h_{L+1} = initial_state``; the last state is ``h_1`` (``h[..., 0]``).
+
+    Returns ``h`` (shape ``(..., L)``, dtype of ``b``) or ``(h, last_state)`` when
+    ``return_last_state`` (last state in the compute dtype). For ``L = 0`` ``h`` is empty
+    and the last state is the initial state (or zeros).
+    """
+    if a.shape != b.shape:
+        raise ValueError(
+            f"a and b must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}"
+        )
+    if a.dim() < 1:
+        raise ValueError("a and b must have at least one dimension (the time axis)")
+    lanes = a.shape[:-1]
+    L = a.shape[-1]
+    cdt = _compute_dtype(a, b, initial_state)
+    a_c = a.to(cdt)
+    b_c = b.to(cdt)
+    if initial_state is None:
+        h = torch.zeros(lanes, dtype=cdt, device=a.device)
+    else:
+        if initial_state.shape != lanes:
+            raise ValueError(
+                f"initial_state must have shape {tuple(lanes)}, got {tuple(initial_state.shape)}"
+            )
+        h = initial_state.to(cdt)
+
+    steps = range(L - 1, -1, -1) if reverse else range(L)
+    hs: list[torch.Tensor | None] = [None] * L
+    for t in steps:
+        h = a_c[..., t] * h + b_c[..., t]
+        hs[t] = h
+    if L > 0:
+        out = torch.stack(hs, dim=-1)  # type: ignore[arg-type]
+    else:
+        out = torch.zeros(a.shape, dtype=cdt, device=a.device)
+    out = out.to(b.dtype)
+    if return_last_state:
+        if initial_state is not None and L == 0:
+            h = h.clone()
+        return out, h
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# 2.2 selective scan (Mamba-1)
+# ---------------------------------------------------------------------------------------
+
+
+def _expand_bc(X: torch.Tensor, name: str, batch: int, dim: int, L: int) -> torch.Tensor:
+    """Bring B or C to shape (batch or 1, dim, N, L or 1) (broadcastable)."""
+    if X.dim() == 2:  # (dim, N) constant
+        if X.shape[0] != dim:
+            raise ValueError(f"{name}: constant form must be (dim={dim}, N)")
+        return X[None, :, :, None]
+    if X.dim() == 3:  # (batch, N, L) variable
+        if X.shape[0] != batch or X.shape[2] != L:
+            raise ValueError(f"{name}: variable form must be (batch={batch}, N, L={L})")
+        return X[:, None, :, :]
+    if X.dim() == 4:  # (batch, G, N, L) grouped
+        G = X.shape[1]
+        if X.shape[0] != batch or X.shape[3] != L or G == 0 or dim % G != 0:
+            raise ValueError(f"{name}: grouped form must be (batch={batch}, G | {dim}, N, L={L})")
+        return X.repeat_interleave(dim // G, dim=1)
+    raise ValueError(f"{name}: expected 2, 3 or 4 dimensions, got {X.dim()}")
+
+
+def selective_scan(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+    delta_softplus: bool = False,
+    return_last_state: bool = False,
+    *,
+    initial_state: torch.Tensor | None = None,
+    seq_idx: torch.Tensor | None = None,
+):
+    """Mamba-1 selective scan, ``mamba_ssm.selective_scan_ref`` semantics (SPEC §2.2).
+
+    Shapes: ``u, delta, z`` ``(batch, dim, L)``; ``A`` ``(dim, N)``; ``B``/``C`` each
+    ``(dim, N)`` (constant), ``(batch, N, L)`` (variable) or ``(batch, G, N, L)`` (grouped,
+    channel ``d`` uses group ``d // (dim // G)``); ``D``, ``delta_bias`` ``(dim,)``;
+    ``initial_state`` ``(batch, dim, N)``; ``seq_idx`` ``(batch, L)`` integer.
+
+    ::
+
+        Δ_t      = delta_t + delta_bias          (then softplus_thresholded if delta_softplus)
+        h_t[d,n] = exp(Δ_t[d] A[d,n]) h_{t-1}[d,n] + Δ_t[d] B_t[n] u_t[d]
+        y_t[d]   = Σ_n C_t[n] h_t[d,n] + D[d] u_t[d]
+        out_t[d] = y_t[d] * silu(z_t[d])         (if z is given)
+
+    ``h_0 = initial_state`` (default zeros). Where ``seq_idx[b, t] != seq_idx[b, t-1]``
+    (``t >= 1``) a new packed sequence starts: ``h_{t-1}`` is replaced by zero before the
+    update at ``t``.
+
+    Returns ``out`` (dtype of ``u``) or ``(out, last_state)`` with ``last_state = h_L``
+    ``(batch, dim, N)`` in the compute dtype (the initial state, or zeros, when ``L = 0``).
+    """
+    if u.dim() != 3:
+        raise ValueError("u must be (batch, dim, L)")
+    batch, dim, L = u.shape
+    N = A.shape[-1]
+    cdt = _compute_dtype(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    u_c = u.to(cdt)
+    dt = delta.to(cdt)
+    A_c = A.to(cdt)
+    if delta_bias is not None:
+        dt = dt + delta_bias.to(cdt)[:, None]
+    if delta_softplus:
+        dt = softplus_thresholded(dt)
+    Bx = _expand_bc(B.to(cdt), "B", batch, dim, L)  # (b|1, dim, N, L|1)
+    Cx = _expand_bc(C.to(cdt), "C", batch, dim, L)
+
+    if initial_state is None:
+        h = torch.zeros((batch, dim, N), dtype=cdt, device=u.device)
+    else:
+        h = initial_state.to(cdt)
+    reset = None
+    if seq_idx is not None:
+        reset = torch.zeros((batch, L), dtype=torch.bool, device=u.device)
+        if L > 1:
+            reset[:, 1:] = seq_idx[:, 1:] != seq_idx[:, :-1]
+
+    ys = []
+    for t in range(L):
+        Bt = Bx[..., t if Bx.shape[-1] > 1 else 0]  # (b|1, dim, N)
+        Ct = Cx[..., t if Cx.shape[-1] > 1 else 0]
+        dt_t = dt[:, :, t, None]  # (batch, dim, 1)
+        if reset is not None:
+            keep = (~reset[:, t]).to(cdt)[:, None, None]
+            h = h * keep
+        h = torch.exp(dt_t * A_c) * h + dt_t * Bt * u_c[:, :, t, None]
+        ys.append((h * Ct).sum(-1))  # (batch, dim)
+    if L > 0:
+        y = torch.stack(ys, dim=-1)
+    else:
+        y = torch.zeros((batch, dim, 0), dtype=cdt, device=u.device)
+    if D is not None:
+        y = y + D.to(cdt)[:, None] * u_c
+    if z is not None:
+        y = y * F.silu(z.to(cdt))
+    out = y.to(u.dtype)
+    if return_last_state:
+        if L == 0 and initial_state is not None:
+            h = h.clone()
+        return out, h
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# 2.3 streaming step (selective_state_update)
+# ---------------------------------------------------------------------------------------
+
+
+def selective_state_update(
+    state: torch.Tensor,
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
+    dt_softplus: bool = False,
+    state_batch_indices: torch.Tensor | None = None,
+    *,
+    intermediate_states: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Streaming step(s) of the selective SSM, in place (mamba_ssm semantics, SPEC §2.3).
+
+    Layouts (``Bt`` = batch rows, ``S`` = state slots, ``T`` = tokens):
+
+    ============  ==========================  ==============================
+    argument      channel layout              heads layout
+    ============  ==========================  ==============================
+    state         (S, dim, N)                 (S, H, P, N)
+    x, dt, z      (Bt, dim) / (Bt, T, dim)    (Bt, H, P) / (Bt, T, H, P)
+    A             (dim, N)                    (H, P, N)
+    B, C          (Bt, N) or (Bt, G, N), with an extra T axis after Bt if multi-token
+    D, dt_bias    (dim,)                      (H, P)
+    ============  ==========================  ==============================
+
+    Groups: ``G`` divides ``dim`` (channel layout) or ``H`` (heads layout); channel/head
+    ``k`` uses group ``k // (dim_or_H // G)``. The multi-token form is detected by
+    ``x.dim() == state.dim()``.
+
+    Row ``i`` reads and writes ``state[state_batch_indices[i]]`` (default: slot ``i``, and
+    then ``S`` must equal the batch). A negative index marks a padding row: its output is
+    zero and nothing is written. For each token::
+
+        Δ = softplus_thresholded(dt + dt_bias) if dt_softplus else dt + dt_bias
+        h = exp(Δ A) h + Δ B x ;  y = Σ_n C h + D x ;  out = y * silu(z)
+
+    ``state`` receives the state after the last token (cast to its dtype). If
+    ``intermediate_states`` (``(Bt, T, *state.shape[1:])``, multi-token only) is given,
+    ``intermediate_states[i, t]`` receives the state after token ``t`` of row ``i``.
+    Returns ``out`` shaped like ``x``, in ``x``'s dtype.
+    """
+    heads = state.dim() == 4
+    if state.dim() not in (3, 4):
+        raise ValueError("state must be (S, dim, N) or (S, H, P, N)")
+    multi = x.dim() == state.dim()
+    S = state.shape[0]
+    N = state.shape[-1]
+    if heads:
+        H, P = state.shape[1], state.shape[2]
+    else:
+        # channel layout == heads layout with one channel per head
+        H, P = state.shape[1], 1
+    batch = x.shape[0]
+    cdt = _compute_dtype(state, x, dt, A, B, C, D, z, dt_bias)
+
+    # canonical shapes: x, dt, z (batch, T, H, P); B, C (batch, T, G, N)
+    def tok(t_: torch.Tensor) -> torch.Tensor:
+        t_ = t_.to(cdt)
+        if not multi:
+            t_ = t_.unsqueeze(1)
+        return t_.reshape(batch, t_.shape[1], H, P)
+
+    def grp(t_: torch.Tensor) -> torch.Tensor:
+        t_ = t_.to(cdt)
+        if not multi:
+            t_ = t_.unsqueeze(1)
+        if t_.dim() == 3:  # (batch, T, N) -> one group
+            t_ = t_.unsqueeze(2)
+        return t_
+
+    xs, dts = tok(x), tok(dt)
+    zs = tok(z) if z is not None else None
+    Bs, Cs = grp(B), grp(C)
+    T = xs.shape[1]
+    G = Bs.shape[2]
+    if G == 0 or H % G != 0 or Cs.shape[2] != G:
+        raise ValueError("B and C must have the same number of groups, dividing dim (or H)")
+    heads_per_group = H // G
+    A_c = A.to(cdt).reshape(H, P, N)
+    D_c = D.to(cdt).reshape(H, P) if D is not None else None
+    bias_c = dt_bias.to(cdt).reshape(H, P) if dt_bias is not None else None
+
+    if state_batch_indices is None:
+        if S != batch:
+            raise ValueError("without state_batch_indices, state.shape[0] must equal batch")
+        slots = list(range(batch))
+    else:
+        slots = [int(s) for s in state_batch_indices.tolist()]
+        used = [s for s in slots if s >= 0]
+        if any(s >= S for s in used):
+            raise ValueError("state_batch_indices out of range")
+        if len(set(used)) != len(used):
+            raise ValueError("state_batch_indices has duplicate non-negative entries")
+
+    out = torch.zeros((batch, T, H, P), dtype=cdt, device=x.device)
+    with torch.no_grad():
+        for i in range(batch):
+            slot = slots[i]
+            if slot < 0:
+                continue  # padding row: output zero, nothing written
+            h = state[slot].to(cdt).reshape(H, P, N)
+            for t in range(T):
+                delta = dts[i, t]
+                if bias_c is not None:
+                    delta = delta + bias_c
+                if dt_softplus:
+                    delta = softplus_thresholded(delta)
+                # group of each head: (H, N)
+                Bt = Bs[i, t].repeat_interleave(heads_per_group, dim=0)
+                Ct = Cs[i, t].repeat_interleave(heads_per_group, dim=0)
+                h = (
+                    torch.exp(delta[..., None] * A_c) * h
+                    + delta[..., None] * Bt[:, None, :] * xs[i, t][..., None]
+                )
+                y = (h * Ct[:, None, :]).sum(-1)
+                if D_c is not None:
+                    y = y + D_c * xs[i, t]
+                if zs is not None:
+                    y = y * F.silu(zs[i, t])
+                out[i, t] = y
+                if intermediate_states is not None:
+                    intermediate_states[i, t].copy_(h.reshape(state.shape[1:]))
+            state[slot].copy_(h.reshape(state.shape[1:]))
+    return out.reshape(x.shape).to(x.dtype)

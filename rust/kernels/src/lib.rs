@@ -1,0 +1,18 @@
+//! CPU kernels of bmojo_core, free of any Python dependency.
+//!
+//! * [`simd`]: the vector vocabulary and vectorised `exp`/`softplus`/`sigmoid`;
+//! * [`dispatch`]: run-time choice of AVX-512 / AVX2+FMA / baseline (SSE2 or NEON) /
+//!   scalar;
+//! * [`pool`]: the kernels' own thread pool (explicit size, fork-safe);
+//! * [`diag`], [`selective`], [`step`]: the scans;
+//! * [`reference`]: plain scalar implementations used by the tests as oracles.
+
+pub mod diag;
+pub mod dispatch;
+pub mod pool;
+pub mod reference;
+pub mod selective;
+pub mod simd;
+pub mod step;
+
+pub use dispatch::{Level, SimdElem};
