@@ -30,7 +30,13 @@ impl<T: SimdElem> Kernel<T> for Task<'_, '_, T> {
     type Out = ();
     #[inline(always)]
     fn run<V: Vector<E = T>>(self) {
-        let Task { s, m0, rows, out, last } = self;
+        let Task {
+            s,
+            m0,
+            rows,
+            out,
+            last,
+        } = self;
         let (w, len) = (V::W, s.len);
         let mut ba = vec![T::ZERO; CHUNK * w];
         let mut bb = vec![T::ZERO; CHUNK * w];
@@ -81,7 +87,12 @@ impl<T: SimdElem> Kernel<T> for Task<'_, '_, T> {
 
 /// Runs the scan into `out (lanes, len)` and `last (lanes,)` (the state after the last
 /// step consumed: `h_len` forward, `h_1` reverse).
-pub fn diag_scan<T: SimdElem>(level: Level, s: &DiagArgs<'_, T>, out: &mut [T], last: &mut [T]) -> Result<(), String> {
+pub fn diag_scan<T: SimdElem>(
+    level: Level,
+    s: &DiagArgs<'_, T>,
+    out: &mut [T],
+    last: &mut [T],
+) -> Result<(), String> {
     let (m, l) = (s.lanes, s.len);
     for (name, got, want) in [
         ("a", s.a.len(), m * l),
@@ -100,7 +111,16 @@ pub fn diag_scan<T: SimdElem>(level: Level, s: &DiagArgs<'_, T>, out: &mut [T], 
     let lasts = pool::split_lengths(last, &rows);
     let items: Vec<_> = starts.into_iter().zip(rows).zip(outs).zip(lasts).collect();
     pool::for_each(items, m * l, |_, (((m0, rows), out), last)| {
-        dispatch(level, Task { s, m0, rows, out, last })
+        dispatch(
+            level,
+            Task {
+                s,
+                m0,
+                rows,
+                out,
+                last,
+            },
+        )
     });
     Ok(())
 }

@@ -48,9 +48,7 @@ impl Level {
                 std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
             }
             #[cfg(target_arch = "x86_64")]
-            Level::Avx512 => {
-                Level::Avx2.is_supported() && std::is_x86_feature_detected!("avx512f")
-            }
+            Level::Avx512 => Level::Avx2.is_supported() && std::is_x86_feature_detected!("avx512f"),
             #[cfg(not(target_arch = "x86_64"))]
             Level::Avx2 | Level::Avx512 => false,
         }
@@ -58,7 +56,10 @@ impl Level {
 
     /// Levels this CPU supports, best first.
     pub fn supported() -> Vec<Level> {
-        Level::ALL.into_iter().filter(|l| l.is_supported()).collect()
+        Level::ALL
+            .into_iter()
+            .filter(|l| l.is_supported())
+            .collect()
     }
 
     pub fn best() -> Level {
@@ -105,7 +106,11 @@ pub trait Kernel<T: SimdElem> {
 /// can never reach instructions the CPU lacks).
 #[inline]
 pub fn dispatch<T: SimdElem, K: Kernel<T>>(level: Level, k: K) -> K::Out {
-    let level = if level.is_supported() { level } else { Level::best().min(level) };
+    let level = if level.is_supported() {
+        level
+    } else {
+        Level::best().min(level)
+    };
     match level {
         Level::Scalar => k.run::<T::Scalar>(),
         Level::Baseline => k.run::<T::Base>(),

@@ -12,10 +12,16 @@ struct PoolState {
     pool: Option<Arc<rayon::ThreadPool>>,
 }
 
-static POOL: Mutex<PoolState> = Mutex::new(PoolState { pid: 0, threads: 0, pool: None });
+static POOL: Mutex<PoolState> = Mutex::new(PoolState {
+    pid: 0,
+    threads: 0,
+    pool: None,
+});
 
 fn default_threads() -> usize {
-    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
 }
 
 /// Sets the number of threads kernels may use (>= 1).
@@ -76,7 +82,12 @@ pub fn for_each<I: Send, F: Fn(usize, I) + Sync + Send>(items: Vec<I>, work: usi
     const MIN_PARALLEL_WORK: usize = 1 << 17;
     if items.len() > 1 && work >= MIN_PARALLEL_WORK {
         if let Some(p) = pool() {
-            p.install(|| items.into_par_iter().enumerate().for_each(|(i, it)| f(i, it)));
+            p.install(|| {
+                items
+                    .into_par_iter()
+                    .enumerate()
+                    .for_each(|(i, it)| f(i, it))
+            });
             return;
         }
     }

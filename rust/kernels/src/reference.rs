@@ -24,7 +24,14 @@ fn sigmoid(x: f64) -> f64 {
 }
 
 /// `h_t = a_t h_{t-1} + b_t` (or from the end when `reverse`); returns `(h, last)`.
-pub fn diag_scan(lanes: usize, len: usize, a: &[f64], b: &[f64], h0: Option<&[f64]>, reverse: bool) -> (Vec<f64>, Vec<f64>) {
+pub fn diag_scan(
+    lanes: usize,
+    len: usize,
+    a: &[f64],
+    b: &[f64],
+    h0: Option<&[f64]>,
+    reverse: bool,
+) -> (Vec<f64>, Vec<f64>) {
     let mut out = vec![0.0; lanes * len];
     let mut last = vec![0.0; lanes];
     for m in 0..lanes {
@@ -55,7 +62,8 @@ fn dt_pre(s: &ScanArgs<'_, f64>, b: usize, d: usize, t: usize) -> f64 {
 }
 
 fn reset(s: &ScanArgs<'_, f64>, b: usize, t: usize) -> bool {
-    s.seq_idx.is_some_and(|q| t > 0 && q[b * s.len + t] != q[b * s.len + t - 1])
+    s.seq_idx
+        .is_some_and(|q| t > 0 && q[b * s.len + t] != q[b * s.len + t - 1])
 }
 
 /// All states `h[b][d][t+1][n]` (index 0 = initial), and the outputs.
@@ -147,7 +155,9 @@ pub fn selective_backward(s: &ScanArgs<'_, f64>, dout: &[f64], dlast: Option<&[f
     for b in 0..bt {
         for d in 0..dm {
             let hidx = |t: usize, k: usize| ((b * dm + d) * (l + 1) + t) * n + k;
-            let mut adj: Vec<f64> = (0..n).map(|k| dlast.map_or(0.0, |x| x[(b * dm + d) * n + k])).collect();
+            let mut adj: Vec<f64> = (0..n)
+                .map(|k| dlast.map_or(0.0, |x| x[(b * dm + d) * n + k]))
+                .collect();
             for t in (0..l).rev() {
                 let i = (b * dm + d) * l + t;
                 let u = s.u[i];

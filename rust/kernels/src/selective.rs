@@ -179,7 +179,11 @@ fn gather<V: Vector>(
 ) -> V {
     for (j, slot) in tmp[..V::W].iter_mut().enumerate() {
         let d = lanes.start + j;
-        *slot = if d < lanes.end { src[d * stride + off] } else { fill };
+        *slot = if d < lanes.end {
+            src[d * stride + off]
+        } else {
+            fill
+        };
     }
     V::load(tmp)
 }
@@ -187,7 +191,15 @@ fn gather<V: Vector>(
 /// Writes the valid lanes of `v` to `dst[(j) * stride + off]`, `j` counted from the first
 /// lane of the sub-block relative to the task's first row.
 #[inline(always)]
-fn scatter<V: Vector>(v: V, dst: &mut [V::E], row0: usize, valid: usize, stride: usize, off: usize, tmp: &mut [V::E]) {
+fn scatter<V: Vector>(
+    v: V,
+    dst: &mut [V::E],
+    row0: usize,
+    valid: usize,
+    stride: usize,
+    off: usize,
+    tmp: &mut [V::E],
+) {
     v.store(tmp);
     for (j, &x) in tmp[..valid].iter().enumerate() {
         dst[(row0 + j) * stride + off] = x;
@@ -197,7 +209,16 @@ fn scatter<V: Vector>(v: V, dst: &mut [V::E], row0: usize, valid: usize, stride:
 /// Copies `rows` of `src` (row r at `(base_row + r) * len + t0`, `tl` steps) into the
 /// `[time][lane]` buffer `buf`; missing lanes are zero.
 #[inline(always)]
-fn load_t<T: Elem>(src: &[T], base_row: usize, valid: usize, w: usize, len: usize, t0: usize, tl: usize, buf: &mut [T]) {
+fn load_t<T: Elem>(
+    src: &[T],
+    base_row: usize,
+    valid: usize,
+    w: usize,
+    len: usize,
+    t0: usize,
+    tl: usize,
+    buf: &mut [T],
+) {
     for j in 0..w {
         if j < valid {
             let row = &src[(base_row + j) * len + t0..][..tl];
@@ -214,7 +235,15 @@ fn load_t<T: Elem>(src: &[T], base_row: usize, valid: usize, w: usize, len: usiz
 
 /// Inverse of [`load_t`] for the valid lanes.
 #[inline(always)]
-fn store_t<T: Elem>(dst: &mut [T], valid: usize, w: usize, len: usize, t0: usize, tl: usize, buf: &[T]) {
+fn store_t<T: Elem>(
+    dst: &mut [T],
+    valid: usize,
+    w: usize,
+    len: usize,
+    t0: usize,
+    tl: usize,
+    buf: &[T],
+) {
     for j in 0..valid {
         let row = &mut dst[j * len + t0..][..tl];
         for (k, x) in row.iter_mut().enumerate() {
@@ -225,7 +254,15 @@ fn store_t<T: Elem>(dst: &mut [T], valid: usize, w: usize, len: usize, t0: usize
 
 /// Transposes the chunk `[t0, t0+tl)` of a variable matrix into `buf[k * N + n]`.
 #[inline(always)]
-fn load_var<T: Elem>(s: &ScanArgs<'_, T>, m: &Mat<'_, T>, b: usize, d: usize, t0: usize, tl: usize, buf: &mut [T]) {
+fn load_var<T: Elem>(
+    s: &ScanArgs<'_, T>,
+    m: &Mat<'_, T>,
+    b: usize,
+    d: usize,
+    t0: usize,
+    tl: usize,
+    buf: &mut [T],
+) {
     if let Mat::Var { data, .. } = m {
         let n = s.dstate;
         for nn in 0..n {
@@ -249,7 +286,13 @@ struct Params<V> {
 #[inline(always)]
 fn params<V: Vector>(s: &ScanArgs<'_, V::E>, t: Task, nsub: usize, tmp: &mut [V::E]) -> Params<V> {
     let n = s.dstate;
-    let mut p = Params { a: Vec::new(), b: Vec::new(), c: Vec::new(), d: Vec::new(), bias: Vec::new() };
+    let mut p = Params {
+        a: Vec::new(),
+        b: Vec::new(),
+        c: Vec::new(),
+        d: Vec::new(),
+        bias: Vec::new(),
+    };
     for sb in 0..nsub {
         let lanes = t.d0 + sb * V::W..t.d1;
         for nn in 0..n {
@@ -303,7 +346,13 @@ impl<T: SimdElem> Kernel<T> for Fwd<'_, '_, T> {
     type Out = ();
     #[inline(always)]
     fn run<V: Vector<E = T>>(self) {
-        let Fwd { s, t, out, last, ckpt } = self;
+        let Fwd {
+            s,
+            t,
+            out,
+            last,
+            ckpt,
+        } = self;
         let (w, n, len) = (V::W, s.dstate, s.len);
         let nck = n_chunks(len);
         let nsub = t.rows().div_ceil(w);
@@ -314,12 +363,23 @@ impl<T: SimdElem> Kernel<T> for Fwd<'_, '_, T> {
             for sb in 0..nsub {
                 let lanes = t.d0 + sb * w..t.d1;
                 for nn in 0..n {
-                    h[sb * n + nn] = gather(&h0[t.b * s.dim * n..], lanes.clone(), n, nn, T::ZERO, &mut tmp);
+                    h[sb * n + nn] = gather(
+                        &h0[t.b * s.dim * n..],
+                        lanes.clone(),
+                        n,
+                        nn,
+                        T::ZERO,
+                        &mut tmp,
+                    );
                 }
             }
         }
-        let (mut bu, mut bdt, mut bz, mut by) =
-            (vec![T::ZERO; CHUNK * w], vec![T::ZERO; CHUNK * w], vec![T::ZERO; CHUNK * w], vec![T::ZERO; CHUNK * w]);
+        let (mut bu, mut bdt, mut bz, mut by) = (
+            vec![T::ZERO; CHUNK * w],
+            vec![T::ZERO; CHUNK * w],
+            vec![T::ZERO; CHUNK * w],
+            vec![T::ZERO; CHUNK * w],
+        );
         let (mut vb, mut vc) = (vec![T::ZERO; CHUNK * n], vec![T::ZERO; CHUNK * n]);
         let row_base = t.b * s.dim;
         for c in 0..nck {
@@ -335,7 +395,16 @@ impl<T: SimdElem> Kernel<T> for Fwd<'_, '_, T> {
                     scatter(*hv, ckpt, r0, valid, nck * n, c * n + nn, &mut tmp);
                 }
                 load_t(s.u, row_base + t.d0 + r0, valid, w, len, t0, tl, &mut bu);
-                load_t(s.delta, row_base + t.d0 + r0, valid, w, len, t0, tl, &mut bdt);
+                load_t(
+                    s.delta,
+                    row_base + t.d0 + r0,
+                    valid,
+                    w,
+                    len,
+                    t0,
+                    tl,
+                    &mut bdt,
+                );
                 if let Some(z) = s.z {
                     load_t(z, row_base + t.d0 + r0, valid, w, len, t0, tl, &mut bz);
                 }
@@ -352,8 +421,16 @@ impl<T: SimdElem> Kernel<T> for Fwd<'_, '_, T> {
                     let mut y = dv.mul(x);
                     for nn in 0..n {
                         let da = exp(dt.mul(a[nn]));
-                        let bn = if s.b.is_var() { V::splat(vb[k * n + nn]) } else { p.b[sb * n + nn] };
-                        let cn = if s.c.is_var() { V::splat(vc[k * n + nn]) } else { p.c[sb * n + nn] };
+                        let bn = if s.b.is_var() {
+                            V::splat(vb[k * n + nn])
+                        } else {
+                            p.b[sb * n + nn]
+                        };
+                        let cn = if s.c.is_var() {
+                            V::splat(vc[k * n + nn])
+                        } else {
+                            p.c[sb * n + nn]
+                        };
                         let hn = hs[nn].fma(da, dtx.mul(bn));
                         hs[nn] = hn;
                         y = hn.fma(cn, y);
@@ -385,7 +462,11 @@ pub struct FwdOut<'a, T> {
     pub ckpt: &'a mut [T],
 }
 
-pub fn forward<T: SimdElem>(level: Level, s: &ScanArgs<'_, T>, o: FwdOut<'_, T>) -> Result<(), String> {
+pub fn forward<T: SimdElem>(
+    level: Level,
+    s: &ScanArgs<'_, T>,
+    o: FwdOut<'_, T>,
+) -> Result<(), String> {
     s.validate()?;
     let (d, l, n) = (s.dim, s.len, s.dstate);
     check("out", o.out.len(), s.batch * d * l)?;
@@ -399,7 +480,16 @@ pub fn forward<T: SimdElem>(level: Level, s: &ScanArgs<'_, T>, o: FwdOut<'_, T>)
     let ckpts = pool::split_lengths(o.ckpt, &lens(n_chunks(l) * n));
     let items: Vec<_> = tasks.into_iter().zip(outs).zip(lasts).zip(ckpts).collect();
     pool::for_each(items, s.batch * d * l * n, |_, (((t, out), last), ckpt)| {
-        dispatch(level, Fwd { s, t, out, last, ckpt })
+        dispatch(
+            level,
+            Fwd {
+                s,
+                t,
+                out,
+                last,
+                ckpt,
+            },
+        )
     });
     Ok(())
 }
@@ -451,7 +541,14 @@ impl<T: SimdElem> Kernel<T> for Bwd<'_, '_, T> {
     type Out = ();
     #[inline(always)]
     fn run<V: Vector<E = T>>(self) {
-        let Bwd { s, t, ckpt, dout, dlast, o } = self;
+        let Bwd {
+            s,
+            t,
+            ckpt,
+            dout,
+            dlast,
+            o,
+        } = self;
         let (w, n, len) = (V::W, s.dstate, s.len);
         let nck = n_chunks(len);
         let nsub = t.rows().div_ceil(w);
@@ -464,7 +561,14 @@ impl<T: SimdElem> Kernel<T> for Bwd<'_, '_, T> {
             for sb in 0..nsub {
                 let lanes = t.d0 + sb * w..t.d1;
                 for nn in 0..n {
-                    g[sb * n + nn] = gather(&dl[t.b * s.dim * n..], lanes.clone(), n, nn, T::ZERO, &mut tmp);
+                    g[sb * n + nn] = gather(
+                        &dl[t.b * s.dim * n..],
+                        lanes.clone(),
+                        n,
+                        nn,
+                        T::ZERO,
+                        &mut tmp,
+                    );
                 }
             }
         }
@@ -497,14 +601,31 @@ impl<T: SimdElem> Kernel<T> for Bwd<'_, '_, T> {
                 make_dt::<V>(&mut bdt, Some(&mut bpre), p.bias[sb], tl, s.softplus);
                 let a = &p.a[sb * n..(sb + 1) * n];
                 let bvec = |k: usize, nn: usize| {
-                    if s.b.is_var() { V::splat(vb[k * n + nn]) } else { p.b[sb * n + nn] }
+                    if s.b.is_var() {
+                        V::splat(vb[k * n + nn])
+                    } else {
+                        p.b[sb * n + nn]
+                    }
                 };
                 let cvec = |k: usize, nn: usize| {
-                    if s.c.is_var() { V::splat(vc[k * n + nn]) } else { p.c[sb * n + nn] }
+                    if s.c.is_var() {
+                        V::splat(vc[k * n + nn])
+                    } else {
+                        p.c[sb * n + nn]
+                    }
                 };
                 // Recompute the chunk's states from its checkpoint.
                 let mut h: Vec<V> = (0..n)
-                    .map(|nn| gather(&ckpt[r0 * nck * n..], 0..valid, nck * n, c * n + nn, T::ZERO, &mut tmp))
+                    .map(|nn| {
+                        gather(
+                            &ckpt[r0 * nck * n..],
+                            0..valid,
+                            nck * n,
+                            c * n + nn,
+                            T::ZERO,
+                            &mut tmp,
+                        )
+                    })
                     .collect();
                 for k in 0..tl {
                     if s.reset(t.b, t0 + k) {
@@ -682,9 +803,24 @@ pub fn backward<T: SimdElem>(
         .zip(pool::split_lengths(&mut pc, &part_lens(&s.c)))
         .zip(pool::split_lengths(&mut pd, &lens(1)))
         .zip(pool::split_lengths(&mut pbias, &lens(1)))
-        .map(|(((((((((t, du), ddelta), dz), dh0), da), db), dc), dd), dbias)| {
-            (t, BwdTaskOut { du, ddelta, dz, dh0, da, db, dc, dd, dbias })
-        })
+        .map(
+            |(((((((((t, du), ddelta), dz), dh0), da), db), dc), dd), dbias)| {
+                (
+                    t,
+                    BwdTaskOut {
+                        du,
+                        ddelta,
+                        dz,
+                        dh0,
+                        da,
+                        db,
+                        dc,
+                        dd,
+                        dbias,
+                    },
+                )
+            },
+        )
         .collect();
     let ckpts: Vec<&[T]> = {
         let mut v = Vec::with_capacity(nt);
@@ -697,7 +833,17 @@ pub fn backward<T: SimdElem>(
         v
     };
     pool::for_each(items, 3 * bt * d * l * n, |i, (t, o)| {
-        dispatch(level, Bwd { s, t, ckpt: ckpts[i], dout, dlast, o })
+        dispatch(
+            level,
+            Bwd {
+                s,
+                t,
+                ckpt: ckpts[i],
+                dout,
+                dlast,
+                o,
+            },
+        )
     });
 
     // Deterministic reductions over the batch.
@@ -725,7 +871,10 @@ pub fn backward<T: SimdElem>(
                 for (i, t) in tasks.iter().enumerate() {
                     let g = t.d0 / gsize;
                     let off = (t.b * groups + g) * n * l;
-                    for (x, &p) in dst[off..off + n * l].iter_mut().zip(&part[i * n * l..(i + 1) * n * l]) {
+                    for (x, &p) in dst[off..off + n * l]
+                        .iter_mut()
+                        .zip(&part[i * n * l..(i + 1) * n * l])
+                    {
                         *x = *x + p;
                     }
                 }

@@ -210,7 +210,10 @@ pub fn exp<V: Vector>(x: V) -> V {
     let r = k
         .fma(V::splat(V::E::ZERO).sub(V::splat(V::E::LN2_HI)), xc)
         .sub(k.mul(V::splat(V::E::LN2_LO)));
-    let p = horner::<V>(V::E::EXP_POLY, r).mul(r.mul(r)).add(r).add(e(1.0));
+    let p = horner::<V>(V::E::EXP_POLY, r)
+        .mul(r.mul(r))
+        .add(r)
+        .add(e(1.0));
     let y = V::scale_by_magic(p, t);
     let y = V::select(x.lt(lo), V::zero(), y);
     let y = V::select(x.gt(hi), V::splat(V::E::INF), y);
@@ -223,7 +226,9 @@ fn log1p_unit<V: Vector>(t: V) -> V {
     let two = V::splat(V::E::from_f64(2.0));
     let s = t.div(two.add(t));
     let s2 = s.mul(s);
-    horner::<V>(V::E::LOG1P_POLY, s2).fma(s2, V::splat(V::E::ONE)).mul(two.mul(s))
+    horner::<V>(V::E::LOG1P_POLY, s2)
+        .fma(s2, V::splat(V::E::ONE))
+        .mul(two.mul(s))
 }
 
 /// Mamba's softplus: `x` above 20, else `log(1 + e^x)`, computed stably as
@@ -456,22 +461,70 @@ pub mod x86 {
         };
     }
 
-    avx_common!(F32x8, f32, 8, __m256,
-        set1 = _mm256_set1_ps, loadu = _mm256_loadu_ps, storeu = _mm256_storeu_ps,
-        add = _mm256_add_ps, sub = _mm256_sub_ps, mul = _mm256_mul_ps, div = _mm256_div_ps,
-        fmadd = _mm256_fmadd_ps, max = _mm256_max_ps, min = _mm256_min_ps);
-    avx_common!(F64x4, f64, 4, __m256d,
-        set1 = _mm256_set1_pd, loadu = _mm256_loadu_pd, storeu = _mm256_storeu_pd,
-        add = _mm256_add_pd, sub = _mm256_sub_pd, mul = _mm256_mul_pd, div = _mm256_div_pd,
-        fmadd = _mm256_fmadd_pd, max = _mm256_max_pd, min = _mm256_min_pd);
-    avx_common!(F32x16, f32, 16, __m512,
-        set1 = _mm512_set1_ps, loadu = _mm512_loadu_ps, storeu = _mm512_storeu_ps,
-        add = _mm512_add_ps, sub = _mm512_sub_ps, mul = _mm512_mul_ps, div = _mm512_div_ps,
-        fmadd = _mm512_fmadd_ps, max = _mm512_max_ps, min = _mm512_min_ps);
-    avx_common!(F64x8, f64, 8, __m512d,
-        set1 = _mm512_set1_pd, loadu = _mm512_loadu_pd, storeu = _mm512_storeu_pd,
-        add = _mm512_add_pd, sub = _mm512_sub_pd, mul = _mm512_mul_pd, div = _mm512_div_pd,
-        fmadd = _mm512_fmadd_pd, max = _mm512_max_pd, min = _mm512_min_pd);
+    avx_common!(
+        F32x8,
+        f32,
+        8,
+        __m256,
+        set1 = _mm256_set1_ps,
+        loadu = _mm256_loadu_ps,
+        storeu = _mm256_storeu_ps,
+        add = _mm256_add_ps,
+        sub = _mm256_sub_ps,
+        mul = _mm256_mul_ps,
+        div = _mm256_div_ps,
+        fmadd = _mm256_fmadd_ps,
+        max = _mm256_max_ps,
+        min = _mm256_min_ps
+    );
+    avx_common!(
+        F64x4,
+        f64,
+        4,
+        __m256d,
+        set1 = _mm256_set1_pd,
+        loadu = _mm256_loadu_pd,
+        storeu = _mm256_storeu_pd,
+        add = _mm256_add_pd,
+        sub = _mm256_sub_pd,
+        mul = _mm256_mul_pd,
+        div = _mm256_div_pd,
+        fmadd = _mm256_fmadd_pd,
+        max = _mm256_max_pd,
+        min = _mm256_min_pd
+    );
+    avx_common!(
+        F32x16,
+        f32,
+        16,
+        __m512,
+        set1 = _mm512_set1_ps,
+        loadu = _mm512_loadu_ps,
+        storeu = _mm512_storeu_ps,
+        add = _mm512_add_ps,
+        sub = _mm512_sub_ps,
+        mul = _mm512_mul_ps,
+        div = _mm512_div_ps,
+        fmadd = _mm512_fmadd_ps,
+        max = _mm512_max_ps,
+        min = _mm512_min_ps
+    );
+    avx_common!(
+        F64x8,
+        f64,
+        8,
+        __m512d,
+        set1 = _mm512_set1_pd,
+        loadu = _mm512_loadu_pd,
+        storeu = _mm512_storeu_pd,
+        add = _mm512_add_pd,
+        sub = _mm512_sub_pd,
+        mul = _mm512_mul_pd,
+        div = _mm512_div_pd,
+        fmadd = _mm512_fmadd_pd,
+        max = _mm512_max_pd,
+        min = _mm512_min_pd
+    );
 
     macro_rules! vector_forward {
         () => {

@@ -50,7 +50,15 @@ impl<T: SimdElem> Kernel<T> for Task<'_, '_, T> {
     type Out = ();
     #[inline(always)]
     fn run<V: Vector<E = T>>(self) {
-        let Task { s, b, d0, state, out, mut snaps, rows } = self;
+        let Task {
+            s,
+            b,
+            d0,
+            state,
+            out,
+            mut snaps,
+            rows,
+        } = self;
         let (w, n, dim, nt) = (V::W, s.dstate, s.dim, s.ntok);
         let nv = n.div_ceil(w);
         let np = nv * w;
@@ -59,7 +67,8 @@ impl<T: SimdElem> Kernel<T> for Task<'_, '_, T> {
             dst.extend_from_slice(src);
             dst.resize(np, T::ZERO);
         };
-        let (mut hrow, mut arow, mut brow, mut crow) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut hrow, mut arow, mut brow, mut crow) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let mut dts = vec![T::ZERO; rows.div_ceil(w) * w];
         let mut ztmp = vec![T::ZERO; w];
         let gsize = dim / s.groups;
@@ -85,7 +94,12 @@ impl<T: SimdElem> Kernel<T> for Task<'_, '_, T> {
                 let boff = ((b * nt + k) * s.groups + g) * n;
                 // Padded copies only when N is not a whole number of vectors.
                 let (h_s, a_s, b_s, c_s): (&mut [T], &[T], &[T], &[T]) = if np == n {
-                    (&mut state[r * n..(r + 1) * n], &s.a[d * n..(d + 1) * n], &s.b[boff..boff + n], &s.c[boff..boff + n])
+                    (
+                        &mut state[r * n..(r + 1) * n],
+                        &s.a[d * n..(d + 1) * n],
+                        &s.b[boff..boff + n],
+                        &s.c[boff..boff + n],
+                    )
                 } else {
                     pad(&state[r * n..(r + 1) * n], &mut hrow);
                     pad(&s.a[d * n..(d + 1) * n], &mut arow);
@@ -152,7 +166,11 @@ pub fn step<T: SimdElem>(
         ("state", state.len(), slots_total * d * n),
         ("out", out.len(), bt * nt * d),
         ("state_batch_indices", s.slots.map_or(bt, <[i64]>::len), bt),
-        ("intermediate_states", snapshots.as_deref().map_or(bt * nt * d * n, <[T]>::len), bt * nt * d * n),
+        (
+            "intermediate_states",
+            snapshots.as_deref().map_or(bt * nt * d * n, <[T]>::len),
+            bt * nt * d * n,
+        ),
     ];
     for (name, got, want) in lens {
         if got != want {
@@ -176,13 +194,18 @@ pub fn step<T: SimdElem>(
             return Err(format!("state_batch_indices: entry {b} is {sl}, out of range for a state pool of {slots_total} slots"));
         }
         if owner[su] != usize::MAX {
-            return Err(format!("state_batch_indices: slot {sl} is used by rows {} and {b}", owner[su]));
+            return Err(format!(
+                "state_batch_indices: slot {sl} is used by rows {} and {b}",
+                owner[su]
+            ));
         }
         owner[su] = b;
         slot_of.push(Some(su));
     }
     if s.slots.is_none() && slots_total != bt {
-        return Err(format!("state: expected {bt} slots (one per batch row), got {slots_total}"));
+        return Err(format!(
+            "state: expected {bt} slots (one per batch row), got {slots_total}"
+        ));
     }
 
     if bt == 0 || nt == 0 || d == 0 {
@@ -206,15 +229,31 @@ pub fn step<T: SimdElem>(
             out_row.fill(T::ZERO); // padding row: zero output, nothing written
             return;
         };
-        let mut block_snap = if snap_row.is_some() { vec![T::ZERO; nt * BLOCK * n] } else { Vec::new() };
+        let mut block_snap = if snap_row.is_some() {
+            vec![T::ZERO; nt * BLOCK * n]
+        } else {
+            Vec::new()
+        };
         for (d0, state) in (0..d).step_by(BLOCK).zip(st.chunks_mut(BLOCK * n)) {
             let rows = BLOCK.min(d - d0);
             let snaps = snap_row.as_ref().map(|_| &mut block_snap[..nt * rows * n]);
-            dispatch(level, Task { s, b, d0, state, out: &mut *out_row, snaps, rows });
+            dispatch(
+                level,
+                Task {
+                    s,
+                    b,
+                    d0,
+                    state,
+                    out: &mut *out_row,
+                    snaps,
+                    rows,
+                },
+            );
             // A block's snapshots are (T, rows, N); the row's are (T, dim, N).
             if let Some(sr) = snap_row.as_deref_mut() {
                 for k in 0..nt {
-                    sr[(k * d + d0) * n..][..rows * n].copy_from_slice(&block_snap[k * rows * n..][..rows * n]);
+                    sr[(k * d + d0) * n..][..rows * n]
+                        .copy_from_slice(&block_snap[k * rows * n..][..rows * n]);
                 }
             }
         }

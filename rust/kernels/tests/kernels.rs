@@ -47,7 +47,11 @@ impl<T: SimdElem> Kernel<T> for MathK<'_, T> {
     type Out = ();
     #[inline(always)]
     fn run<V: Vector<E = T>>(self) {
-        for (i, o) in self.x.chunks_exact(V::W).zip(self.out.chunks_exact_mut(V::W)) {
+        for (i, o) in self
+            .x
+            .chunks_exact(V::W)
+            .zip(self.out.chunks_exact_mut(V::W))
+        {
             let v = V::load(i);
             let r = match self.which {
                 0 => simd::exp(v),
@@ -61,15 +65,32 @@ impl<T: SimdElem> Kernel<T> for MathK<'_, T> {
 
 fn math<T: SimdElem>(level: Level, which: u8, x: &[T]) -> Vec<T> {
     let mut out = vec![T::ZERO; x.len()];
-    dispatch(level, MathK { x, out: &mut out, which });
+    dispatch(
+        level,
+        MathK {
+            x,
+            out: &mut out,
+            which,
+        },
+    );
     out
 }
 
 #[test]
 fn vector_math_matches_std_at_every_level() {
     let mut xs: Vec<f64> = (-2000..=2000).map(|i| i as f64 * 0.0517).collect();
-    xs.extend([0.0, -0.0, 1e-30, -1e-30, 88.0, 88.7, 88.8, -87.3, -87.4, -103.0, 700.0, 709.7, 710.0, -708.0, -746.0]);
-    xs.extend([f64::INFINITY, f64::NEG_INFINITY, f64::NAN, 19.99, 20.0, 20.01]);
+    xs.extend([
+        0.0, -0.0, 1e-30, -1e-30, 88.0, 88.7, 88.8, -87.3, -87.4, -103.0, 700.0, 709.7, 710.0,
+        -708.0, -746.0,
+    ]);
+    xs.extend([
+        f64::INFINITY,
+        f64::NEG_INFINITY,
+        f64::NAN,
+        19.99,
+        20.0,
+        20.01,
+    ]);
     while xs.len() % 16 != 0 {
         xs.push(0.5);
     }
@@ -79,11 +100,23 @@ fn vector_math_matches_std_at_every_level() {
         for (i, &x) in xs.iter().enumerate() {
             let want = x.exp();
             let got = e64[i];
-            let ok = if want.is_nan() { got.is_nan() } else if want < 2.3e-308 { got == 0.0 || (got - want).abs() < 1e-300 } else { ((got - want) / want).abs() < 4e-16 || got == want };
+            let ok = if want.is_nan() {
+                got.is_nan()
+            } else if want < 2.3e-308 {
+                got == 0.0 || (got - want).abs() < 1e-300
+            } else {
+                ((got - want) / want).abs() < 4e-16 || got == want
+            };
             assert!(ok, "{level:?} exp f64 at {x}: {got} vs {want}");
             let w32 = (x as f32).exp();
             let g32 = e32[i];
-            let ok = if w32.is_nan() { g32.is_nan() } else if w32 < 1.2e-38 { g32 == 0.0 || (g32 - w32).abs() < 1.2e-38 } else { ((g32 - w32) / w32).abs() < 3e-7 || g32 == w32 };
+            let ok = if w32.is_nan() {
+                g32.is_nan()
+            } else if w32 < 1.2e-38 {
+                g32 == 0.0 || (g32 - w32).abs() < 1.2e-38
+            } else {
+                ((g32 - w32) / w32).abs() < 3e-7 || g32 == w32
+            };
             assert!(ok, "{level:?} exp f32 at {x}: {g32} vs {w32}");
         }
         let sp = math(level, 1, &xs);
@@ -91,18 +124,32 @@ fn vector_math_matches_std_at_every_level() {
         for (i, &x) in xs.iter().enumerate() {
             let want = if x > 20.0 { x } else { x.exp().ln_1p() };
             assert!(
-                (sp[i] - want).abs() <= 2e-16 * want.abs().max(1e-300) * 4.0 || (want.is_nan() && sp[i].is_nan()) || sp[i] == want,
+                (sp[i] - want).abs() <= 2e-16 * want.abs().max(1e-300) * 4.0
+                    || (want.is_nan() && sp[i].is_nan())
+                    || sp[i] == want,
                 "{level:?} softplus at {x}: {} vs {want}",
                 sp[i]
             );
             let want = 1.0 / (1.0 + (-x).exp());
-            assert!((sg[i] - want).abs() <= 1e-15 || (want.is_nan() && sg[i].is_nan()), "{level:?} sigmoid at {x}");
+            assert!(
+                (sg[i] - want).abs() <= 1e-15 || (want.is_nan() && sg[i].is_nan()),
+                "{level:?} sigmoid at {x}"
+            );
         }
         let sp32 = math(level, 1, &to32(&xs));
         for (i, &x) in xs.iter().enumerate() {
-            let want = if x as f32 > 20.0 { x as f32 as f64 } else { (x as f32 as f64).exp().ln_1p() };
+            let want = if x as f32 > 20.0 {
+                x as f32 as f64
+            } else {
+                (x as f32 as f64).exp().ln_1p()
+            };
             let got = sp32[i] as f64;
-            assert!(got == want || (got - want).abs() <= 4e-7 * want.abs() + 1e-37 || (want.is_nan() && got.is_nan()), "{level:?} softplus f32 at {x}: {got} vs {want}");
+            assert!(
+                got == want
+                    || (got - want).abs() <= 4e-7 * want.abs() + 1e-37
+                    || (want.is_nan() && got.is_nan()),
+                "{level:?} softplus f32 at {x}: {got} vs {want}"
+            );
         }
     }
 }
@@ -120,13 +167,27 @@ fn diag_scan_matches_reference() {
             for init in [None, Some(&h0[..])] {
                 let (want, wlast) = reference::diag_scan(m, l, &a, &b, init, reverse);
                 for level in Level::supported() {
-                    let s = diag::DiagArgs { lanes: m, len: l, a: &a, b: &b, h0: init, reverse };
+                    let s = diag::DiagArgs {
+                        lanes: m,
+                        len: l,
+                        a: &a,
+                        b: &b,
+                        h0: init,
+                        reverse,
+                    };
                     let (mut out, mut last) = (vec![0.0; m * l], vec![0.0; m]);
                     diag::diag_scan(level, &s, &mut out, &mut last).unwrap();
                     close("h", &out, &want, 1e-13, 1e-13);
                     close("last", &last, &wlast, 1e-13, 1e-13);
                     let (a32, b32, h32) = (to32(&a), to32(&b), to32(&h0));
-                    let s = diag::DiagArgs { lanes: m, len: l, a: &a32, b: &b32, h0: init.map(|_| &h32[..]), reverse };
+                    let s = diag::DiagArgs {
+                        lanes: m,
+                        len: l,
+                        a: &a32,
+                        b: &b32,
+                        h0: init.map(|_| &h32[..]),
+                        reverse,
+                    };
                     let (mut out, mut last) = (vec![0.0f32; m * l], vec![0.0f32; m]);
                     diag::diag_scan(level, &s, &mut out, &mut last).unwrap();
                     close("h32", &to64(&out), &want, 1e-4, 1e-4);
@@ -188,7 +249,11 @@ fn data(c: &Case, seed: u64) -> Data {
     }
     Data {
         u: r.vec(bt * d * l, -1.0, 1.0),
-        delta: if c.softplus { r.vec(bt * d * l, -3.0, 1.0) } else { r.vec(bt * d * l, 0.0, 0.5) },
+        delta: if c.softplus {
+            r.vec(bt * d * l, -3.0, 1.0)
+        } else {
+            r.vec(bt * d * l, 0.0, 0.5)
+        },
         a: r.vec(d * n, -2.0, -0.1),
         b: mat(c.b_groups, &mut r),
         c: mat(c.c_groups, &mut r),
@@ -272,7 +337,16 @@ fn run_kernel<T: SimdElem>(level: Level, c: &Case, x: &Data32<T>) -> Run<T> {
     let mut out = vec![T::ZERO; bt * d * l];
     let mut last = vec![T::ZERO; bt * d * n];
     let mut ckpt = vec![T::ZERO; bt * d * n_chunks(l) * n];
-    selective::forward(level, &s, FwdOut { out: &mut out, last: &mut last, ckpt: &mut ckpt }).unwrap();
+    selective::forward(
+        level,
+        &s,
+        FwdOut {
+            out: &mut out,
+            last: &mut last,
+            ckpt: &mut ckpt,
+        },
+    )
+    .unwrap();
     let ml = |g: Option<usize>| g.map_or(d * n, |g| bt * g * n * l);
     let mut g: Vec<Vec<T>> = vec![
         vec![T::ZERO; bt * d * l],
@@ -286,7 +360,9 @@ fn run_kernel<T: SimdElem>(level: Level, c: &Case, x: &Data32<T>) -> Run<T> {
         vec![T::ZERO; bt * d * n],
     ];
     {
-        let [du, ddelta, da, db, dc, dd, dz, dbias, dh0] = &mut g[..] else { unreachable!() };
+        let [du, ddelta, da, db, dc, dd, dz, dbias, dh0] = &mut g[..] else {
+            unreachable!()
+        };
         let o = BwdOut {
             du,
             ddelta,
@@ -300,7 +376,11 @@ fn run_kernel<T: SimdElem>(level: Level, c: &Case, x: &Data32<T>) -> Run<T> {
         };
         selective::backward(level, &s, &ckpt, &x.dout, Some(&x.dlast), o).unwrap();
     }
-    Run { out, last, grads: g }
+    Run {
+        out,
+        last,
+        grads: g,
+    }
 }
 
 fn reference_run(c: &Case, x: &Data) -> (Vec<f64>, Vec<f64>, Vec<Vec<f64>>) {
@@ -308,26 +388,122 @@ fn reference_run(c: &Case, x: &Data) -> (Vec<f64>, Vec<f64>, Vec<Vec<f64>>) {
     let s = args(c, &xx);
     let (out, last) = reference::selective_forward(&s);
     let g = reference::selective_backward(&s, &x.dout, Some(&x.dlast));
-    (out, last, vec![g.du, g.ddelta, g.da, g.db, g.dc, g.dd, g.dz, g.ddelta_bias, g.dh0])
+    (
+        out,
+        last,
+        vec![
+            g.du,
+            g.ddelta,
+            g.da,
+            g.db,
+            g.dc,
+            g.dd,
+            g.dz,
+            g.ddelta_bias,
+            g.dh0,
+        ],
+    )
 }
 
-const GRAD_NAMES: [&str; 9] = ["du", "ddelta", "dA", "dB", "dC", "dD", "dz", "ddelta_bias", "dh0"];
+const GRAD_NAMES: [&str; 9] = [
+    "du",
+    "ddelta",
+    "dA",
+    "dB",
+    "dC",
+    "dD",
+    "dz",
+    "ddelta_bias",
+    "dh0",
+];
 
 fn cases() -> Vec<Case> {
-    let base = Case { batch: 2, dim: 5, len: 9, n: 3, b_groups: Some(1), c_groups: Some(1), d: true, z: true, bias: true, softplus: true, h0: true, seq: false };
+    let base = Case {
+        batch: 2,
+        dim: 5,
+        len: 9,
+        n: 3,
+        b_groups: Some(1),
+        c_groups: Some(1),
+        d: true,
+        z: true,
+        bias: true,
+        softplus: true,
+        h0: true,
+        seq: false,
+    };
     let mut v = vec![
         base,
         Case { len: 0, ..base },
         Case { len: 1, ..base },
-        Case { dim: 17, len: 70, n: 4, ..base },
-        Case { dim: 70, len: 130, n: 2, b_groups: None, c_groups: None, ..base },
-        Case { dim: 24, len: 66, n: 5, b_groups: Some(3), c_groups: Some(2), ..base },
-        Case { dim: 8, len: 40, n: 1, d: false, z: false, bias: false, softplus: false, h0: false, ..base },
-        Case { dim: 9, len: 150, n: 3, seq: true, ..base },
-        Case { dim: 3, len: 20, n: 33, b_groups: None, c_groups: Some(1), ..base },
-        Case { batch: 1, dim: 130, len: 65, n: 16, b_groups: Some(2), c_groups: None, seq: true, ..base },
+        Case {
+            dim: 17,
+            len: 70,
+            n: 4,
+            ..base
+        },
+        Case {
+            dim: 70,
+            len: 130,
+            n: 2,
+            b_groups: None,
+            c_groups: None,
+            ..base
+        },
+        Case {
+            dim: 24,
+            len: 66,
+            n: 5,
+            b_groups: Some(3),
+            c_groups: Some(2),
+            ..base
+        },
+        Case {
+            dim: 8,
+            len: 40,
+            n: 1,
+            d: false,
+            z: false,
+            bias: false,
+            softplus: false,
+            h0: false,
+            ..base
+        },
+        Case {
+            dim: 9,
+            len: 150,
+            n: 3,
+            seq: true,
+            ..base
+        },
+        Case {
+            dim: 3,
+            len: 20,
+            n: 33,
+            b_groups: None,
+            c_groups: Some(1),
+            ..base
+        },
+        Case {
+            batch: 1,
+            dim: 130,
+            len: 65,
+            n: 16,
+            b_groups: Some(2),
+            c_groups: None,
+            seq: true,
+            ..base
+        },
     ];
-    v.push(Case { batch: 3, dim: 4, len: 5, n: 2, b_groups: Some(4), c_groups: Some(4), ..base });
+    v.push(Case {
+        batch: 3,
+        dim: 4,
+        len: 5,
+        n: 2,
+        b_groups: Some(4),
+        c_groups: Some(4),
+        ..base
+    });
     v
 }
 
@@ -365,7 +541,13 @@ fn selective_scan_f32_matches_reference_at_every_level() {
                 if (*name == "dz" && !c.z) || (*name == "dD" && !c.d) {
                     continue;
                 }
-                close(&format!("{name} {tag}"), &to64(&r.grads[k]), &wg[k], 2e-4, 2e-4);
+                close(
+                    &format!("{name} {tag}"),
+                    &to64(&r.grads[k]),
+                    &wg[k],
+                    2e-4,
+                    2e-4,
+                );
             }
         }
     }
@@ -373,7 +555,20 @@ fn selective_scan_f32_matches_reference_at_every_level() {
 
 #[test]
 fn reference_backward_matches_finite_differences() {
-    let c = Case { batch: 2, dim: 4, len: 7, n: 3, b_groups: Some(2), c_groups: Some(1), d: true, z: true, bias: true, softplus: true, h0: true, seq: true };
+    let c = Case {
+        batch: 2,
+        dim: 4,
+        len: 7,
+        n: 3,
+        b_groups: Some(2),
+        c_groups: Some(1),
+        d: true,
+        z: true,
+        bias: true,
+        softplus: true,
+        h0: true,
+        seq: true,
+    };
     let x = data(&c, 9);
     let (_, _, g) = reference_run(&c, &x);
     let loss = |x: &Data| {
@@ -404,7 +599,12 @@ fn reference_backward_matches_finite_differences() {
             let lm = loss(&y);
             f(&mut y)[i] = v0;
             let fd = (lp - lm) / (2.0 * eps);
-            assert!((fd - g[k][i]).abs() < 1e-6 * (1.0 + fd.abs()), "{} [{i}]: fd {fd} vs {}", GRAD_NAMES[k], g[k][i]);
+            assert!(
+                (fd - g[k][i]).abs() < 1e-6 * (1.0 + fd.abs()),
+                "{} [{i}]: fd {fd} vs {}",
+                GRAD_NAMES[k],
+                g[k][i]
+            );
         }
     }
 }
@@ -412,7 +612,20 @@ fn reference_backward_matches_finite_differences() {
 #[test]
 fn results_do_not_depend_on_thread_count() {
     // Big enough to be split across the pool.
-    let c = Case { batch: 3, dim: 200, len: 300, n: 8, b_groups: Some(2), c_groups: Some(1), d: true, z: true, bias: true, softplus: true, h0: true, seq: true };
+    let c = Case {
+        batch: 3,
+        dim: 200,
+        len: 300,
+        n: 8,
+        b_groups: Some(2),
+        c_groups: Some(1),
+        d: true,
+        z: true,
+        bias: true,
+        softplus: true,
+        h0: true,
+        seq: true,
+    };
     let x = conv(&data(&c, 5), |v| v as f32);
     for level in Level::supported() {
         pool::set_num_threads(1).unwrap();
@@ -427,7 +640,20 @@ fn results_do_not_depend_on_thread_count() {
 
 #[test]
 fn nan_and_inf_propagate() {
-    let c = Case { batch: 1, dim: 5, len: 10, n: 2, b_groups: Some(1), c_groups: Some(1), d: true, z: true, bias: true, softplus: true, h0: true, seq: false };
+    let c = Case {
+        batch: 1,
+        dim: 5,
+        len: 10,
+        n: 2,
+        b_groups: Some(1),
+        c_groups: Some(1),
+        d: true,
+        z: true,
+        bias: true,
+        softplus: true,
+        h0: true,
+        seq: false,
+    };
     let mut x = data(&c, 3);
     x.u[3] = f64::NAN;
     x.delta[12] = f64::INFINITY;
@@ -442,7 +668,20 @@ fn nan_and_inf_propagate() {
 
 #[test]
 fn step_tokens_equal_the_scan() {
-    let c = Case { batch: 3, dim: 37, len: 12, n: 19, b_groups: Some(1), c_groups: Some(1), d: true, z: true, bias: true, softplus: true, h0: true, seq: false };
+    let c = Case {
+        batch: 3,
+        dim: 37,
+        len: 12,
+        n: 19,
+        b_groups: Some(1),
+        c_groups: Some(1),
+        d: true,
+        z: true,
+        bias: true,
+        softplus: true,
+        h0: true,
+        seq: false,
+    };
     let x = data(&c, 11);
     let xx = conv(&x, |v| v);
     let (want_out, want_last) = reference::selective_forward(&args(&c, &xx));
@@ -479,36 +718,77 @@ fn step_tokens_equal_the_scan() {
             let mut state = vec![0.0; (bt + 1) * d * n];
             for b in 0..bt {
                 let sl = slots[b] as usize;
-                state[sl * d * n..(sl + 1) * d * n].copy_from_slice(&x.h0[b * d * n..(b + 1) * d * n]);
+                state[sl * d * n..(sl + 1) * d * n]
+                    .copy_from_slice(&x.h0[b * d * n..(b + 1) * d * n]);
             }
             let mut got = vec![0.0; bt * l * d];
             let mut t0 = 0;
             while t0 < l {
                 let tl = per_call.min(l - t0);
                 let pick = |v: &[f64], w: usize| -> Vec<f64> {
-                    (0..bt).flat_map(|b| v[(b * l + t0) * w..(b * l + t0 + tl) * w].to_vec()).collect()
+                    (0..bt)
+                        .flat_map(|b| v[(b * l + t0) * w..(b * l + t0 + tl) * w].to_vec())
+                        .collect()
                 };
-                let (xk, dk, zk, bk, ck) = (pick(&xs, d), pick(&dts, d), pick(&zs, d), pick(&bs, n), pick(&cs, n));
+                let (xk, dk, zk, bk, ck) = (
+                    pick(&xs, d),
+                    pick(&dts, d),
+                    pick(&zs, d),
+                    pick(&bs, n),
+                    pick(&cs, n),
+                );
                 let s = step::StepArgs {
-                    batch: bt, ntok: tl, dim: d, dstate: n, groups: 1, x: &xk, dt: &dk, a: &x.a, b: &bk, c: &ck,
-                    d: Some(&x.d), z: Some(&zk), dt_bias: Some(&x.bias), softplus: true, slots: Some(&slots),
+                    batch: bt,
+                    ntok: tl,
+                    dim: d,
+                    dstate: n,
+                    groups: 1,
+                    x: &xk,
+                    dt: &dk,
+                    a: &x.a,
+                    b: &bk,
+                    c: &ck,
+                    d: Some(&x.d),
+                    z: Some(&zk),
+                    dt_bias: Some(&x.bias),
+                    softplus: true,
+                    slots: Some(&slots),
                 };
                 let mut out = vec![0.0; bt * tl * d];
                 let mut snaps = vec![0.0; bt * tl * d * n];
                 step::step(level, &s, &mut state, bt + 1, &mut out, Some(&mut snaps)).unwrap();
                 for b in 0..bt {
-                    got[(b * l + t0) * d..(b * l + t0 + tl) * d].copy_from_slice(&out[b * tl * d..(b + 1) * tl * d]);
+                    got[(b * l + t0) * d..(b * l + t0 + tl) * d]
+                        .copy_from_slice(&out[b * tl * d..(b + 1) * tl * d]);
                     let sl = slots[b] as usize;
-                    assert_eq!(&snaps[((b * tl) + tl - 1) * d * n..][..d * n], &state[sl * d * n..(sl + 1) * d * n]);
+                    assert_eq!(
+                        &snaps[((b * tl) + tl - 1) * d * n..][..d * n],
+                        &state[sl * d * n..(sl + 1) * d * n]
+                    );
                 }
                 t0 += tl;
             }
-            close(&format!("{level:?} step out"), &got, &tr(&want_out), 1e-12, 1e-12);
+            close(
+                &format!("{level:?} step out"),
+                &got,
+                &tr(&want_out),
+                1e-12,
+                1e-12,
+            );
             for b in 0..bt {
                 let sl = slots[b] as usize;
-                close("state", &state[sl * d * n..(sl + 1) * d * n], &want_last[b * d * n..(b + 1) * d * n], 1e-12, 1e-12);
+                close(
+                    "state",
+                    &state[sl * d * n..(sl + 1) * d * n],
+                    &want_last[b * d * n..(b + 1) * d * n],
+                    1e-12,
+                    1e-12,
+                );
             }
-            assert!(state[bt * d * n..].iter().all(|&v| v == 0.0), "unused slot untouched");
+            assert!(
+                state[bt * d * n..].iter().all(|&v| v == 0.0),
+                "unused slot untouched"
+            );
         }
     }
 }
@@ -521,8 +801,21 @@ fn step_rejects_bad_slots_without_writing() {
     let bm = vec![1.0; bt * n];
     for slots in [vec![0i64, 0], vec![0, 5]] {
         let s = step::StepArgs {
-            batch: bt, ntok: 1, dim: d, dstate: n, groups: 1, x: &x, dt: &x, a: &a, b: &bm, c: &bm,
-            d: None, z: None, dt_bias: None, softplus: false, slots: Some(&slots),
+            batch: bt,
+            ntok: 1,
+            dim: d,
+            dstate: n,
+            groups: 1,
+            x: &x,
+            dt: &x,
+            a: &a,
+            b: &bm,
+            c: &bm,
+            d: None,
+            z: None,
+            dt_bias: None,
+            softplus: false,
+            slots: Some(&slots),
         };
         let mut state = vec![0.5; 3 * d * n];
         let mut out = vec![0.0; bt * d];

@@ -1,0 +1,74 @@
+"""Type stubs of the Rust extension. Arrays are C-contiguous NumPy views of torch CPU
+tensors, all float32 or all float64 (seq_idx and slots int64); outputs are written in
+place. The public, validated API is in the Python package."""
+
+import numpy as np
+import numpy.typing as npt
+
+_F = npt.NDArray[np.float32] | npt.NDArray[np.float64]
+_I = npt.NDArray[np.int64]
+
+CHECKPOINT_CHUNK: int
+
+def simd_level() -> str: ...
+def simd_levels() -> list[str]: ...
+def set_simd_level(name: str) -> None: ...
+def get_num_threads() -> int: ...
+def set_num_threads(n: int) -> None: ...
+def diag_scan(a: _F, b: _F, h0: _F | None, out: _F, last: _F, reverse: bool) -> None: ...
+def selective_scan_fwd(
+    u: _F,
+    delta: _F,
+    a: _F,
+    b: _F,
+    c: _F,
+    d: _F | None,
+    z: _F | None,
+    delta_bias: _F | None,
+    h0: _F | None,
+    seq_idx: _I | None,
+    softplus: bool,
+    out: _F,
+    last: _F,
+    ckpt: _F,
+) -> None: ...
+def selective_scan_bwd(
+    u: _F,
+    delta: _F,
+    a: _F,
+    b: _F,
+    c: _F,
+    d: _F | None,
+    z: _F | None,
+    delta_bias: _F | None,
+    h0: _F | None,
+    seq_idx: _I | None,
+    softplus: bool,
+    ckpt: _F,
+    dout: _F,
+    dlast: _F | None,
+    du: _F,
+    ddelta: _F,
+    da: _F,
+    db: _F,
+    dc: _F,
+    dd: _F | None,
+    dz: _F | None,
+    ddelta_bias: _F | None,
+    dh0: _F,
+) -> None: ...
+def selective_state_update(
+    state: _F,
+    x: _F,
+    dt: _F,
+    a: _F,
+    b: _F,
+    c: _F,
+    d: _F | None,
+    z: _F | None,
+    dt_bias: _F | None,
+    softplus: bool,
+    slots: _I | None,
+    out: _F,
+    snaps: _F | None,
+) -> None: ...

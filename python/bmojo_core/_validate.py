@@ -1,0 +1,59 @@
+"""Argument checks shared by the public wrappers: each error names the argument."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .errors import BmojoTypeError, BmojoValueError
+
+FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+INTS = (torch.int32, torch.int64)
+
+
+def tensor(name: str, t: object, *, dtypes: Sequence[torch.dtype] = FLOATS) -> torch.Tensor:
+    """Checks that `t` is a CPU tensor of one of `dtypes`."""
+    if not isinstance(t, torch.Tensor):
+        raise BmojoTypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in dtypes:
+        allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        got = str(t.dtype).replace("torch.", "")
+        raise BmojoTypeError(f"{name}: expected dtype {allowed}, got {got}")
+    if t.device.type != "cpu":
+        what = "no CUDA kernel yet" if t.device.type == "cuda" else "only CPU is supported"
+        raise BmojoValueError(f"{name}: expected a CPU tensor ({what}), got device {t.device}")
+    return t
+
+
+def shape(name: str, t: torch.Tensor, expected: Sequence[int | None], desc: str) -> None:
+    """Checks the shape; `None` entries match any size."""
+    ok = t.dim() == len(expected) and all(
+        e is None or e == s for e, s in zip(expected, t.shape, strict=True)
+    )
+    if not ok:
+        want = "(" + ", ".join("?" if e is None else str(e) for e in expected) + ")"
+        raise BmojoValueError(
+            f"{name}: expected shape {want} {desc}, got {tuple(t.shape)}"
+        )
+
+
+def compute_dtype(named: dict[str, torch.Tensor | None], anchor: str) -> torch.dtype:
+    """float64 when the anchor is float64 (then every input must be), else float32
+    (then no input may be float64): inputs are never silently down- or up-cast."""
+    wide = named[anchor].dtype == torch.float64  # type: ignore[union-attr]
+    for name, t in named.items():
+        if t is None or not t.is_floating_point():
+            continue
+        if (t.dtype == torch.float64) != wide:
+            raise BmojoTypeError(
+                f"{name}: dtype {str(t.dtype).replace('torch.', '')} does not match "
+                f"{anchor} ({str(named[anchor].dtype).replace('torch.', '')}); use float64 "  # type: ignore[union-attr]
+                "for all inputs or for none"
+            )
+    return torch.float64 if wide else torch.float32
+
+
+def as_compute(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """Differentiable cast to the compute dtype, contiguous."""
+    return None if t is None else t.to(dtype).contiguous()

@@ -1,0 +1,369 @@
+"""Diagonal and selective scans as torch custom ops with autograd.
+
+Layering: the public functions (`diag_scan`, `selective_scan_fn`) validate and normalise
+their arguments (dtype, contiguity, B/C layout) and call the ops in the ``bmojo``
+namespace. Each op has a CPU kernel (the Rust core), a fake implementation for tracing
+and `torch.compile`, and, for the forwards, an autograd formula whose backward is itself
+an op. A CUDA kernel slots in with ``torch.library.register_kernel(op, "cuda", ...)``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import _core
+from . import _validate as V
+
+CHUNK: int = _core.CHECKPOINT_CHUNK
+
+
+def _np(t: Tensor):
+    return t.detach().contiguous().numpy()
+
+
+def _np_opt(t: Tensor | None):
+    return None if t is None else _np(t)
+
+
+def _n_chunks(length):
+    return (length + CHUNK - 1) // CHUNK
+
+
+# ----------------------------------------------------------------------------- diagonal
+
+
+@torch.library.custom_op("bmojo::diag_scan_fwd", mutates_args=())
+def diag_scan_fwd(
+    a: Tensor, b: Tensor, initial_state: Tensor | None, reverse: bool
+) -> tuple[Tensor, Tensor]:
+    """a, b: (lanes, L) float32/float64; initial_state (lanes,). Returns (h, last)."""
+    a, b = a.contiguous(), b.contiguous()
+    h = torch.empty_like(b)
+    last = b.new_empty(b.shape[0])
+    _core.diag_scan(_np(a), _np(b), _np_opt(initial_state), h.numpy(), last.numpy(), reverse)
+    return h, last
+
+
+@diag_scan_fwd.register_fake
+def _(a, b, initial_state, reverse):
+    return torch.empty_like(b), b.new_empty(b.shape[0])
+
+
+@torch.library.custom_op("bmojo::diag_scan_bwd", mutates_args=())
+def diag_scan_bwd(
+    a: Tensor,
+    h: Tensor,
+    initial_state: Tensor | None,
+    dh: Tensor,
+    dlast: Tensor | None,
+    reverse: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients (da, db, dinitial_state) of `diag_scan_fwd`.
+
+    The adjoint G of a forward scan obeys G_t = dh_t + a_{t+1} G_{t+1}, a reverse scan
+    with the coefficients shifted by one step (and vice versa for a reverse scan); then
+    db = G, da_t = G_t h_prev(t) and dinitial_state = a_first G_first.
+    """
+    lanes, length = a.shape
+    h0 = torch.zeros(lanes, dtype=a.dtype) if initial_state is None else initial_state
+    if length == 0:
+        g0 = dlast if dlast is not None else torch.zeros_like(h0)
+        return torch.empty_like(a), torch.empty_like(a), g0.clone()
+    one = torch.ones(lanes, 1, dtype=a.dtype)
+    dh = dh.contiguous()
+    if not reverse:
+        shifted = torch.cat([a[:, 1:], one], dim=1)
+        prev = torch.cat([h0[:, None], h[:, :-1]], dim=1)
+        first = 0
+    else:
+        shifted = torch.cat([one, a[:, :-1]], dim=1)
+        prev = torch.cat([h[:, 1:], h0[:, None]], dim=1)
+        first = length - 1
+    g = torch.empty_like(dh)
+    g_end = dh.new_empty(lanes)
+    _core.diag_scan(_np(shifted), _np(dh), _np_opt(dlast), g.numpy(), g_end.numpy(), not reverse)
+    return g * prev, g, a[:, first] * g[:, first]
+
+
+@diag_scan_bwd.register_fake
+def _(a, h, initial_state, dh, dlast, reverse):
+    return torch.empty_like(a), torch.empty_like(a), a.new_empty(a.shape[0])
+
+
+def _diag_setup(ctx, inputs, output):
+    a, b, initial_state, reverse = inputs
+    ctx.reverse = reverse
+    ctx.has_init = initial_state is not None
+    ctx.save_for_backward(a, output[0], initial_state)
+
+
+def _diag_backward(ctx, dh, dlast):
+    a, h, initial_state = ctx.saved_tensors
+    if dh is None:
+        dh = torch.zeros_like(h)
+    da, db, dh0 = torch.ops.bmojo.diag_scan_bwd(a, h, initial_state, dh, dlast, ctx.reverse)
+    return da, db, (dh0 if ctx.has_init else None), None
+
+
+diag_scan_fwd.register_autograd(_diag_backward, setup_context=_diag_setup)
+
+
+def diag_scan(
+    a: Tensor,
+    b: Tensor,
+    initial_state: Tensor | None = None,
+    reverse: bool = False,
+    return_last_state: bool = False,
+):
+    """First-order diagonal scan over independent lanes (SPEC §2.1).
+
+    ``h_t = a_t * h_{t-1} + b_t`` along the last axis (``h_0 = initial_state``); with
+    ``reverse=True``, ``h_t = a_t * h_{t+1} + b_t`` from the end. ``a`` and ``b`` have
+    shape ``(..., L)``; ``initial_state`` ``(...)``. Returns ``h`` (shape of ``b``, dtype
+    of ``b``), plus the state after the last step consumed if ``return_last_state``.
+    Differentiable in ``a``, ``b`` and ``initial_state``.
+    """
+    V.tensor("a", a)
+    V.tensor("b", b)
+    if b.dim() < 1:
+        raise V.BmojoValueError(f"b: expected shape (..., L) with at least 1 dimension, got {tuple(b.shape)}")
+    V.shape("a", a, tuple(b.shape), "(the shape of b)")
+    lead = tuple(b.shape[:-1])
+    if initial_state is not None:
+        V.tensor("initial_state", initial_state)
+        V.shape("initial_state", initial_state, lead, "(b's shape without the last axis)")
+    cdt = V.compute_dtype({"b": b, "a": a, "initial_state": initial_state}, "b")
+    length = b.shape[-1]
+    a2 = a.to(cdt).reshape(-1, length).contiguous()
+    b2 = b.to(cdt).reshape(-1, length).contiguous()
+    h0 = None if initial_state is None else initial_state.to(cdt).reshape(-1).contiguous()
+    h, last = torch.ops.bmojo.diag_scan_fwd(a2, b2, h0, bool(reverse))
+    h = h.reshape(b.shape).to(b.dtype)
+    if return_last_state:
+        return h, last.reshape(lead)
+    return h
+
+
+# ----------------------------------------------------------------------------- selective
+
+
+@torch.library.custom_op("bmojo::selective_scan_fwd", mutates_args=())
+def selective_scan_fwd(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None,
+    z: Tensor | None,
+    delta_bias: Tensor | None,
+    initial_state: Tensor | None,
+    seq_idx: Tensor | None,
+    delta_softplus: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Normalised selective scan: every float input in one dtype (float32/float64), B and
+    C either (dim, N) or (batch, G, N, L), seq_idx int64. Returns (out, last_state,
+    checkpoints); the checkpoints (states before every CHUNK-step chunk) feed the
+    backward."""
+    batch, dim, length = u.shape
+    n = A.shape[1]
+    out = torch.empty_like(u, memory_format=torch.contiguous_format)
+    last = u.new_empty(batch, dim, n)
+    ckpt = u.new_empty(batch, dim, _n_chunks(length), n)
+    _core.selective_scan_fwd(
+        _np(u), _np(delta), _np(A), _np(B), _np(C), _np_opt(D), _np_opt(z),
+        _np_opt(delta_bias), _np_opt(initial_state), _np_opt(seq_idx), delta_softplus,
+        out.numpy(), last.numpy(), ckpt.numpy(),
+    )  # fmt: skip
+    return out, last, ckpt
+
+
+@selective_scan_fwd.register_fake
+def _(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, delta_softplus):
+    batch, dim, length = u.shape
+    n = A.shape[1]
+    return (
+        u.new_empty(batch, dim, length),
+        u.new_empty(batch, dim, n),
+        u.new_empty(batch, dim, _n_chunks(length), n),
+    )
+
+
+@torch.library.custom_op("bmojo::selective_scan_bwd", mutates_args=())
+def selective_scan_bwd(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None,
+    z: Tensor | None,
+    delta_bias: Tensor | None,
+    seq_idx: Tensor | None,
+    delta_softplus: bool,
+    checkpoints: Tensor,
+    dout: Tensor,
+    dlast_state: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state); those of
+    absent optional inputs are empty tensors. Deterministic."""
+    batch, dim, length = u.shape
+    n = A.shape[1]
+    du, ddelta = torch.empty_like(u), torch.empty_like(u)
+    dA, dB, dC = torch.empty_like(A), torch.empty_like(B), torch.empty_like(C)
+    dh0 = u.new_empty(batch, dim, n)
+    dD = torch.empty_like(D) if D is not None else u.new_empty(0)
+    dz = torch.empty_like(z) if z is not None else u.new_empty(0)
+    dbias = torch.empty_like(delta_bias) if delta_bias is not None else u.new_empty(0)
+    _core.selective_scan_bwd(
+        _np(u), _np(delta), _np(A), _np(B), _np(C), _np_opt(D), _np_opt(z),
+        _np_opt(delta_bias), None, _np_opt(seq_idx), delta_softplus, _np(checkpoints),
+        _np(dout), _np_opt(dlast_state), du.numpy(), ddelta.numpy(), dA.numpy(),
+        dB.numpy(), dC.numpy(), None if D is None else dD.numpy(),
+        None if z is None else dz.numpy(), None if delta_bias is None else dbias.numpy(),
+        dh0.numpy(),
+    )  # fmt: skip
+    return du, ddelta, dA, dB, dC, dD, dz, dbias, dh0
+
+
+@selective_scan_bwd.register_fake
+def _(u, delta, A, B, C, D, z, delta_bias, seq_idx, delta_softplus, checkpoints, dout, dlast):
+    batch, dim, _ = u.shape
+    empty = u.new_empty(0)
+    return (
+        torch.empty_like(u),
+        torch.empty_like(u),
+        torch.empty_like(A),
+        torch.empty_like(B),
+        torch.empty_like(C),
+        empty if D is None else torch.empty_like(D),
+        empty if z is None else torch.empty_like(z),
+        empty if delta_bias is None else torch.empty_like(delta_bias),
+        u.new_empty(batch, dim, A.shape[1]),
+    )
+
+
+def _sel_setup(ctx, inputs, output):
+    u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, delta_softplus = inputs
+    ctx.delta_softplus = delta_softplus
+    ctx.present = (D is not None, z is not None, delta_bias is not None, initial_state is not None)
+    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, seq_idx, output[2])
+
+
+def _sel_backward(ctx, dout, dlast, _dckpt):
+    u, delta, A, B, C, D, z, delta_bias, seq_idx, ckpt = ctx.saved_tensors
+    if dout is None:
+        dout = torch.zeros_like(u)
+    du, ddelta, dA, dB, dC, dD, dz, dbias, dh0 = torch.ops.bmojo.selective_scan_bwd(
+        u, delta, A, B, C, D, z, delta_bias, seq_idx, ctx.delta_softplus, ckpt,
+        dout.contiguous(), None if dlast is None else dlast.contiguous(),
+    )  # fmt: skip
+    has_d, has_z, has_bias, has_h0 = ctx.present
+    return (
+        du, ddelta, dA, dB, dC,
+        dD if has_d else None,
+        dz if has_z else None,
+        dbias if has_bias else None,
+        dh0 if has_h0 else None,
+        None, None,
+    )  # fmt: skip
+
+
+selective_scan_fwd.register_autograd(_sel_backward, setup_context=_sel_setup)
+
+
+def _check_bc(name: str, t: Tensor, batch: int, dim: int, n: int, length: int) -> Tensor:
+    """B/C: (dim, N) constant, (batch, N, L) variable or (batch, G, N, L) grouped;
+    returns the kernel layout ((dim, N) or (batch, G, N, L))."""
+    if t.is_complex():
+        raise V.BmojoTypeError(f"{name}: complex B/C are not supported")
+    if t.dim() == 2:
+        V.shape(name, t, (dim, n), "(dim, N) for a constant matrix")
+        return t
+    if t.dim() == 3:
+        V.shape(name, t, (batch, n, length), "(batch, N, L) for a variable matrix")
+        return t.unsqueeze(1)
+    if t.dim() == 4:
+        V.shape(name, t, (batch, None, n, length), "(batch, G, N, L) for a grouped matrix")
+        groups = t.shape[1]
+        if groups == 0 or dim % groups != 0:
+            raise V.BmojoValueError(f"{name}: the number of groups {groups} must divide dim {dim}")
+        return t
+    raise V.BmojoValueError(
+        f"{name}: expected shape (dim, N), (batch, N, L) or (batch, G, N, L), got {tuple(t.shape)}"
+    )
+
+
+def selective_scan_fn(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+    delta_softplus: bool = False,
+    return_last_state: bool = False,
+    *,
+    initial_state: Tensor | None = None,
+    seq_idx: Tensor | None = None,
+):
+    """Mamba-1 selective scan, a drop-in for ``mamba_ssm``'s ``selective_scan_fn``.
+
+    Shapes: ``u``, ``delta``, ``z`` ``(batch, dim, L)``; ``A`` ``(dim, N)``; ``B``/``C``
+    ``(dim, N)``, ``(batch, N, L)`` or ``(batch, G, N, L)``; ``D``, ``delta_bias``
+    ``(dim,)``; ``initial_state`` ``(batch, dim, N)``; ``seq_idx`` ``(batch, L)`` integer
+    (the state resets wherever it changes: packed sequences).
+
+    ``Δ = softplus(delta + delta_bias)`` (identity above 20) if ``delta_softplus``;
+    ``h_t = exp(Δ_t A) h_{t-1} + Δ_t B_t u_t``; ``y_t = C_t·h_t + D u_t``;
+    ``out = y * silu(z)`` if ``z`` is given.
+
+    Returns ``out`` (dtype of ``u``), or ``(out, last_state)`` with ``last_state``
+    ``(batch, dim, N)`` in the compute dtype (float64 for float64 inputs, else float32).
+    Differentiable in every tensor input and through ``last_state``.
+    """
+    V.tensor("u", u)
+    if u.dim() != 3:
+        raise V.BmojoValueError(f"u: expected shape (batch, dim, L), got {tuple(u.shape)}")
+    batch, dim, length = u.shape
+    V.tensor("delta", delta)
+    V.shape("delta", delta, (batch, dim, length), "(batch, dim, L) like u")
+    if isinstance(A, Tensor) and A.is_complex():
+        raise V.BmojoTypeError("A: complex A is not supported yet; pass a real (dim, N) tensor")
+    V.tensor("A", A)
+    if A.dim() != 2 or A.shape[0] != dim or A.shape[1] < 1:
+        raise V.BmojoValueError(f"A: expected shape ({dim}, N) with N >= 1, got {tuple(A.shape)}")
+    n = A.shape[1]
+    if isinstance(B, Tensor) and B.is_complex() or isinstance(C, Tensor) and C.is_complex():
+        raise V.BmojoTypeError("B/C: complex matrices are not supported")
+    V.tensor("B", B)
+    V.tensor("C", C)
+    Bk = _check_bc("B", B, batch, dim, n, length)
+    Ck = _check_bc("C", C, batch, dim, n, length)
+    for name, t, shp, desc in (
+        ("D", D, (dim,), "(dim,)"),
+        ("z", z, (batch, dim, length), "(batch, dim, L) like u"),
+        ("delta_bias", delta_bias, (dim,), "(dim,)"),
+        ("initial_state", initial_state, (batch, dim, n), "(batch, dim, N)"),
+    ):
+        if t is not None:
+            V.tensor(name, t)
+            V.shape(name, t, shp, desc)
+    if seq_idx is not None:
+        V.tensor("seq_idx", seq_idx, dtypes=V.INTS)
+        V.shape("seq_idx", seq_idx, (batch, length), "(batch, L)")
+    named = {"u": u, "delta": delta, "A": A, "B": B, "C": C, "D": D, "z": z,
+             "delta_bias": delta_bias, "initial_state": initial_state}  # fmt: skip
+    cdt = V.compute_dtype(named, "u")
+    c = V.as_compute
+    out, last, _ = torch.ops.bmojo.selective_scan_fwd(
+        c(u, cdt), c(delta, cdt), c(A, cdt), c(Bk, cdt), c(Ck, cdt), c(D, cdt), c(z, cdt),
+        c(delta_bias, cdt), c(initial_state, cdt),
+        None if seq_idx is None else seq_idx.to(torch.int64).contiguous(),
+        bool(delta_softplus),
+    )  # fmt: skip
+    out = out.to(u.dtype)
+    return (out, last) if return_last_state else out

@@ -1,0 +1,202 @@
+"""Streaming (token-by-token) step of the selective SSM, a drop-in for mamba_ssm's
+``selective_state_update``, plus the multi-token form.
+
+The public function validates its arguments, then calls the Rust kernel directly when it
+runs eagerly on plain CPU tensors: the torch dispatcher costs several microseconds per
+call, more than the step itself at decode sizes. Under ``torch.compile`` or another
+tracing mode it goes through the registered op ``bmojo::selective_state_update``
+instead. The step is inference-only (it updates ``state`` in place); train with
+``selective_scan_fn``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import _core
+from . import _validate as V
+
+
+def _np(t: Tensor):
+    return t.detach().numpy()  # shares memory: the kernel's writes land in the tensor
+
+
+def _np_opt(t: Tensor | None):
+    return None if t is None else _np(t)
+
+
+def _run(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, slots, snaps, out) -> None:
+    """Kernel call on normalised tensors (see `_normalise`)."""
+    _core.selective_state_update(
+        _np(state), _np(x), _np(dt), _np(A), _np(B), _np(C), _np_opt(D), _np_opt(z),
+        _np_opt(dt_bias), dt_softplus, _np_opt(slots), _np(out), _np_opt(snaps),
+    )  # fmt: skip
+
+
+@torch.library.custom_op(
+    "bmojo::selective_state_update", mutates_args=("state", "intermediate_states")
+)
+def selective_state_update_op(
+    state: Tensor,
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None,
+    z: Tensor | None,
+    dt_bias: Tensor | None,
+    dt_softplus: bool,
+    state_batch_indices: Tensor | None,
+    intermediate_states: Tensor | None,
+) -> Tensor:
+    """Normalised step: state (slots, dim, N) contiguous float32/float64, x/dt/z
+    (batch, T, dim), B/C (batch, T, G, N), A (dim, N), D/dt_bias (dim,), indices int64,
+    intermediate_states (batch, T, dim, N), all in the state's dtype. Returns out
+    (batch, T, dim)."""
+    out = x.new_empty(x.shape)
+    _run(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices,
+         intermediate_states, out)  # fmt: skip
+    return out
+
+
+@selective_state_update_op.register_fake
+def _(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices, intermediate_states):
+    return x.new_empty(x.shape)
+
+
+def _plain(ts) -> bool:
+    """True when every tensor is an ordinary eager tensor (not fake, functional, ...)."""
+    return all(t is None or type(t) is Tensor for t in ts)
+
+
+def selective_state_update(
+    state: Tensor,
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    dt_bias: Tensor | None = None,
+    dt_softplus: bool = False,
+    state_batch_indices: Tensor | None = None,
+    *,
+    intermediate_states: Tensor | None = None,
+) -> Tensor:
+    """One (or several) decoding steps, updating ``state`` in place; returns the output.
+
+    Layouts (mamba_ssm's): ``state`` ``(slots, dim, N)`` or heads ``(slots, H, P, N)``;
+    ``x``, ``dt``, ``z`` ``(batch, dim)`` / ``(batch, H, P)``; ``A`` ``(dim, N)`` /
+    ``(H, P, N)``; ``B``, ``C`` ``(batch, N)`` or grouped ``(batch, G, N)``; ``D``,
+    ``dt_bias`` ``(dim,)`` / ``(H, P)``. Multi-token form: ``x``, ``dt``, ``z`` get a time
+    axis after the batch (``(batch, T, dim)`` / ``(batch, T, H, P)``) and ``B``/``C``
+    become ``(batch, T, N)`` / ``(batch, T, G, N)``; then ``intermediate_states``
+    ``(batch, T, *state.shape[1:])`` may receive the state after every token (for
+    speculative-decoding rollback).
+
+    Row ``i`` reads and writes slot ``state_batch_indices[i]`` (default ``i``); a negative
+    index marks a padding row (output zero, nothing written). Bad input raises a
+    ``BmojoError`` before anything is written, so a failed call leaves ``state`` as it was.
+    """
+    V.tensor("state", state)
+    V.tensor("x", x)
+    heads = state.dim() == 4
+    if state.dim() not in (3, 4):
+        raise V.BmojoValueError(
+            f"state: expected shape (slots, dim, N) or (slots, H, P, N), got {tuple(state.shape)}"
+        )
+    inner = tuple(state.shape[1:-1])  # (dim,) or (H, P)
+    n = state.shape[-1]
+    multi = x.dim() == state.dim()
+    desc_t = "(batch, T, " if multi else "(batch, "
+    tok_shape = (None, None, *inner) if multi else (None, *inner)
+    V.shape("x", x, tok_shape, desc_t + ("H, P)" if heads else "dim)"))
+    batch = x.shape[0]
+    ntok = x.shape[1] if multi else 1
+    lead = (batch, ntok) if multi else (batch,)
+    xs = (*lead, *inner)
+    V.tensor("dt", dt)
+    V.shape("dt", dt, xs, "like x")
+    V.tensor("A", A)
+    V.shape("A", A, (*inner, n), "(" + ("H, P" if heads else "dim") + ", N)")
+    for name, m in (("B", B), ("C", C)):
+        V.tensor(name, m)
+        if m.dim() == len(lead) + 1:
+            V.shape(name, m, (*lead, n), desc_t + "N)")
+        else:
+            V.shape(name, m, (*lead, None, n), desc_t + "G, N)")
+    groups = 1 if B.dim() == len(lead) + 1 else B.shape[-2]
+    groups_c = 1 if C.dim() == len(lead) + 1 else C.shape[-2]
+    dim = 1
+    for s in inner:
+        dim *= s
+    if groups_c != groups:
+        raise V.BmojoValueError(f"C: expected {groups} groups like B, got {groups_c}")
+    if groups == 0 or (inner[0] if heads else dim) % groups:
+        raise V.BmojoValueError(
+            f"B: the number of groups {groups} must divide {'H' if heads else 'dim'}"
+        )
+    for name, t, shp in (("D", D, inner), ("z", z, xs), ("dt_bias", dt_bias, inner)):
+        if t is not None:
+            V.tensor(name, t)
+            V.shape(name, t, shp, "like x" if name == "z" else str(inner))
+    slots = state_batch_indices
+    if slots is not None:
+        V.tensor("state_batch_indices", slots, dtypes=V.INTS)
+        V.shape("state_batch_indices", slots, (batch,), "(batch,)")
+    elif state.shape[0] != batch:
+        raise V.BmojoValueError(
+            f"state: expected {batch} slots (one per batch row) without state_batch_indices, "
+            f"got {state.shape[0]}"
+        )
+    if intermediate_states is not None:
+        V.tensor("intermediate_states", intermediate_states)
+        V.shape(
+            "intermediate_states", intermediate_states, (batch, ntok, *state.shape[1:]),
+            "(batch, T, *state.shape[1:])",
+        )  # fmt: skip
+    named = {"state": state, "x": x, "dt": dt, "A": A, "B": B, "C": C, "D": D, "z": z,
+             "dt_bias": dt_bias, "intermediate_states": intermediate_states}  # fmt: skip
+    cdt = V.compute_dtype(named, "state")
+
+    def flat(t: Tensor | None, shp) -> Tensor | None:
+        return None if t is None else t.to(cdt).reshape(shp).contiguous()
+
+    xk = flat(x, (batch, ntok, dim))
+    args = (
+        xk,
+        flat(dt, (batch, ntok, dim)),
+        flat(A, (dim, n)),
+        flat(B, (batch, ntok, groups, n)),
+        flat(C, (batch, ntok, groups, n)),
+        flat(D, (dim,)),
+        flat(z, (batch, ntok, dim)),
+        flat(dt_bias, (dim,)),
+        bool(dt_softplus),
+        None if slots is None else slots.to(torch.int64).contiguous(),
+    )
+    # The kernel updates a contiguous compute-dtype state; copy back only if we made one.
+    direct = state.dtype == cdt and state.is_contiguous()
+    st = state.view(state.shape[0], dim, n) if direct else flat(state, (state.shape[0], dim, n))
+    snaps = None
+    if intermediate_states is not None:
+        direct_s = intermediate_states.dtype == cdt and intermediate_states.is_contiguous()
+        snaps = (
+            intermediate_states.view(batch, ntok, dim, n)
+            if direct_s
+            else flat(intermediate_states, (batch, ntok, dim, n))
+        )
+    if not torch.compiler.is_compiling() and _plain((st, snaps, *args[:8], args[9])):
+        out = xk.new_empty(xk.shape)
+        with torch.no_grad():
+            _run(st, *args[:8], args[8], args[9], snaps, out)
+    else:
+        out = torch.ops.bmojo.selective_state_update(st, *args, snaps)
+    if not direct:
+        state.copy_(st.reshape(state.shape))
+    if snaps is not None and snaps.data_ptr() != intermediate_states.data_ptr():
+        intermediate_states.copy_(snaps.reshape(intermediate_states.shape))
+    return out.reshape(x.shape).to(x.dtype)
