@@ -11,9 +11,9 @@ from conftest import assert_close, stable_seed
 
 def make_diag(lanes, L, dtype, seed, init=False, requires_grad=False):
     gen = torch.Generator().manual_seed(seed)
-    a = (torch.rand(*lanes, L, generator=gen, dtype=torch.float64) * 2.0 - 1.0).to(dtype)
-    b = torch.randn(*lanes, L, generator=gen, dtype=torch.float64).to(dtype)
-    h0 = torch.randn(*lanes, generator=gen, dtype=torch.float64).to(dtype) if init else None
+    a = (torch.rand((*lanes, L), generator=gen, dtype=torch.float64) * 2.0 - 1.0).to(dtype)
+    b = torch.randn((*lanes, L), generator=gen, dtype=torch.float64).to(dtype)
+    h0 = torch.randn(tuple(lanes), generator=gen, dtype=torch.float64).to(dtype) if init else None
     if requires_grad:
         a.requires_grad_(True)
         b.requires_grad_(True)
@@ -133,7 +133,9 @@ def test_noncontiguous():
 
 
 def _diag_ops():
-    return sorted(n for n in dir(torch.ops.bmojo) if not n.startswith("_") and "diag" in n)
+    from test_selective_scan import _bmojo_op_names
+
+    return [n for n in _bmojo_op_names() if "diag" in n]
 
 
 @pytest.mark.parametrize("op_name", _diag_ops())

@@ -133,7 +133,7 @@ STEP_SHAPE_CASES = [
     ("state-rank5", dict(state=r(3, 2, 2, N, 1)), ("state",)),
     ("state-rows", dict(state=r(4, DIM, N)), ("state", "x", "state_batch_indices")),
     ("x-dim", dict(x=r(3, DIM + 1)), ("x",)),
-    ("x-batch", dict(x=r(4, DIM)), ("x", "state")),
+    ("x-batch", dict(x=r(4, DIM)), ("x", "dt", "state")),
     ("x-rank", dict(x=r(DIM)), ("x",)),
     ("dt-dim", dict(dt=r(3, DIM + 1)), ("dt",)),
     ("dt-rank", dict(dt=r(3, DIM, 1, 1)), ("dt",)),
@@ -141,7 +141,8 @@ STEP_SHAPE_CASES = [
     ("A-N", dict(A=-r(DIM, N + 1).abs()), ("A",)),
     ("B-N", dict(B=r(3, N + 1)), ("B",)),
     ("B-batch", dict(B=r(2, N)), ("B",)),
-    ("B-groups", dict(B=r(3, 3, N)), ("B",)),
+    ("B-groups", dict(B=r(3, 3, N), C=r(3, 3, N)), ("B", "C")),
+    ("BC-groups-differ", dict(B=r(3, 2, N)), ("B", "C")),
     ("C-N", dict(C=r(3, N - 1)), ("C",)),
     ("C-rank", dict(C=r(N)), ("C",)),
     ("D-size", dict(D=r(DIM + 1)), ("D",)),
@@ -214,7 +215,8 @@ DIAG_SHAPE_CASES = [
     ("b-rank", dict(b=r(3, 6)), ("b", "a")),
     ("initial_state-shape", dict(initial_state=r(2, 4)), ("initial_state",)),
     ("initial_state-rank", dict(initial_state=r(2, 3, 1)), ("initial_state",)),
-    ("a-rank0", dict(a=torch.tensor(0.5), b=torch.tensor(1.0), initial_state=None), ("a",)),
+    ("a-rank0", dict(a=torch.tensor(0.5), b=torch.tensor(1.0), initial_state=None), ("a", "b")),
+    ("a-rank0-only", dict(a=torch.tensor(0.5)), ("a",)),
 ]
 
 

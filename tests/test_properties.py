@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 
 import bmojo_core as bm
+import pytest
 import torch
 from conftest import (
     assert_close,
@@ -89,9 +90,12 @@ def forward_backward(kw: dict, gy: torch.Tensor, gl: torch.Tensor):
     names = [n for n in GRAD_NAMES if kw.get(n) is not None]
     kw = with_grad(kw, names)
     out, last = bm.selective_scan_fn(**kw)
-    grads = torch.autograd.grad(
-        (out * gy).sum() + (last * gl).sum(), [kw[n] for n in names], allow_unused=True
-    )
+    loss = (out * gy).sum() + (last * gl).sum()
+    if loss.requires_grad:
+        grads = torch.autograd.grad(loss, [kw[n] for n in names], allow_unused=True)
+    else:  # L = 0 without an initial state: nothing depends on the inputs
+        grads = [None] * len(names)
+    grads = [torch.zeros_like(kw[n]) if g is None else g for n, g in zip(names, grads, strict=True)]
     return out.detach(), last.detach(), dict(zip(names, grads, strict=True))
 
 
@@ -144,7 +148,9 @@ def test_split_and_carry_state(cfg, data):
 @given(cfg=scan_config(max_L=16))
 def test_steps_equal_scan(cfg):
     """L calls of selective_state_update reproduce the scan (outputs and final state)."""
-    cfg = {**cfg, "bc": cfg["bc"].replace("const", "var")}  # the step takes (batch, [G,] N)
+    # the step takes B and C of the same form, (batch, N) or (batch, G, N)
+    form = "group" if "group" in cfg["bc"] else "var"
+    cfg = {**cfg, "bc": f"{form}/{form}"}
     kw = build(cfg)
     out, last = bm.selective_scan_fn(**kw)
     batch, dim, L = kw["u"].shape
@@ -204,32 +210,134 @@ def test_packed_equals_per_sequence(cfg, n_seqs):
 # ---------------------------------------------------------------------------------------
 
 
-def _all_outputs(kw: dict, seed: int):
-    """Scan forward + backward, diag scan forward + backward, and a state update."""
+def _all_outputs(kw: dict, seed: int, T: int = 3, P: int | None = None):
+    """Scan forward + backward, diag scan forward + backward (reverse too), and a
+    multi-token state update with a state pool and padding rows, all on inputs derived from
+    ``kw``. The diag scan and the step get N times more lanes than the scan has channels,
+    so that their work is large enough for the thread pool to split it."""
     gy, gl = upstream(kw, seed)
     out, last, grads = forward_backward(kw, gy, gl)
     res = {"out": out, "last": last, **{f"d{n}": g for n, g in grads.items()}}
     gen = torch.Generator().manual_seed(seed)
     dt = kw["u"].dtype
-    a = torch.rand(kw["u"].shape, generator=gen, dtype=torch.float64).to(dt).requires_grad_()
-    b = kw["u"].detach().clone().requires_grad_()
-    h, hl = bm.diag_scan(a, b, return_last_state=True)
-    ga, gb = torch.autograd.grad(h.sum() + hl.sum(), [a, b])
-    res.update(diag_h=h.detach(), diag_last=hl.detach(), diag_da=ga, diag_db=gb)
-    batch, dim, _ = kw["u"].shape
+    batch, dim, L = kw["u"].shape
     N = kw["A"].shape[1]
-    step = make_step_inputs(batch, dim=dim, N=N, T=3, G=1, seed=seed, dtype=dt)
+    lanes = (batch, dim, N)
+    for rev in (False, True):
+        a = torch.rand((*lanes, L), generator=gen, dtype=torch.float64).to(dt).requires_grad_()
+        b = torch.randn((*lanes, L), generator=gen, dtype=torch.float64).to(dt).requires_grad_()
+        h0 = torch.randn(lanes, generator=gen, dtype=torch.float64).to(dt).requires_grad_()
+        h, hl = bm.diag_scan(a, b, h0, reverse=rev, return_last_state=True)
+        ga, gb, gh0 = torch.autograd.grad(h.sum() + (hl * hl).sum(), [a, b, h0], allow_unused=True)
+        ga = torch.zeros_like(a) if ga is None else ga
+        gb = torch.zeros_like(b) if gb is None else gb
+        res.update(
+            {
+                f"diag{rev}_h": h.detach(),
+                f"diag{rev}_last": hl.detach(),
+                f"diag{rev}_da": ga,
+                f"diag{rev}_db": gb,
+                f"diag{rev}_dh0": gh0,
+            }
+        )
+    rows = 2 * batch + 1
+    P = min(N, 4) if P is None else P
+    step = make_step_inputs(
+        rows, heads=True, H=dim, P=P, N=N, T=T, G=1, slots=rows + 2, seed=seed, dtype=dt
+    )
+    sbi = torch.randperm(rows + 2, generator=gen)[:rows]
+    sbi[::3] = -1  # padding rows
     state = step["state"].clone()
-    res["step_out"] = bm.selective_state_update(**{**step, "state": state})
+    inter = torch.zeros(rows, T, dim, P, N, dtype=dt)
+    res["step_out"] = bm.selective_state_update(
+        **{**step, "state": state}, state_batch_indices=sbi, intermediate_states=inter
+    )
     res["step_state"] = state
+    res["step_inter"] = inter
     return res
 
 
 @st.composite
-def big_config(draw):
-    cfg = draw(scan_config(max_dim=40, max_N=24, max_L=96))
+def big_config(draw, max_dim=64, max_N=32, max_L=300):
+    cfg = draw(scan_config(max_dim=max_dim, max_N=max_N, max_L=max_L))
     cfg["batch"] = draw(st.integers(1, 4))
+    cfg["seq_idx"] = draw(st.integers(0, 4))
     return cfg
+
+
+def _assert_bitwise(r1: dict, r2: dict, what: str):
+    assert r1.keys() == r2.keys()
+    for k in r1:
+        assert torch.equal(r1[k], r2[k]), f"{k} differs between {what}"
+
+
+LARGE = [
+    # batch, dim, N, L, bc, G, seq_idx
+    (3, 48, 16, 200, "var", 1, 0),
+    (2, 33, 24, 257, "group", 3, 3),
+    (4, 64, 8, 130, "const/var", 1, 2),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", LARGE, ids=str)
+def test_threads_bitwise_identical_large(shape, dtype):
+    """Shapes whose work is well above the pool's parallel threshold."""
+    batch, dim, N, L, bc, G, seq = shape
+    kw = make_scan_inputs(
+        batch,
+        dim,
+        N,
+        L,
+        bc=bc,
+        G=G,
+        dtype=dtype,
+        seed=L,
+        initial_state=True,
+        seq_idx=seq,
+        return_last_state=True,
+    )
+    with runtime(threads=1):
+        r1 = _all_outputs(kw, L, T=4, P=N)
+    with runtime(threads=2):
+        r2 = _all_outputs(kw, L, T=4, P=N)
+    _assert_bitwise(r1, r2, "1 and 2 threads")
+    with runtime(threads=3):
+        r3 = _all_outputs(kw, L, T=4, P=N)
+    _assert_bitwise(r1, r3, "1 and 3 threads")
+
+
+@pytest.mark.parametrize("shape", LARGE[:2], ids=str)
+def test_simd_levels_agree_with_scalar_large(shape):
+    batch, dim, N, L, bc, G, seq = shape
+    kw = make_scan_inputs(
+        batch,
+        dim,
+        N,
+        L,
+        bc=bc,
+        G=G,
+        dtype=torch.float32,
+        seed=L,
+        initial_state=True,
+        seq_idx=seq,
+        return_last_state=True,
+    )
+    with runtime(level="scalar"):
+        want = _all_outputs(kw, L)
+    for level in bm.simd_levels():
+        with runtime(level=level, threads=2):
+            got = _all_outputs(kw, L)
+        _assert_close_scaled(got, want, level)
+
+
+def _assert_close_scaled(got: dict, want: dict, level: str):
+    for k in want:
+        a, b = got[k], want[k]
+        # gradients of A/D/delta_bias/const B,C are sums over batch and time: compare
+        # relative to their scale
+        scale = max(1.0, b.abs().max().item()) if b.numel() else 1.0
+        assert_close(a / scale, b / scale, torch.float32, f"{level} {k}")
 
 
 @given(cfg=big_config(), dtype=st.sampled_from([torch.float32, torch.float64]))
@@ -239,14 +347,10 @@ def test_threads_bitwise_identical(cfg, dtype):
         r1 = _all_outputs(kw, cfg["seed"])
     with runtime(threads=2):
         r2 = _all_outputs(kw, cfg["seed"])
-    for k in r1:
-        a, b = r1[k], r2[k]
-        assert (a is None) == (b is None), k
-        if a is not None:
-            assert torch.equal(a, b), f"{k} differs between 1 and 2 threads"
+    _assert_bitwise(r1, r2, "1 and 2 threads")
 
 
-@given(cfg=big_config())
+@given(cfg=big_config(max_dim=32, max_N=16, max_L=150))
 def test_simd_levels_agree_with_scalar(cfg):
     kw = build(cfg, dtype=torch.float32)
     with runtime(level="scalar"):
@@ -257,12 +361,4 @@ def test_simd_levels_agree_with_scalar(cfg):
         with runtime(level=level):
             assert bm.simd_level() == level
             got = _all_outputs(kw, cfg["seed"])
-        for k in want:
-            a, b = got[k], want[k]
-            if a is None or b is None:
-                assert a is None and b is None, k
-                continue
-            # gradients of A/D/delta_bias/const B,C are sums over batch and time: compare
-            # relative to their scale
-            scale = max(1.0, b.abs().max().item())
-            assert_close(a / scale, b / scale, torch.float32, f"{level} {k}")
+        _assert_close_scaled(got, want, level)

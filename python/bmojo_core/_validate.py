@@ -12,6 +12,10 @@ FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INTS = (torch.int32, torch.int64)
 
 
+def dtype_name(d: torch.dtype) -> str:
+    return str(d).replace("torch.", "")
+
+
 def tensor(name: str, t: object, *, dtypes: Sequence[torch.dtype] = FLOATS) -> torch.Tensor:
     """Checks that `t` is a CPU tensor of one of `dtypes`."""
     if not isinstance(t, torch.Tensor):

@@ -9,6 +9,8 @@ an op. A CUDA kernel slots in with ``torch.library.register_kernel(op, "cuda", .
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -135,8 +137,9 @@ def diag_scan(
         V.shape("initial_state", initial_state, lead, "(b's shape without the last axis)")
     cdt = V.compute_dtype({"b": b, "a": a, "initial_state": initial_state}, "b")
     length = b.shape[-1]
-    a2 = a.to(cdt).reshape(-1, length).contiguous()
-    b2 = b.to(cdt).reshape(-1, length).contiguous()
+    lanes = math.prod(lead)  # explicit: reshape(-1, 0) is ambiguous when L == 0
+    a2 = a.to(cdt).reshape(lanes, length).contiguous()
+    b2 = b.to(cdt).reshape(lanes, length).contiguous()
     h0 = None if initial_state is None else initial_state.to(cdt).reshape(-1).contiguous()
     h, last = torch.ops.bmojo.diag_scan_fwd(a2, b2, h0, bool(reverse))
     h = h.reshape(b.shape).to(b.dtype)
@@ -230,16 +233,15 @@ def selective_scan_bwd(
 @selective_scan_bwd.register_fake
 def _(u, delta, A, B, C, D, z, delta_bias, seq_idx, delta_softplus, checkpoints, dout, dlast):
     batch, dim, _ = u.shape
-    empty = u.new_empty(0)
     return (
         torch.empty_like(u),
         torch.empty_like(u),
         torch.empty_like(A),
         torch.empty_like(B),
         torch.empty_like(C),
-        empty if D is None else torch.empty_like(D),
-        empty if z is None else torch.empty_like(z),
-        empty if delta_bias is None else torch.empty_like(delta_bias),
+        u.new_empty(0) if D is None else torch.empty_like(D),
+        u.new_empty(0) if z is None else torch.empty_like(z),
+        u.new_empty(0) if delta_bias is None else torch.empty_like(delta_bias),
         u.new_empty(batch, dim, A.shape[1]),
     )
 
@@ -355,6 +357,16 @@ def selective_scan_fn(
     if seq_idx is not None:
         V.tensor("seq_idx", seq_idx, dtypes=V.INTS)
         V.shape("seq_idx", seq_idx, (batch, length), "(batch, L)")
+    # Activations share u's dtype; parameters and the state may also be float32 (as in
+    # mamba_ssm, where they stay float32 under autocast).
+    for name, t in (("delta", delta), ("B", B), ("C", C), ("z", z)):
+        if t is not None and t.dtype != u.dtype:
+            raise V.BmojoTypeError(f"{name}: expected dtype {V.dtype_name(u.dtype)} like u, "
+                                   f"got {V.dtype_name(t.dtype)}")  # fmt: skip
+    for name, t in (("A", A), ("D", D), ("delta_bias", delta_bias), ("initial_state", initial_state)):
+        if t is not None and t.dtype not in (u.dtype, torch.float32):
+            raise V.BmojoTypeError(f"{name}: expected dtype {V.dtype_name(u.dtype)} (like u) or "
+                                   f"float32, got {V.dtype_name(t.dtype)}")  # fmt: skip
     named = {"u": u, "delta": delta, "A": A, "B": B, "C": C, "D": D, "z": z,
              "delta_bias": delta_bias, "initial_state": initial_state}  # fmt: skip
     cdt = V.compute_dtype(named, "u")

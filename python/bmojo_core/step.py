@@ -71,6 +71,24 @@ def _plain(ts) -> bool:
     return all(t is None or type(t) is Tensor for t in ts)
 
 
+def _fast(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, slots) -> Tensor | None:
+    """The decode path: plain contiguous CPU tensors already in the state's dtype, in the
+    (slots, dim, N) layout. The kernel checks every shape exactly and validates before
+    writing; on any mismatch this returns None and the validating path takes over (and
+    raises a clear error, or converts what needs converting)."""
+    try:
+        out = torch.empty_like(x)
+        _core.selective_state_update(
+            state.numpy(), x.numpy(), dt.numpy(), A.numpy(), B.numpy(), C.numpy(),
+            None if D is None else D.numpy(), None if z is None else z.numpy(),
+            None if dt_bias is None else dt_bias.numpy(), bool(dt_softplus),
+            None if slots is None else slots.numpy(), out.numpy(), None,
+        )  # fmt: skip
+        return out
+    except (TypeError, ValueError, RuntimeError, AttributeError):
+        return None
+
+
 def selective_state_update(
     state: Tensor,
     x: Tensor,
@@ -101,6 +119,10 @@ def selective_state_update(
     index marks a padding row (output zero, nothing written). Bad input raises a
     ``BmojoError`` before anything is written, so a failed call leaves ``state`` as it was.
     """
+    if intermediate_states is None and not torch.compiler.is_compiling():
+        out = _fast(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices)
+        if out is not None:
+            return out
     V.tensor("state", state)
     V.tensor("x", x)
     heads = state.dim() == 4
@@ -147,6 +169,16 @@ def selective_state_update(
     if slots is not None:
         V.tensor("state_batch_indices", slots, dtypes=V.INTS)
         V.shape("state_batch_indices", slots, (batch,), "(batch,)")
+        used = slots[slots >= 0]
+        if used.numel() and int(used.max()) >= state.shape[0]:
+            raise V.BmojoValueError(
+                f"state_batch_indices: entry {int(used.max())} is out of range for a state pool "
+                f"of {state.shape[0]} slots"
+            )
+        if used.unique().numel() != used.numel():
+            raise V.BmojoValueError(
+                "state_batch_indices: a slot appears twice (rows would overwrite each other)"
+            )
     elif state.shape[0] != batch:
         raise V.BmojoValueError(
             f"state: expected {batch} slots (one per batch row) without state_batch_indices, "

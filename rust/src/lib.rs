@@ -488,8 +488,10 @@ fn selective_scan_bwd(
 
 // ------------------------------------------------------------------ streaming step
 
-/// In-place step: `state (slots, dim, N)`, `x`/`dt`/`z`/`out` `(batch, T, dim)`,
-/// `b`/`c` `(batch, T, G, N)`, `slots (batch,)` int64, `snaps (batch, T, dim, N)`.
+/// In-place step: `state (slots, dim, N)`; `x`/`dt`/`z`/`out` `(batch, dim)` or
+/// `(batch, T, dim)`; `b`/`c` `(batch, [T,] N)` or `(batch, [T,] G, N)`; `slots (batch,)`
+/// int64; `snaps (batch, T, dim, N)`. Every shape is checked exactly, so the Python fast
+/// path can hand over user tensors unvalidated.
 #[pyfunction]
 #[pyo3(signature = (state, x, dt, a, b, c, d, z, dt_bias, softplus, slots, out, snaps))]
 #[allow(clippy::too_many_arguments)]
@@ -526,9 +528,55 @@ fn selective_state_update(
         out: &Bound<'_, PyAny>,
         snaps: &Option<Bound<'_, PyAny>>,
     ) -> PyResult<()> {
+        // Exact shapes, so that no layout is ever misread: x is (batch, dim) for one token
+        // or (batch, T, dim); B/C add a group axis when they have one more dimension.
         let ss = shape(state, "state", 3)?;
-        let sx = shape(x, "x", 3)?;
-        let sb = shape(b, "B", 4)?;
+        let xnd = x.cast::<PyUntypedArray>().map(|a| a.ndim()).unwrap_or(0);
+        if xnd != 2 && xnd != 3 {
+            return Err(PyValueError::new_err(format!(
+                "x: expected (batch, dim) or (batch, T, dim), got {xnd} dimensions"
+            )));
+        }
+        let sx = shape(x, "x", xnd)?;
+        let (batch, ntok, dim, n) = (sx[0], if xnd == 3 { sx[1] } else { 1 }, sx[xnd - 1], ss[2]);
+        let lead: Vec<usize> = sx[..xnd - 1].to_vec();
+        let bnd = b.cast::<PyUntypedArray>().map(|a| a.ndim()).unwrap_or(0);
+        let groups = if bnd == xnd {
+            1
+        } else {
+            shape(b, "B", xnd + 1)?[xnd - 1]
+        };
+        let mut bshape = lead.clone();
+        if bnd != xnd {
+            bshape.push(groups);
+        }
+        bshape.push(n);
+        let expect = |arr: &Bound<'_, PyAny>, name: &str, want: &[usize]| -> PyResult<()> {
+            let got = shape(arr, name, want.len())?;
+            if got != want {
+                return Err(PyValueError::new_err(format!(
+                    "{name}: expected shape {want:?}, got {got:?}"
+                )));
+            }
+            Ok(())
+        };
+        expect(state, "state", &[ss[0], dim, n])?;
+        expect(dt, "dt", &sx)?;
+        expect(a, "A", &[dim, n])?;
+        expect(b, "B", &bshape)?;
+        expect(c, "C", &bshape)?;
+        expect(out, "out", &sx)?;
+        for (arr, name, want) in [
+            (d, "D", vec![dim]),
+            (z, "z", sx.clone()),
+            (dt_bias, "dt_bias", vec![dim]),
+            (slots, "state_batch_indices", vec![batch]),
+            (snaps, "intermediate_states", vec![batch, ntok, dim, n]),
+        ] {
+            if let Some(arr) = arr {
+                expect(arr, name, &want)?;
+            }
+        }
         let (rx, rdt, ra, rb, rc) = (
             ro::<T>(x, "x")?,
             ro::<T>(dt, "dt")?,
@@ -546,11 +594,11 @@ fn selective_state_update(
         let mut rout = rw::<T>(out, "out")?;
         let mut rsnaps = opt_rw::<T>(snaps, "intermediate_states")?;
         let s = step::StepArgs {
-            batch: sx[0],
-            ntok: sx[1],
-            dim: sx[2],
-            dstate: ss[2],
-            groups: sb[2],
+            batch,
+            ntok,
+            dim,
+            dstate: n,
+            groups,
             x: slice(&rx),
             dt: slice(&rdt),
             a: slice(&ra),
@@ -562,12 +610,6 @@ fn selective_state_update(
             softplus,
             slots: rslots.as_ref().map(slice),
         };
-        if ss[1] != s.dim {
-            return Err(PyValueError::new_err(format!(
-                "state: expected dim {} in axis 1, got {}",
-                s.dim, ss[1]
-            )));
-        }
         let (st, o) = (rstate.as_slice_mut()?, rout.as_slice_mut()?);
         let sn = rsnaps.as_mut().map(|x| x.as_slice_mut()).transpose()?;
         let lv = level();

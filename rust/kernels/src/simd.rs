@@ -196,6 +196,45 @@ fn horner<V: Vector>(poly: &'static [V::E], x: V) -> V {
     acc
 }
 
+/// Estrin evaluation of `poly` (highest coefficient first, at most 16 terms): the same
+/// polynomial as [`horner`] with a dependency chain of depth log2(len) instead of len,
+/// which matters where one `exp` per iteration is on the critical path.
+#[inline(always)]
+fn estrin<V: Vector>(poly: &'static [V::E], x: V) -> V {
+    let len = poly.len();
+    let mut terms = [V::zero(); 8];
+    let mut m = 0;
+    // Pairs (c_2i + c_2i+1 x), lowest degree first.
+    let mut i = 0;
+    while i < len {
+        let lo = V::splat(poly[len - 1 - i]);
+        terms[m] = if i + 1 < len {
+            V::splat(poly[len - 2 - i]).fma(x, lo)
+        } else {
+            lo
+        };
+        m += 1;
+        i += 2;
+    }
+    let mut p = x.mul(x);
+    while m > 1 {
+        let mut k = 0;
+        let mut j = 0;
+        while j < m {
+            terms[k] = if j + 1 < m {
+                terms[j + 1].fma(p, terms[j])
+            } else {
+                terms[j]
+            };
+            k += 1;
+            j += 2;
+        }
+        m = k;
+        p = p.mul(p);
+    }
+    terms[0]
+}
+
 /// Vectorised `exp`, accurate to ~1 ulp; NaN propagates, overflow gives +inf, results
 /// below the smallest normal flush to zero.
 #[inline(always)]
@@ -210,10 +249,7 @@ pub fn exp<V: Vector>(x: V) -> V {
     let r = k
         .fma(V::splat(V::E::ZERO).sub(V::splat(V::E::LN2_HI)), xc)
         .sub(k.mul(V::splat(V::E::LN2_LO)));
-    let p = horner::<V>(V::E::EXP_POLY, r)
-        .mul(r.mul(r))
-        .add(r)
-        .add(e(1.0));
+    let p = estrin::<V>(V::E::EXP_POLY, r).fma(r.mul(r), r).add(e(1.0));
     let y = V::scale_by_magic(p, t);
     let y = V::select(x.lt(lo), V::zero(), y);
     let y = V::select(x.gt(hi), V::splat(V::E::INF), y);

@@ -13,7 +13,6 @@
 
 use crate::dispatch::{dispatch, Kernel, Level, SimdElem};
 use crate::pool;
-use crate::selective::BLOCK;
 use crate::simd::{exp, sigmoid, softplus, Vector};
 
 pub struct StepArgs<'a, T> {
@@ -69,73 +68,160 @@ impl<T: SimdElem> Kernel<T> for Task<'_, '_, T> {
         };
         let (mut hrow, mut arow, mut brow, mut crow) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        let mut dts = vec![T::ZERO; rows.div_ceil(w) * w];
-        let mut ztmp = vec![T::ZERO; w];
+        // Per-channel quantities of one token, vectorised across channels: Δ, Δ·x, the
+        // output gate silu(z) and D·x; `y` collects C·h.
+        let rp = rows.div_ceil(w) * w;
+        let (mut dts, mut dtx, mut gate, mut dx, mut y) = (
+            vec![T::ZERO; rp],
+            vec![T::ZERO; rp],
+            vec![T::ZERO; rp],
+            vec![T::ZERO; rp],
+            vec![T::ZERO; rp],
+        );
+        let mut lane = vec![T::ZERO; w];
+        // C·h per channel as a vector, reduced after the channel loop so the horizontal
+        // sums stay off the loop's critical path.
+        let mut accs = vec![T::ZERO; rows * w];
         let gsize = dim / s.groups;
         for k in 0..nt {
             let base = (b * nt + k) * dim + d0;
-            // Δ for the task's channels, vectorised across channels.
-            for (i, ch) in dts.chunks_mut(w).enumerate() {
-                for (j, v) in ch.iter_mut().enumerate() {
-                    let r = i * w + j;
-                    *v = if r < rows {
-                        s.dt[base + r] + s.dt_bias.map_or(T::ZERO, |x| x[d0 + r])
-                    } else {
-                        T::ZERO
-                    };
+            // Whole vectors load straight from the slice; only the last, partial one is
+            // assembled lane by lane.
+            let fetch = |src: Option<&[T]>, off: usize, i: usize, lane: &mut [T]| -> V {
+                let o = i * w;
+                match src {
+                    None => V::zero(),
+                    Some(x) if o + w <= rows => V::load(&x[off + o..off + o + w]),
+                    Some(x) => {
+                        for (j, v) in lane.iter_mut().enumerate() {
+                            *v = if o + j < rows {
+                                x[off + o + j]
+                            } else {
+                                T::ZERO
+                            };
+                        }
+                        V::load(lane)
+                    }
                 }
-                let v = V::load(ch);
-                let v = if s.softplus { softplus(v) } else { v };
-                v.store(ch);
-            }
-            for r in 0..rows {
-                let d = d0 + r;
-                let g = d / gsize;
-                let boff = ((b * nt + k) * s.groups + g) * n;
-                // Padded copies only when N is not a whole number of vectors.
-                let (h_s, a_s, b_s, c_s): (&mut [T], &[T], &[T], &[T]) = if np == n {
-                    (
-                        &mut state[r * n..(r + 1) * n],
-                        &s.a[d * n..(d + 1) * n],
-                        &s.b[boff..boff + n],
-                        &s.c[boff..boff + n],
-                    )
-                } else {
-                    pad(&state[r * n..(r + 1) * n], &mut hrow);
-                    pad(&s.a[d * n..(d + 1) * n], &mut arow);
-                    pad(&s.b[boff..boff + n], &mut brow);
-                    pad(&s.c[boff..boff + n], &mut crow);
-                    (&mut hrow, &arow, &brow, &crow)
+            };
+            for i in 0..rp / w {
+                let o = i * w;
+                let xv = fetch(Some(s.x), base, i, &mut lane);
+                let pre =
+                    fetch(Some(s.dt), base, i, &mut lane).add(fetch(s.dt_bias, d0, i, &mut lane));
+                let dt = if s.softplus { softplus(pre) } else { pre };
+                dt.store(&mut dts[o..]);
+                dt.mul(xv).store(&mut dtx[o..]);
+                fetch(s.d, d0, i, &mut lane).mul(xv).store(&mut dx[o..]);
+                let g = match s.z {
+                    Some(z) => {
+                        let zz = fetch(Some(z), base, i, &mut lane);
+                        zz.mul(sigmoid(zz))
+                    }
+                    None => V::splat(T::ONE),
                 };
-                let dt = dts[r];
-                let xv = s.x[base + r];
-                let dtv = V::splat(dt);
-                let dtx = V::splat(dt * xv);
-                let mut acc = V::zero();
-                for i in 0..nv {
-                    let o = i * w;
-                    let da = exp(dtv.mul(V::load(&a_s[o..])));
-                    let h = V::load(&h_s[o..]).fma(da, dtx.mul(V::load(&b_s[o..])));
-                    h.store(&mut h_s[o..]);
-                    acc = h.fma(V::load(&c_s[o..]), acc);
-                }
-                if np != n {
-                    state[r * n..(r + 1) * n].copy_from_slice(&hrow[..n]);
+                g.store(&mut gate[o..]);
+            }
+            // Channels in runs that share a group, so B and C are loaded once per run.
+            let mut r0 = 0;
+            while r0 < rows {
+                let d = d0 + r0;
+                let g = d / gsize;
+                let r1 = rows.min((g + 1) * gsize - d0);
+                let boff = ((b * nt + k) * s.groups + g) * n;
+                let (bsl, csl) = (&s.b[boff..boff + n], &s.c[boff..boff + n]);
+                if np == n {
+                    let bv: Vec<V> = bsl.chunks_exact(w).map(V::load).collect();
+                    let cv: Vec<V> = csl.chunks_exact(w).map(V::load).collect();
+                    // Two channels per iteration: their exp chains are independent, which
+                    // gives the out-of-order core twice the work to overlap.
+                    let (mut hp, mut ap) = (
+                        state[r0 * n..r1 * n].chunks_exact_mut(2 * n),
+                        s.a[d * n..(d0 + r1) * n].chunks_exact(2 * n),
+                    );
+                    let mut r = r0;
+                    for (hr, ar) in (&mut hp).zip(&mut ap) {
+                        let (h0, h1) = hr.split_at_mut(n);
+                        let a0 = channel::<V>(h0, &ar[..n], dts[r], dtx[r], &bv, &cv);
+                        let a1 = channel::<V>(h1, &ar[n..], dts[r + 1], dtx[r + 1], &bv, &cv);
+                        a0.store(&mut accs[r * w..]);
+                        a1.store(&mut accs[(r + 1) * w..]);
+                        r += 2;
+                    }
+                    if r < r1 {
+                        let acc = channel::<V>(
+                            hp.into_remainder(),
+                            ap.remainder(),
+                            dts[r],
+                            dtx[r],
+                            &bv,
+                            &cv,
+                        );
+                        acc.store(&mut accs[r * w..]);
+                    }
+                } else {
+                    // N not a whole number of vectors: work on zero-padded copies (padding
+                    // lanes have A = B = C = 0 and stay exactly zero).
+                    pad(bsl, &mut brow);
+                    pad(csl, &mut crow);
+                    for r in r0..r1 {
+                        let dd = d0 + r;
+                        pad(&state[r * n..(r + 1) * n], &mut hrow);
+                        pad(&s.a[dd * n..(dd + 1) * n], &mut arow);
+                        let (dtv, dtxv) = (V::splat(dts[r]), V::splat(dtx[r]));
+                        let mut acc = V::zero();
+                        for i in 0..nv {
+                            let o = i * w;
+                            let da = exp(dtv.mul(V::load(&arow[o..])));
+                            let h = V::load(&hrow[o..]).fma(da, dtxv.mul(V::load(&brow[o..])));
+                            h.store(&mut hrow[o..]);
+                            acc = h.fma(V::load(&crow[o..]), acc);
+                        }
+                        state[r * n..(r + 1) * n].copy_from_slice(&hrow[..n]);
+                        acc.store(&mut accs[r * w..]);
+                    }
                 }
                 if let Some(sn) = snaps.as_deref_mut() {
-                    sn[(k * rows + r) * n..][..n].copy_from_slice(&state[r * n..(r + 1) * n]);
+                    sn[(k * rows + r0) * n..(k * rows + r1) * n]
+                        .copy_from_slice(&state[r0 * n..r1 * n]);
                 }
-                let mut y = acc.hsum() + s.d.map_or(T::ZERO, |x| x[d] * xv);
-                if let Some(z) = s.z {
-                    // silu through the vector sigmoid, so every level shares one formula.
-                    let zz = V::splat(z[base + r]);
-                    zz.mul(sigmoid(zz)).store(&mut ztmp);
-                    y = y * ztmp[0];
-                }
-                out[k * dim + d0 + r] = y;
+                r0 = r1;
+            }
+            for (yr, a) in y.iter_mut().zip(accs.chunks_exact(w)) {
+                *yr = V::load(a).hsum();
+            }
+            let orow = &mut out[k * dim + d0..][..rows];
+            for i in 0..rp / w {
+                let o = i * w;
+                let v = V::load(&y[o..])
+                    .add(V::load(&dx[o..]))
+                    .mul(V::load(&gate[o..]));
+                v.store(&mut lane);
+                let m = w.min(rows - o);
+                orow[o..o + m].copy_from_slice(&lane[..m]);
             }
         }
     }
+}
+
+/// One channel's update `h = exp(Δ A) h + Δ x B` over its N states (a whole number of
+/// vectors); returns the vector of partial sums of C·h.
+#[inline(always)]
+fn channel<V: Vector>(h: &mut [V::E], a: &[V::E], dt: V::E, dtx: V::E, bv: &[V], cv: &[V]) -> V {
+    let (dtv, dtxv) = (V::splat(dt), V::splat(dtx));
+    let mut acc = V::zero();
+    for (((hc, ac), bb), cc) in h
+        .chunks_exact_mut(V::W)
+        .zip(a.chunks_exact(V::W))
+        .zip(bv)
+        .zip(cv)
+    {
+        let da = exp(dtv.mul(V::load(ac)));
+        let hn = V::load(hc).fma(da, dtxv.mul(*bb));
+        hn.store(hc);
+        acc = hn.fma(*cc, acc);
+    }
+    acc
 }
 
 /// Validates everything, then updates `state` in place and writes `out`.
@@ -211,8 +297,7 @@ pub fn step<T: SimdElem>(
     if bt == 0 || nt == 0 || d == 0 {
         return Ok(());
     }
-    // Hand each batch row its own state slot, output row and snapshot row; the channel
-    // blocks of a row run in order inside one task.
+    // One task per batch row, holding its own state slot, output row and snapshot row.
     let mut slot_rows: Vec<Option<&mut [T]>> = state.chunks_mut(d * n).map(Some).collect();
     let out_rows = out.chunks_mut(nt * d);
     let snap_rows: Vec<Option<&mut [T]>> = match snapshots {
@@ -224,39 +309,24 @@ pub fn step<T: SimdElem>(
         .enumerate()
         .map(|(b, (o, sn))| (o, sn, slot_of[b].and_then(|su| slot_rows[su].take())))
         .collect();
-    pool::for_each(items, bt * nt * d * n, |b, (out_row, mut snap_row, st)| {
-        let Some(st) = st else {
-            out_row.fill(T::ZERO); // padding row: zero output, nothing written
-            return;
-        };
-        let mut block_snap = if snap_row.is_some() {
-            vec![T::ZERO; nt * BLOCK * n]
-        } else {
-            Vec::new()
-        };
-        for (d0, state) in (0..d).step_by(BLOCK).zip(st.chunks_mut(BLOCK * n)) {
-            let rows = BLOCK.min(d - d0);
-            let snaps = snap_row.as_ref().map(|_| &mut block_snap[..nt * rows * n]);
-            dispatch(
+    pool::for_each(
+        items,
+        bt * nt * d * n,
+        |b, (out, snaps, state)| match state {
+            Some(state) => dispatch(
                 level,
                 Task {
                     s,
                     b,
-                    d0,
+                    d0: 0,
                     state,
-                    out: &mut *out_row,
+                    out,
                     snaps,
-                    rows,
+                    rows: d,
                 },
-            );
-            // A block's snapshots are (T, rows, N); the row's are (T, dim, N).
-            if let Some(sr) = snap_row.as_deref_mut() {
-                for k in 0..nt {
-                    sr[(k * d + d0) * n..][..rows * n]
-                        .copy_from_slice(&block_snap[k * rows * n..][..rows * n]);
-                }
-            }
-        }
-    });
+            ),
+            None => out.fill(T::ZERO), // padding row: zero output, nothing written
+        },
+    );
     Ok(())
 }

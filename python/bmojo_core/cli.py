@@ -1,0 +1,135 @@
+"""The ``bmojo`` command line.
+
+::
+
+    bmojo info                                   # versions, SIMD level, threads, CUDA
+    bmojo bench [--quick] [--json PATH] [--only NAME] [--threads N] [--simd LEVEL]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from bmojo_core import bench
+
+    info = bench.machine_info()
+    peak = bench.machine_peak()
+    levels = ", ".join(info["simd_levels"]) or "unknown"
+    rows = [
+        ("bmojo_core", info["bmojo_core"]),
+        ("SIMD level", f"{info['simd_level']} (usable: {levels})"),
+        ("bmojo threads", info["bmojo_threads"]),
+        ("torch", info["torch"]),
+        ("torch threads", f"{info['torch_threads']} (interop {info['torch_interop_threads']})"),
+        ("Python", info["python"]),
+        ("platform", info["platform"]),
+        ("CPU", f"{info['cpu']} ({info['physical_cores']} cores, {info['logical_cpus']} CPUs)"),
+        (
+            "CPU clock",
+            f"{info['cpu_mhz']:.0f} MHz ({info['cpu_mhz_source']})"
+            if info["cpu_mhz"]
+            else "unknown",
+        ),
+        (
+            "peak fp32",
+            f"{peak['peak_gflops']:.1f} GFLOP/s (assumed: {peak['cores']} cores × "
+            f"{peak['flops_per_cycle']} flop/cycle)"
+            if peak["peak_gflops"]
+            else "unknown",
+        ),
+        ("CUDA usable", "yes" if info["cuda_available"] else "no"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k.ljust(width)}  {v}")
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import bmojo_core
+    from bmojo_core import bench
+
+    if args.threads is not None:
+        bmojo_core.set_num_threads(args.threads)
+    if args.simd is not None:
+        bmojo_core.set_simd_level(args.simd)
+    if args.list:
+        for case in bench.build_cases(args.quick, args.only):
+            print(f"{case.group:<11} {case.name}")
+        return 0
+    report = bench.run_suite(
+        quick=args.quick,
+        only=args.only,
+        progress=not args.no_progress,
+        memory=not args.no_memory,
+        with_reference=not args.no_reference,
+    )
+    if not report["results"]:
+        print(f"no benchmark case matches --only {args.only!r}", file=sys.stderr)
+        return 2
+    print(bench.format_report(report))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            f.write(bench.to_json(report))
+        print(f"\nresults written to {args.json}")
+    failed = [r.name for r in report["results"] if r.error]
+    if failed:
+        print(f"\n{len(failed)} case(s) failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from bmojo_core import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="bmojo", description="bmojo_core: fast, differentiable CPU state-space scans."
+    )
+    parser.add_argument("--version", action="version", version=f"bmojo_core {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p_info = sub.add_parser("info", help="print versions, SIMD level, threads and CUDA status")
+    p_info.set_defaults(func=_cmd_info)
+
+    p_bench = sub.add_parser(
+        "bench",
+        help="run the benchmark suite against the reference",
+        description="Run the benchmark suite (selective scan forward and forward+backward vs "
+        "bmojo_core.reference, scaling in L, decode step, throughput vs peak).",
+    )
+    p_bench.add_argument("--quick", action="store_true", help="smaller shapes (a smoke run)")
+    p_bench.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    p_bench.add_argument(
+        "--only",
+        metavar="NAME",
+        action="append",
+        help="run only cases whose name contains NAME or whose group is NAME "
+        "(scan, scaling, decode, throughput, peer); may be repeated",
+    )
+    p_bench.add_argument("--threads", type=int, metavar="N", help="bmojo_core threads")
+    p_bench.add_argument("--simd", metavar="LEVEL", help="force a SIMD level (see bmojo info)")
+    p_bench.add_argument("--list", action="store_true", help="list the cases and exit")
+    p_bench.add_argument("--no-reference", action="store_true", help="skip the reference runs")
+    p_bench.add_argument(
+        "--no-memory", action="store_true", help="skip the peak-memory child process"
+    )
+    p_bench.add_argument("--no-progress", action="store_true", help="no progress display")
+    p_bench.set_defaults(func=_cmd_bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "func", None) is None:
+        parser.print_help()
+        return 2
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
