@@ -31,7 +31,7 @@ if ! command -v cargo >/dev/null 2>&1 && [ -x "$HOME/.cargo/bin/cargo" ]; then
   export PATH="$HOME/.cargo/bin:$PATH"
 fi
 if ! command -v cargo >/dev/null 2>&1; then
-  _bmojo_die "'cargo' was not found on PATH. bmojo_core needs a Rust toolchain (>= 1.85).
+  _bmojo_die "'cargo' was not found on PATH. bmojo_core needs a Rust toolchain (>= 1.89).
   Install one with rustup:
       curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | \\
           sh -s -- -y --profile minimal --component rustfmt,clippy
@@ -39,8 +39,8 @@ if ! command -v cargo >/dev/null 2>&1; then
   then run this command again."
 fi
 _bmojo_rustc="$(rustc --version 2>/dev/null || true)"
-if [[ "$_bmojo_rustc" =~ ^rustc\ 1\.([0-9]+) ]] && ((BASH_REMATCH[1] < 85)); then
-  _bmojo_die "$_bmojo_rustc is too old; bmojo_core needs Rust >= 1.85 (try: rustup update stable)."
+if [[ "$_bmojo_rustc" =~ ^rustc\ 1\.([0-9]+) ]] && ((BASH_REMATCH[1] < 89)); then
+  _bmojo_die "$_bmojo_rustc is too old; bmojo_core needs Rust >= 1.89 (try: rustup update stable)."
 fi
 
 # --- virtual environment -------------------------------------------------------------------

@@ -37,9 +37,7 @@ def shape(name: str, t: torch.Tensor, expected: Sequence[int | None], desc: str)
     )
     if not ok:
         want = "(" + ", ".join("?" if e is None else str(e) for e in expected) + ")"
-        raise BmojoValueError(
-            f"{name}: expected shape {want} {desc}, got {tuple(t.shape)}"
-        )
+        raise BmojoValueError(f"{name}: expected shape {want} {desc}, got {tuple(t.shape)}")
 
 
 def compute_dtype(named: dict[str, torch.Tensor | None], anchor: str) -> torch.dtype:

@@ -57,6 +57,7 @@ __all__ = [
     "format_table",
     "run_case",
     "run_suite",
+    "SavedBytes",
     "saved_tensor_bytes",
     "time_call",
 ]
@@ -108,6 +109,7 @@ class Case:
     ref_inner: int = 1
     grad: bool = False
     threads: int | None = None
+    count_saved: bool = False  # count the bytes the reference saves for backward
     updates: int = 0  # state updates per call (B·D·N·L)
     tokens: int = 0  # sequence positions per call (B·L)
     finish: Callable[..., None] | None = None
@@ -162,28 +164,46 @@ def time_call(
     return statistics.median(samples), samples, out
 
 
-def saved_tensor_bytes(
-    fn: Callable[[], Any], exclude: Iterable[torch.Tensor] = ()
-) -> tuple[int, Any]:
-    """Run ``fn()`` with grad enabled and sum the bytes of the distinct storages saved for
-    backward (``torch.autograd.graph.saved_tensors_hooks``), not counting the storages of
-    ``exclude`` (the inputs, which exist anyway). Returns (bytes, output of fn)."""
-    excluded = {t.untyped_storage().data_ptr() for t in exclude}
-    seen: dict[int, int] = {}
+class SavedBytes:
+    """Context manager that sums the bytes of the distinct storages saved for backward
+    inside it (``torch.autograd.graph.saved_tensors_hooks``), not counting the storages of
+    ``exclude`` (the inputs, which exist anyway). Read ``nbytes`` afterwards."""
 
-    def pack(t: torch.Tensor) -> torch.Tensor:
+    def __init__(self, exclude: Iterable[torch.Tensor] = ()) -> None:
+        self._excluded = {t.untyped_storage().data_ptr() for t in exclude}
+        self._seen: dict[int, int] = {}
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
         try:
             st = t.untyped_storage()
             ptr, nbytes = st.data_ptr(), st.nbytes()
         except (RuntimeError, NotImplementedError):  # e.g. tensor subclasses without storage
             ptr, nbytes = id(t), t.numel() * t.element_size()
-        if ptr not in excluded:
-            seen[ptr] = max(seen.get(ptr, 0), nbytes)
+        if ptr not in self._excluded:
+            self._seen[ptr] = max(self._seen.get(ptr, 0), nbytes)
         return t
 
-    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    @property
+    def nbytes(self) -> int:
+        return sum(self._seen.values())
+
+    def __enter__(self) -> SavedBytes:
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._hooks.__exit__(*exc)
+
+
+def saved_tensor_bytes(
+    fn: Callable[[], Any], exclude: Iterable[torch.Tensor] = ()
+) -> tuple[int, Any]:
+    """Run ``fn()`` with grad enabled; return (bytes saved for backward beyond the storages
+    of ``exclude``, output of fn). See :class:`SavedBytes`."""
+    with torch.enable_grad(), SavedBytes(exclude) as counter:
         out = fn()
-    return sum(seen.values()), out
+    return counter.nbytes, out
 
 
 def format_seconds(s: float | None) -> str:
@@ -525,9 +545,8 @@ def _finish_parity_bwd(case: Case, inputs: dict, res: Result, out: Any, ref_out:
     saved, _ = saved_tensor_bytes(lambda: _bmojo_scan(**_scan_kwargs(inputs)), scan_inputs)
     res.metrics["saved_for_backward_bytes"] = saved
     msg = f"saved {_mb(saved)}"
-    if case.reference is not None:
-        ref_saved, _ = saved_tensor_bytes(lambda: _ref_scan(**_scan_kwargs(inputs)), scan_inputs)
-        res.metrics["reference_saved_for_backward_bytes"] = ref_saved
+    ref_saved = res.metrics.get("reference_saved_for_backward_bytes")
+    if ref_saved is not None:  # counted during the timed reference call (run_case)
         msg += f" vs {_mb(ref_saved)}"
     parts.append(msg)
     res.extra = "; ".join(parts)
@@ -614,6 +633,7 @@ def _scan_cases(quick: bool) -> list[Case]:
                 reference=_fwd_bwd(_ref_scan),
                 repeat=5,
                 grad=True,
+                count_saved=True,
                 updates=upd,
                 tokens=batch * L,
                 finish=_finish_parity_bwd,
@@ -833,13 +853,22 @@ def run_case(case: Case, *, with_reference: bool = True) -> Result:
             ref_out = None
             if with_reference and case.reference is not None:
                 ref_inputs = case.setup()  # fresh inputs: the step updates state in place
-                res.reference_s, ref_samples, ref_out = time_call(
-                    lambda: case.reference(ref_inputs),
-                    repeat=case.ref_repeat,
-                    warmup=case.ref_warmup,
-                    inner=case.ref_inner,
-                    grad=case.grad,
-                )
+                # bytes the reference saves for backward, counted during its (single) timed
+                # call: the hooks cost far less than the reference itself
+                counting = case.grad and case.count_saved
+                ref_tensors = [v for v in ref_inputs.values() if isinstance(v, torch.Tensor)]
+                counter = SavedBytes(ref_tensors if counting else ())
+                with counter if counting else contextlib.nullcontext():
+                    res.reference_s, ref_samples, ref_out = time_call(
+                        lambda: case.reference(ref_inputs),
+                        repeat=case.ref_repeat,
+                        warmup=case.ref_warmup,
+                        inner=case.ref_inner,
+                        grad=case.grad,
+                    )
+                if counting:
+                    calls = case.ref_warmup + case.ref_repeat * case.ref_inner
+                    res.metrics["reference_saved_for_backward_bytes"] = counter.nbytes // calls
                 res.metrics["reference_samples_s"] = ref_samples
                 res.speedup = res.reference_s / res.bmojo_s if res.bmojo_s else None
             if case.finish is not None:

@@ -129,7 +129,9 @@ def diag_scan(
     V.tensor("a", a)
     V.tensor("b", b)
     if b.dim() < 1:
-        raise V.BmojoValueError(f"b: expected shape (..., L) with at least 1 dimension, got {tuple(b.shape)}")
+        raise V.BmojoValueError(
+            f"b: expected shape (..., L) with at least 1 dimension, got {tuple(b.shape)}"
+        )
     V.shape("a", a, tuple(b.shape), "(the shape of b)")
     lead = tuple(b.shape[:-1])
     if initial_state is not None:
@@ -361,12 +363,13 @@ def selective_scan_fn(
     # mamba_ssm, where they stay float32 under autocast).
     for name, t in (("delta", delta), ("B", B), ("C", C), ("z", z)):
         if t is not None and t.dtype != u.dtype:
-            raise V.BmojoTypeError(f"{name}: expected dtype {V.dtype_name(u.dtype)} like u, "
-                                   f"got {V.dtype_name(t.dtype)}")  # fmt: skip
-    for name, t in (("A", A), ("D", D), ("delta_bias", delta_bias), ("initial_state", initial_state)):
+            want, got = V.dtype_name(u.dtype), V.dtype_name(t.dtype)
+            raise V.BmojoTypeError(f"{name}: expected dtype {want} like u, got {got}")
+    params = (("A", A), ("D", D), ("delta_bias", delta_bias), ("initial_state", initial_state))
+    for name, t in params:
         if t is not None and t.dtype not in (u.dtype, torch.float32):
-            raise V.BmojoTypeError(f"{name}: expected dtype {V.dtype_name(u.dtype)} (like u) or "
-                                   f"float32, got {V.dtype_name(t.dtype)}")  # fmt: skip
+            want, got = V.dtype_name(u.dtype), V.dtype_name(t.dtype)
+            raise V.BmojoTypeError(f"{name}: expected dtype {want} (like u) or float32, got {got}")
     named = {"u": u, "delta": delta, "A": A, "B": B, "C": C, "D": D, "z": z,
              "delta_bias": delta_bias, "initial_state": initial_state}  # fmt: skip
     cdt = V.compute_dtype(named, "u")

@@ -194,9 +194,7 @@ pub fn selective_backward(s: &ScanArgs<'_, f64>, dout: &[f64], dlast: Option<&[f
                 g.ddelta[i] = ddt;
                 g.ddelta_bias[d] += ddt;
             }
-            for k in 0..n {
-                g.dh0[(b * dm + d) * n + k] = adj[k];
-            }
+            g.dh0[(b * dm + d) * n..(b * dm + d + 1) * n].copy_from_slice(&adj);
         }
     }
     g

@@ -209,6 +209,7 @@ fn scatter<V: Vector>(
 /// Copies `rows` of `src` (row r at `(base_row + r) * len + t0`, `tl` steps) into the
 /// `[time][lane]` buffer `buf`; missing lanes are zero.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn load_t<T: Elem>(
     src: &[T],
     base_row: usize,

@@ -76,7 +76,7 @@ impl Elem for f32 {
         8.333_452e-3,
         4.166_579_6e-2,
         1.666_666_5e-1,
-        5.000_000_1e-1,
+        0.5,
     ];
     // s <= 1/3, so s^2k/(2k+1) < 2^-26 once k >= 8.
     const LOG1P_POLY: &'static [Self] = log1p_series!(f32; 8, 7, 6, 5, 4, 3, 2, 1);
@@ -91,7 +91,7 @@ impl Elem for f32 {
     }
     #[inline(always)]
     fn is_nan(self) -> bool {
-        self != self
+        f32::is_nan(self)
     }
     fn exp_scalar(self) -> Self {
         self.exp()
@@ -107,7 +107,7 @@ impl Elem for f64 {
     const INF: Self = f64::INFINITY;
     const MAGIC: Self = 6755399441055744.0; // 1.5 * 2^52
     const LOG2E: Self = core::f64::consts::LOG2_E;
-    const LN2_HI: Self = 6.931_471_803_691_238_2e-1;
+    const LN2_HI: Self = 6.931_471_803_691_238e-1;
     const LN2_LO: Self = 1.908_214_929_270_587_7e-10;
     const EXP_LO: Self = -708.396_418_532_264;
     const EXP_HI: Self = 709.782_712_893_384;
@@ -142,7 +142,7 @@ impl Elem for f64 {
     }
     #[inline(always)]
     fn is_nan(self) -> bool {
-        self != self
+        f64::is_nan(self)
     }
     fn exp_scalar(self) -> Self {
         self.exp()

@@ -1,4 +1,5 @@
 //! Every kernel at every level this CPU supports, against the scalar references.
+#![allow(clippy::needless_range_loop)] // index loops read more plainly in tests
 
 use bmojo_kernels::dispatch::{dispatch, Kernel, Level, SimdElem};
 use bmojo_kernels::selective::{self, n_chunks, BwdOut, FwdOut, Mat, ScanArgs};
@@ -91,7 +92,7 @@ fn vector_math_matches_std_at_every_level() {
         20.0,
         20.01,
     ]);
-    while xs.len() % 16 != 0 {
+    while !xs.len().is_multiple_of(16) {
         xs.push(0.5);
     }
     for level in Level::supported() {
