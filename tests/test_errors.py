@@ -150,6 +150,14 @@ STEP_SHAPE_CASES = [
     ("dt_bias-size", dict(dt_bias=r(DIM + 2)), ("dt_bias",)),
     ("sbi-length", dict(state_batch_indices=torch.tensor([0, 1])), ("state_batch_indices",)),
     ("sbi-rank", dict(state_batch_indices=torch.tensor([[0, 1, 2]])), ("state_batch_indices",)),
+    # int64 indices on plain contiguous inputs: the dispatcher-free decode path is tried first
+    ("sbi-range", dict(state_batch_indices=torch.tensor([0, 3, 1])), ("state_batch_indices",)),
+    (
+        "sbi-range32",
+        dict(state_batch_indices=torch.tensor([0, 9, 1], dtype=torch.int32)),
+        ("state_batch_indices",),
+    ),
+    ("sbi-dup", dict(state_batch_indices=torch.tensor([1, -1, 1])), ("state_batch_indices",)),
 ]
 
 

@@ -989,11 +989,15 @@ def _peak_rss_kib() -> int:
     return r // 1024 if sys.platform == "darwin" else r
 
 
-def _memory_child(batch: int, dim: int, N: int, Ls: list[int], threads: int | None) -> None:
+def _memory_child(
+    batch: int, dim: int, N: int, Ls: list[int], threads: int | None, simd: str | None = None
+) -> None:
     """Child process body: for each L, build inputs, then measure the peak RSS of one
     forward+backward above the RSS before it. Prints one JSON line."""
     if threads is not None:
         bmojo_core.set_num_threads(threads)
+    if simd is not None and simd != _simd_level():
+        bmojo_core.set_simd_level(simd)
     out: dict[str, Any] = {"exact": True, "by_L": {}}
     # warm up code paths and allocator at the smallest size
     warm = make_scan_inputs(batch, dim, N, min(Ls), requires_grad=True)
@@ -1013,11 +1017,13 @@ def _memory_child(batch: int, dim: int, N: int, Ls: list[int], threads: int | No
             base = before_peak
         input_bytes = sum(inputs[k].numel() * inputs[k].element_size() for k in SCAN_TENSORS)
         grad_bytes = sum(g.numel() * g.element_size() for g in grads)
+        out_bytes = inputs["u"].numel() * inputs["u"].element_size()
         out["exact"] = out["exact"] and exact
         out["by_L"][str(L)] = {
             "peak_extra_bytes": max(0, peak - base) * 1024,
             "input_bytes": input_bytes,
             "grad_bytes": grad_bytes,
+            "out_bytes": out_bytes,
         }
         del inputs, grads
         gc.collect()
@@ -1026,8 +1032,8 @@ def _memory_child(batch: int, dim: int, N: int, Ls: list[int], threads: int | No
 
 def measure_backward_memory(quick: bool = False) -> dict[str, Any] | None:
     """Peak extra resident memory of forward+backward at each scaling length, measured in a
-    fresh Python process (torch's allocations are invisible to tracemalloc). Returns None
-    if the child fails."""
+    fresh Python process (torch's allocations are invisible to tracemalloc). Returns
+    ``{"exact", "by_L"}``, or ``{"error": message}`` if the child fails."""
     batch, dim, N = SCALING_BDN_QUICK if quick else SCALING_BDN
     Ls = list(SCALING_LS_QUICK if quick else SCALING_LS)
     try:
@@ -1038,7 +1044,17 @@ def measure_backward_memory(quick: bool = False) -> dict[str, Any] | None:
         "import sys, json; from bmojo_core.bench import _memory_child; "
         "a = json.loads(sys.argv[1]); _memory_child(**a)"
     )
-    args = json.dumps({"batch": batch, "dim": dim, "N": N, "Ls": Ls, "threads": threads})
+    simd = _simd_level()
+    args = json.dumps(
+        {
+            "batch": batch,
+            "dim": dim,
+            "N": N,
+            "Ls": Ls,
+            "threads": threads,
+            "simd": None if simd == "unknown" else simd,
+        }
+    )
     try:
         # A fixed glibc mmap threshold: every large tensor gets its own mapping, returned to
         # the system when freed, so the resident memory follows the live tensors (glibc's
@@ -1068,7 +1084,11 @@ def _attach_memory(results: list[Result], mem: dict[str, Any] | None) -> None:
             if m:
                 r.metrics.update({f"child_{k}": v for k, v in m.items()})
                 approx = "" if mem.get("exact") else "≈"
-                r.extra += f"; peak +{approx}{_mb(m['peak_extra_bytes'])}"
+                # the output and the input gradients are O(B·D·L) and unavoidable
+                out_grads = m["grad_bytes"] + m.get("out_bytes", 0)
+                r.extra += (
+                    f"; peak +{approx}{_mb(m['peak_extra_bytes'])} (out+grads {_mb(out_grads)})"
+                )
 
 
 # ---------------------------------------------------------------------------------------
@@ -1120,7 +1140,8 @@ def format_report(report: dict[str, Any]) -> str:
         "  speed-up = reference time / bmojo time; 'max rel err' = max|bmojo − ref| / max|ref|.",
         "  'saved' = bytes saved for backward beyond the inputs (bmojo vs reference);",
         "  'peak +' = peak resident memory of one forward+backward above the resident memory "
-        "before it, in a fresh process.",
+        "before it, in a fresh process;",
+        "  it includes the output and the input gradients ('out+grads', O(B·D·L)).",
         "  " + describe_peak(report["peak"]),
     ]
     mem = report.get("memory")

@@ -53,12 +53,20 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     import bmojo_core
     from bmojo_core import bench
 
-    if args.threads is not None:
-        bmojo_core.set_num_threads(args.threads)
-    if args.simd is not None:
-        bmojo_core.set_simd_level(args.simd)
+    try:
+        if args.threads is not None:
+            bmojo_core.set_num_threads(args.threads)
+        if args.simd is not None:
+            bmojo_core.set_simd_level(args.simd)
+    except (ValueError, TypeError) as exc:
+        print(f"bmojo bench: error: {exc}", file=sys.stderr)
+        return 2
+    cases = bench.build_cases(args.quick, args.only)
+    if not cases:
+        print(f"bmojo bench: no case matches --only {' '.join(args.only)}", file=sys.stderr)
+        return 2
     if args.list:
-        for case in bench.build_cases(args.quick, args.only):
+        for case in cases:
             print(f"{case.group:<11} {case.name}")
         return 0
     report = bench.run_suite(
@@ -68,9 +76,6 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         memory=not args.no_memory,
         with_reference=not args.no_reference,
     )
-    if not report["results"]:
-        print(f"no benchmark case matches --only {args.only!r}", file=sys.stderr)
-        return 2
     print(bench.format_report(report))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:

@@ -27,11 +27,15 @@ def _np_opt(t: Tensor | None):
 
 
 def _run(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, slots, snaps, out) -> None:
-    """Kernel call on normalised tensors (see `_normalise`)."""
-    _core.selective_state_update(
-        _np(state), _np(x), _np(dt), _np(A), _np(B), _np(C), _np_opt(D), _np_opt(z),
-        _np_opt(dt_bias), dt_softplus, _np_opt(slots), _np(out), _np_opt(snaps),
-    )  # fmt: skip
+    """Kernel call on normalised tensors. The kernel validates everything (slot range,
+    duplicate slots) before writing; its errors become BmojoValueError."""
+    try:
+        _core.selective_state_update(
+            _np(state), _np(x), _np(dt), _np(A), _np(B), _np(C), _np_opt(D), _np_opt(z),
+            _np_opt(dt_bias), dt_softplus, _np_opt(slots), _np(out), _np_opt(snaps),
+        )  # fmt: skip
+    except ValueError as e:
+        raise V.BmojoValueError(str(e)) from None
 
 
 @torch.library.custom_op(
@@ -166,9 +170,17 @@ def selective_state_update(
             V.tensor(name, t)
             V.shape(name, t, shp, "like x" if name == "z" else str(inner))
     slots = state_batch_indices
+    if slots is None and state.shape[0] != batch:
+        raise V.BmojoValueError(
+            f"state: expected {batch} slots (one per batch row) without state_batch_indices, "
+            f"got {state.shape[0]}"
+        )
     if slots is not None:
         V.tensor("state_batch_indices", slots, dtypes=V.INTS)
         V.shape("state_batch_indices", slots, (batch,), "(batch,)")
+    if slots is not None and not torch.compiler.is_compiling():
+        # Checked again by the kernel; here for the clear message (data-dependent, so not
+        # while tracing).
         used = slots[slots >= 0]
         if used.numel() and int(used.max()) >= state.shape[0]:
             raise V.BmojoValueError(
@@ -179,11 +191,6 @@ def selective_state_update(
             raise V.BmojoValueError(
                 "state_batch_indices: a slot appears twice (rows would overwrite each other)"
             )
-    elif state.shape[0] != batch:
-        raise V.BmojoValueError(
-            f"state: expected {batch} slots (one per batch row) without state_batch_indices, "
-            f"got {state.shape[0]}"
-        )
     if intermediate_states is not None:
         V.tensor("intermediate_states", intermediate_states)
         V.shape(
