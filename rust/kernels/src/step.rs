@@ -133,31 +133,26 @@ impl<T: SimdElem> Kernel<T> for Task<'_, '_, T> {
                 if np == n {
                     let bv: Vec<V> = bsl.chunks_exact(w).map(V::load).collect();
                     let cv: Vec<V> = csl.chunks_exact(w).map(V::load).collect();
-                    // Two channels per iteration: their exp chains are independent, which
-                    // gives the out-of-order core twice the work to overlap.
-                    let (mut hp, mut ap) = (
-                        state[r0 * n..r1 * n].chunks_exact_mut(2 * n),
-                        s.a[d * n..(d0 + r1) * n].chunks_exact(2 * n),
-                    );
+                    // GROUP channels per iteration give the out-of-order core independent
+                    // exp chains to overlap.
+                    const GROUP: usize = 2;
+                    let mut hp = state[r0 * n..r1 * n].chunks_exact_mut(GROUP * n);
+                    let mut ap = s.a[d * n..(d0 + r1) * n].chunks_exact(GROUP * n);
                     let mut r = r0;
                     for (hr, ar) in (&mut hp).zip(&mut ap) {
-                        let (h0, h1) = hr.split_at_mut(n);
-                        let a0 = channel::<V>(h0, &ar[..n], dts[r], dtx[r], &bv, &cv);
-                        let a1 = channel::<V>(h1, &ar[n..], dts[r + 1], dtx[r + 1], &bv, &cv);
-                        a0.store(&mut accs[r * w..]);
-                        a1.store(&mut accs[(r + 1) * w..]);
-                        r += 2;
+                        let accg = channels::<V, GROUP>(hr, ar, &dts[r..], &dtx[r..], &bv, &cv);
+                        for (k, acc) in accg.iter().enumerate() {
+                            acc.store(&mut accs[(r + k) * w..]);
+                        }
+                        r += GROUP;
                     }
-                    if r < r1 {
-                        let acc = channel::<V>(
-                            hp.into_remainder(),
-                            ap.remainder(),
-                            dts[r],
-                            dtx[r],
-                            &bv,
-                            &cv,
-                        );
-                        acc.store(&mut accs[r * w..]);
+                    let rest = hp
+                        .into_remainder()
+                        .chunks_exact_mut(n)
+                        .zip(ap.remainder().chunks_exact(n));
+                    for (hr, ar) in rest {
+                        channel::<V>(hr, ar, dts[r], dtx[r], &bv, &cv).store(&mut accs[r * w..]);
+                        r += 1;
                     }
                 } else {
                     // N not a whole number of vectors: work on zero-padded copies (padding
@@ -190,7 +185,7 @@ impl<T: SimdElem> Kernel<T> for Task<'_, '_, T> {
             for (yr, a) in y.iter_mut().zip(accs.chunks_exact(w)) {
                 *yr = V::load(a).hsum();
             }
-            let orow = &mut out[k * dim + d0..][..rows];
+            let orow = &mut out[k * rows..][..rows]; // this task's channels of token k
             for i in 0..rp / w {
                 let o = i * w;
                 let v = V::load(&y[o..])
@@ -220,6 +215,36 @@ fn channel<V: Vector>(h: &mut [V::E], a: &[V::E], dt: V::E, dtx: V::E, bv: &[V],
         let hn = V::load(hc).fma(da, dtxv.mul(*bb));
         hn.store(hc);
         acc = hn.fma(*cc, acc);
+    }
+    acc
+}
+
+/// [`channel`] for `K` adjacent channels in one loop body: their `exp` chains are
+/// independent, so the core overlaps them, and the constants stay in registers.
+#[inline(always)]
+fn channels<V: Vector, const K: usize>(
+    h: &mut [V::E],
+    a: &[V::E],
+    dt: &[V::E],
+    dtx: &[V::E],
+    bv: &[V],
+    cv: &[V],
+) -> [V; K] {
+    let n = h.len() / K;
+    let w = V::W;
+    let dtv: [V; K] = core::array::from_fn(|k| V::splat(dt[k]));
+    let xv: [V; K] = core::array::from_fn(|k| V::splat(dtx[k]));
+    let mut acc = [V::zero(); K];
+    for (i, (bb, cc)) in bv.iter().zip(cv).enumerate() {
+        let o = i * w;
+        let da: [V; K] =
+            core::array::from_fn(|k| exp(dtv[k].mul(V::load(&a[k * n + o..k * n + o + w]))));
+        for k in 0..K {
+            let hk = &mut h[k * n + o..k * n + o + w];
+            let hn = V::load(hk).fma(da[k], xv[k].mul(*bb));
+            hn.store(hk);
+            acc[k] = hn.fma(*cc, acc[k]);
+        }
     }
     acc
 }
@@ -298,13 +323,15 @@ pub fn step<T: SimdElem>(
         return Ok(());
     }
     // One task per batch row, holding its own state slot, output row and snapshot row.
+    // (Cutting a single row into channel blocks for the pool was measured slower: waking
+    // the pool costs more than a whole decode step.)
     let mut slot_rows: Vec<Option<&mut [T]>> = state.chunks_mut(d * n).map(Some).collect();
-    let out_rows = out.chunks_mut(nt * d);
     let snap_rows: Vec<Option<&mut [T]>> = match snapshots {
         Some(sn) => sn.chunks_mut(nt * d * n).map(Some).collect(),
         None => (0..bt).map(|_| None).collect(),
     };
-    let items: Vec<_> = out_rows
+    let items: Vec<_> = out
+        .chunks_mut(nt * d)
         .zip(snap_rows)
         .enumerate()
         .map(|(b, (o, sn))| (o, sn, slot_of[b].and_then(|su| slot_rows[su].take())))
