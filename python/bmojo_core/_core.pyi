@@ -69,6 +69,6 @@ def selective_state_update(
     dt_bias: _F | None,
     softplus: bool,
     slots: _I | None,
-    out: _F,
+    out: _F | None,
     snaps: _F | None,
-) -> None: ...
+) -> _F | None: ...

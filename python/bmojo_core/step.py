@@ -81,14 +81,13 @@ def _fast(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, slots) -> Tensor | 
     writing; on any mismatch this returns None and the validating path takes over (and
     raises a clear error, or converts what needs converting)."""
     try:
-        out = torch.empty_like(x)
-        _core.selective_state_update(
+        out = _core.selective_state_update(
             state.numpy(), x.numpy(), dt.numpy(), A.numpy(), B.numpy(), C.numpy(),
             None if D is None else D.numpy(), None if z is None else z.numpy(),
             None if dt_bias is None else dt_bias.numpy(), bool(dt_softplus),
-            None if slots is None else slots.numpy(), out.numpy(), None,
+            None if slots is None else slots.numpy(), None, None,
         )  # fmt: skip
-        return out
+        return torch.from_numpy(out)
     except (TypeError, ValueError, RuntimeError, AttributeError):
         return None
 

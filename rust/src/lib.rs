@@ -491,92 +491,53 @@ fn selective_scan_bwd(
 /// In-place step: `state (slots, dim, N)`; `x`/`dt`/`z`/`out` `(batch, dim)` or
 /// `(batch, T, dim)`; `b`/`c` `(batch, [T,] N)` or `(batch, [T,] G, N)`; `slots (batch,)`
 /// int64; `snaps (batch, T, dim, N)`. Every shape is checked exactly, so the Python fast
-/// path can hand over user tensors unvalidated.
+/// path can hand over user tensors unvalidated. With `out=None` the output array is
+/// allocated here and returned.
 #[pyfunction]
 #[pyo3(signature = (state, x, dt, a, b, c, d, z, dt_bias, softplus, slots, out, snaps))]
 #[allow(clippy::too_many_arguments)]
-fn selective_state_update(
-    py: Python<'_>,
-    state: Bound<'_, PyAny>,
-    x: Bound<'_, PyAny>,
-    dt: Bound<'_, PyAny>,
-    a: Bound<'_, PyAny>,
-    b: Bound<'_, PyAny>,
-    c: Bound<'_, PyAny>,
-    d: Option<Bound<'_, PyAny>>,
-    z: Option<Bound<'_, PyAny>>,
-    dt_bias: Option<Bound<'_, PyAny>>,
+fn selective_state_update<'py>(
+    py: Python<'py>,
+    state: Bound<'py, PyAny>,
+    x: Bound<'py, PyAny>,
+    dt: Bound<'py, PyAny>,
+    a: Bound<'py, PyAny>,
+    b: Bound<'py, PyAny>,
+    c: Bound<'py, PyAny>,
+    d: Option<Bound<'py, PyAny>>,
+    z: Option<Bound<'py, PyAny>>,
+    dt_bias: Option<Bound<'py, PyAny>>,
     softplus: bool,
-    slots: Option<Bound<'_, PyAny>>,
-    out: Bound<'_, PyAny>,
-    snaps: Option<Bound<'_, PyAny>>,
-) -> PyResult<()> {
-    #[allow(clippy::too_many_arguments)]
-    fn go<T: SimdElem + Element>(
-        py: Python<'_>,
-        state: &Bound<'_, PyAny>,
-        x: &Bound<'_, PyAny>,
-        dt: &Bound<'_, PyAny>,
-        a: &Bound<'_, PyAny>,
-        b: &Bound<'_, PyAny>,
-        c: &Bound<'_, PyAny>,
-        d: &Option<Bound<'_, PyAny>>,
-        z: &Option<Bound<'_, PyAny>>,
-        dt_bias: &Option<Bound<'_, PyAny>>,
-        softplus: bool,
-        slots: &Option<Bound<'_, PyAny>>,
-        out: &Bound<'_, PyAny>,
-        snaps: &Option<Bound<'_, PyAny>>,
-    ) -> PyResult<()> {
-        // Exact shapes, so that no layout is ever misread: x is (batch, dim) for one token
-        // or (batch, T, dim); B/C add a group axis when they have one more dimension.
-        let ss = shape(state, "state", 3)?;
-        let xnd = x.cast::<PyUntypedArray>().map(|a| a.ndim()).unwrap_or(0);
-        if xnd != 2 && xnd != 3 {
-            return Err(PyValueError::new_err(format!(
-                "x: expected (batch, dim) or (batch, T, dim), got {xnd} dimensions"
-            )));
-        }
-        let sx = shape(x, "x", xnd)?;
-        let (batch, ntok, dim, n) = (sx[0], if xnd == 3 { sx[1] } else { 1 }, sx[xnd - 1], ss[2]);
-        let lead: Vec<usize> = sx[..xnd - 1].to_vec();
-        let bnd = b.cast::<PyUntypedArray>().map(|a| a.ndim()).unwrap_or(0);
-        let groups = if bnd == xnd {
-            1
-        } else {
-            shape(b, "B", xnd + 1)?[xnd - 1]
-        };
-        let mut bshape = lead.clone();
-        if bnd != xnd {
-            bshape.push(groups);
-        }
-        bshape.push(n);
-        let expect = |arr: &Bound<'_, PyAny>, name: &str, want: &[usize]| -> PyResult<()> {
-            let got = shape(arr, name, want.len())?;
-            if got != want {
-                return Err(PyValueError::new_err(format!(
-                    "{name}: expected shape {want:?}, got {got:?}"
-                )));
-            }
+    slots: Option<Bound<'py, PyAny>>,
+    out: Option<Bound<'py, PyAny>>,
+    snaps: Option<Bound<'py, PyAny>>,
+) -> PyResult<Option<Bound<'py, PyAny>>> {
+    fn want(name: &str, got: &[usize], want: &[usize]) -> PyResult<()> {
+        if got == want {
             Ok(())
-        };
-        expect(state, "state", &[ss[0], dim, n])?;
-        expect(dt, "dt", &sx)?;
-        expect(a, "A", &[dim, n])?;
-        expect(b, "B", &bshape)?;
-        expect(c, "C", &bshape)?;
-        expect(out, "out", &sx)?;
-        for (arr, name, want) in [
-            (d, "D", vec![dim]),
-            (z, "z", sx.clone()),
-            (dt_bias, "dt_bias", vec![dim]),
-            (slots, "state_batch_indices", vec![batch]),
-            (snaps, "intermediate_states", vec![batch, ntok, dim, n]),
-        ] {
-            if let Some(arr) = arr {
-                expect(arr, name, &want)?;
-            }
+        } else {
+            Err(PyValueError::new_err(format!(
+                "{name}: expected shape {want:?}, got {got:?}"
+            )))
         }
+    }
+    #[allow(clippy::too_many_arguments)]
+    fn go<'py, T: SimdElem + Element>(
+        py: Python<'py>,
+        state: &Bound<'py, PyAny>,
+        x: &Bound<'py, PyAny>,
+        dt: &Bound<'py, PyAny>,
+        a: &Bound<'py, PyAny>,
+        b: &Bound<'py, PyAny>,
+        c: &Bound<'py, PyAny>,
+        d: &Option<Bound<'py, PyAny>>,
+        z: &Option<Bound<'py, PyAny>>,
+        dt_bias: &Option<Bound<'py, PyAny>>,
+        softplus: bool,
+        slots: &Option<Bound<'py, PyAny>>,
+        out: &Option<Bound<'py, PyAny>>,
+        snaps: &Option<Bound<'py, PyAny>>,
+    ) -> PyResult<Option<Bound<'py, PyAny>>> {
         let (rx, rdt, ra, rb, rc) = (
             ro::<T>(x, "x")?,
             ro::<T>(dt, "dt")?,
@@ -590,9 +551,63 @@ fn selective_state_update(
             opt_ro::<T>(dt_bias, "dt_bias")?,
         );
         let rslots = opt_ro::<i64>(slots, "state_batch_indices")?;
+        // Exact shapes, so that no layout is ever misread: x is (batch, dim) for one token
+        // or (batch, T, dim); B/C add a group axis when they have one more dimension.
+        let sx = rx.shape().to_vec();
+        let xnd = sx.len();
+        if xnd != 2 && xnd != 3 {
+            return Err(PyValueError::new_err(format!(
+                "x: expected (batch, dim) or (batch, T, dim), got shape {sx:?}"
+            )));
+        }
+        let (batch, ntok, dim) = (sx[0], if xnd == 3 { sx[1] } else { 1 }, sx[xnd - 1]);
+        let sa = ra.shape();
+        want("A", sa, &[dim, sa.get(1).copied().unwrap_or(0)])?;
+        let n = sa[1];
+        let sb = rb.shape();
+        let groups = if sb.len() == xnd {
+            1
+        } else {
+            sb.get(xnd - 1).copied().unwrap_or(0)
+        };
+        let mut bshape = sx[..xnd - 1].to_vec();
+        if sb.len() != xnd {
+            bshape.push(groups);
+        }
+        bshape.push(n);
+        want("B", sb, &bshape)?;
+        want("C", rc.shape(), &bshape)?;
+        want("dt", rdt.shape(), &sx)?;
+        for (v, name, w) in [
+            (&rd, "D", &[dim][..]),
+            (&rz, "z", &sx[..]),
+            (&rbias, "dt_bias", &[dim][..]),
+        ] {
+            if let Some(v) = v {
+                want(name, v.shape(), w)?;
+            }
+        }
+        if let Some(v) = &rslots {
+            want("state_batch_indices", v.shape(), &[batch])?;
+        }
         let mut rstate = rw::<T>(state, "state")?;
-        let mut rout = rw::<T>(out, "out")?;
+        let slots_total = rstate.shape().first().copied().unwrap_or(0);
+        want("state", rstate.shape(), &[slots_total, dim, n])?;
+        let new_out = match out {
+            Some(_) => None,
+            None => Some(PyArrayDyn::<T>::zeros(py, sx.as_slice(), false)),
+        };
+        let out_any = match (&new_out, out) {
+            (Some(o), _) => o.as_any().clone(),
+            (None, Some(o)) => o.clone(),
+            (None, None) => unreachable!("allocated above"),
+        };
+        let mut rout = rw::<T>(&out_any, "out")?;
+        want("out", rout.shape(), &sx)?;
         let mut rsnaps = opt_rw::<T>(snaps, "intermediate_states")?;
+        if let Some(v) = &rsnaps {
+            want("intermediate_states", v.shape(), &[batch, ntok, dim, n])?;
+        }
         let s = step::StepArgs {
             batch,
             ntok,
@@ -613,8 +628,10 @@ fn selective_state_update(
         let (st, o) = (rstate.as_slice_mut()?, rout.as_slice_mut()?);
         let sn = rsnaps.as_mut().map(|x| x.as_slice_mut()).transpose()?;
         let lv = level();
-        py.detach(|| step::step(lv, &s, st, ss[0], o, sn))
-            .map_err(kernel_err)
+        py.detach(|| step::step(lv, &s, st, slots_total, o, sn))
+            .map_err(kernel_err)?;
+        drop(rout);
+        Ok(new_out.map(|o| o.into_any()))
     }
     if is_f64(&state, "state")? {
         go::<f64>(

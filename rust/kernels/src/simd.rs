@@ -179,6 +179,9 @@ pub trait Vector: Copy + Send + Sync + 'static {
     /// `p * 2^k` where `t = k + MAGIC` (k integral), done on the exponent bits.
     fn scale_by_magic(p: Self, t: Self) -> Self;
     fn hsum(self) -> Self::E;
+    /// Pairwise sums of two vectors: lane `i < W/2` is `a[2i] + a[2i+1]`, lane `W/2 + i`
+    /// is `b[2i] + b[2i+1]` (only called with `W >= 2`).
+    fn fold2(a: Self, b: Self) -> Self;
 
     #[inline(always)]
     fn zero() -> Self {
@@ -294,6 +297,35 @@ pub fn softplus_grad<V: Vector>(x: V) -> V {
     )
 }
 
+/// `out[r] = sum of the W lanes of rows[r * W..]` for every row: W rows at a time by a tree
+/// of [`Vector::fold2`] (which keeps the rows in order), the rest one `hsum` each.
+#[inline(always)]
+pub fn sum_rows<V: Vector>(rows: &[V::E], out: &mut [V::E]) {
+    let w = V::W;
+    let n = out.len();
+    let mut r = 0;
+    if w >= 2 {
+        let mut level = [V::zero(); 16];
+        while r + w <= n {
+            for (j, v) in level[..w].iter_mut().enumerate() {
+                *v = V::load(&rows[(r + j) * w..]);
+            }
+            let mut m = w;
+            while m > 1 {
+                for j in 0..m / 2 {
+                    level[j] = V::fold2(level[2 * j], level[2 * j + 1]);
+                }
+                m /= 2;
+            }
+            level[0].store(&mut out[r..]);
+            r += w;
+        }
+    }
+    for (o, row) in out[r..].iter_mut().zip(rows[r * w..].chunks_exact(w)) {
+        *o = V::load(row).hsum();
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // Portable lanes: plain arrays. With N = 1 this is the scalar level; with 16 bytes of
 // lanes it is what the compiler turns into SSE2 (x86-64 baseline) or NEON (aarch64
@@ -401,6 +433,15 @@ impl<T: Bits + core::ops::Div<Output = T>, const N: usize> Vector for Lanes<T, N
     #[inline(always)]
     fn scale_by_magic(p: Self, t: Self) -> Self {
         Lanes(core::array::from_fn(|i| T::scale_by_magic(p.0[i], t.0[i])))
+    }
+    #[inline(always)]
+    fn fold2(a: Self, b: Self) -> Self {
+        let h = N / 2;
+        Lanes(core::array::from_fn(|i| {
+            let src = if i < h { &a.0 } else { &b.0 };
+            let k = 2 * (i % h.max(1));
+            src[k] + src[k + 1]
+        }))
     }
     #[inline(always)]
     fn hsum(self) -> T {
@@ -640,6 +681,14 @@ pub mod x86 {
             }
         }
         #[inline(always)]
+        fn fold2(a: Self, b: Self) -> Self {
+            // hadd gives [a01 a23 b01 b23 | a45 a67 b45 b67]; swap the middle 64-bit pairs.
+            unsafe {
+                let h = _mm256_castps_pd(_mm256_hadd_ps(a.0, b.0));
+                F32x8(_mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(h)))
+            }
+        }
+        #[inline(always)]
         fn hsum(self) -> f32 {
             unsafe {
                 let lo = _mm256_castps256_ps128(self.0);
@@ -682,6 +731,15 @@ pub mod x86 {
                 );
                 let bits = _mm256_add_epi64(_mm256_castpd_si256(p.0), _mm256_slli_epi64::<52>(k));
                 F64x4(_mm256_castsi256_pd(bits))
+            }
+        }
+        #[inline(always)]
+        fn fold2(a: Self, b: Self) -> Self {
+            // hadd gives [a01 b01 | a23 b23]; swap the middle lanes.
+            unsafe {
+                F64x4(_mm256_permute4x64_pd::<0b11_01_10_00>(_mm256_hadd_pd(
+                    a.0, b.0,
+                )))
             }
         }
         #[inline(always)]
@@ -729,6 +787,19 @@ pub mod x86 {
             }
         }
         #[inline(always)]
+        fn fold2(a: Self, b: Self) -> Self {
+            unsafe {
+                let even =
+                    _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+                let odd =
+                    _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+                F32x16(_mm512_add_ps(
+                    _mm512_permutex2var_ps(a.0, even, b.0),
+                    _mm512_permutex2var_ps(a.0, odd, b.0),
+                ))
+            }
+        }
+        #[inline(always)]
         fn hsum(self) -> f32 {
             unsafe {
                 let lo = _mm512_castps512_ps256(self.0);
@@ -768,6 +839,17 @@ pub mod x86 {
                 );
                 let bits = _mm512_add_epi64(_mm512_castpd_si512(p.0), _mm512_slli_epi64::<52>(k));
                 F64x8(_mm512_castsi512_pd(bits))
+            }
+        }
+        #[inline(always)]
+        fn fold2(a: Self, b: Self) -> Self {
+            unsafe {
+                let even = _mm512_setr_epi64(0, 2, 4, 6, 8, 10, 12, 14);
+                let odd = _mm512_setr_epi64(1, 3, 5, 7, 9, 11, 13, 15);
+                F64x8(_mm512_add_pd(
+                    _mm512_permutex2var_pd(a.0, even, b.0),
+                    _mm512_permutex2var_pd(a.0, odd, b.0),
+                ))
             }
         }
         #[inline(always)]

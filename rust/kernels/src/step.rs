@@ -13,7 +13,7 @@
 
 use crate::dispatch::{dispatch, Kernel, Level, SimdElem};
 use crate::pool;
-use crate::simd::{exp, sigmoid, softplus, Vector};
+use crate::simd::{exp, sigmoid, softplus, sum_rows, Vector};
 
 pub struct StepArgs<'a, T> {
     pub batch: usize,
@@ -81,7 +81,8 @@ impl<T: SimdElem> Kernel<T> for Task<'_, '_, T> {
         let mut lane = vec![T::ZERO; w];
         // C·h per channel as a vector, reduced after the channel loop so the horizontal
         // sums stay off the loop's critical path.
-        let mut accs = vec![T::ZERO; rows * w];
+        let mut accs = vec![T::ZERO; w * w];
+        let (mut bv, mut cv): (Vec<V>, Vec<V>) = (Vec::new(), Vec::new());
         let gsize = dim / s.groups;
         for k in 0..nt {
             let base = (b * nt + k) * dim + d0;
@@ -122,68 +123,64 @@ impl<T: SimdElem> Kernel<T> for Task<'_, '_, T> {
                 };
                 g.store(&mut gate[o..]);
             }
-            // Channels in runs that share a group, so B and C are loaded once per run.
+            // Blocks of at most W channels of one group: their C·h vectors go to a W×W
+            // buffer (in L1) and are reduced together by `sum_rows`.
             let mut r0 = 0;
             while r0 < rows {
                 let d = d0 + r0;
                 let g = d / gsize;
-                let r1 = rows.min((g + 1) * gsize - d0);
+                let r1 = rows.min((g + 1) * gsize - d0).min(r0 + w);
                 let boff = ((b * nt + k) * s.groups + g) * n;
                 let (bsl, csl) = (&s.b[boff..boff + n], &s.c[boff..boff + n]);
+                let acc_blk = &mut accs[..(r1 - r0) * w];
                 if np == n {
-                    let bv: Vec<V> = bsl.chunks_exact(w).map(V::load).collect();
-                    let cv: Vec<V> = csl.chunks_exact(w).map(V::load).collect();
-                    // GROUP channels per iteration give the out-of-order core independent
-                    // exp chains to overlap.
-                    const GROUP: usize = 2;
-                    let mut hp = state[r0 * n..r1 * n].chunks_exact_mut(GROUP * n);
-                    let mut ap = s.a[d * n..(d0 + r1) * n].chunks_exact(GROUP * n);
-                    let mut r = r0;
-                    for (hr, ar) in (&mut hp).zip(&mut ap) {
-                        let accg = channels::<V, GROUP>(hr, ar, &dts[r..], &dtx[r..], &bv, &cv);
-                        for (k, acc) in accg.iter().enumerate() {
-                            acc.store(&mut accs[(r + k) * w..]);
+                    bv.clear();
+                    bv.extend(bsl.chunks_exact(w).map(V::load));
+                    cv.clear();
+                    cv.extend(csl.chunks_exact(w).map(V::load));
+                    let (hs, as_) = (&mut state[r0 * n..r1 * n], &s.a[d * n..(d0 + r1) * n]);
+                    if nv == 1 {
+                        // N fills exactly one vector (Mamba's N = 16 with AVX-512).
+                        one_vector_channels::<V>(
+                            hs,
+                            as_,
+                            &dts[r0..r1],
+                            &dtx[r0..r1],
+                            bv[0],
+                            cv[0],
+                            acc_blk,
+                        );
+                    } else {
+                        let rows_h = hs.chunks_exact_mut(n).zip(as_.chunks_exact(n));
+                        for (r, ((hr, ar), o)) in
+                            (r0..).zip(rows_h.zip(acc_blk.chunks_exact_mut(w)))
+                        {
+                            channel::<V>(hr, ar, dts[r], dtx[r], &bv, &cv).store(o);
                         }
-                        r += GROUP;
-                    }
-                    let rest = hp
-                        .into_remainder()
-                        .chunks_exact_mut(n)
-                        .zip(ap.remainder().chunks_exact(n));
-                    for (hr, ar) in rest {
-                        channel::<V>(hr, ar, dts[r], dtx[r], &bv, &cv).store(&mut accs[r * w..]);
-                        r += 1;
                     }
                 } else {
                     // N not a whole number of vectors: work on zero-padded copies (padding
                     // lanes have A = B = C = 0 and stay exactly zero).
                     pad(bsl, &mut brow);
                     pad(csl, &mut crow);
-                    for r in r0..r1 {
+                    bv.clear();
+                    bv.extend(brow.chunks_exact(w).map(V::load));
+                    cv.clear();
+                    cv.extend(crow.chunks_exact(w).map(V::load));
+                    for (r, o) in (r0..r1).zip(acc_blk.chunks_exact_mut(w)) {
                         let dd = d0 + r;
                         pad(&state[r * n..(r + 1) * n], &mut hrow);
                         pad(&s.a[dd * n..(dd + 1) * n], &mut arow);
-                        let (dtv, dtxv) = (V::splat(dts[r]), V::splat(dtx[r]));
-                        let mut acc = V::zero();
-                        for i in 0..nv {
-                            let o = i * w;
-                            let da = exp(dtv.mul(V::load(&arow[o..])));
-                            let h = V::load(&hrow[o..]).fma(da, dtxv.mul(V::load(&brow[o..])));
-                            h.store(&mut hrow[o..]);
-                            acc = h.fma(V::load(&crow[o..]), acc);
-                        }
+                        channel::<V>(&mut hrow, &arow, dts[r], dtx[r], &bv, &cv).store(o);
                         state[r * n..(r + 1) * n].copy_from_slice(&hrow[..n]);
-                        acc.store(&mut accs[r * w..]);
                     }
                 }
+                sum_rows::<V>(acc_blk, &mut y[r0..r1]);
                 if let Some(sn) = snaps.as_deref_mut() {
                     sn[(k * rows + r0) * n..(k * rows + r1) * n]
                         .copy_from_slice(&state[r0 * n..r1 * n]);
                 }
                 r0 = r1;
-            }
-            for (yr, a) in y.iter_mut().zip(accs.chunks_exact(w)) {
-                *yr = V::load(a).hsum();
             }
             let orow = &mut out[k * rows..][..rows]; // this task's channels of token k
             for i in 0..rp / w {
@@ -219,34 +216,43 @@ fn channel<V: Vector>(h: &mut [V::E], a: &[V::E], dt: V::E, dtx: V::E, bv: &[V],
     acc
 }
 
-/// [`channel`] for `K` adjacent channels in one loop body: their `exp` chains are
-/// independent, so the core overlaps them, and the constants stay in registers.
+/// Channels whose N states fill exactly one vector, two per iteration (independent `exp`
+/// chains for the out-of-order core). Writes each channel's vector C ⊙ h into `accs`.
 #[inline(always)]
-fn channels<V: Vector, const K: usize>(
+fn one_vector_channels<V: Vector>(
     h: &mut [V::E],
     a: &[V::E],
     dt: &[V::E],
     dtx: &[V::E],
-    bv: &[V],
-    cv: &[V],
-) -> [V; K] {
-    let n = h.len() / K;
+    bv: V,
+    cv: V,
+    accs: &mut [V::E],
+) {
     let w = V::W;
-    let dtv: [V; K] = core::array::from_fn(|k| V::splat(dt[k]));
-    let xv: [V; K] = core::array::from_fn(|k| V::splat(dtx[k]));
-    let mut acc = [V::zero(); K];
-    for (i, (bb, cc)) in bv.iter().zip(cv).enumerate() {
-        let o = i * w;
-        let da: [V; K] =
-            core::array::from_fn(|k| exp(dtv[k].mul(V::load(&a[k * n + o..k * n + o + w]))));
-        for k in 0..K {
-            let hk = &mut h[k * n + o..k * n + o + w];
-            let hn = V::load(hk).fma(da[k], xv[k].mul(*bb));
-            hn.store(hk);
-            acc[k] = hn.fma(*cc, acc[k]);
-        }
+    let mut hp = h.chunks_exact_mut(2 * w);
+    let mut ap = a.chunks_exact(2 * w);
+    let mut op = accs.chunks_exact_mut(2 * w);
+    let mut r = 0;
+    for ((hc, ac), oc) in (&mut hp).zip(&mut ap).zip(&mut op) {
+        let da0 = exp(V::splat(dt[r]).mul(V::load(&ac[..w])));
+        let da1 = exp(V::splat(dt[r + 1]).mul(V::load(&ac[w..])));
+        let h0 = V::load(&hc[..w]).fma(da0, V::splat(dtx[r]).mul(bv));
+        let h1 = V::load(&hc[w..]).fma(da1, V::splat(dtx[r + 1]).mul(bv));
+        h0.store(&mut hc[..w]);
+        h1.store(&mut hc[w..]);
+        h0.mul(cv).store(&mut oc[..w]);
+        h1.mul(cv).store(&mut oc[w..]);
+        r += 2;
     }
-    acc
+    let (hc, ac, oc) = (hp.into_remainder(), ap.remainder(), op.into_remainder());
+    if !hc.is_empty() {
+        let h0 = V::load(hc).fma(
+            exp(V::splat(dt[r]).mul(V::load(ac))),
+            V::splat(dtx[r]).mul(bv),
+        );
+        h0.store(hc);
+        h0.mul(cv).store(oc);
+    }
 }
 
 /// Validates everything, then updates `state` in place and writes `out`.
