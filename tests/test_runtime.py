@@ -162,3 +162,28 @@ def test_public_names():
         "__version__",
     ):
         assert hasattr(bm, name), name
+
+
+def test_core_stubs_match_the_extension():
+    """``_core.pyi`` stays true: the same names, and the same parameter names, as the
+    compiled module (PyO3 records each function's signature in ``__text_signature__``)."""
+    import ast
+    import inspect
+    from pathlib import Path
+
+    from bmojo_core import _core
+
+    stub = ast.parse((Path(bm.__file__).parent / "_core.pyi").read_text())
+    declared = {}
+    for node in stub.body:
+        if isinstance(node, ast.FunctionDef):
+            declared[node.name] = [a.arg for a in node.args.args]
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            if not node.target.id.startswith("_"):
+                declared[node.target.id] = None
+    public = {n for n in dir(_core) if not n.startswith("_")}
+    assert set(declared) == public
+    for name, params in declared.items():
+        if params is not None:
+            got = list(inspect.signature(getattr(_core, name)).parameters)
+            assert got == params, name

@@ -14,7 +14,7 @@
 
 use crate::dispatch::{dispatch, Kernel, Level, SimdElem};
 use crate::pool;
-use crate::simd::{exp, sigmoid, softplus, softplus_grad, Elem, Vector};
+use crate::simd::{exp, sigmoid, softplus, softplus_grad, transpose, Elem, Vector};
 
 /// Time steps per checkpoint.
 pub const CHUNK: usize = 64;
@@ -206,49 +206,79 @@ fn scatter<V: Vector>(
     }
 }
 
-/// Copies `rows` of `src` (row r at `(base_row + r) * len + t0`, `tl` steps) into the
-/// `[time][lane]` buffer `buf`; missing lanes are zero.
+/// Copies `valid` rows of `src` (row r at `(base_row + r) * len + t0`, `tl` steps) into the
+/// `[time][lane]` buffer `buf`; missing lanes are zero. Whole W×W tiles go through
+/// registers ([`transpose`]); strided scalar stores would compile to slow scatters.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn load_t<T: Elem>(
-    src: &[T],
+pub(crate) fn load_t<V: Vector>(
+    src: &[V::E],
     base_row: usize,
     valid: usize,
-    w: usize,
     len: usize,
     t0: usize,
     tl: usize,
-    buf: &mut [T],
+    buf: &mut [V::E],
 ) {
-    for j in 0..w {
-        if j < valid {
-            let row = &src[(base_row + j) * len + t0..][..tl];
-            for (k, &x) in row.iter().enumerate() {
-                buf[k * w + j] = x;
-            }
-        } else {
-            for k in 0..tl {
-                buf[k * w + j] = T::ZERO;
-            }
+    let w = V::W;
+    let full = tl / w * w;
+    let mut tile = [V::zero(); 16];
+    for k0 in (0..full).step_by(w) {
+        for (j, v) in tile[..w].iter_mut().enumerate() {
+            *v = if j < valid {
+                V::load(&src[(base_row + j) * len + t0 + k0..])
+            } else {
+                V::zero()
+            };
+        }
+        transpose(&mut tile[..w]);
+        for (k, v) in tile[..w].iter().enumerate() {
+            v.store(&mut buf[(k0 + k) * w..]);
+        }
+    }
+    for k in full..tl {
+        for j in 0..w {
+            buf[k * w + j] = if j < valid {
+                src[(base_row + j) * len + t0 + k]
+            } else {
+                V::E::ZERO
+            };
         }
     }
 }
 
-/// Inverse of [`load_t`] for the valid lanes.
+/// Inverse of [`load_t`] for the valid lanes; `dst` starts at the first row.
 #[inline(always)]
-fn store_t<T: Elem>(
-    dst: &mut [T],
+pub(crate) fn store_t<V: Vector>(
+    dst: &mut [V::E],
     valid: usize,
-    w: usize,
     len: usize,
     t0: usize,
     tl: usize,
-    buf: &[T],
+    buf: &[V::E],
 ) {
+    let w = V::W;
+    let full = tl / w * w;
+    let mut tile = [V::zero(); 16];
+    let mut lane = [V::E::ZERO; 16];
+    for k0 in (0..full).step_by(w) {
+        for (k, v) in tile[..w].iter_mut().enumerate() {
+            *v = V::load(&buf[(k0 + k) * w..]);
+        }
+        transpose(&mut tile[..w]);
+        for (j, v) in tile[..valid].iter().enumerate() {
+            let row = &mut dst[j * len + t0 + k0..][..w];
+            if w == row.len() {
+                v.store(row);
+            } else {
+                v.store(&mut lane);
+                row.copy_from_slice(&lane[..w]);
+            }
+        }
+    }
     for j in 0..valid {
-        let row = &mut dst[j * len + t0..][..tl];
-        for (k, x) in row.iter_mut().enumerate() {
-            *x = buf[k * w + j];
+        for k in full..tl {
+            dst[j * len + t0 + k] = buf[k * w + j];
         }
     }
 }
@@ -395,23 +425,16 @@ impl<T: SimdElem> Kernel<T> for Fwd<'_, '_, T> {
                 for (nn, hv) in hs.iter().enumerate() {
                     scatter(*hv, ckpt, r0, valid, nck * n, c * n + nn, &mut tmp);
                 }
-                load_t(s.u, row_base + t.d0 + r0, valid, w, len, t0, tl, &mut bu);
-                load_t(
-                    s.delta,
-                    row_base + t.d0 + r0,
-                    valid,
-                    w,
-                    len,
-                    t0,
-                    tl,
-                    &mut bdt,
-                );
+                load_t::<V>(s.u, row_base + t.d0 + r0, valid, len, t0, tl, &mut bu);
+                load_t::<V>(s.delta, row_base + t.d0 + r0, valid, len, t0, tl, &mut bdt);
                 if let Some(z) = s.z {
-                    load_t(z, row_base + t.d0 + r0, valid, w, len, t0, tl, &mut bz);
+                    load_t::<V>(z, row_base + t.d0 + r0, valid, len, t0, tl, &mut bz);
                 }
                 make_dt::<V>(&mut bdt, None, p.bias[sb], tl, s.softplus);
                 let a = &p.a[sb * n..(sb + 1) * n];
                 let dv = p.d[sb];
+                // Locals, so the innermost loop does not re-read the enums from memory.
+                let (b_var, c_var, has_z) = (s.b.is_var(), s.c.is_var(), s.z.is_some());
                 for k in 0..tl {
                     if s.reset(t.b, t0 + k) {
                         hs.fill(V::zero());
@@ -422,12 +445,12 @@ impl<T: SimdElem> Kernel<T> for Fwd<'_, '_, T> {
                     let mut y = dv.mul(x);
                     for nn in 0..n {
                         let da = exp(dt.mul(a[nn]));
-                        let bn = if s.b.is_var() {
+                        let bn = if b_var {
                             V::splat(vb[k * n + nn])
                         } else {
                             p.b[sb * n + nn]
                         };
-                        let cn = if s.c.is_var() {
+                        let cn = if c_var {
                             V::splat(vc[k * n + nn])
                         } else {
                             p.c[sb * n + nn]
@@ -436,13 +459,13 @@ impl<T: SimdElem> Kernel<T> for Fwd<'_, '_, T> {
                         hs[nn] = hn;
                         y = hn.fma(cn, y);
                     }
-                    if s.z.is_some() {
+                    if has_z {
                         let zz = V::load(&bz[k * w..]);
                         y = y.mul(zz.mul(sigmoid(zz)));
                     }
                     y.store(&mut by[k * w..]);
                 }
-                store_t(&mut out[r0 * len..], valid, w, len, t0, tl, &by);
+                store_t::<V>(&mut out[r0 * len..], valid, len, t0, tl, &by);
             }
         }
         for sb in 0..nsub {
@@ -593,11 +616,11 @@ impl<T: SimdElem> Kernel<T> for Bwd<'_, '_, T> {
                 let r0 = sb * w;
                 let valid = w.min(t.rows() - r0);
                 let rows0 = row_base + t.d0 + r0;
-                load_t(s.u, rows0, valid, w, len, t0, tl, &mut bu);
-                load_t(s.delta, rows0, valid, w, len, t0, tl, &mut bdt);
-                load_t(dout, rows0, valid, w, len, t0, tl, &mut bgo);
+                load_t::<V>(s.u, rows0, valid, len, t0, tl, &mut bu);
+                load_t::<V>(s.delta, rows0, valid, len, t0, tl, &mut bdt);
+                load_t::<V>(dout, rows0, valid, len, t0, tl, &mut bgo);
                 if let Some(z) = s.z {
-                    load_t(z, rows0, valid, w, len, t0, tl, &mut bz);
+                    load_t::<V>(z, rows0, valid, len, t0, tl, &mut bz);
                 }
                 make_dt::<V>(&mut bdt, Some(&mut bpre), p.bias[sb], tl, s.softplus);
                 let a = &p.a[sb * n..(sb + 1) * n];
@@ -703,10 +726,10 @@ impl<T: SimdElem> Kernel<T> for Bwd<'_, '_, T> {
                     du.store(&mut bdu[k * w..]);
                     ddt.store(&mut bddt[k * w..]);
                 }
-                store_t(&mut o.du[r0 * len..], valid, w, len, t0, tl, &bdu);
-                store_t(&mut o.ddelta[r0 * len..], valid, w, len, t0, tl, &bddt);
+                store_t::<V>(&mut o.du[r0 * len..], valid, len, t0, tl, &bdu);
+                store_t::<V>(&mut o.ddelta[r0 * len..], valid, len, t0, tl, &bddt);
                 if s.z.is_some() {
-                    store_t(&mut o.dz[r0 * len..], valid, w, len, t0, tl, &bdz);
+                    store_t::<V>(&mut o.dz[r0 * len..], valid, len, t0, tl, &bdz);
                 }
             }
         }

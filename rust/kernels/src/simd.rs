@@ -182,6 +182,8 @@ pub trait Vector: Copy + Send + Sync + 'static {
     /// Pairwise sums of two vectors: lane `i < W/2` is `a[2i] + a[2i+1]`, lane `W/2 + i`
     /// is `b[2i] + b[2i+1]` (only called with `W >= 2`).
     fn fold2(a: Self, b: Self) -> Self;
+    /// Interleaves two vectors: `(a0 b0 a1 b1 ..., a_{W/2} b_{W/2} ...)`.
+    fn zip(a: Self, b: Self) -> (Self, Self);
 
     #[inline(always)]
     fn zero() -> Self {
@@ -295,6 +297,24 @@ pub fn softplus_grad<V: Vector>(x: V) -> V {
         V::splat(V::E::ONE),
         sigmoid(x),
     )
+}
+
+/// Transposes the W×W block held in `m[..W]` (row j in vector j) in place: log2(W)
+/// rounds of `row'[2i], row'[2i+1] = zip(row[i], row[i + W/2])`.
+#[inline(always)]
+pub fn transpose<V: Vector>(m: &mut [V]) {
+    let w = V::W;
+    let mut rounds = w.trailing_zeros();
+    let mut old = [V::zero(); 16];
+    while rounds > 0 {
+        old[..w].copy_from_slice(&m[..w]);
+        for i in 0..w / 2 {
+            let (lo, hi) = V::zip(old[i], old[i + w / 2]);
+            m[2 * i] = lo;
+            m[2 * i + 1] = hi;
+        }
+        rounds -= 1;
+    }
 }
 
 /// `out[r] = sum of the W lanes of rows[r * W..]` for every row: W rows at a time by a tree
@@ -433,6 +453,21 @@ impl<T: Bits + core::ops::Div<Output = T>, const N: usize> Vector for Lanes<T, N
     #[inline(always)]
     fn scale_by_magic(p: Self, t: Self) -> Self {
         Lanes(core::array::from_fn(|i| T::scale_by_magic(p.0[i], t.0[i])))
+    }
+    #[inline(always)]
+    fn zip(a: Self, b: Self) -> (Self, Self) {
+        let h = N / 2;
+        let pick = |i: usize, off: usize| {
+            if i % 2 == 0 {
+                a.0[off + i / 2]
+            } else {
+                b.0[off + i / 2]
+            }
+        };
+        (
+            Lanes(core::array::from_fn(|i| pick(i, 0))),
+            Lanes(core::array::from_fn(|i| pick(i, h))),
+        )
     }
     #[inline(always)]
     fn fold2(a: Self, b: Self) -> Self {
@@ -681,6 +716,17 @@ pub mod x86 {
             }
         }
         #[inline(always)]
+        fn zip(a: Self, b: Self) -> (Self, Self) {
+            // unpack works within 128-bit halves; recombine the halves.
+            unsafe {
+                let (lo, hi) = (_mm256_unpacklo_ps(a.0, b.0), _mm256_unpackhi_ps(a.0, b.0));
+                (
+                    F32x8(_mm256_permute2f128_ps::<0x20>(lo, hi)),
+                    F32x8(_mm256_permute2f128_ps::<0x31>(lo, hi)),
+                )
+            }
+        }
+        #[inline(always)]
         fn fold2(a: Self, b: Self) -> Self {
             // hadd gives [a01 a23 b01 b23 | a45 a67 b45 b67]; swap the middle 64-bit pairs.
             unsafe {
@@ -731,6 +777,16 @@ pub mod x86 {
                 );
                 let bits = _mm256_add_epi64(_mm256_castpd_si256(p.0), _mm256_slli_epi64::<52>(k));
                 F64x4(_mm256_castsi256_pd(bits))
+            }
+        }
+        #[inline(always)]
+        fn zip(a: Self, b: Self) -> (Self, Self) {
+            unsafe {
+                let (lo, hi) = (_mm256_unpacklo_pd(a.0, b.0), _mm256_unpackhi_pd(a.0, b.0));
+                (
+                    F64x4(_mm256_permute2f128_pd::<0x20>(lo, hi)),
+                    F64x4(_mm256_permute2f128_pd::<0x31>(lo, hi)),
+                )
             }
         }
         #[inline(always)]
@@ -787,6 +843,18 @@ pub mod x86 {
             }
         }
         #[inline(always)]
+        fn zip(a: Self, b: Self) -> (Self, Self) {
+            unsafe {
+                let lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+                let hi =
+                    _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+                (
+                    F32x16(_mm512_permutex2var_ps(a.0, lo, b.0)),
+                    F32x16(_mm512_permutex2var_ps(a.0, hi, b.0)),
+                )
+            }
+        }
+        #[inline(always)]
         fn fold2(a: Self, b: Self) -> Self {
             unsafe {
                 let even =
@@ -839,6 +907,17 @@ pub mod x86 {
                 );
                 let bits = _mm512_add_epi64(_mm512_castpd_si512(p.0), _mm512_slli_epi64::<52>(k));
                 F64x8(_mm512_castsi512_pd(bits))
+            }
+        }
+        #[inline(always)]
+        fn zip(a: Self, b: Self) -> (Self, Self) {
+            unsafe {
+                let lo = _mm512_setr_epi64(0, 8, 1, 9, 2, 10, 3, 11);
+                let hi = _mm512_setr_epi64(4, 12, 5, 13, 6, 14, 7, 15);
+                (
+                    F64x8(_mm512_permutex2var_pd(a.0, lo, b.0)),
+                    F64x8(_mm512_permutex2var_pd(a.0, hi, b.0)),
+                )
             }
         }
         #[inline(always)]
