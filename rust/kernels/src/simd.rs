@@ -457,13 +457,8 @@ impl<T: Bits + core::ops::Div<Output = T>, const N: usize> Vector for Lanes<T, N
     #[inline(always)]
     fn zip(a: Self, b: Self) -> (Self, Self) {
         let h = N / 2;
-        let pick = |i: usize, off: usize| {
-            if i % 2 == 0 {
-                a.0[off + i / 2]
-            } else {
-                b.0[off + i / 2]
-            }
-        };
+        // Even lanes from a, odd lanes from b.
+        let pick = |i: usize, off: usize| [a.0, b.0][i & 1][off + i / 2];
         (
             Lanes(core::array::from_fn(|i| pick(i, 0))),
             Lanes(core::array::from_fn(|i| pick(i, h))),
