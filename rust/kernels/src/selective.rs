@@ -14,7 +14,7 @@
 
 use crate::dispatch::{dispatch, Kernel, Level, SimdElem};
 use crate::pool;
-use crate::simd::{exp, sigmoid, softplus, softplus_grad, transpose, Elem, Vector};
+use crate::simd::{exp, sigmoid, softplus, softplus_grad, sum_vectors, transpose, Elem, Vector};
 
 /// Time steps per checkpoint.
 pub const CHUNK: usize = 64;
@@ -607,11 +607,19 @@ impl<T: SimdElem> Kernel<T> for Bwd<'_, '_, T> {
         let mut hbuf = vec![V::zero(); CHUNK * n];
         let mut dabuf = vec![V::zero(); CHUNK * n];
         let mut ht = vec![V::zero(); n];
+        // Variable B/C: per-step gradient vectors summed over the task's sub-blocks, then
+        // reduced across lanes once per step (deterministic order).
+        let (b_var, c_var) = (s.b.is_var(), s.c.is_var());
+        let mut acc_vb = vec![V::zero(); if b_var { CHUNK * n } else { 0 }];
+        let mut acc_vc = vec![V::zero(); if c_var { CHUNK * n } else { 0 }];
+        let mut sums = vec![T::ZERO; n];
         for c in (0..nck).rev() {
             let t0 = c * CHUNK;
             let tl = CHUNK.min(len - t0);
             load_var(s, &s.b, t.b, t.d0, t0, tl, &mut vb);
             load_var(s, &s.c, t.b, t.d0, t0, tl, &mut vc);
+            acc_vb.fill(V::zero());
+            acc_vc.fill(V::zero());
             for sb in 0..nsub {
                 let r0 = sb * w;
                 let valid = w.min(t.rows() - r0);
@@ -704,13 +712,13 @@ impl<T: SimdElem> Kernel<T> for Bwd<'_, '_, T> {
                         let gda = gn.mul(hp).mul(da);
                         ddt = gda.fma(a[nn], ddt);
                         acc_a[sb * n + nn] = gda.fma(dt, acc_a[sb * n + nn]);
-                        if s.c.is_var() {
-                            o.dc[nn * len + tt] = o.dc[nn * len + tt] + ht[nn].mul(dy).hsum();
+                        if c_var {
+                            acc_vc[k * n + nn] = ht[nn].fma(dy, acc_vc[k * n + nn]);
                         } else {
                             acc_c[sb * n + nn] = ht[nn].fma(dy, acc_c[sb * n + nn]);
                         }
-                        if s.b.is_var() {
-                            o.db[nn * len + tt] = o.db[nn * len + tt] + gn.mul(dtx).hsum();
+                        if b_var {
+                            acc_vb[k * n + nn] = gn.fma(dtx, acc_vb[k * n + nn]);
                         } else {
                             acc_b[sb * n + nn] = gn.fma(dtx, acc_b[sb * n + nn]);
                         }
@@ -730,6 +738,18 @@ impl<T: SimdElem> Kernel<T> for Bwd<'_, '_, T> {
                 store_t::<V>(&mut o.ddelta[r0 * len..], valid, len, t0, tl, &bddt);
                 if s.z.is_some() {
                     store_t::<V>(&mut o.dz[r0 * len..], valid, len, t0, tl, &bdz);
+                }
+            }
+            // This chunk's steps of variable dB/dC: one lane reduction per step.
+            for (acc, dst) in [(&acc_vb, &mut *o.db), (&acc_vc, &mut *o.dc)] {
+                if acc.is_empty() {
+                    continue;
+                }
+                for kk in 0..tl {
+                    sum_vectors(&acc[kk * n..(kk + 1) * n], &mut sums);
+                    for (nn, &v) in sums.iter().enumerate() {
+                        dst[nn * len + t0 + kk] = v;
+                    }
                 }
             }
         }

@@ -317,6 +317,33 @@ pub fn transpose<V: Vector>(m: &mut [V]) {
     }
 }
 
+/// `out[r] = sum of the W lanes of vs[r]`: W vectors at a time by a tree of
+/// [`Vector::fold2`] (which keeps them in order), the rest one `hsum` each.
+#[inline(always)]
+pub fn sum_vectors<V: Vector>(vs: &[V], out: &mut [V::E]) {
+    let w = V::W;
+    let n = out.len();
+    let mut r = 0;
+    if w >= 2 {
+        let mut level = [V::zero(); 16];
+        while r + w <= n {
+            level[..w].copy_from_slice(&vs[r..r + w]);
+            let mut m = w;
+            while m > 1 {
+                for j in 0..m / 2 {
+                    level[j] = V::fold2(level[2 * j], level[2 * j + 1]);
+                }
+                m /= 2;
+            }
+            level[0].store(&mut out[r..]);
+            r += w;
+        }
+    }
+    for (o, v) in out[r..].iter_mut().zip(&vs[r..n]) {
+        *o = v.hsum();
+    }
+}
+
 /// `out[r] = sum of the W lanes of rows[r * W..]` for every row: W rows at a time by a tree
 /// of [`Vector::fold2`] (which keeps the rows in order), the rest one `hsum` each.
 #[inline(always)]
