@@ -603,10 +603,11 @@ impl<T: SimdElem> Kernel<T> for Bwd<'_, '_, T> {
         let (mut bu, mut bdt, mut bpre, mut bz, mut bgo) = (buf(), buf(), buf(), buf(), buf());
         let (mut bdu, mut bddt, mut bdz) = (buf(), buf(), buf());
         let (mut vb, mut vc) = (vec![T::ZERO; CHUNK * n], vec![T::ZERO; CHUNK * n]);
-        // States before each step of the chunk (after any reset) and the decays.
+        // States after each step of the chunk, and the decays.
         let mut hbuf = vec![V::zero(); CHUNK * n];
         let mut dabuf = vec![V::zero(); CHUNK * n];
-        let mut ht = vec![V::zero(); n];
+        let mut hstart = vec![V::zero(); n];
+        let mut ybuf = vec![V::zero(); CHUNK];
         // Variable B/C: per-step gradient vectors summed over the task's sub-blocks, then
         // reduced across lanes once per step (deterministic order).
         let (b_var, c_var) = (s.b.is_var(), s.c.is_var());
@@ -646,47 +647,47 @@ impl<T: SimdElem> Kernel<T> for Bwd<'_, '_, T> {
                         p.c[sb * n + nn]
                     }
                 };
-                // Recompute the chunk's states from its checkpoint.
-                let mut h: Vec<V> = (0..n)
-                    .map(|nn| {
-                        gather(
-                            &ckpt[r0 * nck * n..],
-                            0..valid,
-                            nck * n,
-                            c * n + nn,
-                            T::ZERO,
-                            &mut tmp,
-                        )
-                    })
-                    .collect();
+                // Recompute the chunk from its checkpoint: the state after every step
+                // (`hbuf`), the decays (`dabuf`) and the pre-gate outputs (`ybuf`).
+                for (nn, hv) in hstart.iter_mut().enumerate() {
+                    *hv = gather(
+                        &ckpt[r0 * nck * n..],
+                        0..valid,
+                        nck * n,
+                        c * n + nn,
+                        T::ZERO,
+                        &mut tmp,
+                    );
+                }
+                let mut h = hstart.clone();
+                let dv = p.d[sb];
                 for k in 0..tl {
                     if s.reset(t.b, t0 + k) {
                         h.fill(V::zero());
                     }
                     let dt = V::load(&bdt[k * w..]);
-                    let dtx = dt.mul(V::load(&bu[k * w..]));
+                    let x = V::load(&bu[k * w..]);
+                    let dtx = dt.mul(x);
+                    let mut y = dv.mul(x);
                     for nn in 0..n {
                         let da = exp(dt.mul(a[nn]));
-                        hbuf[k * n + nn] = h[nn];
                         dabuf[k * n + nn] = da;
                         h[nn] = h[nn].fma(da, dtx.mul(bvec(k, nn)));
+                        hbuf[k * n + nn] = h[nn];
+                        y = h[nn].fma(cvec(k, nn), y);
                     }
+                    ybuf[k] = y;
                 }
                 // Adjoint sweep.
                 let gs = &mut g[sb * n..(sb + 1) * n];
-                let dv = p.d[sb];
+                let zeros = vec![V::zero(); n];
                 for k in (0..tl).rev() {
                     let tt = t0 + k;
                     let dt = V::load(&bdt[k * w..]);
                     let x = V::load(&bu[k * w..]);
                     let go = V::load(&bgo[k * w..]);
                     let dtx = dt.mul(x);
-                    let mut y = dv.mul(x);
-                    for nn in 0..n {
-                        let hn = hbuf[k * n + nn].fma(dabuf[k * n + nn], dtx.mul(bvec(k, nn)));
-                        ht[nn] = hn;
-                        y = hn.fma(cvec(k, nn), y);
-                    }
+                    let y = ybuf[k];
                     let dy = if s.z.is_some() {
                         let zz = V::load(&bz[k * w..]);
                         let sg = sigmoid(zz);
@@ -703,19 +704,28 @@ impl<T: SimdElem> Kernel<T> for Bwd<'_, '_, T> {
                     let mut ddt = V::zero();
                     let mut sum_gb = V::zero();
                     let reset = s.reset(t.b, tt);
+                    // The state the step read: zero after a reset, else the previous one.
+                    let hprev: &[V] = if reset {
+                        &zeros
+                    } else if k > 0 {
+                        &hbuf[(k - 1) * n..k * n]
+                    } else {
+                        &hstart
+                    };
+                    let hcur = &hbuf[k * n..(k + 1) * n];
                     for nn in 0..n {
                         let cn = cvec(k, nn);
                         let bn = bvec(k, nn);
                         let gn = cn.fma(dy, gs[nn]);
-                        let hp = hbuf[k * n + nn];
+                        let hp = hprev[nn];
                         let da = dabuf[k * n + nn];
                         let gda = gn.mul(hp).mul(da);
                         ddt = gda.fma(a[nn], ddt);
                         acc_a[sb * n + nn] = gda.fma(dt, acc_a[sb * n + nn]);
                         if c_var {
-                            acc_vc[k * n + nn] = ht[nn].fma(dy, acc_vc[k * n + nn]);
+                            acc_vc[k * n + nn] = hcur[nn].fma(dy, acc_vc[k * n + nn]);
                         } else {
-                            acc_c[sb * n + nn] = ht[nn].fma(dy, acc_c[sb * n + nn]);
+                            acc_c[sb * n + nn] = hcur[nn].fma(dy, acc_c[sb * n + nn]);
                         }
                         if b_var {
                             acc_vb[k * n + nn] = gn.fma(dtx, acc_vb[k * n + nn]);

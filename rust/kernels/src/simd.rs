@@ -184,6 +184,11 @@ pub trait Vector: Copy + Send + Sync + 'static {
     fn fold2(a: Self, b: Self) -> Self;
     /// Interleaves two vectors: `(a0 b0 a1 b1 ..., a_{W/2} b_{W/2} ...)`.
     fn zip(a: Self, b: Self) -> (Self, Self);
+    /// `e^x` (see [`exp`]); the default is [`exp_portable`].
+    #[inline(always)]
+    fn exp(self) -> Self {
+        exp_portable(self)
+    }
 
     #[inline(always)]
     fn zero() -> Self {
@@ -241,10 +246,25 @@ fn estrin<V: Vector>(poly: &'static [V::E], x: V) -> V {
 }
 
 /// Vectorised `exp`, accurate to ~1 ulp; NaN propagates, overflow gives +inf, results
-/// below the smallest normal flush to zero.
+/// below the smallest normal flush to zero (denormal decays would slow every later
+/// multiply). Levels with better instructions override [`Vector::exp`].
 #[inline(always)]
 pub fn exp<V: Vector>(x: V) -> V {
-    let e = |v: f64| V::splat(V::E::from_f64(v));
+    V::exp(x)
+}
+
+/// `e^r` on `|r| <= ln2/2`: `1 + r + r^2 P(r)`.
+#[inline(always)]
+fn exp_poly<V: Vector>(r: V) -> V {
+    estrin::<V>(V::E::EXP_POLY, r)
+        .fma(r.mul(r), r)
+        .add(V::splat(V::E::ONE))
+}
+
+/// The portable `exp`: range reduction by the magic-number trick, the exponent added as an
+/// integer, and selects for the special cases.
+#[inline(always)]
+pub fn exp_portable<V: Vector>(x: V) -> V {
     let lo = V::splat(V::E::EXP_LO);
     let hi = V::splat(V::E::EXP_HI);
     let xc = lo.max(x).min(hi); // NaN in x survives (operand order, see module docs)
@@ -254,7 +274,7 @@ pub fn exp<V: Vector>(x: V) -> V {
     let r = k
         .fma(V::splat(V::E::ZERO).sub(V::splat(V::E::LN2_HI)), xc)
         .sub(k.mul(V::splat(V::E::LN2_LO)));
-    let p = estrin::<V>(V::E::EXP_POLY, r).fma(r.mul(r), r).add(e(1.0));
+    let p = exp_poly(r);
     let y = V::scale_by_magic(p, t);
     let y = V::select(x.lt(lo), V::zero(), y);
     let y = V::select(x.gt(hi), V::splat(V::E::INF), y);
@@ -864,6 +884,25 @@ pub mod x86 {
                 F32x16(_mm512_castsi512_ps(bits))
             }
         }
+        // vscalefps applies 2^k with IEEE overflow/underflow and NaN handling, and
+        // vrndscaleps rounds: no magic numbers, integer exponent or special-case selects.
+        #[inline(always)]
+        fn exp(self) -> Self {
+            unsafe {
+                let x = self.0;
+                // NaN passes both clamps (it is the second operand of each).
+                let xc = _mm512_min_ps(
+                    _mm512_set1_ps(104.0),
+                    _mm512_max_ps(_mm512_set1_ps(-104.0), x),
+                );
+                let k = _mm512_roundscale_ps::<0x08>(_mm512_mul_ps(xc, _mm512_set1_ps(f32::LOG2E)));
+                let r = _mm512_fnmadd_ps(k, _mm512_set1_ps(f32::LN2_HI), xc);
+                let r = _mm512_fnmadd_ps(k, _mm512_set1_ps(f32::LN2_LO), r);
+                let y = _mm512_scalef_ps(super::exp_poly(F32x16(r)).0, k);
+                let tiny = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(x, _mm512_set1_ps(f32::EXP_LO));
+                F32x16(_mm512_maskz_mov_ps(!tiny, y))
+            }
+        }
         #[inline(always)]
         fn zip(a: Self, b: Self) -> (Self, Self) {
             unsafe {
@@ -929,6 +968,25 @@ pub mod x86 {
                 );
                 let bits = _mm512_add_epi64(_mm512_castpd_si512(p.0), _mm512_slli_epi64::<52>(k));
                 F64x8(_mm512_castsi512_pd(bits))
+            }
+        }
+        // vscalefpd applies 2^k with IEEE overflow/underflow and NaN handling, and
+        // vrndscalepd rounds: no magic numbers, integer exponent or special-case selects.
+        #[inline(always)]
+        fn exp(self) -> Self {
+            unsafe {
+                let x = self.0;
+                // NaN passes both clamps (it is the second operand of each).
+                let xc = _mm512_min_pd(
+                    _mm512_set1_pd(750.0),
+                    _mm512_max_pd(_mm512_set1_pd(-750.0), x),
+                );
+                let k = _mm512_roundscale_pd::<0x08>(_mm512_mul_pd(xc, _mm512_set1_pd(f64::LOG2E)));
+                let r = _mm512_fnmadd_pd(k, _mm512_set1_pd(f64::LN2_HI), xc);
+                let r = _mm512_fnmadd_pd(k, _mm512_set1_pd(f64::LN2_LO), r);
+                let y = _mm512_scalef_pd(super::exp_poly(F64x8(r)).0, k);
+                let tiny = _mm512_cmp_pd_mask::<_CMP_LT_OQ>(x, _mm512_set1_pd(f64::EXP_LO));
+                F64x8(_mm512_maskz_mov_pd(!tiny, y))
             }
         }
         #[inline(always)]
