@@ -607,7 +607,7 @@ impl<T: SimdElem> Kernel<T> for Bwd<'_, '_, T> {
         let mut hbuf = vec![V::zero(); CHUNK * n];
         let mut dabuf = vec![V::zero(); CHUNK * n];
         let mut hstart = vec![V::zero(); n];
-        let mut ybuf = vec![V::zero(); CHUNK];
+        let mut ybuf = [V::zero(); CHUNK];
         // Variable B/C: per-step gradient vectors summed over the task's sub-blocks, then
         // reduced across lanes once per step (deterministic order).
         let (b_var, c_var) = (s.b.is_var(), s.c.is_var());
