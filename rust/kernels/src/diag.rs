@@ -6,7 +6,7 @@
 
 use crate::dispatch::{dispatch, Kernel, Level, SimdElem};
 use crate::pool;
-use crate::selective::{BLOCK, CHUNK};
+use crate::selective::{load_t, store_t, BLOCK, CHUNK};
 use crate::simd::Vector;
 
 pub struct DiagArgs<'a, T> {
@@ -55,29 +55,14 @@ impl<T: SimdElem> Kernel<T> for Task<'_, '_, T> {
                 let c = if s.reverse { nck - 1 - ci } else { ci };
                 let t0 = c * CHUNK;
                 let tl = CHUNK.min(len - t0);
-                for j in 0..w {
-                    for k in 0..tl {
-                        let (x, y) = if j < valid {
-                            let i = (m0 + r0 + j) * len + t0 + k;
-                            (s.a[i], s.b[i])
-                        } else {
-                            (T::ZERO, T::ZERO)
-                        };
-                        ba[k * w + j] = x;
-                        bb[k * w + j] = y;
-                    }
-                }
+                load_t::<V>(s.a, m0 + r0, valid, len, t0, tl, &mut ba);
+                load_t::<V>(s.b, m0 + r0, valid, len, t0, tl, &mut bb);
                 for kk in 0..tl {
                     let k = if s.reverse { tl - 1 - kk } else { kk };
                     h = h.fma(V::load(&ba[k * w..]), V::load(&bb[k * w..]));
                     h.store(&mut bb[k * w..]);
                 }
-                for j in 0..valid {
-                    let row = &mut out[(r0 + j) * len + t0..][..tl];
-                    for (k, x) in row.iter_mut().enumerate() {
-                        *x = bb[k * w + j];
-                    }
-                }
+                store_t::<V>(&mut out[r0 * len..], valid, len, t0, tl, &bb);
             }
             h.store(&mut tmp);
             last[r0..r0 + valid].copy_from_slice(&tmp[..valid]);
