@@ -48,10 +48,7 @@ pub trait Elem:
     /// Mamba's softplus threshold: softplus(x) = x above it.
     const SOFTPLUS_THRESHOLD: Self;
     fn from_f64(x: f64) -> Self;
-    fn to_f64(self) -> f64;
     fn is_nan(self) -> bool;
-    fn exp_scalar(self) -> Self;
-    fn ln_1p_scalar(self) -> Self;
 }
 
 /// 1/(2k+1) for k = n-1 .. 1, used as the series of atanh.
@@ -86,18 +83,8 @@ impl Elem for f32 {
         x as f32
     }
     #[inline(always)]
-    fn to_f64(self) -> f64 {
-        self as f64
-    }
-    #[inline(always)]
     fn is_nan(self) -> bool {
         f32::is_nan(self)
-    }
-    fn exp_scalar(self) -> Self {
-        self.exp()
-    }
-    fn ln_1p_scalar(self) -> Self {
-        self.ln_1p()
     }
 }
 
@@ -137,18 +124,8 @@ impl Elem for f64 {
         x
     }
     #[inline(always)]
-    fn to_f64(self) -> f64 {
-        self
-    }
-    #[inline(always)]
     fn is_nan(self) -> bool {
         f64::is_nan(self)
-    }
-    fn exp_scalar(self) -> Self {
-        self.exp()
-    }
-    fn ln_1p_scalar(self) -> Self {
-        self.ln_1p()
     }
 }
 
@@ -364,32 +341,16 @@ pub fn sum_vectors<V: Vector>(vs: &[V], out: &mut [V::E]) {
     }
 }
 
-/// `out[r] = sum of the W lanes of rows[r * W..]` for every row: W rows at a time by a tree
-/// of [`Vector::fold2`] (which keeps the rows in order), the rest one `hsum` each.
+/// `out[r] = sum of the W lanes of rows[r * W..]` for every row (see [`sum_vectors`]).
 #[inline(always)]
 pub fn sum_rows<V: Vector>(rows: &[V::E], out: &mut [V::E]) {
     let w = V::W;
-    let n = out.len();
-    let mut r = 0;
-    if w >= 2 {
-        let mut level = [V::zero(); 16];
-        while r + w <= n {
-            for (j, v) in level[..w].iter_mut().enumerate() {
-                *v = V::load(&rows[(r + j) * w..]);
-            }
-            let mut m = w;
-            while m > 1 {
-                for j in 0..m / 2 {
-                    level[j] = V::fold2(level[2 * j], level[2 * j + 1]);
-                }
-                m /= 2;
-            }
-            level[0].store(&mut out[r..]);
-            r += w;
+    let mut vs = [V::zero(); 16];
+    for (o, blk) in out.chunks_mut(w).zip(rows.chunks(w * w)) {
+        for (v, r) in vs[..o.len()].iter_mut().zip(blk.chunks_exact(w)) {
+            *v = V::load(r);
         }
-    }
-    for (o, row) in out[r..].iter_mut().zip(rows[r * w..].chunks_exact(w)) {
-        *o = V::load(row).hsum();
+        sum_vectors(&vs[..o.len()], o);
     }
 }
 

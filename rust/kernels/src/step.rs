@@ -36,13 +36,11 @@ pub struct StepArgs<'a, T> {
 struct Task<'s, 'a, T> {
     s: &'s StepArgs<'a, T>,
     b: usize,
-    d0: usize,
-    /// `(rows, N)` state rows of this task.
+    /// `(dim, N)`: this row's state slot.
     state: &'s mut [T],
-    /// `(T, dim)` output of this batch row; the task writes its channels.
+    /// `(T, dim)`: this row's output.
     out: &'s mut [T],
     snaps: Option<&'s mut [T]>,
-    rows: usize,
 }
 
 impl<T: SimdElem> Kernel<T> for Task<'_, '_, T> {
@@ -52,13 +50,12 @@ impl<T: SimdElem> Kernel<T> for Task<'_, '_, T> {
         let Task {
             s,
             b,
-            d0,
             state,
             out,
             mut snaps,
-            rows,
         } = self;
-        let (w, n, dim, nt) = (V::W, s.dstate, s.dim, s.ntok);
+        let (w, n, nt) = (V::W, s.dstate, s.ntok);
+        let rows = s.dim; // channels, one state row each
         let nv = n.div_ceil(w);
         let np = nv * w;
         let pad = |src: &[T], dst: &mut Vec<T>| {
@@ -83,9 +80,9 @@ impl<T: SimdElem> Kernel<T> for Task<'_, '_, T> {
         // sums stay off the loop's critical path.
         let mut accs = vec![T::ZERO; w * w];
         let (mut bv, mut cv): (Vec<V>, Vec<V>) = (Vec::new(), Vec::new());
-        let gsize = dim / s.groups;
+        let gsize = rows / s.groups;
         for k in 0..nt {
-            let base = (b * nt + k) * dim + d0;
+            let base = (b * nt + k) * rows;
             // Whole vectors load straight from the slice; only the last, partial one is
             // assembled lane by lane.
             let fetch = |src: Option<&[T]>, off: usize, i: usize, lane: &mut [T]| -> V {
@@ -109,11 +106,11 @@ impl<T: SimdElem> Kernel<T> for Task<'_, '_, T> {
                 let o = i * w;
                 let xv = fetch(Some(s.x), base, i, &mut lane);
                 let pre =
-                    fetch(Some(s.dt), base, i, &mut lane).add(fetch(s.dt_bias, d0, i, &mut lane));
+                    fetch(Some(s.dt), base, i, &mut lane).add(fetch(s.dt_bias, 0, i, &mut lane));
                 let dt = if s.softplus { softplus(pre) } else { pre };
                 dt.store(&mut dts[o..]);
                 dt.mul(xv).store(&mut dtx[o..]);
-                fetch(s.d, d0, i, &mut lane).mul(xv).store(&mut dx[o..]);
+                fetch(s.d, 0, i, &mut lane).mul(xv).store(&mut dx[o..]);
                 let g = match s.z {
                     Some(z) => {
                         let zz = fetch(Some(z), base, i, &mut lane);
@@ -127,9 +124,8 @@ impl<T: SimdElem> Kernel<T> for Task<'_, '_, T> {
             // buffer (in L1) and are reduced together by `sum_rows`.
             let mut r0 = 0;
             while r0 < rows {
-                let d = d0 + r0;
-                let g = d / gsize;
-                let r1 = rows.min((g + 1) * gsize - d0).min(r0 + w);
+                let g = r0 / gsize;
+                let r1 = rows.min((g + 1) * gsize).min(r0 + w);
                 let boff = ((b * nt + k) * s.groups + g) * n;
                 let (bsl, csl) = (&s.b[boff..boff + n], &s.c[boff..boff + n]);
                 let acc_blk = &mut accs[..(r1 - r0) * w];
@@ -138,7 +134,7 @@ impl<T: SimdElem> Kernel<T> for Task<'_, '_, T> {
                     bv.extend(bsl.chunks_exact(w).map(V::load));
                     cv.clear();
                     cv.extend(csl.chunks_exact(w).map(V::load));
-                    let (hs, as_) = (&mut state[r0 * n..r1 * n], &s.a[d * n..(d0 + r1) * n]);
+                    let (hs, as_) = (&mut state[r0 * n..r1 * n], &s.a[r0 * n..r1 * n]);
                     if nv == 1 {
                         // N fills exactly one vector (Mamba's N = 16 with AVX-512).
                         one_vector_channels::<V>(
@@ -168,9 +164,8 @@ impl<T: SimdElem> Kernel<T> for Task<'_, '_, T> {
                     cv.clear();
                     cv.extend(crow.chunks_exact(w).map(V::load));
                     for (r, o) in (r0..r1).zip(acc_blk.chunks_exact_mut(w)) {
-                        let dd = d0 + r;
                         pad(&state[r * n..(r + 1) * n], &mut hrow);
-                        pad(&s.a[dd * n..(dd + 1) * n], &mut arow);
+                        pad(&s.a[r * n..(r + 1) * n], &mut arow);
                         channel::<V>(&mut hrow, &arow, dts[r], dtx[r], &bv, &cv).store(o);
                         state[r * n..(r + 1) * n].copy_from_slice(&hrow[..n]);
                     }
@@ -182,7 +177,7 @@ impl<T: SimdElem> Kernel<T> for Task<'_, '_, T> {
                 }
                 r0 = r1;
             }
-            let orow = &mut out[k * rows..][..rows]; // this task's channels of token k
+            let orow = &mut out[k * rows..][..rows];
             for i in 0..rp / w {
                 let o = i * w;
                 let v = V::load(&y[o..])
@@ -351,11 +346,9 @@ pub fn step<T: SimdElem>(
                 Task {
                     s,
                     b,
-                    d0: 0,
                     state,
                     out,
                     snaps,
-                    rows: d,
                 },
             ),
             None => out.fill(T::ZERO), // padding row: zero output, nothing written
