@@ -595,6 +595,13 @@ def _finish_throughput(case: Case, inputs: dict, res: Result, out: Any, ref_out:
         res.extra += f" = {100 * frac:.1f}% of {peak['peak_gflops']:.0f}"
 
 
+def _grad_inputs(b: int, d: int, n: int, length: int) -> dict[str, Any]:
+    """Scan inputs requiring grad, plus the output gradient to backpropagate."""
+    inputs = make_scan_inputs(b, d, n, length, requires_grad=True)
+    inputs["grad_out"] = _grad_out(inputs)
+    return inputs
+
+
 def _scan_cases(quick: bool) -> list[Case]:
     cases = []
     for batch, dim, N, L in SCAN_SHAPES_QUICK if quick else SCAN_SHAPES:
@@ -617,18 +624,13 @@ def _scan_cases(quick: bool) -> list[Case]:
             )
         )
 
-        def setup_grad(b=batch, d=dim, n=N, l=L) -> dict[str, Any]:
-            inputs = make_scan_inputs(b, d, n, l, requires_grad=True)
-            inputs["grad_out"] = _grad_out(inputs)
-            return inputs
-
         cases.append(
             Case(
                 name=f"scan fwd+bwd {shape}",
                 group="scan",
                 description="selective_scan_fn forward+backward (all input grads) vs autograd "
                 "through the reference loop",
-                setup=setup_grad,
+                setup=lambda b=batch, d=dim, n=N, l=L: _grad_inputs(b, d, n, l),
                 bmojo=_fwd_bwd(_bmojo_scan),
                 reference=_fwd_bwd(_ref_scan),
                 repeat=5,
@@ -664,17 +666,12 @@ def _scaling_cases(quick: bool) -> list[Case]:
             )
         )
 
-        def setup_grad(b=batch, d=dim, n=N, l=L) -> dict[str, Any]:
-            inputs = make_scan_inputs(b, d, n, l, requires_grad=True)
-            inputs["grad_out"] = _grad_out(inputs)
-            return inputs
-
         cases.append(
             Case(
                 name=f"scaling fwd+bwd {shape}",
                 group="scaling",
                 description="forward+backward time per token; bytes saved for backward",
-                setup=setup_grad,
+                setup=lambda b=batch, d=dim, n=N, l=L: _grad_inputs(b, d, n, l),
                 bmojo=_fwd_bwd(_bmojo_scan),
                 repeat=3,
                 grad=True,
