@@ -75,23 +75,6 @@ def _plain(ts) -> bool:
     return all(t is None or type(t) is Tensor for t in ts)
 
 
-def _fast(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, slots) -> Tensor | None:
-    """The decode path: plain contiguous CPU tensors already in the state's dtype, in the
-    (slots, dim, N) layout. The kernel checks every shape exactly and validates before
-    writing; on any mismatch this returns None and the validating path takes over (and
-    raises a clear error, or converts what needs converting)."""
-    try:
-        out = _core.selective_state_update(
-            state.numpy(), x.numpy(), dt.numpy(), A.numpy(), B.numpy(), C.numpy(),
-            None if D is None else D.numpy(), None if z is None else z.numpy(),
-            None if dt_bias is None else dt_bias.numpy(), bool(dt_softplus),
-            None if slots is None else slots.numpy(), None, None,
-        )  # fmt: skip
-        return torch.from_numpy(out)
-    except (TypeError, ValueError, RuntimeError, AttributeError):
-        return None
-
-
 def selective_state_update(
     state: Tensor,
     x: Tensor,
@@ -123,9 +106,21 @@ def selective_state_update(
     ``BmojoError`` before anything is written, so a failed call leaves ``state`` as it was.
     """
     if intermediate_states is None and not torch.compiler.is_compiling():
-        out = _fast(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices)
-        if out is not None:
-            return out
+        # The decode path: plain contiguous CPU tensors already in the state's dtype, in
+        # the (slots, dim, N) layout. The kernel checks every shape exactly and validates
+        # everything before writing; on any mismatch (or a tensor NumPy cannot view) the
+        # validating path below takes over and raises a clear error or converts.
+        try:
+            out = _core.selective_state_update(
+                state.numpy(), x.numpy(), dt.numpy(), A.numpy(), B.numpy(), C.numpy(),
+                None if D is None else D.numpy(), None if z is None else z.numpy(),
+                None if dt_bias is None else dt_bias.numpy(), bool(dt_softplus),
+                None if state_batch_indices is None else state_batch_indices.numpy(),
+                None, None,
+            )  # fmt: skip
+            return torch.from_numpy(out)
+        except (TypeError, ValueError, RuntimeError, AttributeError):
+            pass
     V.tensor("state", state)
     V.tensor("x", x)
     heads = state.dim() == 4

@@ -161,6 +161,11 @@ pub trait Vector: Copy + Send + Sync + 'static {
     fn fold2(a: Self, b: Self) -> Self;
     /// Interleaves two vectors: `(a0 b0 a1 b1 ..., a_{W/2} b_{W/2} ...)`.
     fn zip(a: Self, b: Self) -> (Self, Self);
+    /// `1 / self`; levels with a fast reciprocal estimate override it.
+    #[inline(always)]
+    fn recip(self) -> Self {
+        Self::splat(Self::E::ONE).div(self)
+    }
     /// `e^x` (see [`exp`]); the default is [`exp_portable`].
     #[inline(always)]
     fn exp(self) -> Self {
@@ -262,7 +267,7 @@ pub fn exp_portable<V: Vector>(x: V) -> V {
 #[inline(always)]
 fn log1p_unit<V: Vector>(t: V) -> V {
     let two = V::splat(V::E::from_f64(2.0));
-    let s = t.div(two.add(t));
+    let s = t.mul(two.add(t).recip());
     let s2 = s.mul(s);
     horner::<V>(V::E::LOG1P_POLY, s2)
         .fma(s2, V::splat(V::E::ONE))
@@ -283,7 +288,7 @@ pub fn softplus<V: Vector>(x: V) -> V {
 #[inline(always)]
 pub fn sigmoid<V: Vector>(x: V) -> V {
     let one = V::splat(V::E::ONE);
-    one.div(one.add(exp(V::zero().sub(x))))
+    one.add(exp(V::zero().sub(x))).recip()
 }
 
 /// Derivative of Mamba's softplus with respect to its input.
@@ -845,6 +850,18 @@ pub mod x86 {
                 F32x16(_mm512_castsi512_ps(bits))
             }
         }
+        // 14-bit estimate, then Newton steps r' = r (2 - x r), each doubling the bits:
+        // one reaches f32 precision (two for f64), far cheaper than a division. For x = 0
+        // or ±inf the step gives NaN (0 * inf) where the estimate is already exact.
+        #[inline(always)]
+        fn recip(self) -> Self {
+            unsafe {
+                let r0 = _mm512_rcp14_ps(self.0);
+                let r = _mm512_mul_ps(r0, _mm512_fnmadd_ps(self.0, r0, _mm512_set1_ps(2.0)));
+                let bad = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(r, r);
+                F32x16(_mm512_mask_blend_ps(bad, r, r0))
+            }
+        }
         // vscalefps applies 2^k with IEEE overflow/underflow and NaN handling, and
         // vrndscaleps rounds: no magic numbers, integer exponent or special-case selects.
         #[inline(always)]
@@ -929,6 +946,17 @@ pub mod x86 {
                 );
                 let bits = _mm512_add_epi64(_mm512_castpd_si512(p.0), _mm512_slli_epi64::<52>(k));
                 F64x8(_mm512_castsi512_pd(bits))
+            }
+        }
+        #[inline(always)]
+        fn recip(self) -> Self {
+            unsafe {
+                let two = _mm512_set1_pd(2.0);
+                let r0 = _mm512_rcp14_pd(self.0);
+                let r = _mm512_mul_pd(r0, _mm512_fnmadd_pd(self.0, r0, two));
+                let r = _mm512_mul_pd(r, _mm512_fnmadd_pd(self.0, r, two));
+                let bad = _mm512_cmp_pd_mask::<_CMP_UNORD_Q>(r, r);
+                F64x8(_mm512_mask_blend_pd(bad, r, r0))
             }
         }
         // vscalefpd applies 2^k with IEEE overflow/underflow and NaN handling, and
