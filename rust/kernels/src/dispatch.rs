@@ -97,6 +97,9 @@ impl SimdElem for f64 {
 
 /// A piece of work written once for any vector type. Implementations mark `run`
 /// `#[inline(always)]` so that it is compiled inside the per-level entry points below.
+/// Helpers it calls must be `#[inline(always)]` functions too; hot vector code must not
+/// sit in closures: a closure is compiled without the level's target features, so its
+/// intrinsics stay out-of-line calls (seen in profiles as `run::{{closure}}`).
 pub trait Kernel<T: SimdElem> {
     type Out;
     fn run<V: Vector<E = T>>(self) -> Self::Out;

@@ -305,6 +305,18 @@ fn load_var<T: Elem>(
     }
 }
 
+/// Coefficient `i` of B or C at chunk step `k`: a broadcast of the transposed variable
+/// matrix, or the channel vector of a constant one. (A function rather than a closure, so
+/// that it is compiled with the level's target features.)
+#[inline(always)]
+fn coef<V: Vector>(is_var: bool, var: &[V::E], fixed: &[V], k: usize, n: usize, i: usize) -> V {
+    if is_var {
+        V::splat(var[k * n + i])
+    } else {
+        fixed[i]
+    }
+}
+
 /// Per-task vectors that do not change over time: A, constant B/C, D and delta_bias.
 struct Params<V> {
     a: Vec<V>,
@@ -435,6 +447,16 @@ impl<T: SimdElem> Kernel<T> for Fwd<'_, '_, T> {
                 let dv = p.d[sb];
                 // Locals, so the innermost loop does not re-read the enums from memory.
                 let (b_var, c_var, has_z) = (s.b.is_var(), s.c.is_var(), s.z.is_some());
+                let pb: &[V] = if b_var {
+                    &[]
+                } else {
+                    &p.b[sb * n..(sb + 1) * n]
+                };
+                let pc: &[V] = if c_var {
+                    &[]
+                } else {
+                    &p.c[sb * n..(sb + 1) * n]
+                };
                 for k in 0..tl {
                     if s.reset(t.b, t0 + k) {
                         hs.fill(V::zero());
@@ -445,16 +467,8 @@ impl<T: SimdElem> Kernel<T> for Fwd<'_, '_, T> {
                     let mut y = dv.mul(x);
                     for nn in 0..n {
                         let da = exp(dt.mul(a[nn]));
-                        let bn = if b_var {
-                            V::splat(vb[k * n + nn])
-                        } else {
-                            p.b[sb * n + nn]
-                        };
-                        let cn = if c_var {
-                            V::splat(vc[k * n + nn])
-                        } else {
-                            p.c[sb * n + nn]
-                        };
+                        let bn = coef::<V>(b_var, &vb, pb, k, n, nn);
+                        let cn = coef::<V>(c_var, &vc, pc, k, n, nn);
                         let hn = hs[nn].fma(da, dtx.mul(bn));
                         hs[nn] = hn;
                         y = hn.fma(cn, y);
@@ -633,19 +647,15 @@ impl<T: SimdElem> Kernel<T> for Bwd<'_, '_, T> {
                 }
                 make_dt::<V>(&mut bdt, Some(&mut bpre), p.bias[sb], tl, s.softplus);
                 let a = &p.a[sb * n..(sb + 1) * n];
-                let bvec = |k: usize, nn: usize| {
-                    if s.b.is_var() {
-                        V::splat(vb[k * n + nn])
-                    } else {
-                        p.b[sb * n + nn]
-                    }
+                let pb: &[V] = if b_var {
+                    &[]
+                } else {
+                    &p.b[sb * n..(sb + 1) * n]
                 };
-                let cvec = |k: usize, nn: usize| {
-                    if s.c.is_var() {
-                        V::splat(vc[k * n + nn])
-                    } else {
-                        p.c[sb * n + nn]
-                    }
+                let pc: &[V] = if c_var {
+                    &[]
+                } else {
+                    &p.c[sb * n..(sb + 1) * n]
                 };
                 // Recompute the chunk from its checkpoint: the state after every step
                 // (`hbuf`), the decays (`dabuf`) and the pre-gate outputs (`ybuf`).
@@ -672,9 +682,9 @@ impl<T: SimdElem> Kernel<T> for Bwd<'_, '_, T> {
                     for nn in 0..n {
                         let da = exp(dt.mul(a[nn]));
                         dabuf[k * n + nn] = da;
-                        h[nn] = h[nn].fma(da, dtx.mul(bvec(k, nn)));
+                        h[nn] = h[nn].fma(da, dtx.mul(coef::<V>(b_var, &vb, pb, k, n, nn)));
                         hbuf[k * n + nn] = h[nn];
-                        y = h[nn].fma(cvec(k, nn), y);
+                        y = h[nn].fma(coef::<V>(c_var, &vc, pc, k, n, nn), y);
                     }
                     ybuf[k] = y;
                 }
@@ -714,8 +724,8 @@ impl<T: SimdElem> Kernel<T> for Bwd<'_, '_, T> {
                     };
                     let hcur = &hbuf[k * n..(k + 1) * n];
                     for nn in 0..n {
-                        let cn = cvec(k, nn);
-                        let bn = bvec(k, nn);
+                        let cn = coef::<V>(c_var, &vc, pc, k, n, nn);
+                        let bn = coef::<V>(b_var, &vb, pb, k, n, nn);
                         let gn = cn.fma(dy, gs[nn]);
                         let hp = hprev[nn];
                         let da = dabuf[k * n + nn];

@@ -319,6 +319,20 @@ pub fn transpose<V: Vector>(m: &mut [V]) {
     }
 }
 
+/// Finishes a reduction tree whose first level (W/2 vectors) is in `level`: folds in place
+/// and stores the W sums, in row order, to `out`.
+#[inline(always)]
+fn fold_rest<V: Vector>(level: &mut [V; 8], out: &mut [V::E]) {
+    let mut m = V::W / 2;
+    while m > 1 {
+        for j in 0..m / 2 {
+            level[j] = V::fold2(level[2 * j], level[2 * j + 1]);
+        }
+        m /= 2;
+    }
+    level[0].store(out);
+}
+
 /// `out[r] = sum of the W lanes of vs[r]`: W vectors at a time by a tree of
 /// [`Vector::fold2`] (which keeps them in order), the rest one `hsum` each.
 #[inline(always)]
@@ -327,17 +341,12 @@ pub fn sum_vectors<V: Vector>(vs: &[V], out: &mut [V::E]) {
     let n = out.len();
     let mut r = 0;
     if w >= 2 {
-        let mut level = [V::zero(); 16];
+        let mut level = [V::zero(); 8];
         while r + w <= n {
-            level[..w].copy_from_slice(&vs[r..r + w]);
-            let mut m = w;
-            while m > 1 {
-                for j in 0..m / 2 {
-                    level[j] = V::fold2(level[2 * j], level[2 * j + 1]);
-                }
-                m /= 2;
+            for (j, l) in level[..w / 2].iter_mut().enumerate() {
+                *l = V::fold2(vs[r + 2 * j], vs[r + 2 * j + 1]);
             }
-            level[0].store(&mut out[r..]);
+            fold_rest(&mut level, &mut out[r..]);
             r += w;
         }
     }
@@ -346,16 +355,25 @@ pub fn sum_vectors<V: Vector>(vs: &[V], out: &mut [V::E]) {
     }
 }
 
-/// `out[r] = sum of the W lanes of rows[r * W..]` for every row (see [`sum_vectors`]).
+/// `out[r] = sum of the W lanes of rows[r * W..]` for every row, like [`sum_vectors`].
 #[inline(always)]
 pub fn sum_rows<V: Vector>(rows: &[V::E], out: &mut [V::E]) {
     let w = V::W;
-    let mut vs = [V::zero(); 16];
-    for (o, blk) in out.chunks_mut(w).zip(rows.chunks(w * w)) {
-        for (v, r) in vs[..o.len()].iter_mut().zip(blk.chunks_exact(w)) {
-            *v = V::load(r);
+    let n = out.len();
+    let mut r = 0;
+    if w >= 2 {
+        let mut level = [V::zero(); 8];
+        while r + w <= n {
+            for (j, l) in level[..w / 2].iter_mut().enumerate() {
+                let i = (r + 2 * j) * w;
+                *l = V::fold2(V::load(&rows[i..i + w]), V::load(&rows[i + w..i + 2 * w]));
+            }
+            fold_rest(&mut level, &mut out[r..]);
+            r += w;
         }
-        sum_vectors(&vs[..o.len()], o);
+    }
+    for (o, row) in out[r..].iter_mut().zip(rows[r * w..].chunks_exact(w)) {
+        *o = V::load(row).hsum();
     }
 }
 

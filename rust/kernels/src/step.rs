@@ -13,7 +13,7 @@
 
 use crate::dispatch::{dispatch, Kernel, Level, SimdElem};
 use crate::pool;
-use crate::simd::{exp, sigmoid, softplus, sum_rows, Vector};
+use crate::simd::{exp, sigmoid, softplus, sum_rows, Elem, Vector};
 
 pub struct StepArgs<'a, T> {
     pub batch: usize,
@@ -85,35 +85,25 @@ impl<T: SimdElem> Kernel<T> for Task<'_, '_, T> {
             let base = (b * nt + k) * rows;
             // Whole vectors load straight from the slice; only the last, partial one is
             // assembled lane by lane.
-            let fetch = |src: Option<&[T]>, off: usize, i: usize, lane: &mut [T]| -> V {
-                let o = i * w;
-                match src {
-                    None => V::zero(),
-                    Some(x) if o + w <= rows => V::load(&x[off + o..off + o + w]),
-                    Some(x) => {
-                        for (j, v) in lane.iter_mut().enumerate() {
-                            *v = if o + j < rows {
-                                x[off + o + j]
-                            } else {
-                                T::ZERO
-                            };
-                        }
-                        V::load(lane)
-                    }
-                }
-            };
             for i in 0..rp / w {
                 let o = i * w;
-                let xv = fetch(Some(s.x), base, i, &mut lane);
-                let pre =
-                    fetch(Some(s.dt), base, i, &mut lane).add(fetch(s.dt_bias, 0, i, &mut lane));
+                let xv = fetch::<V>(Some(s.x), base, i * w, rows, &mut lane);
+                let pre = fetch::<V>(Some(s.dt), base, i * w, rows, &mut lane).add(fetch::<V>(
+                    s.dt_bias,
+                    0,
+                    i * w,
+                    rows,
+                    &mut lane,
+                ));
                 let dt = if s.softplus { softplus(pre) } else { pre };
                 dt.store(&mut dts[o..]);
                 dt.mul(xv).store(&mut dtx[o..]);
-                fetch(s.d, 0, i, &mut lane).mul(xv).store(&mut dx[o..]);
+                fetch::<V>(s.d, 0, i * w, rows, &mut lane)
+                    .mul(xv)
+                    .store(&mut dx[o..]);
                 let g = match s.z {
                     Some(z) => {
-                        let zz = fetch(Some(z), base, i, &mut lane);
+                        let zz = fetch::<V>(Some(z), base, i * w, rows, &mut lane);
                         zz.mul(sigmoid(zz))
                     }
                     None => V::splat(T::ONE),
@@ -131,9 +121,13 @@ impl<T: SimdElem> Kernel<T> for Task<'_, '_, T> {
                 let acc_blk = &mut accs[..(r1 - r0) * w];
                 if np == n {
                     bv.clear();
-                    bv.extend(bsl.chunks_exact(w).map(V::load));
+                    for c in bsl.chunks_exact(w) {
+                        bv.push(V::load(c));
+                    }
                     cv.clear();
-                    cv.extend(csl.chunks_exact(w).map(V::load));
+                    for c in csl.chunks_exact(w) {
+                        cv.push(V::load(c));
+                    }
                     let (hs, as_) = (&mut state[r0 * n..r1 * n], &s.a[r0 * n..r1 * n]);
                     if nv == 1 {
                         // N fills exactly one vector (Mamba's N = 16 with AVX-512).
@@ -160,9 +154,13 @@ impl<T: SimdElem> Kernel<T> for Task<'_, '_, T> {
                     pad(bsl, &mut brow);
                     pad(csl, &mut crow);
                     bv.clear();
-                    bv.extend(brow.chunks_exact(w).map(V::load));
+                    for c in brow.chunks_exact(w) {
+                        bv.push(V::load(c));
+                    }
                     cv.clear();
-                    cv.extend(crow.chunks_exact(w).map(V::load));
+                    for c in crow.chunks_exact(w) {
+                        cv.push(V::load(c));
+                    }
                     for (r, o) in (r0..r1).zip(acc_blk.chunks_exact_mut(w)) {
                         pad(&state[r * n..(r + 1) * n], &mut hrow);
                         pad(&s.a[r * n..(r + 1) * n], &mut arow);
@@ -187,6 +185,34 @@ impl<T: SimdElem> Kernel<T> for Task<'_, '_, T> {
                 let m = w.min(rows - o);
                 orow[o..o + m].copy_from_slice(&lane[..m]);
             }
+        }
+    }
+}
+
+/// Channels `o..o + W` of `src[off..]` as a vector (zero past `rows` or when `src` is
+/// absent). A function, not a closure: closures are not compiled with the level's target
+/// features, so their vector code would not inline into the kernel.
+#[inline(always)]
+fn fetch<V: Vector>(
+    src: Option<&[V::E]>,
+    off: usize,
+    o: usize,
+    rows: usize,
+    lane: &mut [V::E],
+) -> V {
+    let w = V::W;
+    match src {
+        None => V::zero(),
+        Some(x) if o + w <= rows => V::load(&x[off + o..off + o + w]),
+        Some(x) => {
+            for (j, v) in lane.iter_mut().enumerate() {
+                *v = if o + j < rows {
+                    x[off + o + j]
+                } else {
+                    V::E::ZERO
+                };
+            }
+            V::load(lane)
         }
     }
 }
