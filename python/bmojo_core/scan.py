@@ -4,7 +4,8 @@ Layering: the public functions (`diag_scan`, `selective_scan_fn`) validate and n
 their arguments (dtype, contiguity, B/C layout) and call the ops in the ``bmojo``
 namespace. Each op has a CPU kernel (the Rust core), a fake implementation for tracing
 and `torch.compile`, and, for the forwards, an autograd formula whose backward is itself
-an op. A CUDA kernel slots in with ``torch.library.register_kernel(op, "cuda", ...)``.
+an op. The kernels are registered for CPU only; a CUDA kernel slots in beside them with
+``torch.library.register_kernel(op, "cuda", ...)``.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def _n_chunks(length):
 # ----------------------------------------------------------------------------- diagonal
 
 
-@torch.library.custom_op("bmojo::diag_scan_fwd", mutates_args=())
+@torch.library.custom_op("bmojo::diag_scan_fwd", mutates_args=(), device_types="cpu")
 def diag_scan_fwd(
     a: Tensor, b: Tensor, initial_state: Tensor | None, reverse: bool
 ) -> tuple[Tensor, Tensor]:
@@ -52,7 +53,7 @@ def _(a, b, initial_state, reverse):
     return torch.empty_like(b), b.new_empty(b.shape[0])
 
 
-@torch.library.custom_op("bmojo::diag_scan_bwd", mutates_args=())
+@torch.library.custom_op("bmojo::diag_scan_bwd", mutates_args=(), device_types="cpu")
 def diag_scan_bwd(
     a: Tensor,
     h: Tensor,
@@ -153,7 +154,7 @@ def diag_scan(
 # ----------------------------------------------------------------------------- selective
 
 
-@torch.library.custom_op("bmojo::selective_scan_fwd", mutates_args=())
+@torch.library.custom_op("bmojo::selective_scan_fwd", mutates_args=(), device_types="cpu")
 def selective_scan_fwd(
     u: Tensor,
     delta: Tensor,
@@ -195,7 +196,7 @@ def _(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, delta_softplu
     )
 
 
-@torch.library.custom_op("bmojo::selective_scan_bwd", mutates_args=())
+@torch.library.custom_op("bmojo::selective_scan_bwd", mutates_args=(), device_types="cpu")
 def selective_scan_bwd(
     u: Tensor,
     delta: Tensor,

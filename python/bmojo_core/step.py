@@ -39,7 +39,9 @@ def _run(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, slots, snaps, out) -
 
 
 @torch.library.custom_op(
-    "bmojo::selective_state_update", mutates_args=("state", "intermediate_states")
+    "bmojo::selective_state_update",
+    mutates_args=("state", "intermediate_states"),
+    device_types="cpu",
 )
 def selective_state_update_op(
     state: Tensor,
