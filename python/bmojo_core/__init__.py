@@ -19,6 +19,9 @@ import torch
 
 from . import _core, reference
 from .errors import BmojoError, BmojoTypeError, BmojoValueError
+from .bilinear import bilinear_scan
+from .companion import companion_scan
+from .conv import causal_conv1d_fn, causal_conv1d_update
 from .scan import diag_scan, selective_scan_fn
 from .step import selective_state_update
 
@@ -32,6 +35,10 @@ __all__ = [
     "BmojoTypeError",
     "BmojoValueError",
     "__version__",
+    "bilinear_scan",
+    "causal_conv1d_fn",
+    "causal_conv1d_update",
+    "companion_scan",
     "diag_scan",
     "get_num_threads",
     "reference",

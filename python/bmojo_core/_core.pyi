@@ -72,3 +72,9 @@ def selective_state_update(
     out: _F | None,
     snaps: _F | None,
 ) -> _F | None: ...
+
+# --- companion (SPEC §4)
+
+# --- causal conv (SPEC §3)
+
+# --- bilinear (SPEC §5)

@@ -367,3 +367,15 @@ def selective_state_update(
                     intermediate_states[i, t].copy_(h.reshape(state.shape[1:]))
             state[slot].copy_(h.reshape(state.shape[1:]))
     return out.reshape(x.shape).to(x.dtype)
+
+
+# ============================================================ companion (SPEC §4)
+# (companion references go here)
+
+
+# ============================================================ causal conv (SPEC §3)
+# (causal conv references go here)
+
+
+# ============================================================ bilinear (SPEC §5)
+# (bilinear references go here)

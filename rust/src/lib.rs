@@ -6,6 +6,10 @@
 //! `ValueError`/`TypeError` instead of reading or writing the wrong memory. The GIL is
 //! released while a kernel runs.
 
+mod bilinear;
+mod companion;
+mod conv;
+
 use std::sync::atomic::{AtomicU8, Ordering};
 
 use bmojo_kernels::dispatch::{Level, SimdElem};
@@ -656,5 +660,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(selective_scan_fwd, m)?)?;
     m.add_function(wrap_pyfunction!(selective_scan_bwd, m)?)?;
     m.add_function(wrap_pyfunction!(selective_state_update, m)?)?;
+    companion::register(m)?;
+    conv::register(m)?;
+    bilinear::register(m)?;
     Ok(())
 }

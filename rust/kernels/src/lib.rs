@@ -4,9 +4,13 @@
 //! * [`dispatch`]: run-time choice of AVX-512 / AVX2+FMA / baseline (SSE2 or NEON) /
 //!   scalar;
 //! * [`pool`]: the kernels' own thread pool (explicit size, fork-safe);
-//! * [`diag`], [`selective`], [`step`]: the scans;
+//! * [`diag`], [`selective`], [`step`]: the diagonal scans;
+//! * [`companion`], [`conv`], [`bilinear`]: canonical, nilpotent and bilinear realizations;
 //! * [`reference`]: plain scalar implementations used by the tests as oracles.
 
+pub mod bilinear;
+pub mod companion;
+pub mod conv;
 pub mod diag;
 pub mod dispatch;
 pub mod pool;

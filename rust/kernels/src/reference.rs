@@ -1,6 +1,10 @@
 //! Plain scalar implementations, written straight from the spec with no tiling, no
 //! vectors and full storage of every state. They are the oracles of the kernel tests.
 
+pub mod bilinear;
+pub mod companion;
+pub mod conv;
+
 use crate::selective::{Mat, ScanArgs};
 
 fn softplus(x: f64) -> f64 {

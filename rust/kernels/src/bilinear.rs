@@ -1,0 +1,1 @@
+//! Bilinear / time-varying dense affine recurrence, SPEC §5.

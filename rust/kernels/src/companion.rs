@@ -1,0 +1,1 @@
+//! Companion (canonical) recurrence, SPEC §4.

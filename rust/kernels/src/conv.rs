@@ -1,0 +1,1 @@
+//! Nilpotent shift state: causal depthwise convolution and its ring-buffer update, SPEC §3.

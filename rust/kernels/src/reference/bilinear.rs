@@ -1,0 +1,1 @@
+//! Scalar f64 oracle: Bilinear / time-varying dense affine recurrence, SPEC §5.

@@ -1,0 +1,1 @@
+//! Scalar f64 oracle: Companion (canonical) recurrence, SPEC §4.

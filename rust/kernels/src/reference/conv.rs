@@ -1,0 +1,1 @@
+//! Scalar f64 oracle: Nilpotent shift state: causal depthwise convolution and its ring-buffer update, SPEC §3.
