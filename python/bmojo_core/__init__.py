@@ -17,7 +17,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 import torch
 
-from . import _core, reference
+from . import _core, realization, reference
 from .errors import BmojoError, BmojoTypeError, BmojoValueError
 from .bilinear import bilinear_scan
 from .companion import companion_scan
@@ -41,6 +41,7 @@ __all__ = [
     "companion_scan",
     "diag_scan",
     "get_num_threads",
+    "realization",
     "reference",
     "selective_scan_fn",
     "selective_state_update",

@@ -1,0 +1,3 @@
+"""Realization toolkit (SPEC §7). Placeholder: being written."""
+
+from __future__ import annotations
