@@ -732,7 +732,7 @@ pub fn companion_bwd<T: SimdElem>(
         dalpha,
         mut dbeta,
         mut dc,
-        mut dd,
+        dd,
         ds0,
     } = out;
     {
@@ -792,13 +792,13 @@ pub fn companion_bwd<T: SimdElem>(
     if !a_var {
         reduce_batch(&pa, bt, dim, n, dalpha);
     }
-    if let (Some(o), false) = (dbeta.as_deref_mut(), b_var) {
+    if let (Some(o), false) = (dbeta, b_var) {
         reduce_batch(&pb, bt, dim, 1, o);
     }
-    if let (Some(o), false) = (dc.as_deref_mut(), c_var) {
+    if let (Some(o), false) = (dc, c_var) {
         reduce_batch(&pc, bt, dim, n, o);
     }
-    if let Some(o) = dd.as_deref_mut() {
+    if let Some(o) = dd {
         reduce_batch(&pd, bt, dim, 1, o);
     }
     Ok(())

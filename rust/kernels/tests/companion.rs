@@ -287,6 +287,9 @@ fn loss(c: &Case, x: &Data<f64>) -> f64 {
     yl + ll
 }
 
+/// Picks one input of the data.
+type Field = fn(&mut Data<f64>) -> &mut Vec<f64>;
+
 #[test]
 fn reference_backward_matches_finite_differences() {
     let mut seed = 100;
@@ -312,7 +315,7 @@ fn reference_backward_matches_finite_differences() {
                 };
                 let x = data(&c, seed);
                 let g = companion_backward(&args(&c, &x), &x.dy, Some(&x.dlast));
-                let fields: [(&str, fn(&mut Data<f64>) -> &mut Vec<f64>, Option<&Vec<f64>>); 6] = [
+                let fields: [(&str, Field, Option<&Vec<f64>>); 6] = [
                     ("u", |d| &mut d.u, Some(&g.du)),
                     ("alpha", |d| &mut d.alpha, Some(&g.dalpha)),
                     ("beta", |d| &mut d.beta, g.dbeta.as_ref()),
