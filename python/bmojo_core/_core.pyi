@@ -75,6 +75,37 @@ def selective_state_update(
 
 # --- companion (SPEC §4)
 
+COMPANION_MAX_ORDER: int
+
+def companion_scan_fwd(
+    u: _F,
+    alpha: _F,
+    beta: _F | None,
+    c: _F | None,
+    d: _F | None,
+    h0: _F | None,
+    y: _F,
+    s: _F,
+    last: _F,
+) -> None: ...
+def companion_scan_bwd(
+    u: _F,
+    alpha: _F,
+    beta: _F | None,
+    c: _F | None,
+    d: _F | None,
+    h0: _F | None,
+    s: _F,
+    dy: _F,
+    dlast: _F | None,
+    du: _F,
+    dalpha: _F,
+    dbeta: _F | None,
+    dc: _F | None,
+    dd: _F | None,
+    dh0: _F,
+) -> None: ...
+
 # --- causal conv (SPEC §3)
 
 # --- bilinear (SPEC §5)

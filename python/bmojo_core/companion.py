@@ -1,7 +1,214 @@
-"""Companion (canonical-form) scan, SPEC §4. Placeholder until the kernel lands."""
+"""Companion (canonical-form) scan, SPEC §4, as torch custom ops with autograd.
+
+Per channel, order n::
+
+    s_t = sum_{i=1..n} alpha_{t,i} s_{t-i} + beta_t u_t
+    y_t = sum_{i=0..n-1} c_{t,i} s_{t-i} + D u_t        (default y_t = s_t)
+
+The forward op also returns the sequence ``s`` (B, D, L), saved for the backward op, which
+runs the adjoint recurrence in reverse without recomputing the forward.
+"""
 
 from __future__ import annotations
 
+import torch
+from torch import Tensor
 
-def companion_scan(*args, **kwargs):
-    raise NotImplementedError("companion_scan is being implemented")
+from . import _core
+from . import _validate as V
+
+MAX_ORDER: int = _core.COMPANION_MAX_ORDER
+
+
+def _np(t: Tensor):
+    return t.detach().contiguous().numpy()
+
+
+def _np_opt(t: Tensor | None):
+    return None if t is None else _np(t)
+
+
+@torch.library.custom_op("bmojo::companion_scan_fwd", mutates_args=(), device_types="cpu")
+def companion_scan_fwd(
+    u: Tensor,
+    alpha: Tensor,
+    beta: Tensor | None,
+    c: Tensor | None,
+    D: Tensor | None,
+    initial_state: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Normalised companion scan: every input in one dtype (float32/float64), contiguous;
+    ``alpha``/``c`` (B, D, L, n) or (D, n), ``beta`` (B, D, L) or (D,). Returns
+    (y, final_state, s)."""
+    batch, dim, length = u.shape
+    n = alpha.shape[-1]
+    y = u.new_empty(batch, dim, length)
+    s = u.new_empty(batch, dim, length)
+    last = u.new_empty(batch, dim, n)
+    _core.companion_scan_fwd(
+        _np(u), _np(alpha), _np_opt(beta), _np_opt(c), _np_opt(D), _np_opt(initial_state),
+        y.numpy(), s.numpy(), last.numpy(),
+    )  # fmt: skip
+    return y, last, s
+
+
+@companion_scan_fwd.register_fake
+def _(u, alpha, beta, c, D, initial_state):
+    batch, dim, length = u.shape
+    n = alpha.shape[-1]
+    return (
+        u.new_empty(batch, dim, length),
+        u.new_empty(batch, dim, n),
+        u.new_empty(batch, dim, length),
+    )
+
+
+@torch.library.custom_op("bmojo::companion_scan_bwd", mutates_args=(), device_types="cpu")
+def companion_scan_bwd(
+    u: Tensor,
+    alpha: Tensor,
+    beta: Tensor | None,
+    c: Tensor | None,
+    D: Tensor | None,
+    initial_state: Tensor | None,
+    s: Tensor,
+    dy: Tensor,
+    dlast_state: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients (du, dalpha, dbeta, dc, dD, dinitial_state), each in its input's layout;
+    those of absent optional inputs are empty tensors. Deterministic."""
+    batch, dim, _ = u.shape
+    n = alpha.shape[-1]
+    du, dalpha = torch.empty_like(u), torch.empty_like(alpha)
+    dbeta = torch.empty_like(beta) if beta is not None else u.new_empty(0)
+    dc = torch.empty_like(c) if c is not None else u.new_empty(0)
+    dD = torch.empty_like(D) if D is not None else u.new_empty(0)
+    dh0 = u.new_empty(batch, dim, n)
+    _core.companion_scan_bwd(
+        _np(u), _np(alpha), _np_opt(beta), _np_opt(c), _np_opt(D), _np_opt(initial_state),
+        _np(s), _np(dy), _np_opt(dlast_state), du.numpy(), dalpha.numpy(),
+        None if beta is None else dbeta.numpy(), None if c is None else dc.numpy(),
+        None if D is None else dD.numpy(), dh0.numpy(),
+    )  # fmt: skip
+    return du, dalpha, dbeta, dc, dD, dh0
+
+
+@companion_scan_bwd.register_fake
+def _(u, alpha, beta, c, D, initial_state, s, dy, dlast_state):
+    batch, dim, _ = u.shape
+    return (
+        torch.empty_like(u),
+        torch.empty_like(alpha),
+        u.new_empty(0) if beta is None else torch.empty_like(beta),
+        u.new_empty(0) if c is None else torch.empty_like(c),
+        u.new_empty(0) if D is None else torch.empty_like(D),
+        u.new_empty(batch, dim, alpha.shape[-1]),
+    )
+
+
+def _setup(ctx, inputs, output):
+    u, alpha, beta, c, D, initial_state = inputs
+    ctx.present = (beta is not None, c is not None, D is not None, initial_state is not None)
+    ctx.save_for_backward(u, alpha, beta, c, D, initial_state, output[2])
+
+
+def _backward(ctx, dy, dlast, _ds):
+    u, alpha, beta, c, D, initial_state, s = ctx.saved_tensors
+    if dy is None:
+        dy = torch.zeros_like(u)
+    du, dalpha, dbeta, dc, dD, dh0 = torch.ops.bmojo.companion_scan_bwd(
+        u, alpha, beta, c, D, initial_state, s, dy.contiguous(),
+        None if dlast is None else dlast.contiguous(),
+    )  # fmt: skip
+    has_beta, has_c, has_d, has_h0 = ctx.present
+    return (
+        du,
+        dalpha,
+        dbeta if has_beta else None,
+        dc if has_c else None,
+        dD if has_d else None,
+        dh0 if has_h0 else None,
+    )
+
+
+companion_scan_fwd.register_autograd(_backward, setup_context=_setup)
+
+
+def _check_coef(name, t, batch, dim, length, n):
+    """alpha / c: (B, D, L, n) per step or (D, n) per channel."""
+    V.tensor(name, t)
+    if t.dim() == 4:
+        V.shape(name, t, (batch, dim, length, n), "(batch, dim, L, n) for per-step coefficients")
+    elif t.dim() == 2:
+        V.shape(name, t, (dim, n), "(dim, n) for time-invariant coefficients")
+    else:
+        raise V.BmojoValueError(
+            f"{name}: expected shape (batch, dim, L, n) or (dim, n), got {tuple(t.shape)}"
+        )
+
+
+def companion_scan(
+    u: Tensor,
+    alpha: Tensor,
+    beta: Tensor | None = None,
+    c: Tensor | None = None,
+    D: Tensor | None = None,
+    initial_state: Tensor | None = None,
+    return_final_state: bool = False,
+):
+    """Companion (canonical-form) scan of order n, SPEC §4, per channel::
+
+        s_t = sum_{i=1..n} alpha_{t,i} s_{t-i} + beta_t u_t
+        y_t = sum_{i=0..n-1} c_{t,i} s_{t-i} + D u_t        (y_t = s_t + D u_t without c)
+
+    Shapes: ``u`` ``(batch, dim, L)``; ``alpha`` ``(batch, dim, L, n)`` (per step) or
+    ``(dim, n)`` (time-invariant), ``alpha[..., i-1]`` multiplies ``s_{t-i}``; ``beta``
+    ``(batch, dim, L)`` or ``(dim,)`` (default 1); ``c`` ``(batch, dim, L, n)`` or
+    ``(dim, n)``, ``c[..., i]`` multiplies ``s_{t-i}``; ``D`` ``(dim,)``;
+    ``initial_state`` ``(batch, dim, n)`` = ``(s_0, s_{-1}, …, s_{1-n})`` (default zero).
+    1 <= n <= 64.
+
+    Returns ``y`` (dtype of ``u``), or ``(y, final_state)`` with ``final_state =
+    (s_L, s_{L-1}, …, s_{L-n+1})`` ``(batch, dim, n)`` in the compute dtype (float64 for
+    float64 inputs, else float32). Differentiable in every tensor input, also through the
+    final state alone.
+    """
+    V.tensor("u", u)
+    if u.dim() != 3:
+        raise V.BmojoValueError(f"u: expected shape (batch, dim, L), got {tuple(u.shape)}")
+    batch, dim, length = u.shape
+    V.tensor("alpha", alpha)
+    if alpha.dim() not in (2, 4):
+        raise V.BmojoValueError(
+            f"alpha: expected shape (batch, dim, L, n) or (dim, n), got {tuple(alpha.shape)}"
+        )
+    n = alpha.shape[-1]
+    if not 1 <= n <= MAX_ORDER:
+        raise V.BmojoValueError(
+            f"alpha: the order n (last dimension) must be in 1..{MAX_ORDER}, got {n}"
+        )
+    _check_coef("alpha", alpha, batch, dim, length, n)
+    if beta is not None:
+        V.tensor("beta", beta)
+        if beta.dim() == 3:
+            V.shape("beta", beta, (batch, dim, length), "(batch, dim, L) for per-step gains")
+        else:
+            V.shape("beta", beta, (dim,), "(dim,) for time-invariant gains, or (batch, dim, L)")
+    if c is not None:
+        _check_coef("c", c, batch, dim, length, n)
+    if D is not None:
+        V.tensor("D", D)
+        V.shape("D", D, (dim,), "(dim,)")
+    if initial_state is not None:
+        V.tensor("initial_state", initial_state)
+        V.shape("initial_state", initial_state, (batch, dim, n), "(batch, dim, n)")
+    named = {"u": u, "alpha": alpha, "beta": beta, "c": c, "D": D,
+             "initial_state": initial_state}  # fmt: skip
+    cdt = V.compute_dtype(named, "u")
+    cv = V.as_compute
+    y, last, _ = torch.ops.bmojo.companion_scan_fwd(
+        cv(u, cdt), cv(alpha, cdt), cv(beta, cdt), cv(c, cdt), cv(D, cdt),
+        cv(initial_state, cdt),
+    )  # fmt: skip
+    y = y.to(u.dtype)
+    return (y, last) if return_final_state else y
