@@ -76,5 +76,39 @@ def selective_state_update(
 # --- companion (SPEC §4)
 
 # --- causal conv (SPEC §3)
+def causal_conv1d_fwd(
+    x: _F,
+    weight: _F,
+    bias: _F | None,
+    seq_idx: _I | npt.NDArray[np.int32] | None,
+    initial_states: _F | None,
+    silu: bool,
+    out: _F,
+    final_states: _F | None,
+) -> None: ...
+def causal_conv1d_bwd(
+    x: _F,
+    weight: _F,
+    bias: _F | None,
+    seq_idx: _I | npt.NDArray[np.int32] | None,
+    initial_states: _F | None,
+    dout: _F,
+    dfinal_states: _F | None,
+    silu: bool,
+    dx: _F,
+    dweight: _F,
+    dbias: _F,
+    dinitial_states: _F | None,
+) -> None: ...
+def causal_conv1d_update(
+    x: _F,
+    conv_state: _F,
+    weight: _F,
+    bias: _F | None,
+    silu: bool,
+    cache_seqlens: _I | npt.NDArray[np.int32] | None,
+    conv_state_indices: _I | npt.NDArray[np.int32] | None,
+    out: _F | None,
+) -> _F | None: ...
 
 # --- bilinear (SPEC §5)

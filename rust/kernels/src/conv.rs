@@ -220,7 +220,11 @@ fn row_blocks(rows: usize, len: usize) -> Vec<(usize, usize)> {
 }
 
 /// Splits `data` into the per-block pieces of `per_row` elements per row.
-fn split_rows<'a, T>(data: &'a mut [T], blocks: &[(usize, usize)], per_row: usize) -> Vec<&'a mut [T]> {
+fn split_rows<'a, T>(
+    data: &'a mut [T],
+    blocks: &[(usize, usize)],
+    per_row: usize,
+) -> Vec<&'a mut [T]> {
     let lens: Vec<usize> = blocks.iter().map(|&(_, n)| n * per_row).collect();
     pool::split_lengths(data, &lens)
 }
@@ -287,7 +291,11 @@ pub fn conv_fwd<T: SimdElem>(
     check_args(s)?;
     let (rows, l, km) = (s.batch * s.dim, s.len, s.width - 1);
     if out.len() != rows * l {
-        return Err(format!("out: expected {} elements, got {}", rows * l, out.len()));
+        return Err(format!(
+            "out: expected {} elements, got {}",
+            rows * l,
+            out.len()
+        ));
     }
     if let Some(f) = &final_states {
         if f.len() != rows * km {
@@ -448,9 +456,7 @@ impl<T: SimdElem> Kernel<T> for BwdTask<'_, '_, T> {
                 }
             }
             // Initial-state taps: input i-(K-1) reaches outputs t = i-k ≥ 0.
-            let mut di = dinit
-                .as_deref_mut()
-                .map(|d| &mut d[i * km..(i + 1) * km]);
+            let mut di = dinit.as_deref_mut().map(|d| &mut d[i * km..(i + 1) * km]);
             if let Some(di) = di.as_deref_mut() {
                 for (ii, o) in di.iter_mut().enumerate() {
                     let mut a = T::ZERO;
@@ -494,7 +500,11 @@ pub fn conv_bwd<T: SimdElem>(
     let (rows, km) = (b * d, k - 1);
     for (name, got, want) in [
         ("dout", dout.len(), rows * l),
-        ("dfinal_states", dfinal.map_or(rows * km, <[T]>::len), rows * km),
+        (
+            "dfinal_states",
+            dfinal.map_or(rows * km, <[T]>::len),
+            rows * km,
+        ),
         ("dx", g.dx.len(), rows * l),
         ("dweight", g.dweight.len(), d * k),
         ("dbias", g.dbias.len(), d),
@@ -521,29 +531,33 @@ pub fn conv_bwd<T: SimdElem>(
         None => blocks.iter().map(|_| None).collect(),
     };
     let items: Vec<_> = blocks.into_iter().zip(dxs).zip(parts).zip(dis).collect();
-    pool::for_each(items, 3 * rows * l * k, |_, ((((r0, n), dx), part), dinit)| {
-        dispatch(
-            level,
-            BwdTask {
-                s,
-                st: &st,
-                dout,
-                dfinal,
-                r0,
-                rows: n,
-                dx,
-                dinit,
-                part,
-            },
-        )
-    });
+    pool::for_each(
+        items,
+        3 * rows * l * k,
+        |_, ((((r0, n), dx), part), dinit)| {
+            dispatch(
+                level,
+                BwdTask {
+                    s,
+                    st: &st,
+                    dout,
+                    dfinal,
+                    r0,
+                    rows: n,
+                    dx,
+                    dinit,
+                    part,
+                },
+            )
+        },
+    );
     // Per-row partials summed over the batch in a fixed order.
     g.dweight.fill(T::ZERO);
     g.dbias.fill(T::ZERO);
     for pb in part.chunks_exact((d * (k + 1)).max(1)) {
         for (c, pr) in pb.chunks_exact(k + 1).enumerate() {
-            for kk in 0..k {
-                g.dweight[c * k + kk] = g.dweight[c * k + kk] + pr[kk];
+            for (dw, &p) in g.dweight[c * k..(c + 1) * k].iter_mut().zip(pr) {
+                *dw = *dw + p;
             }
             g.dbias[c] = g.dbias[c] + pr[k];
         }
@@ -657,7 +671,11 @@ pub fn conv_update<T: SimdElem>(
         ("bias", s.bias.map_or(d, <[T]>::len), d),
         ("conv_state", state.len(), slots_total * d * sl),
         ("out", out.len(), bt * d * nt),
-        ("cache_seqlens", s.cache_seqlens.map_or(bt, <[i64]>::len), bt),
+        (
+            "cache_seqlens",
+            s.cache_seqlens.map_or(bt, <[i64]>::len),
+            bt,
+        ),
         ("conv_state_indices", s.slots.map_or(bt, <[i64]>::len), bt),
     ] {
         if got != want {

@@ -198,7 +198,13 @@ fn reference(c: &Case) -> Res {
 
 fn check(tag: &str, got: &Res, want: &Res, rtol: f64, atol: f64) {
     close(&format!("{tag} out"), &got.out, &want.out, rtol, atol);
-    close(&format!("{tag} final"), &got.fin, &want.fin, rtol.min(1e-7), 0.0);
+    close(
+        &format!("{tag} final"),
+        &got.fin,
+        &want.fin,
+        rtol.min(1e-7),
+        0.0,
+    );
     close(&format!("{tag} dx"), &got.dx, &want.dx, rtol, atol);
     // Weight and bias gradients sum over batch and time: scale atol with the count.
     close(&format!("{tag} dw"), &got.dw, &want.dw, rtol, atol * 8.0);
@@ -216,8 +222,20 @@ fn fwd_bwd_every_level_vs_reference() {
                 let want = reference(&c);
                 for level in Level::supported() {
                     let tag = format!("{level:?} k={k} l={l} mode={mode}");
-                    check(&format!("f64 {tag}"), &run::<f64>(level, &c), &want, 1e-12, 1e-12);
-                    check(&format!("f32 {tag}"), &run::<f32>(level, &c), &want, 1e-5, 2e-5);
+                    check(
+                        &format!("f64 {tag}"),
+                        &run::<f64>(level, &c),
+                        &want,
+                        1e-12,
+                        1e-12,
+                    );
+                    check(
+                        &format!("f32 {tag}"),
+                        &run::<f32>(level, &c),
+                        &want,
+                        1e-5,
+                        2e-5,
+                    );
                 }
             }
         }
@@ -242,7 +260,9 @@ fn thread_count_is_bitwise_invisible() {
                 (&one.di, &three.di),
             ] {
                 assert!(
-                    a.iter().zip(b.iter()).all(|(p, q)| p.to_bits() == q.to_bits()),
+                    a.iter()
+                        .zip(b.iter())
+                        .all(|(p, q)| p.to_bits() == q.to_bits()),
                     "{level:?} mode {mode}"
                 );
             }
@@ -284,7 +304,11 @@ fn upd<T: Cast>(
         slots,
     };
     let total = state.len() / (d * sl).max(1);
-    let total = if sl == 0 { slots.map_or(b, |_| 5) } else { total };
+    let total = if sl == 0 {
+        slots.map_or(b, |_| 5)
+    } else {
+        total
+    };
     conv_update(level, &s, &mut st, total, &mut out)?;
     Ok((back(&out), back(&st)))
 }
@@ -314,18 +338,53 @@ fn update_every_level_vs_reference() {
                     let silu = nt % 2 == 0;
                     let mut want_st = state.clone();
                     let want_out = refc::update(
-                        b, d, nt, k, sl, &x, &w, Some(&bias), silu, cache, slots, &mut want_st,
+                        b,
+                        d,
+                        nt,
+                        k,
+                        sl,
+                        &x,
+                        &w,
+                        Some(&bias),
+                        silu,
+                        cache,
+                        slots,
+                        &mut want_st,
                     );
                     for level in Level::supported() {
                         let tag = format!("{level:?} k={k} sl={sl} nt={nt} circ={circ} pad={pad}");
                         let (o, s) = upd::<f64>(
-                            level, b, d, nt, k, sl, &x, &w, Some(&bias), silu, cache, slots, &state,
+                            level,
+                            b,
+                            d,
+                            nt,
+                            k,
+                            sl,
+                            &x,
+                            &w,
+                            Some(&bias),
+                            silu,
+                            cache,
+                            slots,
+                            &state,
                         )
                         .unwrap();
                         close(&tag, &o, &want_out, 1e-12, 1e-12);
                         close(&tag, &s, &want_st, 0.0, 0.0);
                         let (o, s) = upd::<f32>(
-                            level, b, d, nt, k, sl, &x, &w, Some(&bias), silu, cache, slots, &state,
+                            level,
+                            b,
+                            d,
+                            nt,
+                            k,
+                            sl,
+                            &x,
+                            &w,
+                            Some(&bias),
+                            silu,
+                            cache,
+                            slots,
+                            &state,
                         )
                         .unwrap();
                         close(&tag, &o, &want_out, 1e-5, 2e-5);
@@ -349,7 +408,19 @@ fn streaming_update_equals_forward() {
         for t in 0..l {
             let xt: Vec<f64> = (0..b * d).map(|r| c.x[r * l + t]).collect();
             let (o, s) = upd::<f64>(
-                level, b, d, 1, k, k - 1, &xt, &c.w, c.bias.as_deref(), true, None, None, &state,
+                level,
+                b,
+                d,
+                1,
+                k,
+                k - 1,
+                &xt,
+                &c.w,
+                c.bias.as_deref(),
+                true,
+                None,
+                None,
+                &state,
             )
             .unwrap();
             state = s;
@@ -386,7 +457,10 @@ fn bad_update_writes_nothing() {
                 cache_seqlens: None,
                 slots: Some(&slots),
             };
-            assert!(conv_update(level, &s, &mut st, 4, &mut out).is_err(), "{slots:?}");
+            assert!(
+                conv_update(level, &s, &mut st, 4, &mut out).is_err(),
+                "{slots:?}"
+            );
             assert_eq!(st, state);
         }
         // state shorter than K-1
@@ -420,7 +494,11 @@ fn bad_shapes_are_errors() {
     };
     static SEQ: [i64; 6] = [0; 6];
     static INIT: [f64; 4] = [0.0; 4];
-    for (width, seq, init) in [mk(0, None, None), mk(2, Some(&SEQ), Some(&INIT)), mk(4, None, None)] {
+    for (width, seq, init) in [
+        mk(0, None, None),
+        mk(2, Some(&SEQ), Some(&INIT)),
+        mk(4, None, None),
+    ] {
         let s = ConvArgs {
             batch: 2,
             dim: 2,
