@@ -78,3 +78,39 @@ def selective_state_update(
 # --- causal conv (SPEC §3)
 
 # --- bilinear (SPEC §5)
+
+BILINEAR_MAX_STATE: int
+BILINEAR_PAR_CHUNK: int
+
+def bilinear_scan_fwd(
+    b: _F, a0: _F, nmat: _F, v: _F, h0: _F | None, parallel: bool, xs: _F, last: _F
+) -> None: ...
+def bilinear_tv_scan_fwd(
+    b: _F, a: _F, h0: _F | None, parallel: bool, xs: _F, last: _F
+) -> None: ...
+def bilinear_scan_bwd(
+    b: _F,
+    a0: _F,
+    nmat: _F,
+    v: _F,
+    h0: _F | None,
+    xs: _F,
+    dxs: _F,
+    dlast: _F | None,
+    db: _F,
+    da0: _F,
+    dn: _F,
+    dv: _F,
+    dh0: _F,
+) -> None: ...
+def bilinear_tv_scan_bwd(
+    b: _F,
+    a: _F,
+    h0: _F | None,
+    xs: _F,
+    dxs: _F,
+    dlast: _F | None,
+    db: _F,
+    da: _F,
+    dh0: _F,
+) -> None: ...
