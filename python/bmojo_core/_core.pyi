@@ -85,9 +85,7 @@ BILINEAR_PAR_CHUNK: int
 def bilinear_scan_fwd(
     b: _F, a0: _F, nmat: _F, v: _F, h0: _F | None, parallel: bool, xs: _F, last: _F
 ) -> None: ...
-def bilinear_tv_scan_fwd(
-    b: _F, a: _F, h0: _F | None, parallel: bool, xs: _F, last: _F
-) -> None: ...
+def bilinear_tv_scan_fwd(b: _F, a: _F, h0: _F | None, parallel: bool, xs: _F, last: _F) -> None: ...
 def bilinear_scan_bwd(
     b: _F,
     a0: _F,

@@ -90,16 +90,17 @@ pub fn backward(s: &BilinearArgs<'_, f64>, dxs: &[f64], dlast: Option<&[f64]>) -
                     g.da[(row * l + t) * nn..(row * l + t + 1) * nn].copy_from_slice(&dat)
                 }
                 Trans::Modulated { nmat, v, .. } => {
-                    for e in 0..nn {
-                        g.da[e] += dat[e];
+                    for (d, &x) in g.da.iter_mut().zip(&dat) {
+                        *d += x;
                     }
                     for j in 0..m {
                         let vj = v[(row * l + t) * m + j];
                         let nj = &nmat[j * nn..(j + 1) * nn];
                         let mut dvj = 0.0;
-                        for e in 0..nn {
-                            g.dn[j * nn + e] += vj * dat[e];
-                            dvj += nj[e] * dat[e];
+                        let dnj = &mut g.dn[j * nn..(j + 1) * nn];
+                        for ((d, &x), &nje) in dnj.iter_mut().zip(&dat).zip(nj) {
+                            *d += vj * x;
+                            dvj += nje * x;
                         }
                         g.dv[(row * l + t) * m + j] = dvj;
                     }
