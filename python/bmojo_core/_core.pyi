@@ -107,5 +107,73 @@ def companion_scan_bwd(
 ) -> None: ...
 
 # --- causal conv (SPEC §3)
+def causal_conv1d_fwd(
+    x: _F,
+    weight: _F,
+    bias: _F | None,
+    seq_idx: _I | npt.NDArray[np.int32] | None,
+    initial_states: _F | None,
+    silu: bool,
+    out: _F,
+    final_states: _F | None,
+) -> None: ...
+def causal_conv1d_bwd(
+    x: _F,
+    weight: _F,
+    bias: _F | None,
+    seq_idx: _I | npt.NDArray[np.int32] | None,
+    initial_states: _F | None,
+    dout: _F,
+    dfinal_states: _F | None,
+    silu: bool,
+    dx: _F,
+    dweight: _F,
+    dbias: _F,
+    dinitial_states: _F | None,
+) -> None: ...
+def causal_conv1d_update(
+    x: _F,
+    conv_state: _F,
+    weight: _F,
+    bias: _F | None,
+    silu: bool,
+    cache_seqlens: _I | npt.NDArray[np.int32] | None,
+    conv_state_indices: _I | npt.NDArray[np.int32] | None,
+    out: _F | None,
+) -> _F | None: ...
 
 # --- bilinear (SPEC §5)
+
+BILINEAR_MAX_STATE: int
+BILINEAR_PAR_CHUNK: int
+
+def bilinear_scan_fwd(
+    b: _F, a0: _F, nmat: _F, v: _F, h0: _F | None, parallel: bool, xs: _F, last: _F
+) -> None: ...
+def bilinear_tv_scan_fwd(b: _F, a: _F, h0: _F | None, parallel: bool, xs: _F, last: _F) -> None: ...
+def bilinear_scan_bwd(
+    b: _F,
+    a0: _F,
+    nmat: _F,
+    v: _F,
+    h0: _F | None,
+    xs: _F,
+    dxs: _F,
+    dlast: _F | None,
+    db: _F,
+    da0: _F,
+    dn: _F,
+    dv: _F,
+    dh0: _F,
+) -> None: ...
+def bilinear_tv_scan_bwd(
+    b: _F,
+    a: _F,
+    h0: _F | None,
+    xs: _F,
+    dxs: _F,
+    dlast: _F | None,
+    db: _F,
+    da: _F,
+    dh0: _F,
+) -> None: ...

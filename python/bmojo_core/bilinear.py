@@ -1,7 +1,300 @@
-"""Bilinear and time-varying dense scans, SPEC §5. Placeholder until the kernel lands."""
+"""Bilinear and time-varying dense scans, SPEC §5.
+
+``x_t = A_t x_{t-1} + B u_t``, ``y_t = C x_t + D u_t`` with a dense state of size
+``n <= 64`` and ``A_t`` either modulated, ``A_t = A0 + Σ_j v_{t,j} N_j`` (bilinear;
+``N = None`` is the LTI case), or given per step ``A (batch, L, n, n)``.
+
+The recurrence ``X_t = A_t X_{t-1} + b_t`` and its adjoint run in Rust (ops
+``bmojo::bilinear_scan_fwd/bwd`` for the modulated form, ``bmojo::bilinear_tv_scan_fwd/bwd``
+for per-step matrices); ``b_t = B u_t`` and the read-out are torch ops around them.
+"""
 
 from __future__ import annotations
 
+import torch
+from torch import Tensor
 
-def bilinear_scan(*args, **kwargs):
-    raise NotImplementedError("bilinear_scan is being implemented")
+from . import _core
+from . import _validate as V
+
+MAX_STATE: int = _core.BILINEAR_MAX_STATE
+PAR_CHUNK: int = _core.BILINEAR_PAR_CHUNK
+METHODS = ("auto", "sequential", "parallel")
+
+
+def _np(t: Tensor):
+    return t.detach().contiguous().numpy()
+
+
+def _np_opt(t: Tensor | None):
+    return None if t is None else _np(t)
+
+
+# ----------------------------------------------------------------------------- modulated
+
+
+@torch.library.custom_op("bmojo::bilinear_scan_fwd", mutates_args=(), device_types="cpu")
+def bilinear_scan_fwd(
+    b: Tensor, A0: Tensor, N: Tensor, v: Tensor, initial_state: Tensor | None, parallel: bool
+) -> tuple[Tensor, Tensor]:
+    """``X_t = (A0 + Σ_j v_{t,j} N_j) X_{t-1} + b_t``. b (batch, L, n), A0 (n, n),
+    N (m, n, n), v (batch, L, m), initial_state (batch, n); one float dtype
+    (float32/float64). Returns (states (batch, L, n), final state (batch, n))."""
+    xs = torch.empty_like(b, memory_format=torch.contiguous_format)
+    last = b.new_empty(b.shape[0], b.shape[2])
+    _core.bilinear_scan_fwd(
+        _np(b), _np(A0), _np(N), _np(v), _np_opt(initial_state), parallel, xs.numpy(),
+        last.numpy(),
+    )  # fmt: skip
+    return xs, last
+
+
+@bilinear_scan_fwd.register_fake
+def _(b, A0, N, v, initial_state, parallel):
+    return torch.empty_like(b), b.new_empty(b.shape[0], b.shape[2])
+
+
+@torch.library.custom_op("bmojo::bilinear_scan_bwd", mutates_args=(), device_types="cpu")
+def bilinear_scan_bwd(
+    b: Tensor,
+    A0: Tensor,
+    N: Tensor,
+    v: Tensor,
+    initial_state: Tensor | None,
+    xs: Tensor,
+    dxs: Tensor,
+    dlast: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients (db, dA0, dN, dv, dinitial_state) of `bilinear_scan_fwd` by the adjoint
+    recurrence (sequential over time, parallel over the batch, deterministic)."""
+    db, dv = torch.empty_like(b), torch.empty_like(v)
+    dA0, dN = torch.empty_like(A0), torch.empty_like(N)
+    dh0 = b.new_empty(b.shape[0], b.shape[2])
+    _core.bilinear_scan_bwd(
+        _np(b), _np(A0), _np(N), _np(v), _np_opt(initial_state), _np(xs), _np(dxs),
+        _np_opt(dlast), db.numpy(), dA0.numpy(), dN.numpy(), dv.numpy(), dh0.numpy(),
+    )  # fmt: skip
+    return db, dA0, dN, dv, dh0
+
+
+@bilinear_scan_bwd.register_fake
+def _(b, A0, N, v, initial_state, xs, dxs, dlast):
+    return (
+        torch.empty_like(b),
+        torch.empty_like(A0),
+        torch.empty_like(N),
+        torch.empty_like(v),
+        b.new_empty(b.shape[0], b.shape[2]),
+    )
+
+
+def _mod_setup(ctx, inputs, output):
+    b, A0, N, v, initial_state, parallel = inputs
+    ctx.has_init = initial_state is not None
+    ctx.save_for_backward(b, A0, N, v, initial_state, output[0])
+
+
+def _mod_backward(ctx, dxs, dlast):
+    b, A0, N, v, initial_state, xs = ctx.saved_tensors
+    if dxs is None:
+        dxs = torch.zeros_like(xs)
+    db, dA0, dN, dv, dh0 = torch.ops.bmojo.bilinear_scan_bwd(
+        b, A0, N, v, initial_state, xs, dxs.contiguous(),
+        None if dlast is None else dlast.contiguous(),
+    )  # fmt: skip
+    return db, dA0, dN, dv, (dh0 if ctx.has_init else None), None
+
+
+bilinear_scan_fwd.register_autograd(_mod_backward, setup_context=_mod_setup)
+
+
+# ----------------------------------------------------------------------------- per-step A
+
+
+@torch.library.custom_op("bmojo::bilinear_tv_scan_fwd", mutates_args=(), device_types="cpu")
+def bilinear_tv_scan_fwd(
+    b: Tensor, A: Tensor, initial_state: Tensor | None, parallel: bool
+) -> tuple[Tensor, Tensor]:
+    """``X_t = A_t X_{t-1} + b_t`` with A (batch, L, n, n). Returns (states, final state)."""
+    xs = torch.empty_like(b, memory_format=torch.contiguous_format)
+    last = b.new_empty(b.shape[0], b.shape[2])
+    _core.bilinear_tv_scan_fwd(
+        _np(b), _np(A), _np_opt(initial_state), parallel, xs.numpy(), last.numpy()
+    )
+    return xs, last
+
+
+@bilinear_tv_scan_fwd.register_fake
+def _(b, A, initial_state, parallel):
+    return torch.empty_like(b), b.new_empty(b.shape[0], b.shape[2])
+
+
+@torch.library.custom_op("bmojo::bilinear_tv_scan_bwd", mutates_args=(), device_types="cpu")
+def bilinear_tv_scan_bwd(
+    b: Tensor,
+    A: Tensor,
+    initial_state: Tensor | None,
+    xs: Tensor,
+    dxs: Tensor,
+    dlast: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients (db, dA, dinitial_state) of `bilinear_tv_scan_fwd`."""
+    db, dA = torch.empty_like(b), torch.empty_like(A)
+    dh0 = b.new_empty(b.shape[0], b.shape[2])
+    _core.bilinear_tv_scan_bwd(
+        _np(b), _np(A), _np_opt(initial_state), _np(xs), _np(dxs), _np_opt(dlast),
+        db.numpy(), dA.numpy(), dh0.numpy(),
+    )  # fmt: skip
+    return db, dA, dh0
+
+
+@bilinear_tv_scan_bwd.register_fake
+def _(b, A, initial_state, xs, dxs, dlast):
+    return torch.empty_like(b), torch.empty_like(A), b.new_empty(b.shape[0], b.shape[2])
+
+
+def _tv_setup(ctx, inputs, output):
+    b, A, initial_state, parallel = inputs
+    ctx.has_init = initial_state is not None
+    ctx.save_for_backward(b, A, initial_state, output[0])
+
+
+def _tv_backward(ctx, dxs, dlast):
+    b, A, initial_state, xs = ctx.saved_tensors
+    if dxs is None:
+        dxs = torch.zeros_like(xs)
+    db, dA, dh0 = torch.ops.bmojo.bilinear_tv_scan_bwd(
+        b, A, initial_state, xs, dxs.contiguous(),
+        None if dlast is None else dlast.contiguous(),
+    )  # fmt: skip
+    return db, dA, (dh0 if ctx.has_init else None), None
+
+
+bilinear_tv_scan_fwd.register_autograd(_tv_backward, setup_context=_tv_setup)
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def use_parallel(batch: int, length: int, n: int, m: int) -> bool:
+    """The ``method="auto"`` rule (from the measurements in the README of this module's
+    benchmark, 2-core machine): the chunked parallel forward does ``n + 1`` times the
+    work of the sequential one, so it only pays where the sequential scan leaves cores
+    idle (fewer rows than ~2 per core) and is latency-bound (small state), and where
+    there are enough chunks to share."""
+    return batch == 1 and n <= 8 and length >= 8 * PAR_CHUNK
+
+
+def bilinear_scan(
+    u: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor | None = None,
+    D: Tensor | None = None,
+    N: Tensor | None = None,
+    v: Tensor | None = None,
+    initial_state: Tensor | None = None,
+    return_final_state: bool = False,
+    method: str = "auto",
+):
+    """Bilinear / time-varying dense state-space scan (SPEC §5).
+
+    ``x_t = A_t x_{t-1} + B u_t`` and ``y_t = C x_t + D u_t`` (``x_t`` is the state
+    after consuming ``u_t``; ``x_0 = initial_state``, default zero), with
+
+    * ``A (n, n)`` and optional ``N (m, n, n)``: ``A_t = A + Σ_j v_{t,j} N_j`` where
+      ``v (batch, L, m)`` defaults to ``u`` (then ``m`` must equal ``p``);
+    * ``A (batch, L, n, n)``: the transition of every step (``N``/``v`` not allowed).
+
+    Shapes: ``u (batch, L, p)``, ``B (n, p)``, ``C (q, n)``, ``D (q, p)`` (needs ``C``),
+    ``initial_state (batch, n)``; ``1 <= n <= 64``. Returns ``y (batch, L, q)`` — the
+    states ``(batch, L, n)`` when ``C`` is None — in ``u``'s dtype, plus the final state
+    ``(batch, n)`` in the compute dtype (float64 for float64 inputs, else float32) when
+    ``return_final_state``. Differentiable in every tensor input, through the final state
+    too. ``method``: ``"sequential"``, ``"parallel"`` (chunked affine-map composition, for
+    long sequences on few rows; the backward is sequential either way) or ``"auto"``
+    (:func:`use_parallel`).
+    """
+    V.tensor("u", u)
+    if u.dim() != 3:
+        raise V.BmojoValueError(f"u: expected shape (batch, L, p), got {tuple(u.shape)}")
+    batch, length, p = u.shape
+    V.tensor("A", A)
+    if A.dim() == 2:
+        per_step = False
+        n = A.shape[0]
+        V.shape("A", A, (n, n), "(n, n) for a constant or modulated A")
+    elif A.dim() == 4:
+        per_step = True
+        n = A.shape[2]
+        V.shape("A", A, (batch, length, n, n), "(batch, L, n, n) for a per-step A")
+    else:
+        raise V.BmojoValueError(
+            f"A: expected shape (n, n) or (batch, L, n, n), got {tuple(A.shape)}"
+        )
+    if not 1 <= n <= MAX_STATE:
+        raise V.BmojoValueError(f"A: state size n must be in 1..{MAX_STATE}, got {n}")
+    V.tensor("B", B)
+    V.shape("B", B, (n, p), "(n, p)")
+    if N is not None:
+        if per_step:
+            raise V.BmojoValueError(
+                "N: only allowed with a constant A (n, n); with a per-step A (batch, L, n, n) "
+                "fold the modulation into A"
+            )
+        V.tensor("N", N)
+        V.shape("N", N, (None, n, n), "(m, n, n)")
+        m = N.shape[0]
+        if v is None:
+            if m not in (p, 0):
+                raise V.BmojoValueError(
+                    f"v: required when N has m = {m} matrices and u has p = {p} channels "
+                    "(v defaults to u only when m == p)"
+                )
+        else:
+            V.tensor("v", v)
+            V.shape("v", v, (batch, length, m), "(batch, L, m)")
+    elif v is not None:
+        raise V.BmojoValueError("v: given without N (v modulates A through N)")
+    if C is not None:
+        V.tensor("C", C)
+        V.shape("C", C, (None, n), "(q, n)")
+    if D is not None:
+        if C is None:
+            raise V.BmojoValueError("D: needs C (y = C x + D u); pass C as well")
+        V.tensor("D", D)
+        V.shape("D", D, (C.shape[0], p), "(q, p)")
+    if initial_state is not None:
+        V.tensor("initial_state", initial_state)
+        V.shape("initial_state", initial_state, (batch, n), "(batch, n)")
+    if not isinstance(method, str) or method not in METHODS:
+        raise V.BmojoValueError(f"method: expected one of {METHODS}, got {method!r}")
+    named = {"u": u, "A": A, "B": B, "C": C, "D": D, "N": N, "v": v,
+             "initial_state": initial_state}  # fmt: skip
+    cdt = V.compute_dtype(named, "u")
+    c = V.as_compute
+    uc = c(u, cdt)
+    b = torch.matmul(uc, c(B, cdt).t()).contiguous()
+    h0 = c(initial_state, cdt)
+    if method == "auto":
+        parallel = use_parallel(batch, length, n, 0 if N is None else N.shape[0])
+    else:
+        parallel = method == "parallel"
+    if per_step:
+        xs, last = torch.ops.bmojo.bilinear_tv_scan_fwd(b, c(A, cdt), h0, parallel)
+    else:
+        if N is None or N.shape[0] == 0:
+            Nk = b.new_zeros(0, n, n) if N is None else c(N, cdt)
+            vk = b.new_zeros(batch, length, 0)
+        else:
+            Nk = c(N, cdt)
+            vk = uc if v is None else c(v, cdt)
+        xs, last = torch.ops.bmojo.bilinear_scan_fwd(b, c(A, cdt), Nk, vk, h0, parallel)
+    if C is None:
+        y = xs
+    else:
+        y = torch.matmul(xs, c(C, cdt).t())
+        if D is not None:
+            y = y + torch.matmul(uc, c(D, cdt).t())
+    y = y.to(u.dtype)
+    return (y, last) if return_final_state else y

@@ -435,8 +435,152 @@ def companion_scan_ref(
 
 
 # ============================================================ causal conv (SPEC §3)
-# (causal conv references go here)
+
+
+def causal_conv1d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    seq_idx: torch.Tensor | None = None,
+    initial_states: torch.Tensor | None = None,
+    activation: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal depthwise convolution as a sum of shifted copies of x (no conv1d):
+    ``y_t = bias + Σ_i weight[:, K-1-i] · x_{t-i}``, with ``x_{t-i}`` taken from
+    ``initial_states`` (or zero) before the start and cut where ``seq_idx`` changes between
+    t-i and t. Returns ``(out, final_states)`` in x's dtype; final_states are the last K-1
+    inputs of ``cat(initial_states or zeros, x)``."""
+    dtype_in = x.dtype
+    cdt = _compute_dtype(x, weight, bias, initial_states)
+    x, weight = x.to(cdt), weight.to(cdt)
+    b, d, length = x.shape
+    k = weight.shape[1]
+    pad = initial_states.to(cdt) if initial_states is not None else x.new_zeros(b, d, k - 1)
+    ext = torch.cat([pad, x], dim=-1)  # ext[..., j + K - 1] = x_j
+    y = (
+        x.new_zeros(b, d, length)
+        if bias is None
+        else bias.to(cdt)[None, :, None].expand(b, d, length)
+    )
+    if seq_idx is not None:
+        # start[t] = first position of t's sequence
+        change = torch.ones(b, length, dtype=torch.bool)
+        change[:, 1:] = seq_idx[:, 1:] != seq_idx[:, :-1]
+        pos = torch.arange(length).expand(b, length)
+        start = torch.cummax(torch.where(change, pos, torch.zeros_like(pos)), dim=1).values
+    for i in range(k):
+        shifted = ext[..., k - 1 - i : k - 1 - i + length]
+        term = weight[None, :, k - 1 - i, None] * shifted
+        if seq_idx is not None:
+            ok = (torch.arange(length)[None, :] - i) >= start
+            term = term * ok[:, None, :].to(cdt)
+        y = y + term
+    if activation in ("silu", "swish"):
+        y = F.silu(y)
+    final = ext[..., ext.shape[-1] - (k - 1) :]
+    return y.to(dtype_in), final.to(dtype_in)
+
+
+def causal_conv1d_update(
+    x: torch.Tensor,
+    conv_state: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    activation: str | None = None,
+    cache_seqlens: torch.Tensor | None = None,
+    conv_state_indices: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """causal-conv1d's ``causal_conv1d_update_ref`` semantics, row by row, plus a slot
+    pool (``conv_state_indices``; negative = padding row: zero output, no write). Updates
+    ``conv_state`` in place."""
+    dtype_in = x.dtype
+    squeeze = x.dim() == 2
+    if squeeze:
+        x = x.unsqueeze(-1)
+    b, d, ntok = x.shape
+    k = weight.shape[1]
+    s = conv_state.shape[-1]
+    cdt = _compute_dtype(x, weight, bias, conv_state)
+    w = weight.to(cdt)
+    out = torch.zeros(b, d, ntok, dtype=cdt)
+    for i in range(b):
+        slot = i if conv_state_indices is None else int(conv_state_indices[i])
+        if slot < 0:
+            continue
+        st = conv_state[slot].to(cdt)
+        xi = x[i].to(cdt)
+        if cache_seqlens is None:
+            full = torch.cat([st, xi], dim=-1)
+            conv_state[slot].copy_(full[:, full.shape[-1] - s :])
+        else:
+            c = int(cache_seqlens[i])
+            idx = [(c - (k - 1) + j) % s for j in range(k - 1)]
+            full = torch.cat([st[:, idx], xi], dim=-1)
+            new = st.clone()
+            for t in range(ntok if s else 0):
+                new[:, (c + t) % s] = xi[:, t]
+            conv_state[slot].copy_(new)
+        y = F.conv1d(full[None], w[:, None, :], None if bias is None else bias.to(cdt), groups=d)
+        out[i] = y[0, :, -ntok:] if ntok else y[0, :, :0]
+    if activation in ("silu", "swish"):
+        out = F.silu(out)
+    if squeeze:
+        out = out.squeeze(-1)
+    return out.to(dtype_in)
 
 
 # ============================================================ bilinear (SPEC §5)
-# (bilinear references go here)
+
+
+def bilinear_scan_ref(
+    u: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor | None = None,
+    D: torch.Tensor | None = None,
+    N: torch.Tensor | None = None,
+    v: torch.Tensor | None = None,
+    initial_state: torch.Tensor | None = None,
+    return_final_state: bool = False,
+):
+    """Bilinear / time-varying dense scan, one step at a time (SPEC §5).
+
+    ``x_t = A_t x_{t-1} + B u_t``, ``y_t = C x_t + D u_t`` with ``A_t = A + Σ_j v_{t,j}
+    N_j`` (``A (n, n)``, ``N (m, n, n)``, ``v (batch, L, m)`` defaulting to ``u``) or
+    ``A_t = A[:, t]`` for ``A (batch, L, n, n)``. ``u (batch, L, p)``, ``B (n, p)``,
+    ``C (q, n)``, ``D (q, p)``, ``initial_state (batch, n)``. Returns ``y`` (the states
+    when ``C`` is None) in ``u``'s dtype, and the final state in the compute dtype when
+    ``return_final_state``.
+    """
+    cdt = _compute_dtype(u, A, B, C, D, N, v, initial_state)
+    batch, L, _ = u.shape
+    uc, Ac, Bc = u.to(cdt), A.to(cdt), B.to(cdt)
+    n = Bc.shape[0]
+    if N is not None and v is None:
+        v = u
+    x = (
+        torch.zeros(batch, n, dtype=cdt, device=u.device)
+        if initial_state is None
+        else initial_state.to(cdt)
+    )
+    xs = []
+    for t in range(L):
+        if Ac.dim() == 4:
+            At = Ac[:, t]
+        else:
+            At = Ac.expand(batch, n, n)
+            if N is not None:
+                At = At + torch.einsum("bm,mij->bij", v[:, t].to(cdt), N.to(cdt))
+        x = torch.einsum("bij,bj->bi", At, x) + uc[:, t] @ Bc.T
+        xs.append(x)
+    states = torch.stack(xs, 1) if L > 0 else torch.zeros(batch, 0, n, dtype=cdt)
+    if C is None:
+        y = states
+    else:
+        y = states @ C.to(cdt).T
+        if D is not None:
+            y = y + uc @ D.to(cdt).T
+    y = y.to(u.dtype)
+    if return_final_state:
+        return y, (x.clone() if L == 0 else x)
+    return y

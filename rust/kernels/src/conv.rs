@@ -1,1 +1,731 @@
 //! Nilpotent shift state: causal depthwise convolution and its ring-buffer update, SPEC §3.
+//!
+//! `y_t[d] = bias[d] + Σ_k w[d, k] · x_{t-K+1+k}[d]` (inputs before the start come from the
+//! initial state, or are zero), optionally followed by SiLU.
+//!
+//! Layout: `x`, `out` `(batch, dim, len)`; `weight (dim, K)`; `bias (dim,)`; initial and
+//! final states `(batch, dim, K-1)`, oldest first; `seq_idx (batch, len)`.
+//!
+//! A row (batch, channel) is contiguous in time, so vectors run along time inside a row:
+//! the output vector at `t..t+W` is `bias + Σ_k w[k] · x[t-K+1+k ..]`. Positions whose taps
+//! reach before the row start or across a change of `seq_idx` are computed one at a time.
+//! Tasks are fixed blocks of rows (independent of the thread count) and the weight and bias
+//! gradients are summed from per-row partials in batch order, so results are bitwise
+//! independent of the number of threads.
+
+use crate::dispatch::{dispatch, Kernel, Level, SimdElem};
+use crate::pool;
+use crate::simd::{sigmoid, Elem, Vector};
+
+/// Elements of a task (rows × length): large enough to pay for a task, small enough to
+/// balance.
+const TASK_ELEMS: usize = 1 << 14;
+
+pub struct ConvArgs<'a, T> {
+    pub batch: usize,
+    pub dim: usize,
+    pub len: usize,
+    pub width: usize,
+    pub x: &'a [T],
+    pub weight: &'a [T],
+    pub bias: Option<&'a [T]>,
+    pub init: Option<&'a [T]>,
+    pub seq_idx: Option<&'a [i64]>,
+    pub silu: bool,
+}
+
+/// One row's read-only inputs. `st[t]` is the first position of t's sequence (from
+/// `seq_idx`); without it every tap is valid and taps before 0 read `init` (or zero).
+struct Row<'r, T> {
+    x: &'r [T],
+    w: &'r [T],
+    bias: T,
+    init: Option<&'r [T]>,
+    st: Option<&'r [i64]>,
+}
+
+impl<T: Elem> Row<'_, T> {
+    /// Input `j` as seen by output `t` (j ≤ t, j may be negative).
+    #[inline(always)]
+    fn tap(&self, t: usize, j: isize) -> T {
+        if j >= 0 {
+            match self.st {
+                Some(st) if (j as i64) < st[t] => T::ZERO,
+                _ => self.x[j as usize],
+            }
+        } else {
+            match (self.st, self.init) {
+                (None, Some(h)) => h[(h.len() as isize + j) as usize],
+                _ => T::ZERO,
+            }
+        }
+    }
+
+    /// Pre-activation at `t`, one position.
+    #[inline(always)]
+    fn pre_at(&self, t: usize) -> T {
+        let km = self.w.len() - 1;
+        let mut acc = self.bias;
+        for (k, &wk) in self.w.iter().enumerate() {
+            acc = wk * self.tap(t, t as isize + k as isize - km as isize) + acc;
+        }
+        acc
+    }
+
+    /// Whether outputs `t..t+n` have all their taps inside the row and their sequence.
+    #[inline(always)]
+    fn fast(&self, t: usize, n: usize) -> bool {
+        let km = self.w.len() - 1;
+        t >= km
+            && t + n <= self.x.len()
+            && self.st.is_none_or(|st| st[t + n - 1] <= (t - km) as i64)
+    }
+
+    /// Whether inputs `j..j+n` reach only outputs of their own sequence (the gradient's
+    /// taps `t ∈ [j, j+K-1]`).
+    #[inline(always)]
+    fn fast_adj(&self, j: usize, n: usize) -> bool {
+        let l = self.x.len();
+        j + n <= l
+            && self
+                .st
+                .is_none_or(|st| st[(j + n - 1 + self.w.len() - 1).min(l - 1)] <= j as i64)
+    }
+}
+
+/// Splats the row's weights into `wv`.
+#[inline(always)]
+fn splat_weights<V: Vector>(w: &[V::E], wv: &mut Vec<V>) {
+    wv.clear();
+    wv.extend(w.iter().map(|&x| V::splat(x)));
+}
+
+/// Pre-activations of one row into `out (len)`.
+#[inline(always)]
+fn pre_row<V: Vector>(r: &Row<'_, V::E>, wv: &[V], out: &mut [V::E]) {
+    let (l, w, km) = (r.x.len(), V::W, r.w.len() - 1);
+    let bias = V::splat(r.bias);
+    let mut t = 0;
+    while t < l {
+        if r.fast(t, w) {
+            let mut acc = bias;
+            for (k, wk) in wv.iter().enumerate() {
+                acc = wk.fma(V::load(&r.x[t + k - km..]), acc);
+            }
+            acc.store(&mut out[t..]);
+            t += w;
+        } else {
+            out[t] = r.pre_at(t);
+            t += 1;
+        }
+    }
+}
+
+/// Applies `f` to `buf` a vector at a time (the tail through a padded vector, so every
+/// element sees the same arithmetic).
+#[inline(always)]
+fn map_vec<V: Vector, F: Fn(V) -> V>(buf: &mut [V::E], f: F) {
+    let w = V::W;
+    let mut chunks = buf.chunks_exact_mut(w);
+    for c in &mut chunks {
+        f(V::load(c)).store(c);
+    }
+    let rest = chunks.into_remainder();
+    if !rest.is_empty() {
+        let mut tmp = [V::E::ZERO; 16];
+        tmp[..rest.len()].copy_from_slice(rest);
+        f(V::load(&tmp)).store(&mut tmp);
+        let n = rest.len();
+        rest.copy_from_slice(&tmp[..n]);
+    }
+}
+
+#[inline(always)]
+fn silu<V: Vector>(v: V) -> V {
+    v.mul(sigmoid(v))
+}
+
+/// `d silu(p) / dp = s (1 + p (1 - s))` with `s = sigmoid(p)`.
+#[inline(always)]
+fn dsilu<V: Vector>(p: V) -> V {
+    let one = V::splat(V::E::ONE);
+    let s = sigmoid(p);
+    s.mul(p.mul(one.sub(s)).add(one))
+}
+
+/// The last K-1 inputs of a row (initial ones included when len < K-1), oldest first.
+fn final_row<T: Elem>(x: &[T], init: Option<&[T]>, fin: &mut [T]) {
+    let (l, km) = (x.len() as isize, fin.len() as isize);
+    for (i, f) in fin.iter_mut().enumerate() {
+        let j = l - km + i as isize;
+        *f = if j >= 0 {
+            x[j as usize]
+        } else {
+            init.map_or(T::ZERO, |h| h[(km + j) as usize])
+        };
+    }
+}
+
+/// First position of each position's sequence, `(batch, len)`.
+fn seg_starts(seq: &[i64], len: usize) -> Vec<i64> {
+    let mut st = vec![0i64; seq.len()];
+    if len == 0 {
+        return st;
+    }
+    for (srow, qrow) in st.chunks_mut(len).zip(seq.chunks(len)) {
+        let mut s0 = 0;
+        for t in 0..len {
+            if t > 0 && qrow[t] != qrow[t - 1] {
+                s0 = t;
+            }
+            srow[t] = s0 as i64;
+        }
+    }
+    st
+}
+
+fn check_args<T>(s: &ConvArgs<'_, T>) -> Result<(), String> {
+    let (b, d, l, k) = (s.batch, s.dim, s.len, s.width);
+    if k == 0 {
+        return Err("weight: the width K must be >= 1".into());
+    }
+    if s.seq_idx.is_some() && s.init.is_some() {
+        return Err("seq_idx: cannot be combined with initial_states".into());
+    }
+    for (name, got, want) in [
+        ("x", s.x.len(), b * d * l),
+        ("weight", s.weight.len(), d * k),
+        ("bias", s.bias.map_or(d, <[T]>::len), d),
+        (
+            "initial_states",
+            s.init.map_or(b * d * (k - 1), <[T]>::len),
+            b * d * (k - 1),
+        ),
+        ("seq_idx", s.seq_idx.map_or(b * l, <[i64]>::len), b * l),
+    ] {
+        if got != want {
+            return Err(format!("{name}: expected {want} elements, got {got}"));
+        }
+    }
+    Ok(())
+}
+
+/// Row blocks: `(first row, rows)` of a fixed size that depends only on the length.
+fn row_blocks(rows: usize, len: usize) -> Vec<(usize, usize)> {
+    let per = (TASK_ELEMS / len.max(1)).max(1);
+    (0..rows)
+        .step_by(per)
+        .map(|r0| (r0, per.min(rows - r0)))
+        .collect()
+}
+
+/// Splits `data` into the per-block pieces of `per_row` elements per row.
+fn split_rows<'a, T>(
+    data: &'a mut [T],
+    blocks: &[(usize, usize)],
+    per_row: usize,
+) -> Vec<&'a mut [T]> {
+    let lens: Vec<usize> = blocks.iter().map(|&(_, n)| n * per_row).collect();
+    pool::split_lengths(data, &lens)
+}
+
+fn row<'r, T: Elem>(s: &'r ConvArgs<'_, T>, st: &'r Option<Vec<i64>>, r: usize) -> Row<'r, T> {
+    let (d, l, k) = (s.dim, s.len, s.width);
+    let (b, c) = (r / d, r % d);
+    Row {
+        x: &s.x[r * l..(r + 1) * l],
+        w: &s.weight[c * k..(c + 1) * k],
+        bias: s.bias.map_or(T::ZERO, |bb| bb[c]),
+        init: s.init.map(|h| &h[r * (k - 1)..(r + 1) * (k - 1)]),
+        st: st.as_ref().map(|v| &v[b * l..(b + 1) * l]),
+    }
+}
+
+// ---------------------------------------------------------------------------- forward
+
+struct FwdTask<'s, 'a, T> {
+    s: &'s ConvArgs<'a, T>,
+    st: &'s Option<Vec<i64>>,
+    r0: usize,
+    rows: usize,
+    out: &'s mut [T],
+    fin: Option<&'s mut [T]>,
+}
+
+impl<T: SimdElem> Kernel<T> for FwdTask<'_, '_, T> {
+    type Out = ();
+    #[inline(always)]
+    fn run<V: Vector<E = T>>(self) {
+        let FwdTask {
+            s,
+            st,
+            r0,
+            rows,
+            out,
+            mut fin,
+        } = self;
+        let (l, km) = (s.len, s.width - 1);
+        let mut wv = Vec::with_capacity(s.width);
+        for i in 0..rows {
+            let r = row(s, st, r0 + i);
+            let o = &mut out[i * l..(i + 1) * l];
+            splat_weights::<V>(r.w, &mut wv);
+            pre_row::<V>(&r, &wv, o);
+            if s.silu {
+                map_vec::<V, _>(o, silu::<V>);
+            }
+            if let Some(f) = fin.as_deref_mut() {
+                final_row(r.x, r.init, &mut f[i * km..(i + 1) * km]);
+            }
+        }
+    }
+}
+
+/// Forward: writes `out (batch, dim, len)` and, if given, `final_states (batch, dim, K-1)`.
+pub fn conv_fwd<T: SimdElem>(
+    level: Level,
+    s: &ConvArgs<'_, T>,
+    out: &mut [T],
+    final_states: Option<&mut [T]>,
+) -> Result<(), String> {
+    check_args(s)?;
+    let (rows, l, km) = (s.batch * s.dim, s.len, s.width - 1);
+    if out.len() != rows * l {
+        return Err(format!(
+            "out: expected {} elements, got {}",
+            rows * l,
+            out.len()
+        ));
+    }
+    if let Some(f) = &final_states {
+        if f.len() != rows * km {
+            return Err(format!(
+                "final_states: expected {} elements, got {}",
+                rows * km,
+                f.len()
+            ));
+        }
+    }
+    let st = s.seq_idx.map(|q| seg_starts(q, l));
+    let blocks = row_blocks(rows, l);
+    let outs = split_rows(out, &blocks, l);
+    let fins: Vec<Option<&mut [T]>> = match final_states {
+        Some(f) => split_rows(f, &blocks, km).into_iter().map(Some).collect(),
+        None => blocks.iter().map(|_| None).collect(),
+    };
+    let items: Vec<_> = blocks.into_iter().zip(outs).zip(fins).collect();
+    pool::for_each(items, rows * l * s.width, |_, (((r0, n), out), fin)| {
+        dispatch(
+            level,
+            FwdTask {
+                s,
+                st: &st,
+                r0,
+                rows: n,
+                out,
+                fin,
+            },
+        )
+    });
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------- backward
+
+/// Outputs of the backward: `dx (batch, dim, len)`, `dweight (dim, K)`, `dbias (dim,)`,
+/// `dinit (batch, dim, K-1)` (only when there is an initial state).
+pub struct ConvGrads<'a, T> {
+    pub dx: &'a mut [T],
+    pub dweight: &'a mut [T],
+    pub dbias: &'a mut [T],
+    pub dinit: Option<&'a mut [T]>,
+}
+
+struct BwdTask<'s, 'a, T> {
+    s: &'s ConvArgs<'a, T>,
+    st: &'s Option<Vec<i64>>,
+    dout: &'s [T],
+    dfinal: Option<&'s [T]>,
+    r0: usize,
+    rows: usize,
+    dx: &'s mut [T],
+    dinit: Option<&'s mut [T]>,
+    /// `(rows, K+1)`: per-row dweight then dbias.
+    part: &'s mut [T],
+}
+
+impl<T: SimdElem> Kernel<T> for BwdTask<'_, '_, T> {
+    type Out = ();
+    #[inline(always)]
+    fn run<V: Vector<E = T>>(self) {
+        let BwdTask {
+            s,
+            st,
+            dout,
+            dfinal,
+            r0,
+            rows,
+            dx,
+            mut dinit,
+            part,
+        } = self;
+        let (l, k, w) = (s.len, s.width, V::W);
+        let km = k - 1;
+        let mut wv = Vec::with_capacity(k);
+        // dpre of the row, zero-padded on the right so the adjoint taps may read past L.
+        let mut dp = vec![T::ZERO; l + km + w];
+        for i in 0..rows {
+            let rr = r0 + i;
+            let r = row(s, st, rr);
+            splat_weights::<V>(r.w, &mut wv);
+            let go = &dout[rr * l..(rr + 1) * l];
+            let dpl = &mut dp[..l];
+            if s.silu {
+                // Recompute the pre-activation rather than storing it in the forward.
+                pre_row::<V>(&r, &wv, dpl);
+                let mut chunks = dpl.chunks_exact_mut(w);
+                let mut gch = go.chunks_exact(w);
+                for (c, g) in (&mut chunks).zip(&mut gch) {
+                    V::load(g).mul(dsilu(V::load(c))).store(c);
+                }
+                let rest = chunks.into_remainder();
+                if !rest.is_empty() {
+                    let n = rest.len();
+                    let (mut tp, mut tg) = ([T::ZERO; 16], [T::ZERO; 16]);
+                    tp[..n].copy_from_slice(rest);
+                    tg[..n].copy_from_slice(gch.remainder());
+                    V::load(&tg).mul(dsilu(V::load(&tp))).store(&mut tp);
+                    rest.copy_from_slice(&tp[..n]);
+                }
+            } else {
+                dpl.copy_from_slice(go);
+            }
+            let dp = &dp[..];
+            let p = &mut part[i * (k + 1)..(i + 1) * (k + 1)];
+
+            // dbias
+            let mut acc = V::zero();
+            let mut chunks = dp[..l].chunks_exact(w);
+            for c in &mut chunks {
+                acc = acc.add(V::load(c));
+            }
+            let mut sb = T::ZERO;
+            for &v in chunks.remainder() {
+                sb = sb + v;
+            }
+            p[k] = acc.hsum() + sb;
+
+            // dweight[k] = Σ_t dpre_t · tap(t, t-K+1+k), over the forward's blocks.
+            for (kk, pk) in p[..k].iter_mut().enumerate() {
+                let mut acc = V::zero();
+                let mut sc = T::ZERO;
+                let mut t = 0;
+                while t < l {
+                    if r.fast(t, w) {
+                        acc = V::load(&dp[t..]).fma(V::load(&r.x[t + kk - km..]), acc);
+                        t += w;
+                    } else {
+                        sc = dp[t] * r.tap(t, t as isize + kk as isize - km as isize) + sc;
+                        t += 1;
+                    }
+                }
+                *pk = acc.hsum() + sc;
+            }
+
+            // dx_j = Σ_k w[k] · dpre_{j+K-1-k} (anti-causal taps of the same sequence).
+            let dxr = &mut dx[i * l..(i + 1) * l];
+            let mut j = 0;
+            while j < l {
+                if r.fast_adj(j, w) {
+                    let mut acc = V::zero();
+                    for (kk, wk) in wv.iter().enumerate() {
+                        acc = wk.fma(V::load(&dp[j + km - kk..]), acc);
+                    }
+                    acc.store(&mut dxr[j..]);
+                    j += w;
+                } else {
+                    let mut a = T::ZERO;
+                    for (kk, &wk) in r.w.iter().enumerate() {
+                        let t = j + km - kk;
+                        if t < l && r.st.is_none_or(|st| st[t] <= j as i64) {
+                            a = wk * dp[t] + a;
+                        }
+                    }
+                    dxr[j] = a;
+                    j += 1;
+                }
+            }
+            // Initial-state taps: input i-(K-1) reaches outputs t = i-k ≥ 0.
+            let mut di = dinit.as_deref_mut().map(|d| &mut d[i * km..(i + 1) * km]);
+            if let Some(di) = di.as_deref_mut() {
+                for (ii, o) in di.iter_mut().enumerate() {
+                    let mut a = T::ZERO;
+                    for (kk, &wk) in r.w.iter().enumerate().take(ii + 1) {
+                        let t = ii - kk;
+                        if t < l {
+                            a = wk * dp[t] + a;
+                        }
+                    }
+                    *o = a;
+                }
+            }
+            // The final state is the last K-1 inputs (initial ones when len < K-1).
+            if let Some(df) = dfinal {
+                let df = &df[rr * km..(rr + 1) * km];
+                for (ii, &g) in df.iter().enumerate() {
+                    let jj = l as isize - km as isize + ii as isize;
+                    if jj >= 0 {
+                        dxr[jj as usize] = dxr[jj as usize] + g;
+                    } else if let Some(di) = di.as_deref_mut() {
+                        let q = (km as isize + jj) as usize;
+                        di[q] = di[q] + g;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Backward of [`conv_fwd`] given `dout (batch, dim, len)` and optionally
+/// `dfinal (batch, dim, K-1)`.
+pub fn conv_bwd<T: SimdElem>(
+    level: Level,
+    s: &ConvArgs<'_, T>,
+    dout: &[T],
+    dfinal: Option<&[T]>,
+    g: ConvGrads<'_, T>,
+) -> Result<(), String> {
+    check_args(s)?;
+    let (b, d, l, k) = (s.batch, s.dim, s.len, s.width);
+    let (rows, km) = (b * d, k - 1);
+    for (name, got, want) in [
+        ("dout", dout.len(), rows * l),
+        (
+            "dfinal_states",
+            dfinal.map_or(rows * km, <[T]>::len),
+            rows * km,
+        ),
+        ("dx", g.dx.len(), rows * l),
+        ("dweight", g.dweight.len(), d * k),
+        ("dbias", g.dbias.len(), d),
+        (
+            "dinitial_states",
+            g.dinit.as_deref().map_or(rows * km, <[T]>::len),
+            rows * km,
+        ),
+    ] {
+        if got != want {
+            return Err(format!("{name}: expected {want} elements, got {got}"));
+        }
+    }
+    if g.dinit.is_some() && s.init.is_none() {
+        return Err("dinitial_states: given without initial_states".into());
+    }
+    let st = s.seq_idx.map(|q| seg_starts(q, l));
+    let blocks = row_blocks(rows, l);
+    let mut part = vec![T::ZERO; rows * (k + 1)];
+    let dxs = split_rows(g.dx, &blocks, l);
+    let parts = split_rows(&mut part, &blocks, k + 1);
+    let dis: Vec<Option<&mut [T]>> = match g.dinit {
+        Some(di) => split_rows(di, &blocks, km).into_iter().map(Some).collect(),
+        None => blocks.iter().map(|_| None).collect(),
+    };
+    let items: Vec<_> = blocks.into_iter().zip(dxs).zip(parts).zip(dis).collect();
+    pool::for_each(
+        items,
+        3 * rows * l * k,
+        |_, ((((r0, n), dx), part), dinit)| {
+            dispatch(
+                level,
+                BwdTask {
+                    s,
+                    st: &st,
+                    dout,
+                    dfinal,
+                    r0,
+                    rows: n,
+                    dx,
+                    dinit,
+                    part,
+                },
+            )
+        },
+    );
+    // Per-row partials summed over the batch in a fixed order.
+    g.dweight.fill(T::ZERO);
+    g.dbias.fill(T::ZERO);
+    for pb in part.chunks_exact((d * (k + 1)).max(1)) {
+        for (c, pr) in pb.chunks_exact(k + 1).enumerate() {
+            for (dw, &p) in g.dweight[c * k..(c + 1) * k].iter_mut().zip(pr) {
+                *dw = *dw + p;
+            }
+            g.dbias[c] = g.dbias[c] + pr[k];
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------- update
+
+/// Streaming update of a pool of conv states `(slots, dim, S)`, S ≥ K-1, with `x`/`out`
+/// `(batch, dim, T)`. Without `cache_seqlens` a state is a shift buffer (newest last);
+/// with it, a circular buffer whose next write index is `cache_seqlens[b] mod S`.
+/// `slots[b]` picks row b's state (negative: padding row, zero output, nothing written).
+pub struct UpdateArgs<'a, T> {
+    pub batch: usize,
+    pub dim: usize,
+    pub ntok: usize,
+    pub width: usize,
+    pub state_len: usize,
+    pub x: &'a [T],
+    pub weight: &'a [T],
+    pub bias: Option<&'a [T]>,
+    pub silu: bool,
+    pub cache_seqlens: Option<&'a [i64]>,
+    pub slots: Option<&'a [i64]>,
+}
+
+struct UpdTask<'s, 'a, T> {
+    s: &'s UpdateArgs<'a, T>,
+    b: usize,
+    state: &'s mut [T],
+    out: &'s mut [T],
+}
+
+impl<T: SimdElem> Kernel<T> for UpdTask<'_, '_, T> {
+    type Out = ();
+    #[inline(always)]
+    fn run<V: Vector<E = T>>(self) {
+        let UpdTask { s, b, state, out } = self;
+        let (nt, k, sl) = (s.ntok, s.width, s.state_len);
+        let km = k - 1;
+        let mut win = vec![T::ZERO; km + nt];
+        let c0 = s.cache_seqlens.map(|c| c[b]);
+        for (d, orow) in out.chunks_exact_mut(nt).enumerate() {
+            let srow = &mut state[d * sl..(d + 1) * sl];
+            let xr = &s.x[(b * s.dim + d) * nt..(b * s.dim + d + 1) * nt];
+            let w = &s.weight[d * k..(d + 1) * k];
+            let bias = s.bias.map_or(T::ZERO, |bb| bb[d]);
+            // Window: the K-1 newest state entries, then the new tokens.
+            match c0 {
+                None => win[..km].copy_from_slice(&srow[sl - km..]),
+                Some(c) => {
+                    for (j, v) in win[..km].iter_mut().enumerate() {
+                        let idx = (c - km as i64 + j as i64).rem_euclid(sl as i64);
+                        *v = srow[idx as usize];
+                    }
+                }
+            }
+            win[km..].copy_from_slice(xr);
+            for (t, o) in orow.iter_mut().enumerate() {
+                let mut acc = bias;
+                for (kk, &wk) in w.iter().enumerate() {
+                    acc = wk * win[t + kk] + acc;
+                }
+                *o = acc;
+            }
+            if sl == 0 {
+                continue;
+            }
+            match c0 {
+                None if nt >= sl => srow.copy_from_slice(&xr[nt - sl..]),
+                None => {
+                    srow.copy_within(nt.., 0);
+                    srow[sl - nt..].copy_from_slice(xr);
+                }
+                Some(c) => {
+                    for (t, &v) in xr.iter().enumerate() {
+                        srow[(c + t as i64).rem_euclid(sl as i64) as usize] = v;
+                    }
+                }
+            }
+        }
+        if s.silu {
+            map_vec::<V, _>(out, silu::<V>);
+        }
+    }
+}
+
+/// Validates everything (shapes, slot range, duplicate slots), then updates `state` in
+/// place and writes `out`.
+pub fn conv_update<T: SimdElem>(
+    level: Level,
+    s: &UpdateArgs<'_, T>,
+    state: &mut [T],
+    slots_total: usize,
+    out: &mut [T],
+) -> Result<(), String> {
+    let (bt, d, nt, k, sl) = (s.batch, s.dim, s.ntok, s.width, s.state_len);
+    if k == 0 {
+        return Err("weight: the width K must be >= 1".into());
+    }
+    if sl < k - 1 {
+        return Err(format!(
+            "conv_state: the state length {sl} must be >= K-1 = {}",
+            k - 1
+        ));
+    }
+    for (name, got, want) in [
+        ("x", s.x.len(), bt * d * nt),
+        ("weight", s.weight.len(), d * k),
+        ("bias", s.bias.map_or(d, <[T]>::len), d),
+        ("conv_state", state.len(), slots_total * d * sl),
+        ("out", out.len(), bt * d * nt),
+        (
+            "cache_seqlens",
+            s.cache_seqlens.map_or(bt, <[i64]>::len),
+            bt,
+        ),
+        ("conv_state_indices", s.slots.map_or(bt, <[i64]>::len), bt),
+    ] {
+        if got != want {
+            return Err(format!("{name}: expected {want} elements, got {got}"));
+        }
+    }
+    if s.slots.is_none() && slots_total != bt {
+        return Err(format!(
+            "conv_state: expected {bt} slots (one per batch row), got {slots_total}"
+        ));
+    }
+    let mut owner = vec![usize::MAX; slots_total];
+    let mut slot_of = Vec::with_capacity(bt);
+    for b in 0..bt {
+        let sl_b = s.slots.map_or(b as i64, |x| x[b]);
+        if sl_b < 0 {
+            slot_of.push(None);
+            continue;
+        }
+        let su = sl_b as usize;
+        if su >= slots_total {
+            return Err(format!(
+                "conv_state_indices: entry {b} is {sl_b}, out of range for a pool of {slots_total} slots"
+            ));
+        }
+        if owner[su] != usize::MAX {
+            return Err(format!(
+                "conv_state_indices: slot {sl_b} is used by rows {} and {b}",
+                owner[su]
+            ));
+        }
+        owner[su] = b;
+        slot_of.push(Some(su));
+    }
+    if bt == 0 || d == 0 || nt == 0 {
+        return Ok(());
+    }
+    let mut srows: Vec<Option<&mut [T]>> = if sl == 0 {
+        (0..slots_total).map(|_| Some(&mut [][..])).collect()
+    } else {
+        state.chunks_mut(d * sl).map(Some).collect()
+    };
+    let items: Vec<_> = out
+        .chunks_mut(d * nt)
+        .enumerate()
+        .map(|(b, o)| (o, slot_of[b].and_then(|su| srows[su].take())))
+        .collect();
+    pool::for_each(items, bt * d * nt * k, |b, (out, st)| match st {
+        Some(state) => dispatch(level, UpdTask { s, b, state, out }),
+        None => out.fill(T::ZERO),
+    });
+    Ok(())
+}
