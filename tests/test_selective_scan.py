@@ -442,6 +442,63 @@ def _exercise_public_api():
             state_batch_indices=torch.tensor([4, -1, 0]),
             **({"intermediate_states": inter} if T else {}),
         )
+    _exercise_realization_kernels()
+
+
+def _exercise_realization_kernels():
+    """Companion, causal conv and bilinear entry points, forward and backward."""
+    g = torch.Generator().manual_seed(2)
+
+    def f(*shape):
+        return torch.randn(*shape, dtype=torch.float64, generator=g).requires_grad_(True)
+
+    for varying in (False, True):
+        lead = (2, 3, 6) if varying else ()
+        y, fin = bm.companion_scan(
+            f(2, 3, 6),
+            0.3 * f(*lead, 2) if varying else 0.3 * f(3, 2),
+            beta=f(*lead) if varying else f(3),
+            c=f(*lead, 2) if varying else f(3, 2),
+            D=f(3),
+            initial_state=f(2, 3, 2),
+            return_final_state=True,
+        )
+        (y.sum() + fin.sum()).backward()
+    y, fin = bm.causal_conv1d_fn(
+        f(2, 3, 6),
+        f(3, 4),
+        f(3),
+        initial_states=f(2, 3, 3),
+        return_final_states=True,
+        activation="silu",
+    )
+    (y.sum() + fin.sum()).backward()
+    with torch.no_grad():  # a non-contiguous x takes the op path, not the decode fast path
+        bm.causal_conv1d_update(
+            f(2, 2, 3).transpose(1, 2),
+            torch.zeros(3, 3, 4, dtype=torch.float64),
+            f(3, 4),
+            f(3),
+            activation="silu",
+            cache_seqlens=torch.tensor([1, 5], dtype=torch.int32),
+            conv_state_indices=torch.tensor([2, 0], dtype=torch.int32),
+        )
+    for varying in (False, True):
+        for method in ("sequential", "parallel"):
+            A = 0.2 * f(2, 5, 3, 3) if varying else 0.3 * f(3, 3)
+            N = None if varying else 0.1 * f(2, 3, 3)
+            y, fin = bm.bilinear_scan(
+                f(2, 5, 2),
+                A,
+                f(3, 2),
+                C=f(1, 3),
+                D=f(1, 2),
+                N=N,
+                initial_state=f(2, 3),
+                return_final_state=True,
+                method=method,
+            )
+            (y.sum() + fin.sum()).backward()
 
 
 _CAPTURED: dict | None = None

@@ -18,10 +18,10 @@ from importlib.metadata import PackageNotFoundError, version
 import torch
 
 from . import _core, realization, reference
-from .errors import BmojoError, BmojoTypeError, BmojoValueError
 from .bilinear import bilinear_scan
 from .companion import companion_scan
 from .conv import causal_conv1d_fn, causal_conv1d_update
+from .errors import BmojoError, BmojoTypeError, BmojoValueError
 from .scan import diag_scan, selective_scan_fn
 from .step import selective_state_update
 
