@@ -55,7 +55,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import scipy.linalg
 import torch
 
 from .errors import BmojoTypeError, BmojoValueError
@@ -452,6 +451,8 @@ class _Realization:
         ``A Wc A^H - Wc + B B^H = 0`` and ``A^H Wo A - Wo + C^H C = 0``
         (``scipy.linalg.solve_discrete_lyapunov``). Needs a stable system."""
         self._require_stable("gramians")
+        import scipy.linalg  # deferred: only the Gramians need SciPy, not `import bmojo_core`
+
         wc = self._per_channel(
             lambda A, B, C, D: scipy.linalg.solve_discrete_lyapunov(A, B @ B.conj().T)
         )
@@ -1003,7 +1004,13 @@ class Diagonal(_Realization):
             blocks_A.append(np.array([[lam.real, -lam.imag], [lam.imag, lam.real]]))
             rows_B.append(np.stack([bi.real, bi.imag]))
             cols_C.append(np.stack([2 * ci.real, -2 * ci.imag], axis=1))
-        A = scipy.linalg.block_diag(*blocks_A) if blocks_A else np.zeros((0, 0))
+        size = sum(blk.shape[0] for blk in blocks_A)
+        A = np.zeros((size, size))
+        at = 0
+        for blk in blocks_A:  # block diagonal of 1×1 (real) and 2×2 (complex pair) blocks
+            k = blk.shape[0]
+            A[at : at + k, at : at + k] = blk
+            at += k
         Bm = np.concatenate(rows_B, axis=0) if rows_B else np.zeros((0, B.shape[1]))
         Cm = np.concatenate(cols_C, axis=1) if cols_C else np.zeros((C.shape[0], 0))
         return A, Bm, Cm, D.real
