@@ -121,28 +121,26 @@ fn pre_row<V: Vector>(r: &Row<'_, V::E>, wv: &[V], out: &mut [V::E]) {
     }
 }
 
-/// Applies `f` to `buf` a vector at a time (the tail through a padded vector, so every
-/// element sees the same arithmetic).
+/// SiLU in place, a vector at a time (the tail through a padded vector, so every element
+/// sees the same arithmetic). A plain function, not a closure argument: closures miss the
+/// level's target features (see `dispatch`).
 #[inline(always)]
-fn map_vec<V: Vector, F: Fn(V) -> V>(buf: &mut [V::E], f: F) {
+fn silu_inplace<V: Vector>(buf: &mut [V::E]) {
     let w = V::W;
     let mut chunks = buf.chunks_exact_mut(w);
     for c in &mut chunks {
-        f(V::load(c)).store(c);
+        let v = V::load(c);
+        v.mul(sigmoid(v)).store(c);
     }
     let rest = chunks.into_remainder();
     if !rest.is_empty() {
-        let mut tmp = [V::E::ZERO; 16];
-        tmp[..rest.len()].copy_from_slice(rest);
-        f(V::load(&tmp)).store(&mut tmp);
         let n = rest.len();
+        let mut tmp = [V::E::ZERO; 16];
+        tmp[..n].copy_from_slice(rest);
+        let v = V::load(&tmp);
+        v.mul(sigmoid(v)).store(&mut tmp);
         rest.copy_from_slice(&tmp[..n]);
     }
-}
-
-#[inline(always)]
-fn silu<V: Vector>(v: V) -> V {
-    v.mul(sigmoid(v))
 }
 
 /// `d silu(p) / dp = s (1 + p (1 - s))` with `s = sigmoid(p)`.
@@ -272,7 +270,7 @@ impl<T: SimdElem> Kernel<T> for FwdTask<'_, '_, T> {
             splat_weights::<V>(r.w, &mut wv);
             pre_row::<V>(&r, &wv, o);
             if s.silu {
-                map_vec::<V, _>(o, silu::<V>);
+                silu_inplace::<V>(o);
             }
             if let Some(f) = fin.as_deref_mut() {
                 final_row(r.x, r.init, &mut f[i * km..(i + 1) * km]);
@@ -599,8 +597,22 @@ impl<T: SimdElem> Kernel<T> for UpdTask<'_, '_, T> {
         let UpdTask { s, b, state, out } = self;
         let (nt, k, sl) = (s.ntok, s.width, s.state_len);
         let km = k - 1;
-        let mut win = vec![T::ZERO; km + nt];
         let c0 = s.cache_seqlens.map(|c| c[b]);
+        if nt == 1 && c0.is_none() && sl == km && (2..=5).contains(&k) {
+            // The decode step with a state of exactly K-1 inputs, at a fixed width.
+            let xs = &s.x[b * s.dim..(b + 1) * s.dim];
+            match k {
+                2 => shift_one::<T, 2>(state, xs, s.weight, s.bias, out),
+                3 => shift_one::<T, 3>(state, xs, s.weight, s.bias, out),
+                4 => shift_one::<T, 4>(state, xs, s.weight, s.bias, out),
+                _ => shift_one::<T, 5>(state, xs, s.weight, s.bias, out),
+            }
+            if s.silu {
+                silu_inplace::<V>(out);
+            }
+            return;
+        }
+        let mut win = vec![T::ZERO; km + nt];
         for (d, orow) in out.chunks_exact_mut(nt).enumerate() {
             let srow = &mut state[d * sl..(d + 1) * sl];
             let xr = &s.x[(b * s.dim + d) * nt..(b * s.dim + d + 1) * nt];
@@ -641,8 +653,46 @@ impl<T: SimdElem> Kernel<T> for UpdTask<'_, '_, T> {
             }
         }
         if s.silu {
-            map_vec::<V, _>(out, silu::<V>);
+            silu_inplace::<V>(out);
         }
+    }
+}
+
+/// One token into shift states of exactly `K-1` inputs per channel (`state (dim, K-1)`,
+/// `x`/`out` `(dim,)`); fixed sizes, so the window moves stay in registers.
+#[inline(always)]
+fn shift_one<T: Elem, const K: usize>(
+    state: &mut [T],
+    x: &[T],
+    weight: &[T],
+    bias: Option<&[T]>,
+    out: &mut [T],
+) {
+    let km = K - 1;
+    let zeros;
+    let bias = match bias {
+        Some(b) => b,
+        None => {
+            zeros = vec![T::ZERO; out.len()];
+            &zeros[..]
+        }
+    };
+    let rows = out
+        .iter_mut()
+        .zip(x)
+        .zip(state.chunks_exact_mut(km))
+        .zip(weight.chunks_exact(K))
+        .zip(bias);
+    for ((((o, &xv), srow), w), &bb) in rows {
+        let mut win = [T::ZERO; K];
+        win[..km].copy_from_slice(srow);
+        win[km] = xv;
+        let mut acc = bb;
+        for (&wk, &v) in w.iter().zip(&win) {
+            acc = wk * v + acc;
+        }
+        *o = acc;
+        srow.copy_from_slice(&win[1..]);
     }
 }
 
