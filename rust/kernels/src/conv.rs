@@ -100,24 +100,86 @@ fn splat_weights<V: Vector>(w: &[V::E], wv: &mut Vec<V>) {
     wv.extend(w.iter().map(|&x| V::splat(x)));
 }
 
-/// Pre-activations of one row into `out (len)`.
+/// Calls `f::<V, K>(args)` with the width as a constant for K ≤ 8 (the tap loops unroll
+/// and blocks overlap in the pipeline) and `K = 0` (run-time width) beyond.
+macro_rules! by_width {
+    ($k:expr, $f:ident::<$v:ty>($($a:expr),*)) => {
+        match $k {
+            1 => $f::<$v, 1>($($a),*),
+            2 => $f::<$v, 2>($($a),*),
+            3 => $f::<$v, 3>($($a),*),
+            4 => $f::<$v, 4>($($a),*),
+            5 => $f::<$v, 5>($($a),*),
+            6 => $f::<$v, 6>($($a),*),
+            7 => $f::<$v, 7>($($a),*),
+            8 => $f::<$v, 8>($($a),*),
+            _ => $f::<$v, 0>($($a),*),
+        }
+    };
+}
+
+/// `dx_j = Σ_k w[k] · dpre_{j+K-1-k}` over one row (anti-causal taps of the same
+/// sequence); `dp` is zero-padded past the row's end.
 #[inline(always)]
-fn pre_row<V: Vector>(r: &Row<'_, V::E>, wv: &[V], out: &mut [V::E]) {
+fn dx_row<V: Vector, const KC: usize>(r: &Row<'_, V::E>, wv: &[V], dp: &[V::E], dxr: &mut [V::E]) {
     let (l, w, km) = (r.x.len(), V::W, r.w.len() - 1);
+    let wv = &wv[..if KC > 0 { KC } else { wv.len() }];
+    let mut j = 0;
+    while j < l {
+        if r.fast_adj(j, w) {
+            let mut acc = V::zero();
+            for (kk, wk) in wv.iter().enumerate() {
+                acc = wk.fma(V::load(&dp[j + km - kk..]), acc);
+            }
+            acc.store(&mut dxr[j..]);
+            j += w;
+        } else {
+            let mut a = V::E::ZERO;
+            for (kk, &wk) in r.w.iter().enumerate() {
+                let t = j + km - kk;
+                if t < l && r.st.is_none_or(|st| st[t] <= j as i64) {
+                    a = wk * dp[t] + a;
+                }
+            }
+            dxr[j] = a;
+            j += 1;
+        }
+    }
+}
+
+/// Pre-activations of one row into `out (len)`, with SiLU applied if `act` (fused into
+/// the vector blocks; runs of single positions get it afterwards).
+#[inline(always)]
+fn pre_row<V: Vector, const KC: usize>(r: &Row<'_, V::E>, wv: &[V], out: &mut [V::E], act: bool) {
+    let (l, w, km) = (r.x.len(), V::W, r.w.len() - 1);
+    let wv = &wv[..if KC > 0 { KC } else { wv.len() }];
     let bias = V::splat(r.bias);
     let mut t = 0;
+    let mut run = None; // start of the current run of single positions
     while t < l {
         if r.fast(t, w) {
+            if let Some(t0) = run.take() {
+                if act {
+                    silu_inplace::<V>(&mut out[t0..t]);
+                }
+            }
             let mut acc = bias;
             for (k, wk) in wv.iter().enumerate() {
                 acc = wk.fma(V::load(&r.x[t + k - km..]), acc);
             }
+            if act {
+                acc = acc.mul(sigmoid(acc));
+            }
             acc.store(&mut out[t..]);
             t += w;
         } else {
+            run.get_or_insert(t);
             out[t] = r.pre_at(t);
             t += 1;
         }
+    }
+    if let (Some(t0), true) = (run, act) {
+        silu_inplace::<V>(&mut out[t0..]);
     }
 }
 
@@ -268,10 +330,7 @@ impl<T: SimdElem> Kernel<T> for FwdTask<'_, '_, T> {
             let r = row(s, st, r0 + i);
             let o = &mut out[i * l..(i + 1) * l];
             splat_weights::<V>(r.w, &mut wv);
-            pre_row::<V>(&r, &wv, o);
-            if s.silu {
-                silu_inplace::<V>(o);
-            }
+            by_width!(s.width, pre_row::<V>(&r, &wv, o, s.silu));
             if let Some(f) = fin.as_deref_mut() {
                 final_row(r.x, r.init, &mut f[i * km..(i + 1) * km]);
             }
@@ -380,7 +439,7 @@ impl<T: SimdElem> Kernel<T> for BwdTask<'_, '_, T> {
             let dpl = &mut dp[..l];
             if s.silu {
                 // Recompute the pre-activation rather than storing it in the forward.
-                pre_row::<V>(&r, &wv, dpl);
+                by_width!(k, pre_row::<V>(&r, &wv, dpl, false));
                 let mut chunks = dpl.chunks_exact_mut(w);
                 let mut gch = go.chunks_exact(w);
                 for (c, g) in (&mut chunks).zip(&mut gch) {
@@ -401,58 +460,23 @@ impl<T: SimdElem> Kernel<T> for BwdTask<'_, '_, T> {
             let dp = &dp[..];
             let p = &mut part[i * (k + 1)..(i + 1) * (k + 1)];
 
-            // dbias
-            let mut acc = V::zero();
-            let mut chunks = dp[..l].chunks_exact(w);
-            for c in &mut chunks {
-                acc = acc.add(V::load(c));
-            }
-            let mut sb = T::ZERO;
-            for &v in chunks.remainder() {
-                sb = sb + v;
-            }
-            p[k] = acc.hsum() + sb;
-
-            // dweight[k] = Σ_t dpre_t · tap(t, t-K+1+k), over the forward's blocks.
-            for (kk, pk) in p[..k].iter_mut().enumerate() {
-                let mut acc = V::zero();
-                let mut sc = T::ZERO;
-                let mut t = 0;
-                while t < l {
-                    if r.fast(t, w) {
-                        acc = V::load(&dp[t..]).fma(V::load(&r.x[t + kk - km..]), acc);
-                        t += w;
-                    } else {
-                        sc = dp[t] * r.tap(t, t as isize + kk as isize - km as isize) + sc;
-                        t += 1;
-                    }
-                }
-                *pk = acc.hsum() + sc;
+            // dweight[k] = Σ_t dpre_t · tap(t, t-K+1+k) and dbias = Σ_t dpre_t, over the
+            // forward's blocks; one pass with register accumulators for common widths.
+            match k {
+                1 => dw_pass::<V, 1>(&r, dp, p),
+                2 => dw_pass::<V, 2>(&r, dp, p),
+                3 => dw_pass::<V, 3>(&r, dp, p),
+                4 => dw_pass::<V, 4>(&r, dp, p),
+                5 => dw_pass::<V, 5>(&r, dp, p),
+                6 => dw_pass::<V, 6>(&r, dp, p),
+                7 => dw_pass::<V, 7>(&r, dp, p),
+                8 => dw_pass::<V, 8>(&r, dp, p),
+                _ => dw_pass_any::<V>(&r, dp, p),
             }
 
             // dx_j = Σ_k w[k] · dpre_{j+K-1-k} (anti-causal taps of the same sequence).
             let dxr = &mut dx[i * l..(i + 1) * l];
-            let mut j = 0;
-            while j < l {
-                if r.fast_adj(j, w) {
-                    let mut acc = V::zero();
-                    for (kk, wk) in wv.iter().enumerate() {
-                        acc = wk.fma(V::load(&dp[j + km - kk..]), acc);
-                    }
-                    acc.store(&mut dxr[j..]);
-                    j += w;
-                } else {
-                    let mut a = T::ZERO;
-                    for (kk, &wk) in r.w.iter().enumerate() {
-                        let t = j + km - kk;
-                        if t < l && r.st.is_none_or(|st| st[t] <= j as i64) {
-                            a = wk * dp[t] + a;
-                        }
-                    }
-                    dxr[j] = a;
-                    j += 1;
-                }
-            }
+            by_width!(k, dx_row::<V>(&r, &wv, dp, dxr));
             // Initial-state taps: input i-(K-1) reaches outputs t = i-k ≥ 0.
             let mut di = dinit.as_deref_mut().map(|d| &mut d[i * km..(i + 1) * km]);
             if let Some(di) = di.as_deref_mut() {
@@ -481,6 +505,72 @@ impl<T: SimdElem> Kernel<T> for BwdTask<'_, '_, T> {
                 }
             }
         }
+    }
+}
+
+/// dweight (`p[..K]`) and dbias (`p[K]`) of one row at a fixed width `KC`.
+#[inline(always)]
+fn dw_pass<V: Vector, const KC: usize>(r: &Row<'_, V::E>, dp: &[V::E], p: &mut [V::E]) {
+    let (l, w, km) = (r.x.len(), V::W, KC - 1);
+    let mut acc = [V::zero(); KC];
+    let mut accb = V::zero();
+    let mut sc = [V::E::ZERO; KC];
+    let mut sb = V::E::ZERO;
+    let mut t = 0;
+    while t < l {
+        if r.fast(t, w) {
+            let g = V::load(&dp[t..]);
+            accb = accb.add(g);
+            for (kk, a) in acc.iter_mut().enumerate() {
+                *a = g.fma(V::load(&r.x[t + kk - km..]), *a);
+            }
+            t += w;
+        } else {
+            let g = dp[t];
+            sb = sb + g;
+            for (kk, c) in sc.iter_mut().enumerate() {
+                *c = g * r.tap(t, t as isize + kk as isize - km as isize) + *c;
+            }
+            t += 1;
+        }
+    }
+    for ((o, a), c) in p.iter_mut().zip(acc).zip(sc) {
+        *o = a.hsum() + c;
+    }
+    p[KC] = accb.hsum() + sb;
+}
+
+/// [`dw_pass`] for any width: one pass per tap.
+#[inline(always)]
+fn dw_pass_any<V: Vector>(r: &Row<'_, V::E>, dp: &[V::E], p: &mut [V::E]) {
+    let (l, w) = (r.x.len(), V::W);
+    let k = r.w.len();
+    let km = k - 1;
+    for (kk, pk) in p[..=k].iter_mut().enumerate() {
+        let mut acc = V::zero();
+        let mut sc = V::E::ZERO;
+        let mut t = 0;
+        while t < l {
+            if r.fast(t, w) {
+                let g = V::load(&dp[t..]);
+                // the last slot is dbias: the tap value is one
+                acc = if kk == k {
+                    acc.add(g)
+                } else {
+                    g.fma(V::load(&r.x[t + kk - km..]), acc)
+                };
+                t += w;
+            } else {
+                let v = if kk == k {
+                    V::E::ONE
+                } else {
+                    r.tap(t, t as isize + kk as isize - km as isize)
+                };
+                sc = dp[t] * v + sc;
+                t += 1;
+            }
+        }
+        *pk = acc.hsum() + sc;
     }
 }
 
