@@ -122,16 +122,18 @@ macro_rules! by_width {
 /// sequence); `dp` is zero-padded past the row's end.
 #[inline(always)]
 fn dx_row<V: Vector, const KC: usize>(r: &Row<'_, V::E>, wv: &[V], dp: &[V::E], dxr: &mut [V::E]) {
-    let (l, w, km) = (r.x.len(), V::W, r.w.len() - 1);
+    let (l, w) = (r.x.len(), V::W);
     let wv = &wv[..if KC > 0 { KC } else { wv.len() }];
+    let km = wv.len() - 1;
     let mut j = 0;
     while j < l {
         if r.fast_adj(j, w) {
+            let win = &dp[j..j + km + w];
             let mut acc = V::zero();
             for (kk, wk) in wv.iter().enumerate() {
-                acc = wk.fma(V::load(&dp[j + km - kk..]), acc);
+                acc = wk.fma(V::load(&win[km - kk..]), acc);
             }
-            acc.store(&mut dxr[j..]);
+            acc.store(&mut dxr[j..j + w]);
             j += w;
         } else {
             let mut a = V::E::ZERO;
@@ -151,8 +153,9 @@ fn dx_row<V: Vector, const KC: usize>(r: &Row<'_, V::E>, wv: &[V], dp: &[V::E], 
 /// the vector blocks; runs of single positions get it afterwards).
 #[inline(always)]
 fn pre_row<V: Vector, const KC: usize>(r: &Row<'_, V::E>, wv: &[V], out: &mut [V::E], act: bool) {
-    let (l, w, km) = (r.x.len(), V::W, r.w.len() - 1);
+    let (l, w) = (r.x.len(), V::W);
     let wv = &wv[..if KC > 0 { KC } else { wv.len() }];
+    let km = wv.len() - 1; // a constant when KC > 0: the bounds checks below fold
     let bias = V::splat(r.bias);
     let mut t = 0;
     let mut run = None; // start of the current run of single positions
@@ -163,14 +166,15 @@ fn pre_row<V: Vector, const KC: usize>(r: &Row<'_, V::E>, wv: &[V], out: &mut [V
                     silu_inplace::<V>(&mut out[t0..t]);
                 }
             }
+            let win = &r.x[t - km..t + w];
             let mut acc = bias;
             for (k, wk) in wv.iter().enumerate() {
-                acc = wk.fma(V::load(&r.x[t + k - km..]), acc);
+                acc = wk.fma(V::load(&win[k..]), acc);
             }
             if act {
                 acc = acc.mul(sigmoid(acc));
             }
-            acc.store(&mut out[t..]);
+            acc.store(&mut out[t..t + w]);
             t += w;
         } else {
             run.get_or_insert(t);
@@ -519,10 +523,11 @@ fn dw_pass<V: Vector, const KC: usize>(r: &Row<'_, V::E>, dp: &[V::E], p: &mut [
     let mut t = 0;
     while t < l {
         if r.fast(t, w) {
-            let g = V::load(&dp[t..]);
+            let g = V::load(&dp[t..t + w]);
+            let win = &r.x[t - km..t + w];
             accb = accb.add(g);
             for (kk, a) in acc.iter_mut().enumerate() {
-                *a = g.fma(V::load(&r.x[t + kk - km..]), *a);
+                *a = g.fma(V::load(&win[kk..]), *a);
             }
             t += w;
         } else {
