@@ -462,3 +462,14 @@ def test_update_bad_input_leaves_state_unchanged():
         nc = torch.randn(5, 3, 6).transpose(1, 2)  # (5, 6, 3) non-contiguous
         bm.causal_conv1d_update(x, nc, **kw)
     assert torch.equal(state, before)
+
+
+def test_update_extreme_cache_seqlens():
+    """Any int64 position works (taken modulo S, non-negative, like torch.remainder)."""
+    x, state, kw = update_case(4, 1, 2, True, False, torch.float64, 6)
+    kw["cache_seqlens"] = torch.tensor([-(2**63), 2**63 - 1, -5])
+    st_ref = state.clone()
+    want = ref.causal_conv1d_update(x, st_ref, kw["weight"], kw["bias"], None, kw["cache_seqlens"])
+    out = bm.causal_conv1d_update(x, state, **kw)
+    assert_close(out, want, torch.float64, "out")
+    assert torch.equal(state, st_ref)

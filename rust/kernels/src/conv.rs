@@ -692,7 +692,10 @@ impl<T: SimdElem> Kernel<T> for UpdTask<'_, '_, T> {
         let UpdTask { s, b, state, out } = self;
         let (nt, k, sl) = (s.ntok, s.width, s.state_len);
         let km = k - 1;
-        let c0 = s.cache_seqlens.map(|c| c[b]);
+        // Next write index of the ring buffer (reduced first: no overflow for any input).
+        let c0 = s
+            .cache_seqlens
+            .map(|c| c[b].rem_euclid(sl.max(1) as i64) as usize);
         if nt == 1 && c0.is_none() && sl == km && (2..=5).contains(&k) {
             // The decode step with a state of exactly K-1 inputs, at a fixed width.
             let xs = &s.x[b * s.dim..(b + 1) * s.dim];
@@ -718,8 +721,7 @@ impl<T: SimdElem> Kernel<T> for UpdTask<'_, '_, T> {
                 None => win[..km].copy_from_slice(&srow[sl - km..]),
                 Some(c) => {
                     for (j, v) in win[..km].iter_mut().enumerate() {
-                        let idx = (c - km as i64 + j as i64).rem_euclid(sl as i64);
-                        *v = srow[idx as usize];
+                        *v = srow[(c + sl - km + j) % sl];
                     }
                 }
             }
@@ -742,7 +744,7 @@ impl<T: SimdElem> Kernel<T> for UpdTask<'_, '_, T> {
                 }
                 Some(c) => {
                     for (t, &v) in xr.iter().enumerate() {
-                        srow[(c + t as i64).rem_euclid(sl as i64) as usize] = v;
+                        srow[(c + t) % sl] = v;
                     }
                 }
             }
