@@ -100,49 +100,113 @@ fn splat_weights<V: Vector>(w: &[V::E], wv: &mut Vec<V>) {
     wv.extend(w.iter().map(|&x| V::splat(x)));
 }
 
-/// Pre-activations of one row into `out (len)`.
+/// Calls `f::<V, K>(args)` with the width as a constant for K ≤ 8 (the tap loops unroll
+/// and blocks overlap in the pipeline) and `K = 0` (run-time width) beyond.
+macro_rules! by_width {
+    ($k:expr, $f:ident::<$v:ty>($($a:expr),*)) => {
+        match $k {
+            1 => $f::<$v, 1>($($a),*),
+            2 => $f::<$v, 2>($($a),*),
+            3 => $f::<$v, 3>($($a),*),
+            4 => $f::<$v, 4>($($a),*),
+            5 => $f::<$v, 5>($($a),*),
+            6 => $f::<$v, 6>($($a),*),
+            7 => $f::<$v, 7>($($a),*),
+            8 => $f::<$v, 8>($($a),*),
+            _ => $f::<$v, 0>($($a),*),
+        }
+    };
+}
+
+/// `dx_j = Σ_k w[k] · dpre_{j+K-1-k}` over one row (anti-causal taps of the same
+/// sequence); `dp` is zero-padded past the row's end.
 #[inline(always)]
-fn pre_row<V: Vector>(r: &Row<'_, V::E>, wv: &[V], out: &mut [V::E]) {
-    let (l, w, km) = (r.x.len(), V::W, r.w.len() - 1);
-    let bias = V::splat(r.bias);
-    let mut t = 0;
-    while t < l {
-        if r.fast(t, w) {
-            let mut acc = bias;
-            for (k, wk) in wv.iter().enumerate() {
-                acc = wk.fma(V::load(&r.x[t + k - km..]), acc);
+fn dx_row<V: Vector, const KC: usize>(r: &Row<'_, V::E>, wv: &[V], dp: &[V::E], dxr: &mut [V::E]) {
+    let (l, w) = (r.x.len(), V::W);
+    let wv = &wv[..if KC > 0 { KC } else { wv.len() }];
+    let km = wv.len() - 1;
+    let mut j = 0;
+    while j < l {
+        if r.fast_adj(j, w) {
+            let win = &dp[j..j + km + w];
+            let mut acc = V::zero();
+            for (kk, wk) in wv.iter().enumerate() {
+                acc = wk.fma(V::load(&win[km - kk..]), acc);
             }
-            acc.store(&mut out[t..]);
-            t += w;
+            acc.store(&mut dxr[j..j + w]);
+            j += w;
         } else {
-            out[t] = r.pre_at(t);
-            t += 1;
+            let mut a = V::E::ZERO;
+            for (kk, &wk) in r.w.iter().enumerate() {
+                let t = j + km - kk;
+                if t < l && r.st.is_none_or(|st| st[t] <= j as i64) {
+                    a = wk * dp[t] + a;
+                }
+            }
+            dxr[j] = a;
+            j += 1;
         }
     }
 }
 
-/// Applies `f` to `buf` a vector at a time (the tail through a padded vector, so every
-/// element sees the same arithmetic).
+/// Pre-activations of one row into `out (len)`, with SiLU applied if `act` (fused into
+/// the vector blocks; runs of single positions get it afterwards).
 #[inline(always)]
-fn map_vec<V: Vector, F: Fn(V) -> V>(buf: &mut [V::E], f: F) {
-    let w = V::W;
-    let mut chunks = buf.chunks_exact_mut(w);
-    for c in &mut chunks {
-        f(V::load(c)).store(c);
+fn pre_row<V: Vector, const KC: usize>(r: &Row<'_, V::E>, wv: &[V], out: &mut [V::E], act: bool) {
+    let (l, w) = (r.x.len(), V::W);
+    let wv = &wv[..if KC > 0 { KC } else { wv.len() }];
+    let km = wv.len() - 1; // a constant when KC > 0: the bounds checks below fold
+    let bias = V::splat(r.bias);
+    let mut t = 0;
+    let mut run = None; // start of the current run of single positions
+    while t < l {
+        if r.fast(t, w) {
+            if let Some(t0) = run.take() {
+                if act {
+                    silu_inplace::<V>(&mut out[t0..t]);
+                }
+            }
+            let win = &r.x[t - km..t + w];
+            let mut acc = bias;
+            for (k, wk) in wv.iter().enumerate() {
+                acc = wk.fma(V::load(&win[k..]), acc);
+            }
+            if act {
+                acc = acc.mul(sigmoid(acc));
+            }
+            acc.store(&mut out[t..t + w]);
+            t += w;
+        } else {
+            run.get_or_insert(t);
+            out[t] = r.pre_at(t);
+            t += 1;
+        }
     }
-    let rest = chunks.into_remainder();
-    if !rest.is_empty() {
-        let mut tmp = [V::E::ZERO; 16];
-        tmp[..rest.len()].copy_from_slice(rest);
-        f(V::load(&tmp)).store(&mut tmp);
-        let n = rest.len();
-        rest.copy_from_slice(&tmp[..n]);
+    if let (Some(t0), true) = (run, act) {
+        silu_inplace::<V>(&mut out[t0..]);
     }
 }
 
+/// SiLU in place, a vector at a time (the tail through a padded vector, so every element
+/// sees the same arithmetic). A plain function, not a closure argument: closures miss the
+/// level's target features (see `dispatch`).
 #[inline(always)]
-fn silu<V: Vector>(v: V) -> V {
-    v.mul(sigmoid(v))
+fn silu_inplace<V: Vector>(buf: &mut [V::E]) {
+    let w = V::W;
+    let mut chunks = buf.chunks_exact_mut(w);
+    for c in &mut chunks {
+        let v = V::load(c);
+        v.mul(sigmoid(v)).store(c);
+    }
+    let rest = chunks.into_remainder();
+    if !rest.is_empty() {
+        let n = rest.len();
+        let mut tmp = [V::E::ZERO; 16];
+        tmp[..n].copy_from_slice(rest);
+        let v = V::load(&tmp);
+        v.mul(sigmoid(v)).store(&mut tmp);
+        rest.copy_from_slice(&tmp[..n]);
+    }
 }
 
 /// `d silu(p) / dp = s (1 + p (1 - s))` with `s = sigmoid(p)`.
@@ -270,10 +334,7 @@ impl<T: SimdElem> Kernel<T> for FwdTask<'_, '_, T> {
             let r = row(s, st, r0 + i);
             let o = &mut out[i * l..(i + 1) * l];
             splat_weights::<V>(r.w, &mut wv);
-            pre_row::<V>(&r, &wv, o);
-            if s.silu {
-                map_vec::<V, _>(o, silu::<V>);
-            }
+            by_width!(s.width, pre_row::<V>(&r, &wv, o, s.silu));
             if let Some(f) = fin.as_deref_mut() {
                 final_row(r.x, r.init, &mut f[i * km..(i + 1) * km]);
             }
@@ -382,7 +443,7 @@ impl<T: SimdElem> Kernel<T> for BwdTask<'_, '_, T> {
             let dpl = &mut dp[..l];
             if s.silu {
                 // Recompute the pre-activation rather than storing it in the forward.
-                pre_row::<V>(&r, &wv, dpl);
+                by_width!(k, pre_row::<V>(&r, &wv, dpl, false));
                 let mut chunks = dpl.chunks_exact_mut(w);
                 let mut gch = go.chunks_exact(w);
                 for (c, g) in (&mut chunks).zip(&mut gch) {
@@ -403,58 +464,23 @@ impl<T: SimdElem> Kernel<T> for BwdTask<'_, '_, T> {
             let dp = &dp[..];
             let p = &mut part[i * (k + 1)..(i + 1) * (k + 1)];
 
-            // dbias
-            let mut acc = V::zero();
-            let mut chunks = dp[..l].chunks_exact(w);
-            for c in &mut chunks {
-                acc = acc.add(V::load(c));
-            }
-            let mut sb = T::ZERO;
-            for &v in chunks.remainder() {
-                sb = sb + v;
-            }
-            p[k] = acc.hsum() + sb;
-
-            // dweight[k] = Σ_t dpre_t · tap(t, t-K+1+k), over the forward's blocks.
-            for (kk, pk) in p[..k].iter_mut().enumerate() {
-                let mut acc = V::zero();
-                let mut sc = T::ZERO;
-                let mut t = 0;
-                while t < l {
-                    if r.fast(t, w) {
-                        acc = V::load(&dp[t..]).fma(V::load(&r.x[t + kk - km..]), acc);
-                        t += w;
-                    } else {
-                        sc = dp[t] * r.tap(t, t as isize + kk as isize - km as isize) + sc;
-                        t += 1;
-                    }
-                }
-                *pk = acc.hsum() + sc;
+            // dweight[k] = Σ_t dpre_t · tap(t, t-K+1+k) and dbias = Σ_t dpre_t, over the
+            // forward's blocks; one pass with register accumulators for common widths.
+            match k {
+                1 => dw_pass::<V, 1>(&r, dp, p),
+                2 => dw_pass::<V, 2>(&r, dp, p),
+                3 => dw_pass::<V, 3>(&r, dp, p),
+                4 => dw_pass::<V, 4>(&r, dp, p),
+                5 => dw_pass::<V, 5>(&r, dp, p),
+                6 => dw_pass::<V, 6>(&r, dp, p),
+                7 => dw_pass::<V, 7>(&r, dp, p),
+                8 => dw_pass::<V, 8>(&r, dp, p),
+                _ => dw_pass_any::<V>(&r, dp, p),
             }
 
             // dx_j = Σ_k w[k] · dpre_{j+K-1-k} (anti-causal taps of the same sequence).
             let dxr = &mut dx[i * l..(i + 1) * l];
-            let mut j = 0;
-            while j < l {
-                if r.fast_adj(j, w) {
-                    let mut acc = V::zero();
-                    for (kk, wk) in wv.iter().enumerate() {
-                        acc = wk.fma(V::load(&dp[j + km - kk..]), acc);
-                    }
-                    acc.store(&mut dxr[j..]);
-                    j += w;
-                } else {
-                    let mut a = T::ZERO;
-                    for (kk, &wk) in r.w.iter().enumerate() {
-                        let t = j + km - kk;
-                        if t < l && r.st.is_none_or(|st| st[t] <= j as i64) {
-                            a = wk * dp[t] + a;
-                        }
-                    }
-                    dxr[j] = a;
-                    j += 1;
-                }
-            }
+            by_width!(k, dx_row::<V>(&r, &wv, dp, dxr));
             // Initial-state taps: input i-(K-1) reaches outputs t = i-k ≥ 0.
             let mut di = dinit.as_deref_mut().map(|d| &mut d[i * km..(i + 1) * km]);
             if let Some(di) = di.as_deref_mut() {
@@ -483,6 +509,73 @@ impl<T: SimdElem> Kernel<T> for BwdTask<'_, '_, T> {
                 }
             }
         }
+    }
+}
+
+/// dweight (`p[..K]`) and dbias (`p[K]`) of one row at a fixed width `KC`.
+#[inline(always)]
+fn dw_pass<V: Vector, const KC: usize>(r: &Row<'_, V::E>, dp: &[V::E], p: &mut [V::E]) {
+    let (l, w, km) = (r.x.len(), V::W, KC - 1);
+    let mut acc = [V::zero(); KC];
+    let mut accb = V::zero();
+    let mut sc = [V::E::ZERO; KC];
+    let mut sb = V::E::ZERO;
+    let mut t = 0;
+    while t < l {
+        if r.fast(t, w) {
+            let g = V::load(&dp[t..t + w]);
+            let win = &r.x[t - km..t + w];
+            accb = accb.add(g);
+            for (kk, a) in acc.iter_mut().enumerate() {
+                *a = g.fma(V::load(&win[kk..]), *a);
+            }
+            t += w;
+        } else {
+            let g = dp[t];
+            sb = sb + g;
+            for (kk, c) in sc.iter_mut().enumerate() {
+                *c = g * r.tap(t, t as isize + kk as isize - km as isize) + *c;
+            }
+            t += 1;
+        }
+    }
+    for ((o, a), c) in p.iter_mut().zip(acc).zip(sc) {
+        *o = a.hsum() + c;
+    }
+    p[KC] = accb.hsum() + sb;
+}
+
+/// [`dw_pass`] for any width: one pass per tap.
+#[inline(always)]
+fn dw_pass_any<V: Vector>(r: &Row<'_, V::E>, dp: &[V::E], p: &mut [V::E]) {
+    let (l, w) = (r.x.len(), V::W);
+    let k = r.w.len();
+    let km = k - 1;
+    for (kk, pk) in p[..=k].iter_mut().enumerate() {
+        let mut acc = V::zero();
+        let mut sc = V::E::ZERO;
+        let mut t = 0;
+        while t < l {
+            if r.fast(t, w) {
+                let g = V::load(&dp[t..]);
+                // the last slot is dbias: the tap value is one
+                acc = if kk == k {
+                    acc.add(g)
+                } else {
+                    g.fma(V::load(&r.x[t + kk - km..]), acc)
+                };
+                t += w;
+            } else {
+                let v = if kk == k {
+                    V::E::ONE
+                } else {
+                    r.tap(t, t as isize + kk as isize - km as isize)
+                };
+                sc = dp[t] * v + sc;
+                t += 1;
+            }
+        }
+        *pk = acc.hsum() + sc;
     }
 }
 
@@ -599,8 +692,25 @@ impl<T: SimdElem> Kernel<T> for UpdTask<'_, '_, T> {
         let UpdTask { s, b, state, out } = self;
         let (nt, k, sl) = (s.ntok, s.width, s.state_len);
         let km = k - 1;
+        // Next write index of the ring buffer (reduced first: no overflow for any input).
+        let c0 = s
+            .cache_seqlens
+            .map(|c| c[b].rem_euclid(sl.max(1) as i64) as usize);
+        if nt == 1 && c0.is_none() && sl == km && (2..=5).contains(&k) {
+            // The decode step with a state of exactly K-1 inputs, at a fixed width.
+            let xs = &s.x[b * s.dim..(b + 1) * s.dim];
+            match k {
+                2 => shift_one::<T, 2>(state, xs, s.weight, s.bias, out),
+                3 => shift_one::<T, 3>(state, xs, s.weight, s.bias, out),
+                4 => shift_one::<T, 4>(state, xs, s.weight, s.bias, out),
+                _ => shift_one::<T, 5>(state, xs, s.weight, s.bias, out),
+            }
+            if s.silu {
+                silu_inplace::<V>(out);
+            }
+            return;
+        }
         let mut win = vec![T::ZERO; km + nt];
-        let c0 = s.cache_seqlens.map(|c| c[b]);
         for (d, orow) in out.chunks_exact_mut(nt).enumerate() {
             let srow = &mut state[d * sl..(d + 1) * sl];
             let xr = &s.x[(b * s.dim + d) * nt..(b * s.dim + d + 1) * nt];
@@ -611,8 +721,7 @@ impl<T: SimdElem> Kernel<T> for UpdTask<'_, '_, T> {
                 None => win[..km].copy_from_slice(&srow[sl - km..]),
                 Some(c) => {
                     for (j, v) in win[..km].iter_mut().enumerate() {
-                        let idx = (c - km as i64 + j as i64).rem_euclid(sl as i64);
-                        *v = srow[idx as usize];
+                        *v = srow[(c + sl - km + j) % sl];
                     }
                 }
             }
@@ -635,14 +744,52 @@ impl<T: SimdElem> Kernel<T> for UpdTask<'_, '_, T> {
                 }
                 Some(c) => {
                     for (t, &v) in xr.iter().enumerate() {
-                        srow[(c + t as i64).rem_euclid(sl as i64) as usize] = v;
+                        srow[(c + t) % sl] = v;
                     }
                 }
             }
         }
         if s.silu {
-            map_vec::<V, _>(out, silu::<V>);
+            silu_inplace::<V>(out);
         }
+    }
+}
+
+/// One token into shift states of exactly `K-1` inputs per channel (`state (dim, K-1)`,
+/// `x`/`out` `(dim,)`); fixed sizes, so the window moves stay in registers.
+#[inline(always)]
+fn shift_one<T: Elem, const K: usize>(
+    state: &mut [T],
+    x: &[T],
+    weight: &[T],
+    bias: Option<&[T]>,
+    out: &mut [T],
+) {
+    let km = K - 1;
+    let zeros;
+    let bias = match bias {
+        Some(b) => b,
+        None => {
+            zeros = vec![T::ZERO; out.len()];
+            &zeros[..]
+        }
+    };
+    let rows = out
+        .iter_mut()
+        .zip(x)
+        .zip(state.chunks_exact_mut(km))
+        .zip(weight.chunks_exact(K))
+        .zip(bias);
+    for ((((o, &xv), srow), w), &bb) in rows {
+        let mut win = [T::ZERO; K];
+        win[..km].copy_from_slice(srow);
+        win[km] = xv;
+        let mut acc = bb;
+        for (&wk, &v) in w.iter().zip(&win) {
+            acc = wk * v + acc;
+        }
+        *o = acc;
+        srow.copy_from_slice(&win[1..]);
     }
 }
 
