@@ -219,13 +219,19 @@ fn fwd_steps<V: Vector>(
         let y = match c {
             Some((cb, c_st)) => {
                 let cr = &cb[k * c_st..];
-                let mut y = dv.map_or(V::zero(), |d| d.mul(uk));
+                let mut y = match dv {
+                    Some(d) => d.mul(uk),
+                    None => V::zero(),
+                };
                 for j in (0..n).rev() {
                     y = V::load(&cr[j * w..]).fma(V::load(&sb[(n + k - j) * w..]), y);
                 }
                 y
             }
-            None => dv.map_or(acc, |d| d.fma(uk, acc)),
+            None => match dv {
+                Some(d) => d.fma(uk, acc),
+                None => acc,
+            },
         };
         y.store(&mut yb[k * w..]);
     }
@@ -275,10 +281,14 @@ impl<T: SimdElem> Kernel<T> for FwdTask<'_, '_, T> {
             if let Some(Seq::Const(x)) = a.c {
                 fill_const(x, n, base, valid, dim, w, &mut cb);
             }
-            let dv = a.d.map(|d| {
-                fill_const(d, 1, base, valid, dim, w, &mut tmp);
-                V::load(&tmp)
-            });
+            // No closures around vector code: they lack the level's target features.
+            let dv = match a.d {
+                Some(d) => {
+                    fill_const(d, 1, base, valid, dim, w, &mut tmp);
+                    Some(V::load(&tmp))
+                }
+                None => None,
+            };
             for t0 in (0..l).step_by(tc) {
                 let tl = tc.min(l - t0);
                 load_t::<V>(a.u, base, valid, l, t0, tl, &mut ub);
@@ -287,9 +297,11 @@ impl<T: SimdElem> Kernel<T> for FwdTask<'_, '_, T> {
                     Some(b) => load_seq::<V>(b, 1, base, valid, l, t0, tl, &mut bb),
                     None => 0,
                 };
-                let c =
-                    a.c.as_ref()
-                        .map(|c| load_seq::<V>(c, n, base, valid, l, t0, tl, &mut cb));
+                #[allow(clippy::manual_map)] // a closure would lose the target features
+                let c = match &a.c {
+                    Some(c) => Some(load_seq::<V>(c, n, base, valid, l, t0, tl, &mut cb)),
+                    None => None,
+                };
                 fwd_steps::<V>(
                     n,
                     tl,
@@ -547,10 +559,14 @@ impl<T: SimdElem> Kernel<T> for BwdTask<'_, '_, T> {
             if let Some(Seq::Const(x)) = a.c {
                 fill_const(x, n, base, valid, dim, w, &mut cb);
             }
-            let dv = a.d.map(|d| {
-                fill_const(d, 1, base, valid, dim, w, &mut tmp);
-                V::load(&tmp)
-            });
+            // No closures around vector code: they lack the level's target features.
+            let dv = match a.d {
+                Some(d) => {
+                    fill_const(d, 1, base, valid, dim, w, &mut tmp);
+                    Some(V::load(&tmp))
+                }
+                None => None,
+            };
             for p in [&mut pa, &mut pc, &mut pb, &mut pd] {
                 p.fill(T::ZERO);
             }
@@ -592,9 +608,11 @@ impl<T: SimdElem> Kernel<T> for BwdTask<'_, '_, T> {
                     Some(b) => load_seq::<V>(b, 1, base, valid, l, t0, tl, &mut bb),
                     None => 0,
                 };
-                let c_st =
-                    a.c.as_ref()
-                        .map(|c| load_seq::<V>(c, n, base, valid, l, t0, tl, &mut cb));
+                #[allow(clippy::manual_map)] // a closure would lose the target features
+                let c_st = match &a.c {
+                    Some(c) => Some(load_seq::<V>(c, n, base, valid, l, t0, tl, &mut cb)),
+                    None => None,
+                };
                 let bufs = BwdBufs {
                     sb: &sb,
                     ub: &ub,
