@@ -175,11 +175,11 @@ fn seq_buf<T: Elem>(s: Option<&Seq<'_, T>>, per: usize, tc: usize, w: usize) -> 
 
 // ------------------------------------------------------------------------------ forward
 
-/// Outputs of the forward: `y`, `s (batch, dim, len)` (saved for the backward) and
-/// `last (batch, dim, n)` = (s_L, …, s_{L-n+1}).
+/// Outputs of the forward: `y`, `s (batch, dim, len)` (saved for the backward; may be
+/// left out when y = s, i.e. without c and D) and `last (batch, dim, n)` = (s_L, …, s_{L-n+1}).
 pub struct FwdOut<'a, T> {
     pub y: &'a mut [T],
-    pub s: &'a mut [T],
+    pub s: Option<&'a mut [T]>,
     pub last: &'a mut [T],
 }
 
@@ -188,7 +188,7 @@ struct FwdTask<'s, 'a, T> {
     m0: usize,
     rows: usize,
     y: &'s mut [T],
-    s: &'s mut [T],
+    s: Option<&'s mut [T]>,
     last: &'s mut [T],
 }
 
@@ -246,7 +246,7 @@ impl<T: SimdElem> Kernel<T> for FwdTask<'_, '_, T> {
             m0,
             rows,
             y,
-            s,
+            mut s,
             last,
         } = self;
         let (w, l, n, dim) = (V::W, a.len, a.order, a.dim);
@@ -314,7 +314,9 @@ impl<T: SimdElem> Kernel<T> for FwdTask<'_, '_, T> {
                     &mut yb,
                 );
                 store_t::<V>(&mut y[r0 * l..], valid, l, t0, tl, &yb);
-                store_t::<V>(&mut s[r0 * l..], valid, l, t0, tl, &sb[n * w..]);
+                if let Some(s) = s.as_deref_mut() {
+                    store_t::<V>(&mut s[r0 * l..], valid, l, t0, tl, &sb[n * w..]);
+                }
                 sb.copy_within(tl * w..(tl + n) * w, 0);
             }
             for k in 0..n {
@@ -336,7 +338,7 @@ pub fn companion_fwd<T: SimdElem>(
     let (l, n) = (a.len, a.order);
     for (name, got, want) in [
         ("y", out.y.len(), m * l),
-        ("s", out.s.len(), m * l),
+        ("s", out.s.as_deref().map_or(m * l, <[T]>::len), m * l),
         ("last_state", out.last.len(), m * n),
     ] {
         if got != want {
@@ -346,7 +348,13 @@ pub fn companion_fwd<T: SimdElem>(
     let (starts, rows) = tasks(m);
     let lens: Vec<usize> = rows.iter().map(|r| r * l).collect();
     let ys = pool::split_lengths(out.y, &lens);
-    let ss = pool::split_lengths(out.s, &lens);
+    let ss: Vec<Option<&mut [T]>> = match out.s {
+        Some(s) => pool::split_lengths(s, &lens)
+            .into_iter()
+            .map(Some)
+            .collect(),
+        None => lens.iter().map(|_| None).collect(),
+    };
     let lasts = pool::split_lengths(out.last, &rows.iter().map(|r| r * n).collect::<Vec<_>>());
     let items: Vec<_> = starts
         .into_iter()
