@@ -250,7 +250,7 @@ fn check_case(c: &Case, seed: u64) {
 fn kernels_match_reference() {
     let mut k = 0u64;
     for n in [1, 2, 3, 7, 16, 33, 64] {
-        for len in [0, 1, 37, 130] {
+        for len in [0, 1, 37, 300] {
             for combo in 0..4u64 {
                 let bits = k.wrapping_mul(2654435761) ^ combo;
                 k += 1;
