@@ -85,7 +85,7 @@ def companion_scan_fwd(
     d: _F | None,
     h0: _F | None,
     y: _F,
-    s: _F,
+    s: _F | None,
     last: _F,
 ) -> None: ...
 def companion_scan_bwd(

@@ -28,6 +28,11 @@ def _np_opt(t: Tensor | None):
     return None if t is None else _np(t)
 
 
+def _y_is_s(c, D) -> bool:
+    """Without c and D the output is s itself: the forward then skips writing s."""
+    return c is None and D is None
+
+
 @torch.library.custom_op("bmojo::companion_scan_fwd", mutates_args=(), device_types="cpu")
 def companion_scan_fwd(
     u: Tensor,
@@ -39,15 +44,15 @@ def companion_scan_fwd(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Normalised companion scan: every input in one dtype (float32/float64), contiguous;
     ``alpha``/``c`` (B, D, L, n) or (D, n), ``beta`` (B, D, L) or (D,). Returns
-    (y, final_state, s)."""
+    (y, final_state, s); s is empty when it equals y (neither c nor D given)."""
     batch, dim, length = u.shape
     n = alpha.shape[-1]
     y = u.new_empty(batch, dim, length)
-    s = u.new_empty(batch, dim, length)
+    s = u.new_empty(0) if _y_is_s(c, D) else u.new_empty(batch, dim, length)
     last = u.new_empty(batch, dim, n)
     _core.companion_scan_fwd(
         _np(u), _np(alpha), _np_opt(beta), _np_opt(c), _np_opt(D), _np_opt(initial_state),
-        y.numpy(), s.numpy(), last.numpy(),
+        y.numpy(), None if _y_is_s(c, D) else s.numpy(), last.numpy(),
     )  # fmt: skip
     return y, last, s
 
@@ -59,7 +64,7 @@ def _(u, alpha, beta, c, D, initial_state):
     return (
         u.new_empty(batch, dim, length),
         u.new_empty(batch, dim, n),
-        u.new_empty(batch, dim, length),
+        u.new_empty(0) if _y_is_s(c, D) else u.new_empty(batch, dim, length),
     )
 
 
@@ -76,7 +81,8 @@ def companion_scan_bwd(
     dlast_state: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients (du, dalpha, dbeta, dc, dD, dinitial_state), each in its input's layout;
-    those of absent optional inputs are empty tensors. Deterministic."""
+    those of absent optional inputs are empty tensors. ``s`` is the forward's s (its y
+    when neither c nor D is given). Deterministic."""
     batch, dim, _ = u.shape
     n = alpha.shape[-1]
     du, dalpha = torch.empty_like(u), torch.empty_like(alpha)
@@ -109,7 +115,8 @@ def _(u, alpha, beta, c, D, initial_state, s, dy, dlast_state):
 def _setup(ctx, inputs, output):
     u, alpha, beta, c, D, initial_state = inputs
     ctx.present = (beta is not None, c is not None, D is not None, initial_state is not None)
-    ctx.save_for_backward(u, alpha, beta, c, D, initial_state, output[2])
+    s = output[0] if _y_is_s(c, D) else output[2]
+    ctx.save_for_backward(u, alpha, beta, c, D, initial_state, s)
 
 
 def _backward(ctx, dy, dlast, _ds):

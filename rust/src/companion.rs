@@ -94,7 +94,8 @@ impl<T: Element> Inputs<'_, T> {
     }
 }
 
-/// Forward: writes `y`, `s (B, D, L)` and `last (B, D, n)`.
+/// Forward: writes `y`, `s (B, D, L)` (optional: y = s without c and D) and
+/// `last (B, D, n)`.
 #[pyfunction]
 #[pyo3(signature = (u, alpha, beta, c, d, h0, y, s, last))]
 #[allow(clippy::too_many_arguments)]
@@ -107,7 +108,7 @@ fn companion_scan_fwd(
     d: Option<Bound<'_, PyAny>>,
     h0: Option<Bound<'_, PyAny>>,
     y: Bound<'_, PyAny>,
-    s: Bound<'_, PyAny>,
+    s: Option<Bound<'_, PyAny>>,
     last: Bound<'_, PyAny>,
 ) -> PyResult<()> {
     #[allow(clippy::too_many_arguments)]
@@ -119,23 +120,23 @@ fn companion_scan_fwd(
         c: Opt<'_, '_>,
         d: Opt<'_, '_>,
         h0: Opt<'_, '_>,
-        outs: [&Bound<'_, PyAny>; 3],
+        (y, s, last): (&Bound<'_, PyAny>, Opt<'_, '_>, &Bound<'_, PyAny>),
     ) -> PyResult<()> {
         let inp = inputs::<T>(u, alpha, beta, c, d, h0)?;
-        let mut y = rw::<T>(outs[0], "y")?;
-        let mut s = rw::<T>(outs[1], "s")?;
-        let mut last = rw::<T>(outs[2], "last_state")?;
+        let mut y = rw::<T>(y, "y")?;
+        let mut s = opt_rw::<T>(s, "s")?;
+        let mut last = rw::<T>(last, "last_state")?;
         let args = inp.args();
         let out = FwdOut {
             y: y.as_slice_mut()?,
-            s: s.as_slice_mut()?,
+            s: s.as_mut().map(|x| x.as_slice_mut()).transpose()?,
             last: last.as_slice_mut()?,
         };
         let lv = level();
         py.detach(|| companion::companion_fwd(lv, &args, out))
             .map_err(kernel_err)
     }
-    let outs = [&y, &s, &last];
+    let outs = (&y, &s, &last);
     if is_f64(&u, "u")? {
         go::<f64>(py, &u, &alpha, &beta, &c, &d, &h0, outs)
     } else {

@@ -109,9 +109,10 @@ impl<T> CompanionArgs<'_, T> {
     }
 }
 
-/// Steps per time chunk: shorter for high orders so the `[chunk·n][W]` blocks stay small.
+/// Steps per time chunk: long runs per lane row help the prefetchers (16+ concurrent
+/// row streams); shorter for high orders so the `[chunk·n][W]` blocks stay in L2.
 fn time_chunk(n: usize) -> usize {
-    (1024 / n).clamp(16, 64)
+    (2048 / n).clamp(16, 256)
 }
 
 /// Task starts and sizes: [`BLOCK`] lanes each, independent of the thread count.
@@ -175,11 +176,11 @@ fn seq_buf<T: Elem>(s: Option<&Seq<'_, T>>, per: usize, tc: usize, w: usize) -> 
 
 // ------------------------------------------------------------------------------ forward
 
-/// Outputs of the forward: `y`, `s (batch, dim, len)` (saved for the backward) and
-/// `last (batch, dim, n)` = (s_L, …, s_{L-n+1}).
+/// Outputs of the forward: `y`, `s (batch, dim, len)` (saved for the backward; may be
+/// left out when y = s, i.e. without c and D) and `last (batch, dim, n)` = (s_L, …, s_{L-n+1}).
 pub struct FwdOut<'a, T> {
     pub y: &'a mut [T],
-    pub s: &'a mut [T],
+    pub s: Option<&'a mut [T]>,
     pub last: &'a mut [T],
 }
 
@@ -188,7 +189,7 @@ struct FwdTask<'s, 'a, T> {
     m0: usize,
     rows: usize,
     y: &'s mut [T],
-    s: &'s mut [T],
+    s: Option<&'s mut [T]>,
     last: &'s mut [T],
 }
 
@@ -219,13 +220,19 @@ fn fwd_steps<V: Vector>(
         let y = match c {
             Some((cb, c_st)) => {
                 let cr = &cb[k * c_st..];
-                let mut y = dv.map_or(V::zero(), |d| d.mul(uk));
+                let mut y = match dv {
+                    Some(d) => d.mul(uk),
+                    None => V::zero(),
+                };
                 for j in (0..n).rev() {
                     y = V::load(&cr[j * w..]).fma(V::load(&sb[(n + k - j) * w..]), y);
                 }
                 y
             }
-            None => dv.map_or(acc, |d| d.fma(uk, acc)),
+            None => match dv {
+                Some(d) => d.fma(uk, acc),
+                None => acc,
+            },
         };
         y.store(&mut yb[k * w..]);
     }
@@ -240,7 +247,7 @@ impl<T: SimdElem> Kernel<T> for FwdTask<'_, '_, T> {
             m0,
             rows,
             y,
-            s,
+            mut s,
             last,
         } = self;
         let (w, l, n, dim) = (V::W, a.len, a.order, a.dim);
@@ -275,10 +282,14 @@ impl<T: SimdElem> Kernel<T> for FwdTask<'_, '_, T> {
             if let Some(Seq::Const(x)) = a.c {
                 fill_const(x, n, base, valid, dim, w, &mut cb);
             }
-            let dv = a.d.map(|d| {
-                fill_const(d, 1, base, valid, dim, w, &mut tmp);
-                V::load(&tmp)
-            });
+            // No closures around vector code: they lack the level's target features.
+            let dv = match a.d {
+                Some(d) => {
+                    fill_const(d, 1, base, valid, dim, w, &mut tmp);
+                    Some(V::load(&tmp))
+                }
+                None => None,
+            };
             for t0 in (0..l).step_by(tc) {
                 let tl = tc.min(l - t0);
                 load_t::<V>(a.u, base, valid, l, t0, tl, &mut ub);
@@ -287,9 +298,11 @@ impl<T: SimdElem> Kernel<T> for FwdTask<'_, '_, T> {
                     Some(b) => load_seq::<V>(b, 1, base, valid, l, t0, tl, &mut bb),
                     None => 0,
                 };
-                let c =
-                    a.c.as_ref()
-                        .map(|c| load_seq::<V>(c, n, base, valid, l, t0, tl, &mut cb));
+                #[allow(clippy::manual_map)] // a closure would lose the target features
+                let c = match &a.c {
+                    Some(c) => Some(load_seq::<V>(c, n, base, valid, l, t0, tl, &mut cb)),
+                    None => None,
+                };
                 fwd_steps::<V>(
                     n,
                     tl,
@@ -302,7 +315,9 @@ impl<T: SimdElem> Kernel<T> for FwdTask<'_, '_, T> {
                     &mut yb,
                 );
                 store_t::<V>(&mut y[r0 * l..], valid, l, t0, tl, &yb);
-                store_t::<V>(&mut s[r0 * l..], valid, l, t0, tl, &sb[n * w..]);
+                if let Some(s) = s.as_deref_mut() {
+                    store_t::<V>(&mut s[r0 * l..], valid, l, t0, tl, &sb[n * w..]);
+                }
                 sb.copy_within(tl * w..(tl + n) * w, 0);
             }
             for k in 0..n {
@@ -324,7 +339,7 @@ pub fn companion_fwd<T: SimdElem>(
     let (l, n) = (a.len, a.order);
     for (name, got, want) in [
         ("y", out.y.len(), m * l),
-        ("s", out.s.len(), m * l),
+        ("s", out.s.as_deref().map_or(m * l, <[T]>::len), m * l),
         ("last_state", out.last.len(), m * n),
     ] {
         if got != want {
@@ -334,7 +349,13 @@ pub fn companion_fwd<T: SimdElem>(
     let (starts, rows) = tasks(m);
     let lens: Vec<usize> = rows.iter().map(|r| r * l).collect();
     let ys = pool::split_lengths(out.y, &lens);
-    let ss = pool::split_lengths(out.s, &lens);
+    let ss: Vec<Option<&mut [T]>> = match out.s {
+        Some(s) => pool::split_lengths(s, &lens)
+            .into_iter()
+            .map(Some)
+            .collect(),
+        None => lens.iter().map(|_| None).collect(),
+    };
     let lasts = pool::split_lengths(out.last, &rows.iter().map(|r| r * n).collect::<Vec<_>>());
     let items: Vec<_> = starts
         .into_iter()
@@ -547,10 +568,14 @@ impl<T: SimdElem> Kernel<T> for BwdTask<'_, '_, T> {
             if let Some(Seq::Const(x)) = a.c {
                 fill_const(x, n, base, valid, dim, w, &mut cb);
             }
-            let dv = a.d.map(|d| {
-                fill_const(d, 1, base, valid, dim, w, &mut tmp);
-                V::load(&tmp)
-            });
+            // No closures around vector code: they lack the level's target features.
+            let dv = match a.d {
+                Some(d) => {
+                    fill_const(d, 1, base, valid, dim, w, &mut tmp);
+                    Some(V::load(&tmp))
+                }
+                None => None,
+            };
             for p in [&mut pa, &mut pc, &mut pb, &mut pd] {
                 p.fill(T::ZERO);
             }
@@ -592,9 +617,11 @@ impl<T: SimdElem> Kernel<T> for BwdTask<'_, '_, T> {
                     Some(b) => load_seq::<V>(b, 1, base, valid, l, t0, tl, &mut bb),
                     None => 0,
                 };
-                let c_st =
-                    a.c.as_ref()
-                        .map(|c| load_seq::<V>(c, n, base, valid, l, t0, tl, &mut cb));
+                #[allow(clippy::manual_map)] // a closure would lose the target features
+                let c_st = match &a.c {
+                    Some(c) => Some(load_seq::<V>(c, n, base, valid, l, t0, tl, &mut cb)),
+                    None => None,
+                };
                 let bufs = BwdBufs {
                     sb: &sb,
                     ub: &ub,
