@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import scipy.signal
 import torch
-from bmojo_core.reference import companion_scan_ref
+from bmojo_core import reference
 
 QUICK = os.environ.get("BMOJO_BENCH_QUICK", "") not in ("", "0")
 WITH_REFERENCE = os.environ.get("BMOJO_BENCH_REFERENCE", "") not in ("", "0")
@@ -78,7 +78,7 @@ def test_reference(benchmark, shape, mode):
     benchmark.group = f"companion {mode} var {IDS[SHAPES.index(shape)]}"
     xs = _inputs(shape, True, mode == "fwd_bwd")
     run = _fwd if mode == "fwd" else _fwd_bwd
-    benchmark.pedantic(run, args=(companion_scan_ref, xs), rounds=1, warmup_rounds=0)
+    benchmark.pedantic(run, args=(reference.companion_scan, xs), rounds=1, warmup_rounds=0)
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=IDS)

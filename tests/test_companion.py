@@ -11,9 +11,8 @@ import pytest
 import scipy.signal
 import torch
 import torch.nn.functional as F
-from bmojo_core import _core
+from bmojo_core import _core, reference
 from bmojo_core.errors import BmojoTypeError, BmojoValueError
-from bmojo_core.reference import companion_scan_ref
 from conftest import FLOAT_DTYPES, assert_close, stable_seed
 from hypothesis import given
 from hypothesis import strategies as st
@@ -86,7 +85,7 @@ def test_parity(dtype, n, ci):
     L = {3: 300, 64: 70}.get(n, 9)  # crosses the kernel's time chunks (256 / 32 steps)
     kw = make(2, 3, L, n, **CONFIGS[ci], dtype=dtype, seed=stable_seed(n, ci))
     y, last = bm.companion_scan(**kw, return_final_state=True)
-    y_ref, last_ref = companion_scan_ref(**to64(kw), return_final_state=True)
+    y_ref, last_ref = reference.companion_scan(**to64(kw), return_final_state=True)
     assert y.dtype == dtype and y.shape == kw["u"].shape
     cdt = torch.float64 if dtype == torch.float64 else torch.float32
     assert last.dtype == cdt and last.shape == (2, 3, n)
@@ -100,7 +99,7 @@ def test_parity(dtype, n, ci):
 def test_short(ci, L):
     kw = make(2, 3, L, 4, **CONFIGS[ci], seed=ci)
     y, last = bm.companion_scan(**kw, return_final_state=True)
-    y_ref, last_ref = companion_scan_ref(**kw, return_final_state=True)
+    y_ref, last_ref = reference.companion_scan(**kw, return_final_state=True)
     assert y.shape == (2, 3, L)
     assert_close(y, y_ref, torch.float64, "y")
     assert_close(last, last_ref, torch.float64, "final_state")
@@ -231,7 +230,7 @@ def test_gradients_match_reference(ci):
     gen = torch.Generator().manual_seed(ci)
     wy, wl = torch.randn(2, 3, 45, generator=gen), torch.randn(2, 3, 4, generator=gen)
     grads = []
-    for fn in (bm.companion_scan, companion_scan_ref):
+    for fn in (bm.companion_scan, reference.companion_scan):
         leaves = {k: v.clone().requires_grad_(True) for k, v in kw.items() if v is not None}
         y, last = fn(**leaves, return_final_state=True)
         _loss(y, last, wy.double(), wl.double()).backward()
@@ -247,7 +246,7 @@ def test_low_precision_gradients(dtype):
     y, last = bm.companion_scan(**leaves, return_final_state=True)
     (y.float().sum() + last.sum()).backward()
     ref_leaves = {k: v.detach().double().requires_grad_(True) for k, v in leaves.items()}
-    yr, lr = companion_scan_ref(**ref_leaves, return_final_state=True)
+    yr, lr = reference.companion_scan(**ref_leaves, return_final_state=True)
     (yr.sum() + lr.sum()).backward()
     for k, v in leaves.items():
         assert v.grad.dtype == dtype

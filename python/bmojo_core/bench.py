@@ -18,6 +18,14 @@ Groups of cases (``--quick`` uses smaller shapes everywhere):
   at B=1 and B=64 (D=1536, N=16), against the reference step.
 * ``throughput``: state updates per second and GFLOP/s of the forward, one thread and all
   threads, against the machine's peak (see :func:`machine_peak`).
+* ``companion``: :func:`bmojo_core.companion_scan` forward and forward+backward
+  (time-invariant alpha, beta, c, D) at (B=8, D=64, L=4096, n=4) and (B=1, D=1024, L=4096,
+  n=8), against the reference loop and against ``scipy.signal.lfilter`` looped over channels.
+* ``conv``: :func:`bmojo_core.causal_conv1d_fn` (bias, SiLU) forward and forward+backward
+  against ``torch.nn.functional.conv1d`` (depthwise, left-padded) at (B=8, D=1536, L=2048,
+  K=4), in GB/s; :func:`bmojo_core.causal_conv1d_update` µs per call at D=1536.
+* ``bilinear``: :func:`bmojo_core.bilinear_scan` forward, sequential and parallel paths,
+  against the reference loop, n in {4, 16, 64}, L in {256, 4096}, batch 1, m = 2.
 * ``peer``: other implementations measured in the same run when importable
   (``mamba_ssm.ops.selective_scan_interface.selective_scan_ref``).
 """
@@ -777,6 +785,316 @@ def _peer_cases(quick: bool) -> list[Case]:
     ]
 
 
+# ---------------------------------------------------------------------------------------
+# realizations: companion, causal conv, bilinear (SPEC §3-§5)
+# ---------------------------------------------------------------------------------------
+
+COMPANION_SHAPES = ((8, 64, 4096, 4), (1, 1024, 4096, 8))
+COMPANION_SHAPES_QUICK = ((2, 64, 512, 4), (1, 128, 512, 8))
+CONV_SHAPE = (8, 1536, 2048, 4)
+CONV_SHAPE_QUICK = (2, 256, 512, 4)
+CONV_UPDATE_DIM = 1536
+BILINEAR_NS = (4, 16, 64)
+BILINEAR_LS = (256, 4096)
+BILINEAR_NS_QUICK = (4, 16)
+BILINEAR_LS_QUICK = (256, 1024)
+
+
+def _stable_alpha(dim: int, n: int, gen: torch.Generator) -> torch.Tensor:
+    """Companion coefficients of real poles drawn in (-0.95, 0.95), one set per channel:
+    alpha = -(coefficients of prod (z - p_i))[1:]."""
+    poles = (torch.rand(dim, n, generator=gen, dtype=torch.float64) * 2 - 1) * 0.95
+    coef = torch.zeros(dim, n + 1, dtype=torch.float64)
+    coef[:, 0] = 1.0
+    for i in range(n):  # multiply by (z - p_i)
+        coef[:, 1:] = coef[:, 1:] - poles[:, i : i + 1] * coef[:, :-1]
+    return -coef[:, 1:]
+
+
+def make_companion_inputs(
+    batch: int, dim: int, length: int, n: int, *, requires_grad: bool = False
+) -> dict[str, Any]:
+    """Time-invariant companion scan inputs (stable real poles), float32."""
+    g = torch.Generator().manual_seed(0)
+    inputs = {
+        "u": torch.randn(batch, dim, length, generator=g),
+        "alpha": _stable_alpha(dim, n, g).float(),
+        "beta": torch.rand(dim, generator=g) + 0.5,
+        "c": torch.randn(dim, n, generator=g) / n,
+        "D": torch.randn(dim, generator=g),
+    }
+    for v in inputs.values():
+        v.requires_grad_(requires_grad)
+    if requires_grad:
+        inputs["grad_out"] = torch.randn(batch, dim, length, generator=g)
+    return inputs
+
+
+_COMPANION_ARGS = ("u", "alpha", "beta", "c", "D")
+
+
+def _companion_call(fn: Callable[..., Any], grad: bool) -> Callable[[dict[str, Any]], Any]:
+    def call(inputs: dict[str, Any]) -> Any:
+        out = fn(**{k: inputs[k] for k in _COMPANION_ARGS})
+        if not grad:
+            return out
+        return torch.autograd.grad(out, [inputs[k] for k in _COMPANION_ARGS], inputs["grad_out"])
+
+    return call
+
+
+def _lfilter_companion(inputs: dict[str, Any]) -> Any:
+    """The same filter with scipy.signal.lfilter, one call per (batch, channel) row:
+    numerator beta*c (ascending powers of z^-1), denominator [1, -alpha], plus D*u."""
+    from scipy.signal import lfilter
+
+    u = inputs["u"].detach().numpy()
+    alpha = inputs["alpha"].detach().double().numpy()
+    num = (inputs["beta"][:, None] * inputs["c"]).detach().double().numpy()
+    dskip = inputs["D"].detach().numpy()
+    out = u.copy()
+    for b in range(u.shape[0]):
+        for d in range(u.shape[1]):
+            den = [1.0, *(-alpha[d])]
+            out[b, d] = lfilter(num[d], den, u[b, d]) + dskip[d] * u[b, d]
+    return torch.from_numpy(out)
+
+
+def _finish_parity_any(case: Case, inputs: dict, res: Result, out: Any, ref_out: Any) -> None:
+    if ref_out is None or out is None:
+        return
+    outs = out if isinstance(out, (tuple, list)) else (out,)
+    refs = ref_out if isinstance(ref_out, (tuple, list)) else (ref_out,)
+    err = max(_rel_err(a, b) for a, b in zip(outs, refs, strict=True))
+    res.metrics["max_rel_err_vs_reference"] = err
+    res.extra = f"max rel err {err:.1e}"
+
+
+def _companion_cases(quick: bool) -> list[Case]:
+    from bmojo_core import reference
+
+    cases = []
+    for batch, dim, L, n in COMPANION_SHAPES_QUICK if quick else COMPANION_SHAPES:
+        shape = f"B={batch} D={dim} L={L} n={n}"
+        params = {"batch": batch, "dim": dim, "L": L, "n": n}
+        setup = lambda b=batch, d=dim, l=L, k=n: make_companion_inputs(b, d, l, k)  # noqa: E731
+        setup_g = lambda b=batch, d=dim, l=L, k=n: make_companion_inputs(  # noqa: E731
+            b, d, l, k, requires_grad=True
+        )
+        common = {"group": "companion", "params": params, "tokens": batch * L}
+        cases += [
+            Case(
+                name=f"companion fwd {shape}",
+                description="companion_scan forward (time-invariant alpha, beta, c, D) vs the "
+                "reference loop",
+                setup=setup,
+                bmojo=_companion_call(bmojo_core.companion_scan, False),
+                reference=_companion_call(reference.companion_scan, False),
+                finish=_finish_parity_any,
+                **common,
+            ),
+            Case(
+                name=f"companion fwd {shape} vs lfilter",
+                description="companion_scan forward vs scipy.signal.lfilter looped over channels",
+                setup=setup,
+                bmojo=_companion_call(bmojo_core.companion_scan, False),
+                reference=_lfilter_companion,
+                reference_label="scipy.signal.lfilter",
+                ref_repeat=3,
+                ref_warmup=1,
+                finish=_finish_parity_any,
+                **common,
+            ),
+            Case(
+                name=f"companion fwd+bwd {shape}",
+                description="companion_scan forward+backward (all input grads) vs autograd "
+                "through the reference loop",
+                setup=setup_g,
+                bmojo=_companion_call(bmojo_core.companion_scan, True),
+                reference=_companion_call(reference.companion_scan, True),
+                grad=True,
+                repeat=5,
+                finish=_finish_parity_any,
+                **common,
+            ),
+        ]
+    return cases
+
+
+def make_conv_inputs(
+    batch: int, dim: int, length: int, width: int, *, requires_grad: bool = False
+) -> dict[str, Any]:
+    g = torch.Generator().manual_seed(0)
+    inputs = {
+        "x": torch.randn(batch, dim, length, generator=g),
+        "weight": torch.randn(dim, width, generator=g) / width,
+        "bias": torch.randn(dim, generator=g),
+    }
+    for v in inputs.values():
+        v.requires_grad_(requires_grad)
+    if requires_grad:
+        inputs["grad_out"] = torch.randn(batch, dim, length, generator=g)
+    return inputs
+
+
+_CONV_ARGS = ("x", "weight", "bias")
+
+
+def _torch_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Depthwise causal conv with torch: left padding K-1, groups=D, then SiLU."""
+    width = weight.shape[1]
+    y = torch.nn.functional.conv1d(
+        torch.nn.functional.pad(x, (width - 1, 0)), weight[:, None], bias, groups=x.shape[1]
+    )
+    return torch.nn.functional.silu(y)
+
+
+def _bmojo_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    return bmojo_core.causal_conv1d_fn(x, weight, bias, activation="silu")
+
+
+def _conv_call(fn: Callable[..., Any], grad: bool) -> Callable[[dict[str, Any]], Any]:
+    def call(inputs: dict[str, Any]) -> Any:
+        out = fn(*(inputs[k] for k in _CONV_ARGS))
+        if not grad:
+            return out
+        return torch.autograd.grad(out, [inputs[k] for k in _CONV_ARGS], inputs["grad_out"])
+
+    return call
+
+
+def _finish_bandwidth(case: Case, inputs: dict, res: Result, out: Any, ref_out: Any) -> None:
+    _finish_parity_any(case, inputs, res, out, ref_out)
+    nbytes = case.params.get("bytes", 0)
+    if res.bmojo_s and nbytes:
+        gbs = nbytes / res.bmojo_s / 1e9
+        res.metrics["gb_per_s"] = gbs
+        res.extra = f"{gbs:.1f} GB/s" + (f"; {res.extra}" if res.extra else "")
+        if res.reference_s:
+            res.metrics["reference_gb_per_s"] = nbytes / res.reference_s / 1e9
+
+
+def _conv_cases(quick: bool) -> list[Case]:
+    from bmojo_core import reference
+
+    batch, dim, L, K = CONV_SHAPE_QUICK if quick else CONV_SHAPE
+    shape = f"B={batch} D={dim} L={L} K={K}"
+    act = batch * dim * L * 4  # one float32 activation tensor, bytes
+    common = {"group": "conv", "reference_label": "torch F.conv1d", "tokens": batch * L}
+    cases = [
+        Case(
+            name=f"conv fwd {shape}",
+            description="causal_conv1d_fn (bias, SiLU) vs F.conv1d depthwise with left padding "
+            "(+ SiLU); GB/s counts x read + out written",
+            setup=lambda: make_conv_inputs(batch, dim, L, K),
+            bmojo=_conv_call(_bmojo_conv, False),
+            reference=_conv_call(_torch_conv, False),
+            ref_repeat=7,
+            ref_warmup=1,
+            finish=_finish_bandwidth,
+            params={"batch": batch, "dim": dim, "L": L, "K": K, "bytes": 2 * act},
+            **common,
+        ),
+        Case(
+            name=f"conv fwd+bwd {shape}",
+            description="causal_conv1d_fn forward+backward (dx, dweight, dbias) vs autograd "
+            "through F.conv1d; GB/s counts x, dy read (twice: fwd, bwd) + out, dx written",
+            setup=lambda: make_conv_inputs(batch, dim, L, K, requires_grad=True),
+            bmojo=_conv_call(_bmojo_conv, True),
+            reference=_conv_call(_torch_conv, True),
+            grad=True,
+            ref_repeat=5,
+            ref_warmup=1,
+            finish=_finish_bandwidth,
+            params={"batch": batch, "dim": dim, "L": L, "K": K, "bytes": 5 * act},
+            **common,
+        ),
+    ]
+
+    def update_inputs(b: int, d: int, k: int) -> dict[str, Any]:
+        g = torch.Generator().manual_seed(0)
+        return {
+            "x": torch.randn(b, d, generator=g),
+            "conv_state": torch.randn(b, d, k - 1, generator=g),
+            "weight": torch.randn(d, k, generator=g) / k,
+            "bias": torch.randn(d, generator=g),
+            "activation": "silu",
+        }
+
+    for b in (1, 64):
+        cases.append(
+            Case(
+                name=f"conv update B={b} D={CONV_UPDATE_DIM} K={K}",
+                group="conv",
+                description="causal_conv1d_update, one token, no grad, µs per Python call",
+                setup=lambda b=b: update_inputs(b, CONV_UPDATE_DIM, K),
+                bmojo=lambda inp: bmojo_core.causal_conv1d_update(**inp),
+                reference=lambda inp: reference.causal_conv1d_update(**inp),
+                repeat=5,
+                warmup=50,
+                inner=100 if quick else 400,
+                ref_repeat=3,
+                ref_warmup=2,
+                ref_inner=20,
+                tokens=b,
+                finish=_finish_decode,
+                params={"batch": b, "dim": CONV_UPDATE_DIM, "K": K},
+            )
+        )
+    return cases
+
+
+def make_bilinear_inputs(batch: int, length: int, n: int, m: int = 2) -> dict[str, Any]:
+    """Modulated bilinear scan inputs with p = m inputs (v = u), kept contractive:
+    ||A0|| = 0.5 and sum_j ||N_j|| <= 0.2 for |u| of order 1."""
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(n, n, generator=g)
+    A = 0.5 * A / torch.linalg.matrix_norm(A, ord=2)
+    N = torch.randn(m, n, n, generator=g)
+    N = 0.1 / m * N / torch.linalg.matrix_norm(N, ord=2)[:, None, None]
+    return {
+        "u": torch.randn(batch, length, m, generator=g).clamp(-2, 2),
+        "A": A,
+        "B": torch.randn(n, m, generator=g),
+        "C": torch.randn(1, n, generator=g),
+        "N": N,
+    }
+
+
+def _bilinear_call(method: str | None) -> Callable[[dict[str, Any]], Any]:
+    def call(inputs: dict[str, Any]) -> Any:
+        if method is None:
+            from bmojo_core import reference
+
+            return reference.bilinear_scan(**inputs)
+        return bmojo_core.bilinear_scan(**inputs, method=method)
+
+    return call
+
+
+def _bilinear_cases(quick: bool) -> list[Case]:
+    cases = []
+    for n in BILINEAR_NS_QUICK if quick else BILINEAR_NS:
+        for L in BILINEAR_LS_QUICK if quick else BILINEAR_LS:
+            shape = f"B=1 L={L} n={n} m=2"
+            for method in ("sequential", "parallel"):
+                cases.append(
+                    Case(
+                        name=f"bilinear fwd {method} {shape}",
+                        group="bilinear",
+                        description=f"bilinear_scan forward, method={method!r}, vs the "
+                        "reference loop",
+                        setup=lambda l=L, k=n: make_bilinear_inputs(1, l, k),
+                        bmojo=_bilinear_call(method),
+                        reference=_bilinear_call(None),
+                        tokens=L,
+                        finish=_finish_parity_any,
+                        params={"batch": 1, "L": L, "n": n, "m": 2, "method": method},
+                    )
+                )
+    return cases
+
+
 def peer_available() -> bool:
     """Whether mamba_ssm's reference scan can be imported here."""
     try:
@@ -786,7 +1104,7 @@ def peer_available() -> bool:
     return True
 
 
-GROUPS = ("scan", "scaling", "decode", "throughput", "peer")
+GROUPS = ("scan", "scaling", "decode", "throughput", "companion", "conv", "bilinear", "peer")
 
 
 def build_cases(quick: bool = False, only: str | Sequence[str] | None = None) -> list[Case]:
@@ -797,6 +1115,9 @@ def build_cases(quick: bool = False, only: str | Sequence[str] | None = None) ->
         + _scaling_cases(quick)
         + _decode_cases(quick)
         + _throughput_cases(quick)
+        + _companion_cases(quick)
+        + _conv_cases(quick)
+        + _bilinear_cases(quick)
         + _peer_cases(quick)
     )
     if only:

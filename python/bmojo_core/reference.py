@@ -35,6 +35,9 @@ __all__ = [
     "diag_scan",
     "selective_scan",
     "selective_state_update",
+    "companion_scan",
+    "causal_conv1d",
+    "causal_conv1d_update",
 ]
 
 _SOFTPLUS_THRESHOLD = 20.0
@@ -373,7 +376,7 @@ def selective_state_update(
 # (companion references go here)
 
 
-def companion_scan_ref(
+def companion_scan(
     u: torch.Tensor,
     alpha: torch.Tensor,
     beta: torch.Tensor | None = None,
