@@ -446,7 +446,7 @@ class EideticStore:
         """Scores of :meth:`held`'s positions (0 for empty slots), float64."""
         big = torch.iinfo(torch.int64).max
         p = torch.where(self.positions >= 0, self.positions, big)
-        order = p.argsort(1, stable=True)
+        order = p.argsort(dim=1, stable=True)
         return torch.where(p.gather(1, order) == big, 0.0, self.scores.gather(1, order))
 
     def reset(self, rows=None) -> None:
