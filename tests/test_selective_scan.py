@@ -575,7 +575,13 @@ def _explicit_calls() -> dict:
             torch.zeros(batch, T, dim, N, dtype=torch.float64) if opts else None,  # snapshots
         )
         calls.append((torch.ops.bmojo.selective_state_update.default, args, {}))
-    return {"selective_state_update": calls}
+    push = []
+    scores = torch.tensor([[0.5, 2.0, 1.0, 2.0, 0.0], [1.0, 1.0, 1.0, 3.0, 0.5]])
+    for policy, tau in (("topk", 0.0), ("threshold", 0.7), ("fifo", 0.7)):
+        _, store = bm.eidetic_select(scores.double(), 3, 2, policy, tau, return_store=True)
+        args = (store["positions"], store["scores"], store["count"], scores.double(), policy, tau)
+        push.append((torch.ops.bmojo.eidetic_push.default, args, {}))
+    return {"selective_state_update": calls, "eidetic_push": push}
 
 
 def test_ops_exist():

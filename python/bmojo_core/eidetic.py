@@ -198,10 +198,8 @@ def _policy(policy: object, threshold: object) -> tuple[str, float]:
 def _scores_f64(name: str, t: object, batch: int | None) -> Tensor:
     V.tensor(name, t)
     V.shape(name, t, (batch, None), "(batch, T)")
-    s = t.detach().to(torch.float64).contiguous()
-    if torch.isnan(s).any():
-        raise V.BmojoValueError(f"{name}: NaN is not a valid score")
-    return s
+    # NaN is rejected by the kernel (before anything is written).
+    return t.detach().to(torch.float64).contiguous()
 
 
 def _store_tensors(name: str, store: object, batch: int, capacity: int):
@@ -428,9 +426,16 @@ class EideticStore:
         """Consumes ``scores (batch, T)`` (any float dtype; positions ``count ..
         count+T-1`` of each row). A failed call changes nothing."""
         new = _scores_f64("scores", scores, self.batch)
-        torch.ops.bmojo.eidetic_push(
-            self.positions, self.scores, self.count, new, self.policy, self.threshold
-        )
+        if torch.compiler.is_compiling():
+            torch.ops.bmojo.eidetic_push(
+                self.positions, self.scores, self.count, new, self.policy, self.threshold
+            )
+            return
+        # Decode path: straight to the kernel (no dispatcher), same checks and errors.
+        _kernel(
+            _core.eidetic_push, self.positions.numpy(), self.scores.numpy(),
+            self.count.numpy(), new.numpy(), self.policy, self.threshold,
+        )  # fmt: skip
 
     def size(self) -> Tensor:
         """Number of held tokens per row ``(batch,)`` int64 (never above capacity)."""
