@@ -559,3 +559,21 @@ def test_gather_errors():
         bm.gather_positions(x, torch.zeros(2, 1))
     with pytest.raises(BmojoValueError, match="x"):
         bm.gather_positions(x[0], torch.zeros(2, 1, dtype=torch.int64))
+
+
+def test_torch_compile_fullgraph():
+    def f(y):
+        s, state = bm.innovation_scores(y, metric="chi2", return_state=True)
+        held = bm.eidetic_select(s, 4, 8)
+        out, mask = bm.gather_positions(y, held)
+        return out.sum() + state["ema"].sum()
+
+    y = rnd(2, 30, 5, seed=11, dtype=torch.float32).requires_grad_(True)
+    y2 = y.detach().clone().requires_grad_(True)
+    torch._dynamo.reset()
+    got = torch.compile(f, fullgraph=True, backend="aot_eager")(y)
+    want = f(y2)
+    torch.testing.assert_close(got, want)
+    got.backward()
+    want.backward()
+    torch.testing.assert_close(y.grad, y2.grad)
