@@ -21,6 +21,7 @@ from . import _core, realization, reference
 from .bilinear import bilinear_scan
 from .companion import companion_scan
 from .conv import causal_conv1d_fn, causal_conv1d_update
+from .eidetic import EideticStore, eidetic_select, gather_positions, innovation_scores
 from .errors import BmojoError, BmojoTypeError, BmojoValueError
 from .scan import diag_scan, selective_scan_fn
 from .step import selective_state_update
@@ -34,13 +35,17 @@ __all__ = [
     "BmojoError",
     "BmojoTypeError",
     "BmojoValueError",
+    "EideticStore",
     "__version__",
     "bilinear_scan",
     "causal_conv1d_fn",
     "causal_conv1d_update",
     "companion_scan",
     "diag_scan",
+    "eidetic_select",
+    "gather_positions",
     "get_num_threads",
+    "innovation_scores",
     "realization",
     "reference",
     "selective_scan_fn",

@@ -9,6 +9,7 @@
 mod bilinear;
 mod companion;
 mod conv;
+mod eidetic;
 
 use std::sync::atomic::{AtomicU8, Ordering};
 
@@ -663,5 +664,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     companion::register(m)?;
     conv::register(m)?;
     bilinear::register(m)?;
+    eidetic::register(m)?;
     Ok(())
 }

@@ -6,6 +6,7 @@
 //! * [`pool`]: the kernels' own thread pool (explicit size, fork-safe);
 //! * [`diag`], [`selective`], [`step`]: the diagonal scans;
 //! * [`companion`], [`conv`], [`bilinear`]: canonical, nilpotent and bilinear realizations;
+//! * [`eidetic`]: innovation scores and the bounded eidetic store;
 //! * [`reference`]: plain scalar implementations used by the tests as oracles.
 
 pub mod bilinear;
@@ -13,6 +14,7 @@ pub mod companion;
 pub mod conv;
 pub mod diag;
 pub mod dispatch;
+pub mod eidetic;
 pub mod pool;
 pub mod reference;
 pub mod selective;

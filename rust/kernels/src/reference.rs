@@ -4,6 +4,7 @@
 pub mod bilinear;
 pub mod companion;
 pub mod conv;
+pub mod eidetic;
 
 use crate::selective::{Mat, ScanArgs};
 
