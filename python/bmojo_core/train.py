@@ -290,12 +290,18 @@ def _check_tokens(inputs: object, labels: object) -> tuple[Tensor, Tensor]:
     return inputs.long(), labels.long()
 
 
-def _logits(model: torch.nn.Module, inputs: Tensor) -> Tensor:
+def _logits(model: torch.nn.Module, inputs: Tensor, labels: Tensor) -> Tensor:
     out = model(inputs)
     if not isinstance(out, Tensor) or out.dim() != 3 or out.shape[:2] != inputs.shape:
         got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
         raise BmojoValueError(
             f"model: expected logits of shape ({inputs.shape[0]}, {inputs.shape[1]}, V), got {got}"
+        )
+    lab = labels[labels != IGNORE_INDEX]
+    if lab.numel() and (int(lab.min()) < 0 or int(lab.max()) >= out.shape[-1]):
+        raise BmojoValueError(
+            f"labels: expected -100 or token ids in [0, {out.shape[-1]}) (the model's "
+            f"vocabulary), got values in [{int(lab.min())}, {int(lab.max())}]"
         )
     return out
 
@@ -332,7 +338,7 @@ def evaluate(
     try:
         for i in range(0, inputs.shape[0], bs):
             x, y = inputs[i : i + bs].to(dev), labels[i : i + bs].to(dev)
-            logits = _logits(model, x)
+            logits = _logits(model, x, y)
             total += float(_loss(logits, y, "sum"))
             mask = y != IGNORE_INDEX
             correct.append((logits.argmax(-1) == y)[mask].cpu())
@@ -413,8 +419,9 @@ def train(
 
     Evaluation every ``eval_every`` steps and after the last one. ``eval_fn`` is either a
     ``(inputs, labels)`` test set (scored with ``evaluate``) or a callable ``model ->
-    {"loss": ..., "accuracy": ..., ...}``; with none, the mean training loss since the
-    previous evaluation is recorded (and drives GreedyLR).
+    {"loss": ..., "accuracy": ..., ...}`` (called in eval mode under ``no_grad``); with
+    none, the mean training loss since the previous evaluation is recorded (and drives
+    GreedyLR).
 
     Returns a history dict: ``train_loss`` and ``lr`` (one entry per step), ``eval_step``
     (1-based step counts), ``eval_loss``, ``eval_accuracy`` (NaN where unknown) and
@@ -468,7 +475,9 @@ def train(
         if eval_fn is None:
             return {}
         if callable(eval_fn):
-            res = dict(eval_fn(model))
+            model.eval()
+            with torch.no_grad():
+                res = dict(eval_fn(model))
             return {k: float(v) for k, v in res.items()}
         loss, acc, _ = evaluate(model, eval_fn[0], eval_fn[1])
         return {"loss": loss, "accuracy": acc}
@@ -492,7 +501,7 @@ def train(
             x, y = _check_tokens(x, y)
             x, y = x.to(dev), y.to(dev)
             hist["lr"].append(float(opt.param_groups[0]["lr"]))
-            loss = _loss(_logits(model, x), y)
+            loss = _loss(_logits(model, x, y), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if grad_clip is not None:
@@ -503,6 +512,8 @@ def train(
             lv = float(loss.detach())
             hist["train_loss"].append(lv)
             since_eval.append(lv)
+            if bar is not None:
+                bar.update(1)
             if (step + 1) % every == 0 or step + 1 == steps:
                 res = run_eval()
                 model.train()
@@ -522,8 +533,6 @@ def train(
                         acc=f"{res.get('accuracy', math.nan):.3f}",
                         lr=f"{opt.param_groups[0]['lr']:.2e}",
                     )
-            if bar is not None:
-                bar.update(1)
     finally:
         if bar is not None:
             bar.close()
