@@ -10,12 +10,15 @@ from __future__ import annotations
 import itertools
 import math
 
+import numpy as np
 import pytest
 import torch
 from bmojo_core import mqar
 from bmojo_core.errors import BmojoTypeError, BmojoValueError
 from bmojo_core.mqar import IGNORE_INDEX, MQARConfig, make_batch, make_test_set
 from bmojo_core.train import evaluate
+from hypothesis import given
+from hypothesis import strategies as st
 
 CONFIGS = [
     MQARConfig(vocab=20, seq_len=24, num_kv=4),
@@ -58,6 +61,23 @@ def test_layout_and_labels(cfg):
     for xr, yr in zip(x.tolist(), y.tolist(), strict=True):
         check_row(cfg, xr, yr)
     assert torch.equal(mqar.query_positions(y), (y != IGNORE_INDEX).nonzero()[:, 1].view(48, -1))
+
+
+@st.composite
+def configs(draw):
+    n = draw(st.integers(1, 12))
+    vocab = 2 * draw(st.integers(n + 1, n + 40))
+    seq_len = draw(st.integers(4 * n, 4 * n + 40))
+    a = draw(st.sampled_from([0.01, 0.5, 1.0, 2.0, 7.0]))
+    return MQARConfig(vocab, seq_len, n, a, draw(st.booleans()))
+
+
+@given(configs(), st.integers(1, 9), st.integers(0, 2**31))
+def test_layout_property(cfg, batch, seed):
+    x, y = make_batch(cfg, batch, seed)
+    assert x.shape == y.shape == (batch, cfg.seq_len)
+    for xr, yr in zip(x.tolist(), y.tolist(), strict=True):
+        check_row(cfg, xr, yr)
 
 
 def test_next_token_convention_with_causal_lookup_model():
@@ -188,6 +208,9 @@ def test_defaults():
         x, y = make_batch(MQARConfig(num_kv=n), 2, 0, device="cpu")
         assert (y != IGNORE_INDEX).sum(1).tolist() == [n, n]
     MQARConfig(vocab=10, seq_len=16, num_kv=4)  # both limits exactly met
+    c = MQARConfig(vocab=np.int64(64), seq_len=np.int32(32), num_kv=np.int16(4))
+    assert type(c.vocab) is int and c == MQARConfig(vocab=64, seq_len=32, num_kv=4)
+    assert torch.equal(make_test_set(c, 3, np.int64(5))[0], make_test_set(c, 3, 5)[0])
 
 
 @pytest.mark.parametrize(

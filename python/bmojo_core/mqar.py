@@ -30,6 +30,7 @@ vectorised over the batch, so a batch costs a few tensor ops per training step.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -41,11 +42,11 @@ IGNORE_INDEX: int = -100
 
 
 def _int(name: str, v: object, lo: int) -> int:
-    if isinstance(v, bool) or not isinstance(v, int):
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
         raise BmojoTypeError(f"{name}: expected an int, got {type(v).__name__}")
     if v < lo:
         raise BmojoValueError(f"{name}: expected an int >= {lo}, got {v}")
-    return v
+    return int(v)
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,10 @@ class MQARConfig:
     random_fill: bool = False
 
     def __post_init__(self) -> None:
+        for name in ("vocab", "seq_len", "num_kv"):  # numpy ints welcome, stored as int
+            v = getattr(self, name)
+            if isinstance(v, numbers.Integral) and not isinstance(v, bool):
+                object.__setattr__(self, name, int(v))
         V = _int("vocab", self.vocab, 4)
         L = _int("seq_len", self.seq_len, 4)
         N = _int("num_kv", self.num_kv, 1)
@@ -80,10 +85,11 @@ class MQARConfig:
                 f"tokens plus {N} query slots at even offsets), got seq_len {L}"
             )
         a = self.power_a
-        if isinstance(a, bool) or not isinstance(a, (int, float)):
+        if isinstance(a, bool) or not isinstance(a, numbers.Real):
             raise BmojoTypeError(f"power_a: expected a float, got {type(a).__name__}")
         if not (math.isfinite(a) and a > 0):
             raise BmojoValueError(f"power_a: expected a finite value > 0, got {a}")
+        object.__setattr__(self, "power_a", float(a))
         if not isinstance(self.random_fill, bool):
             raise BmojoTypeError(
                 f"random_fill: expected a bool, got {type(self.random_fill).__name__}"
@@ -113,10 +119,10 @@ def _generator(generator: torch.Generator | int | None) -> torch.Generator:
         return g
     if isinstance(generator, bool):
         raise BmojoTypeError("generator: expected a torch.Generator, an int seed or None")
-    if isinstance(generator, int):
+    if isinstance(generator, numbers.Integral):
         if generator < 0:
             raise BmojoValueError(f"generator: a seed must be >= 0, got {generator}")
-        return torch.Generator().manual_seed(generator)
+        return torch.Generator().manual_seed(int(generator))
     if isinstance(generator, torch.Generator):
         if generator.device.type != "cpu":
             raise BmojoValueError(
@@ -183,7 +189,7 @@ def make_batch(
 def make_test_set(config: MQARConfig, n: int, seed: int) -> tuple[Tensor, Tensor]:
     """A fixed test set of ``n`` rows: the same for the same ``(config, n, seed)``,
     whatever the global RNG state."""
-    if isinstance(seed, bool) or not isinstance(seed, int):
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise BmojoTypeError(f"seed: expected an int, got {type(seed).__name__}")
     return make_batch(config, n, seed)
 

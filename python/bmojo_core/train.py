@@ -10,6 +10,7 @@ convention: ``labels[:, t]`` is the target of the logits at position ``t``).
 from __future__ import annotations
 
 import math
+import numbers
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -28,17 +29,17 @@ IGNORE_INDEX: int = -100
 
 
 def _num(name: str, v: object) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
         raise BmojoTypeError(f"{name}: expected a number, got {type(v).__name__}")
     return float(v)
 
 
 def _count(name: str, v: object) -> int:
-    if isinstance(v, bool) or not isinstance(v, int):
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
         raise BmojoTypeError(f"{name}: expected an int, got {type(v).__name__}")
     if v < 0:
         raise BmojoValueError(f"{name}: expected an int >= 0, got {v}")
-    return v
+    return int(v)
 
 
 def _per_group(name: str, v: object, n: int) -> list[float]:
