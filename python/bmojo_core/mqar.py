@@ -38,6 +38,8 @@ from torch import Tensor
 
 from .errors import BmojoTypeError, BmojoValueError
 
+__all__ = ["IGNORE_INDEX", "MQARConfig", "make_batch", "make_test_set", "query_positions"]
+
 IGNORE_INDEX: int = -100
 
 

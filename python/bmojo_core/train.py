@@ -23,6 +23,8 @@ from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 
 from .errors import BmojoTypeError, BmojoValueError
 
+__all__ = ["GreedyLR", "IGNORE_INDEX", "cosine_schedule", "evaluate", "negative_flip_rate", "train"]
+
 IGNORE_INDEX: int = -100
 
 # ----------------------------------------------------------------------------- GreedyLR
@@ -61,9 +63,9 @@ class GreedyLR(LRScheduler):
 
     1. ``s`` = mean of the last ``smooth`` metrics (rolling average; ``smooth=1`` = raw).
     2. ``s`` is *good* when it beats the best smoothed value so far by more than
-       ``threshold`` (``mode="min"``: ``s < best * (1 - threshold)`` for
+       ``threshold`` (``mode="min"``: ``s < best - threshold * |best|`` for
        ``threshold_mode="rel"``, ``s < best - threshold`` for ``"abs"``; mirrored for
-       ``"max"``); then ``best = s``. Otherwise it is *bad* (no significant improvement,
+       ``"max"``; the first evaluation always improves); then ``best = s``. Otherwise it is *bad* (no significant improvement,
        i.e. the metric stalled or worsened). Consecutive good (bad) evaluations are
        counted; a bad (good) one resets the other count.
     3. Direction keeping: while ``cooldown`` (``warmup``) evaluations remain after a
