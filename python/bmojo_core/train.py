@@ -65,9 +65,10 @@ class GreedyLR(LRScheduler):
     2. ``s`` is *good* when it beats the best smoothed value so far by more than
        ``threshold`` (``mode="min"``: ``s < best - threshold * |best|`` for
        ``threshold_mode="rel"``, ``s < best - threshold`` for ``"abs"``; mirrored for
-       ``"max"``; the first evaluation always improves); then ``best = s``. Otherwise it is *bad* (no significant improvement,
-       i.e. the metric stalled or worsened). Consecutive good (bad) evaluations are
-       counted; a bad (good) one resets the other count.
+       ``"max"``; the first evaluation always improves); then ``best = s``. Otherwise
+       it is *bad* (no significant improvement: the metric stalled or worsened).
+       Consecutive good (bad) evaluations are counted; a bad (good) one resets the
+       other count.
     3. Direction keeping: while ``cooldown`` (``warmup``) evaluations remain after a
        decrease (increase), the good (bad) count is held at 0, so the rate cannot turn
        around; it may still move further in the same direction.
