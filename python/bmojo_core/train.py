@@ -1,0 +1,544 @@
+"""Model-agnostic training pieces: GreedyLR, a cosine schedule, a generic trainer and
+evaluation helpers (accuracy on labelled positions, per-query correctness, negative flip
+rate).
+
+The model interface: a ``torch.nn.Module`` mapping token ids ``(B, L)`` int64 to logits
+``(B, L, V)``. Labels are ``(B, L)`` int64 with ``-100`` at ignored positions (next-token
+convention: ``labels[:, t]`` is the target of the logits at position ``t``).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.optim.lr_scheduler import LambdaLR, LRScheduler
+
+from .errors import BmojoTypeError, BmojoValueError
+
+__all__ = ["GreedyLR", "IGNORE_INDEX", "cosine_schedule", "evaluate", "negative_flip_rate", "train"]
+
+IGNORE_INDEX: int = -100
+
+# ----------------------------------------------------------------------------- GreedyLR
+
+
+def _num(name: str, v: object) -> float:
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise BmojoTypeError(f"{name}: expected a number, got {type(v).__name__}")
+    return float(v)
+
+
+def _count(name: str, v: object) -> int:
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        raise BmojoTypeError(f"{name}: expected an int, got {type(v).__name__}")
+    if v < 0:
+        raise BmojoValueError(f"{name}: expected an int >= 0, got {v}")
+    return int(v)
+
+
+def _per_group(name: str, v: object, n: int) -> list[float]:
+    vals = list(v) if isinstance(v, (list, tuple)) else [v] * n
+    if len(vals) != n:
+        raise BmojoValueError(f"{name}: expected one value per param group ({n}), got {len(vals)}")
+    out = [_num(name, x) for x in vals]
+    for x in out:
+        if math.isnan(x) or x < 0:
+            raise BmojoValueError(f"{name}: expected values >= 0, got {x}")
+    return out
+
+
+class GreedyLR(LRScheduler):
+    """GreedyLR (Subramanian et al., Amazon): a loss-feedback scheduler that raises the
+    learning rate while the monitored metric keeps improving and lowers it when it stops.
+
+    Call ``step(metric)`` after each evaluation (e.g. with the validation loss). Each call:
+
+    1. ``s`` = mean of the last ``smooth`` metrics (rolling average; ``smooth=1`` = raw).
+    2. ``s`` is *good* when it beats the best smoothed value so far by more than
+       ``threshold`` (``mode="min"``: ``s < best - threshold * |best|`` for
+       ``threshold_mode="rel"``, ``s < best - threshold`` for ``"abs"``; mirrored for
+       ``"max"``; the first evaluation always improves); then ``best = s``. Otherwise
+       it is *bad* (no significant improvement: the metric stalled or worsened).
+       Consecutive good (bad) evaluations are counted; a bad (good) one resets the
+       other count.
+    3. Direction keeping: while ``cooldown`` (``warmup``) evaluations remain after a
+       decrease (increase), the good (bad) count is held at 0, so the rate cannot turn
+       around; it may still move further in the same direction.
+    4. More than ``patience`` consecutive bad evaluations: every group's rate becomes
+       ``max(lr * factor, min_lr)``, the cooldown starts and the count resets. More than
+       ``patience`` consecutive good ones: ``min(lr / factor, max_lr)``, the warmup starts.
+
+    ``factor`` is in (0, 1). ``min_lr``/``max_lr`` are a number or one per param group;
+    ``max_lr=None`` means 10x each group's initial rate. A NaN or infinite metric counts as
+    the worst possible value (a diverging run is slowed down).
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        mode: str = "min",
+        factor: float = 0.9,
+        patience: int = 2,
+        threshold: float = 1e-4,
+        threshold_mode: str = "rel",
+        smooth: int = 1,
+        cooldown: int = 0,
+        warmup: int = 0,
+        min_lr: float | Sequence[float] = 0.0,
+        max_lr: float | Sequence[float] | None = None,
+        verbose: bool = False,
+    ) -> None:
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise BmojoTypeError(
+                f"optimizer: expected a torch.optim.Optimizer, got {type(optimizer).__name__}"
+            )
+        if mode not in ("min", "max"):
+            raise BmojoValueError(f"mode: expected 'min' or 'max', got {mode!r}")
+        if threshold_mode not in ("rel", "abs"):
+            raise BmojoValueError(
+                f"threshold_mode: expected 'rel' or 'abs', got {threshold_mode!r}"
+            )
+        factor = _num("factor", factor)
+        if not 0.0 < factor < 1.0:
+            raise BmojoValueError(f"factor: expected a value in (0, 1), got {factor}")
+        threshold = _num("threshold", threshold)
+        if not (math.isfinite(threshold) and threshold >= 0):
+            raise BmojoValueError(f"threshold: expected a finite value >= 0, got {threshold}")
+        smooth = _count("smooth", smooth)
+        if smooth < 1:
+            raise BmojoValueError(f"smooth: expected a window of >= 1 evaluations, got {smooth}")
+        n = len(optimizer.param_groups)
+        initial = [float(g["lr"]) for g in optimizer.param_groups]
+        mins = _per_group("min_lr", min_lr, n)
+        maxs = [10.0 * lr for lr in initial] if max_lr is None else _per_group("max_lr", max_lr, n)
+        for lo, hi in zip(mins, maxs, strict=True):
+            if hi < lo:
+                raise BmojoValueError(f"max_lr: {hi} is below min_lr {lo}")
+
+        self.optimizer = optimizer
+        self.mode = mode
+        self.factor = factor
+        self.patience = _count("patience", patience)
+        self.threshold = threshold
+        self.threshold_mode = threshold_mode
+        self.smooth = smooth
+        self.cooldown = _count("cooldown", cooldown)
+        self.warmup = _count("warmup", warmup)
+        self.min_lrs = mins
+        self.max_lrs = maxs
+        self.verbose = bool(verbose)
+        self.base_lrs = initial
+        self.last_epoch = 0
+        self._last_lr = list(initial)
+        self.recent: list[float] = []
+        self.best = math.inf if mode == "min" else -math.inf
+        self.num_good = 0
+        self.num_bad = 0
+        self.cooldown_counter = 0
+        self.warmup_counter = 0
+
+    def _better(self, a: float, best: float) -> bool:
+        if math.isinf(best):  # nothing seen yet: any finite value improves
+            return a != best
+        margin = self.threshold * abs(best) if self.threshold_mode == "rel" else self.threshold
+        return a < best - margin if self.mode == "min" else a > best + margin
+
+    def _set(self, up: bool) -> None:
+        for i, group in enumerate(self.optimizer.param_groups):
+            old = float(group["lr"])
+            new = (
+                min(old / self.factor, self.max_lrs[i])
+                if up
+                else max(old * self.factor, self.min_lrs[i])
+            )
+            group["lr"] = new
+            if self.verbose and new != old:
+                print(
+                    f"GreedyLR: evaluation {self.last_epoch}: group {i} lr {old:.4g} -> {new:.4g}",
+                    file=sys.stderr,
+                )
+
+    def step(self, metrics: float | Tensor | None = None, epoch: None = None) -> None:  # type: ignore[override]
+        """Feed one evaluation's metric (a number or a 1-element tensor)."""
+        if metrics is None:
+            raise BmojoTypeError("metrics: GreedyLR.step needs the evaluation metric")
+        if epoch is not None:
+            raise BmojoValueError("epoch: not supported; call step(metric) once per evaluation")
+        if isinstance(metrics, Tensor):
+            if metrics.numel() != 1:
+                raise BmojoValueError(
+                    f"metrics: expected a scalar, got a tensor of shape {tuple(metrics.shape)}"
+                )
+            metrics = metrics.item()
+        value = _num("metrics", metrics)
+        worst = math.inf if self.mode == "min" else -math.inf
+        if not math.isfinite(value):
+            value = worst
+        self.last_epoch += 1
+
+        self.recent.append(value)
+        del self.recent[: -self.smooth]
+        current = math.fsum(self.recent) / len(self.recent) if worst not in self.recent else worst
+
+        if self._better(current, self.best):
+            self.best = current
+            self.num_good += 1
+            self.num_bad = 0
+        else:
+            self.num_bad += 1
+            self.num_good = 0
+        if self.cooldown_counter > 0:  # after a decrease: no increase yet
+            self.cooldown_counter -= 1
+            self.num_good = 0
+        if self.warmup_counter > 0:  # after an increase: no decrease yet
+            self.warmup_counter -= 1
+            self.num_bad = 0
+        if self.num_bad > self.patience:
+            self._set(up=False)
+            self.cooldown_counter, self.num_bad = self.cooldown, 0
+        elif self.num_good > self.patience:
+            self._set(up=True)
+            self.warmup_counter, self.num_good = self.warmup, 0
+        self._last_lr = [float(g["lr"]) for g in self.optimizer.param_groups]
+
+    def get_lr(self) -> list[float]:
+        return [float(g["lr"]) for g in self.optimizer.param_groups]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            k: (list(v) if isinstance(v, list) else v)
+            for k, v in self.__dict__.items()
+            if k != "optimizer"
+        }
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        if not isinstance(state_dict, Mapping):
+            raise BmojoTypeError(f"state_dict: expected a mapping, got {type(state_dict).__name__}")
+        missing = {"best", "num_good", "num_bad", "recent"} - set(state_dict)
+        if missing:
+            raise BmojoValueError(f"state_dict: not a GreedyLR state (missing {sorted(missing)})")
+        self.__dict__.update(
+            {k: (list(v) if isinstance(v, list) else v) for k, v in state_dict.items()}
+        )
+
+
+# ----------------------------------------------------------------------------- cosine
+
+
+def cosine_schedule(
+    optimizer: torch.optim.Optimizer,
+    total_steps: int,
+    warmup_steps: int = 0,
+    min_ratio: float = 0.0,
+) -> LambdaLR:
+    """Linear warmup then cosine decay, as a ``LambdaLR`` stepped once per optimizer step.
+
+    The multiplier of the base rate at step ``s`` (0-based, the step about to be taken) is
+    ``(s + 1) / warmup_steps`` for ``s < warmup_steps``, then
+    ``min_ratio + (1 - min_ratio) * (1 + cos(pi * p)) / 2`` with
+    ``p = min(1, (s - warmup_steps) / (total_steps - warmup_steps))``.
+    """
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise BmojoTypeError(
+            f"optimizer: expected a torch.optim.Optimizer, got {type(optimizer).__name__}"
+        )
+    T = _count("total_steps", total_steps)
+    W = _count("warmup_steps", warmup_steps)
+    if T < 1:
+        raise BmojoValueError(f"total_steps: expected >= 1, got {T}")
+    if W >= T:
+        raise BmojoValueError(f"warmup_steps: expected < total_steps ({T}), got {W}")
+    r = _num("min_ratio", min_ratio)
+    if not 0.0 <= r <= 1.0:
+        raise BmojoValueError(f"min_ratio: expected a value in [0, 1], got {r}")
+
+    def factor(s: int) -> float:
+        if s < W:
+            return (s + 1) / W
+        p = min(1.0, (s - W) / (T - W))
+        return r + (1.0 - r) * 0.5 * (1.0 + math.cos(math.pi * p))
+
+    return LambdaLR(optimizer, factor)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _check_tokens(inputs: object, labels: object) -> tuple[Tensor, Tensor]:
+    for name, t in (("inputs", inputs), ("labels", labels)):
+        if not isinstance(t, Tensor):
+            raise BmojoTypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in (torch.int64, torch.int32):
+            raise BmojoTypeError(f"{name}: expected dtype int64, got {str(t.dtype)[6:]}")
+        if t.dim() != 2:
+            raise BmojoValueError(f"{name}: expected shape (B, L), got {tuple(t.shape)}")
+    assert isinstance(inputs, Tensor) and isinstance(labels, Tensor)
+    if inputs.shape != labels.shape:
+        raise BmojoValueError(
+            f"labels: expected the shape of inputs {tuple(inputs.shape)}, got {tuple(labels.shape)}"
+        )
+    return inputs.long(), labels.long()
+
+
+def _logits(model: torch.nn.Module, inputs: Tensor, labels: Tensor) -> Tensor:
+    out = model(inputs)
+    if not isinstance(out, Tensor) or out.dim() != 3 or out.shape[:2] != inputs.shape:
+        got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise BmojoValueError(
+            f"model: expected logits of shape ({inputs.shape[0]}, {inputs.shape[1]}, V), got {got}"
+        )
+    lab = labels[labels != IGNORE_INDEX]
+    if lab.numel() and (int(lab.min()) < 0 or int(lab.max()) >= out.shape[-1]):
+        raise BmojoValueError(
+            f"labels: expected -100 or token ids in [0, {out.shape[-1]}) (the model's "
+            f"vocabulary), got values in [{int(lab.min())}, {int(lab.max())}]"
+        )
+    return out
+
+
+def _loss(logits: Tensor, labels: Tensor, reduction: str = "mean") -> Tensor:
+    return F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(),
+        labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction=reduction,
+    )
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module, inputs: Tensor, labels: Tensor, *, batch_size: int = 256
+) -> tuple[float, float, Tensor]:
+    """Mean cross-entropy and accuracy (argmax over the vocabulary) on the labelled
+    positions, and the per-query correctness: a bool tensor with one entry per labelled
+    position in row-major order (for MQAR rows: ``.view(B, num_kv)`` gives the queries
+    of each row in order of position). The model is run in eval mode, ``batch_size`` rows
+    at a time, and restored to its previous mode."""
+    inputs, labels = _check_tokens(inputs, labels)
+    bs = _count("batch_size", batch_size)
+    if bs < 1:
+        raise BmojoValueError(f"batch_size: expected >= 1, got {bs}")
+    n_lab = int((labels != IGNORE_INDEX).sum())
+    if n_lab == 0:
+        raise BmojoValueError("labels: no labelled position (all are -100)")
+    dev = _model_device(model)
+    was_training = model.training
+    model.eval()
+    total, correct = 0.0, []
+    try:
+        for i in range(0, inputs.shape[0], bs):
+            x, y = inputs[i : i + bs].to(dev), labels[i : i + bs].to(dev)
+            logits = _logits(model, x, y)
+            total += float(_loss(logits, y, "sum"))
+            mask = y != IGNORE_INDEX
+            correct.append((logits.argmax(-1) == y)[mask].cpu())
+    finally:
+        model.train(was_training)
+    ok = torch.cat(correct)
+    return total / n_lab, float(ok.float().mean()), ok
+
+
+def negative_flip_rate(correct_a: Tensor, correct_b: Tensor) -> float:
+    """Share of the test queries that model A answers correctly and model B does not
+    (over all queries): ``mean(correct_a & ~correct_b)``. Inputs: per-query correctness
+    of the same test set, bool (or 0/1 integer) tensors of equal shape."""
+    out = []
+    for name, t in (("correct_a", correct_a), ("correct_b", correct_b)):
+        if not isinstance(t, Tensor):
+            raise BmojoTypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if t.dtype != torch.bool:
+            if t.is_floating_point() or t.is_complex() or bool(((t != 0) & (t != 1)).any()):
+                raise BmojoTypeError(f"{name}: expected a bool (or 0/1) tensor, got {t.dtype}")
+            t = t != 0
+        out.append(t)
+    a, b = out
+    if a.shape != b.shape:
+        raise BmojoValueError(
+            f"correct_b: expected the shape of correct_a {tuple(a.shape)}, got {tuple(b.shape)}"
+        )
+    if a.numel() == 0:
+        raise BmojoValueError("correct_a: empty (no queries)")
+    return float((a & ~b).float().mean())
+
+
+# ----------------------------------------------------------------------------- trainer
+
+SCHEDULES = ("cosine", "greedy", "constant")
+
+
+def _progress_bar(total: int, enabled: bool):
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm is optional (the "bench" extra)
+        return None
+    return tqdm(total=total, dynamic_ncols=True, leave=False)
+
+
+def train(
+    model: torch.nn.Module,
+    make_batch_fn: Callable[[torch.Generator], tuple[Tensor, Tensor]],
+    *,
+    steps: int,
+    lr: float = 1e-3,
+    schedule: str = "cosine",
+    eval_every: int | None = None,
+    eval_fn: Callable[[torch.nn.Module], Mapping[str, float]] | tuple[Tensor, Tensor] | None = None,
+    weight_decay: float = 0.1,
+    grad_clip: float | None = 1.0,
+    seed: int = 0,
+    progress: bool = True,
+    warmup_steps: int = 0,
+    min_ratio: float = 0.0,
+    greedy_kwargs: Mapping[str, Any] | None = None,
+    betas: tuple[float, float] = (0.9, 0.98),
+) -> dict[str, Any]:
+    """Trains ``model`` in place with AdamW on a fresh batch per step.
+
+    ``make_batch_fn(generator)`` returns ``(inputs, labels)`` (B, L) int64; it receives one
+    CPU ``torch.Generator`` seeded with ``seed`` and advanced across steps, so a run's data
+    stream is reproducible (model initialisation is the caller's business). Batches are
+    moved to the model's device. Loss: cross-entropy on the labelled positions.
+
+    ``schedule``: ``"cosine"`` (``cosine_schedule`` with ``warmup_steps``/``min_ratio``,
+    stepped every step), ``"greedy"`` (``GreedyLR(**greedy_kwargs)`` stepped after every
+    evaluation with its loss) or ``"constant"``. Weight decay applies to parameters of
+    dimension >= 2 only (not to biases or norm gains). ``grad_clip``: max global grad norm
+    (None: no clipping).
+
+    Evaluation every ``eval_every`` steps and after the last one. ``eval_fn`` is either a
+    ``(inputs, labels)`` test set (scored with ``evaluate``) or a callable ``model ->
+    {"loss": ..., "accuracy": ..., ...}`` (called in eval mode under ``no_grad``); with
+    none, the mean training loss since the previous evaluation is recorded (and drives
+    GreedyLR).
+
+    Returns a history dict: ``train_loss`` and ``lr`` (one entry per step), ``eval_step``
+    (1-based step counts), ``eval_loss``, ``eval_accuracy`` (NaN where unknown) and
+    ``eval_<key>`` for other keys of an ``eval_fn`` result, and ``time_s`` (wall time).
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise BmojoTypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    if not callable(make_batch_fn):
+        raise BmojoTypeError("make_batch_fn: expected a callable generator -> (inputs, labels)")
+    steps = _count("steps", steps)
+    if steps < 1:
+        raise BmojoValueError(f"steps: expected >= 1, got {steps}")
+    lr = _num("lr", lr)
+    if not (math.isfinite(lr) and lr > 0):
+        raise BmojoValueError(f"lr: expected a finite value > 0, got {lr}")
+    if schedule not in SCHEDULES:
+        raise BmojoValueError(f"schedule: expected one of {SCHEDULES}, got {schedule!r}")
+    every = steps if eval_every is None else _count("eval_every", eval_every)
+    if every < 1:
+        raise BmojoValueError(f"eval_every: expected >= 1, got {every}")
+    if eval_fn is not None and not callable(eval_fn):
+        if not (isinstance(eval_fn, (tuple, list)) and len(eval_fn) == 2):
+            raise BmojoTypeError(
+                "eval_fn: expected a callable model -> metrics, an (inputs, labels) pair or None"
+            )
+        _check_tokens(*eval_fn)
+    weight_decay = _num("weight_decay", weight_decay)
+    if not (math.isfinite(weight_decay) and weight_decay >= 0):
+        raise BmojoValueError(f"weight_decay: expected a finite value >= 0, got {weight_decay}")
+    if grad_clip is not None:
+        grad_clip = _num("grad_clip", grad_clip)
+        if not grad_clip > 0:
+            raise BmojoValueError(f"grad_clip: expected a value > 0 or None, got {grad_clip}")
+    seed = _count("seed", seed)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise BmojoValueError("model: has no trainable parameters")
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas)
+    sched: LRScheduler | None = None
+    if schedule == "cosine":
+        sched = cosine_schedule(opt, steps, warmup_steps, min_ratio)
+    elif schedule == "greedy":
+        sched = GreedyLR(opt, **dict(greedy_kwargs or {}))
+
+    def run_eval() -> dict[str, float]:
+        if eval_fn is None:
+            return {}
+        if callable(eval_fn):
+            model.eval()
+            with torch.no_grad():
+                res = dict(eval_fn(model))
+            return {k: float(v) for k, v in res.items()}
+        loss, acc, _ = evaluate(model, eval_fn[0], eval_fn[1])
+        return {"loss": loss, "accuracy": acc}
+
+    gen = torch.Generator().manual_seed(seed)
+    dev = _model_device(model)
+    hist: dict[str, Any] = {
+        "train_loss": [],
+        "lr": [],
+        "eval_step": [],
+        "eval_loss": [],
+        "eval_accuracy": [],
+    }
+    bar = _progress_bar(steps, progress)
+    t0 = time.perf_counter()
+    since_eval: list[float] = []
+    model.train()
+    try:
+        for step in range(steps):
+            x, y = make_batch_fn(gen)
+            x, y = _check_tokens(x, y)
+            x, y = x.to(dev), y.to(dev)
+            hist["lr"].append(float(opt.param_groups[0]["lr"]))
+            loss = _loss(_logits(model, x, y), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(params, grad_clip)
+            opt.step()
+            if isinstance(sched, LambdaLR):
+                sched.step()
+            lv = float(loss.detach())
+            hist["train_loss"].append(lv)
+            since_eval.append(lv)
+            if bar is not None:
+                bar.update(1)
+            if (step + 1) % every == 0 or step + 1 == steps:
+                res = run_eval()
+                model.train()
+                if "loss" not in res:
+                    res["loss"] = math.fsum(since_eval) / len(since_eval)
+                since_eval = []
+                hist["eval_step"].append(step + 1)
+                known = {k[5:] for k in hist if k.startswith("eval_") and k != "eval_step"}
+                for k in sorted(set(res) | known):
+                    hist.setdefault(f"eval_{k}", [math.nan] * (len(hist["eval_step"]) - 1))
+                    hist[f"eval_{k}"].append(res.get(k, math.nan))
+                if isinstance(sched, GreedyLR):
+                    sched.step(res["loss"])
+                if bar is not None:
+                    bar.set_postfix(
+                        loss=f"{res['loss']:.3f}",
+                        acc=f"{res.get('accuracy', math.nan):.3f}",
+                        lr=f"{opt.param_groups[0]['lr']:.2e}",
+                    )
+    finally:
+        if bar is not None:
+            bar.close()
+    hist["time_s"] = time.perf_counter() - t0
+    return hist
