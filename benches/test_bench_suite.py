@@ -1,4 +1,5 @@
-"""pytest-benchmark versions of the ``bmojo bench`` cases (bmojo_core.bench).
+"""pytest-benchmark versions of every ``bmojo bench`` case (bmojo_core.bench): selective
+scan, decode, throughput, companion, causal conv and bilinear groups.
 
 Not collected by the normal test run (``pytest tests``). Run with::
 
