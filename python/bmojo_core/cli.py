@@ -104,7 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
         "bench",
         help="run the benchmark suite against the reference",
         description="Run the benchmark suite (selective scan forward and forward+backward vs "
-        "bmojo_core.reference, scaling in L, decode step, throughput vs peak).",
+        "bmojo_core.reference, scaling in L, decode step, throughput vs peak; companion scan vs "
+        "the reference and scipy.signal.lfilter; causal conv vs torch F.conv1d; bilinear "
+        "sequential and parallel paths).",
     )
     p_bench.add_argument("--quick", action="store_true", help="smaller shapes (a smoke run)")
     p_bench.add_argument("--json", metavar="PATH", help="also write the results as JSON")
@@ -113,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME",
         action="append",
         help="run only cases whose name contains NAME or whose group is NAME "
-        "(scan, scaling, decode, throughput, peer); may be repeated",
+        "(scan, scaling, decode, throughput, companion, conv, bilinear, peer); may be repeated",
     )
     p_bench.add_argument("--threads", type=int, metavar="N", help="bmojo_core threads")
     p_bench.add_argument("--simd", metavar="LEVEL", help="force a SIMD level (see bmojo info)")
