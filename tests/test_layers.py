@@ -161,7 +161,9 @@ def test_lm_matches_manual_composition():
     tok = torch.randint(0, 30, (2, 14))
     h = lm.embedding.weight[tok]
     for blk in lm.blocks:
-        h = h + R.bmojo_layer_ref(blk.mixer, F.layer_norm(h, (8,), blk.norm1.weight, blk.norm1.bias))
+        h = h + R.bmojo_layer_ref(
+            blk.mixer, F.layer_norm(h, (8,), blk.norm1.weight, blk.norm1.bias)
+        )
         m = blk.mlp
         h2 = F.layer_norm(h, (8,), blk.norm2.weight, blk.norm2.bias)
         h = h + m[2](F.gelu(m[0](h2)))

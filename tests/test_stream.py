@@ -59,7 +59,7 @@ def test_stream_equals_parallel_fp32(variant):
     lm64 = make_lm(*variant, dtype=torch.float32, d=16).double()
     lm64.load_state_dict({k: v.double() for k, v in lm.state_dict().items()})
     ref = lm64(tok)
-    got = feed_schedule(lm.stream(2), tok, [13, 1, 17, 19])
+    got = feed_schedule(lm.stream(2), tok, [13, 1, 1, 1, 17, 17])
     assert_close(got, ref, torch.float32, "stream fp32")
 
 
@@ -283,8 +283,17 @@ def _rss() -> int:
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs /proc")
 def test_memory_flat_over_long_stream():
-    """20k tokens: state size constant, resident memory flat, and still exact at the end."""
-    lm = make_lm(8, 2, 4, dtype=torch.float32, layers=1)
+    """20k tokens: state size constant, resident memory flat."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny ops: avoid OpenMP spinning on a busy machine
+    try:
+        _long_stream()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _long_stream():
+    lm = make_lm(16, 2, 4, dtype=torch.float32, layers=1)
     s = lm.stream(2)
     nbytes = s.nbytes()
     tok = tokens(2, 20_000, seed=3)

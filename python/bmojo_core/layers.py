@@ -42,9 +42,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import _core
 from . import _validate as V
 from .conv import causal_conv1d_fn, causal_conv1d_update
-from .eidetic import POLICIES, eidetic_select, gather_positions, innovation_scores
+from .eidetic import (
+    CHI2_FLOOR,
+    CHI2_RATE,
+    POLICIES,
+    eidetic_select,
+    gather_positions,
+    innovation_scores,
+)
 from .scan import selective_scan_fn
 from .step import selective_state_update
 
@@ -154,6 +162,8 @@ class SelectiveSSM(nn.Module):
     def step(self, u: Tensor, state: dict[str, Tensor]) -> Tensor:
         """Streaming: ``u (batch, T, d_model)``; updates ``state['conv']`` and
         ``state['ssm']`` in place; returns ``(batch, T, d_model)``."""
+        if u.shape[1] == 1:
+            return self._step1(u[:, 0], state)[:, None]
         xz = self.in_proj(u)
         x, z = xz.chunk(2, dim=-1)
         x = causal_conv1d_update(
@@ -165,6 +175,21 @@ class SelectiveSSM(nn.Module):
         y = selective_state_update(
             state["ssm"], x, delta.contiguous(), -torch.exp(self.A_log), b.contiguous(),
             c.contiguous(), self.D, z.contiguous(), self.dt_proj.bias, True,
+        )  # fmt: skip
+        return self.out_proj(y)
+
+    def _step1(self, u: Tensor, state: dict[str, Tensor]) -> Tensor:
+        """One token ``u (batch, d_model)``: the decode path (single-token kernel forms)."""
+        di = self.d_inner
+        xz = self.in_proj(u)
+        x = causal_conv1d_update(
+            xz[:, :di].contiguous(), state["conv"], self.conv_weight, self.conv_bias,
+            activation="silu",
+        )  # fmt: skip
+        delta, b, c = self._proj(x)
+        y = selective_state_update(
+            state["ssm"], x, delta, -torch.exp(self.A_log), b.contiguous(), c.contiguous(),
+            self.D, xz[:, di:].contiguous(), self.dt_proj.bias, True,
         )  # fmt: skip
         return self.out_proj(y)
 
@@ -275,6 +300,32 @@ class SlidingWindowAttention(nn.Module):
         ring_v[rows, idx] = v
         return o.transpose(1, 2).reshape(b, s, d)
 
+    def step1(
+        self, x: Tensor, ring_k: Tensor, ring_v: Tensor, mem_k: Tensor, mem_v: Tensor,
+        mem_mask: Tensor, pos: Tensor, warm: bool,
+    ) -> Tensor:  # fmt: skip
+        """:meth:`step` for one token ``x (batch, d)``: the new key goes into its ring slot
+        first, then the query reads ``[memory, ring]``: after the write the ring holds
+        exactly the window (slots not yet written are masked while ``pos < w - 1``;
+        ``warm`` says no row is in that phase)."""
+        b, d = x.shape
+        w = self.window
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        rows = torch.arange(b)
+        idx = torch.remainder(pos, w)
+        ring_k[rows, idx] = k
+        ring_v[rows, idx] = v
+        h = self.n_heads
+        keys = torch.cat([mem_k, ring_k], dim=1).view(b, -1, h, d // h).transpose(1, 2)
+        vals = torch.cat([mem_v, ring_v], dim=1).view(b, -1, h, d // h).transpose(1, 2)
+        if warm:
+            ring_ok = torch.ones(b, w, dtype=torch.bool)
+        else:
+            ring_ok = torch.arange(w) <= pos[:, None]
+        mask = torch.cat([mem_mask, ring_ok], dim=1)[:, None, None, :]
+        o = F.scaled_dot_product_attention(q.view(b, h, 1, d // h), keys, vals, attn_mask=mask)
+        return o.reshape(b, d)
+
 
 # ----------------------------------------------------------------------------- B'MOJO
 
@@ -336,6 +387,7 @@ class BMojoLayer(nn.Module):
         self.attn = (
             SlidingWindowAttention(d_model, window, n_heads, **fk) if self.window > 0 else None
         )
+        self._taps_cache: dict[torch.dtype, Tensor] = {}
 
     @property
     def dtype(self) -> torch.dtype:
@@ -349,7 +401,9 @@ class BMojoLayer(nn.Module):
 
     def scores(self, y: Tensor) -> Tensor:
         """Innovation scores of SSM outputs ``y (batch, L, d_model)`` (not differentiable)."""
-        return innovation_scores(y.detach(), taps=self.innovation_taps, metric=self.innovation_metric)
+        return innovation_scores(
+            y.detach(), taps=self.innovation_taps, metric=self.innovation_metric
+        )
 
     def memory(self, u: Tensor, y: Tensor | None) -> tuple[Tensor, Tensor] | None:
         """Memory tokens ``(batch, n_chunks, m_e + m_f, d_model)`` and mask of each chunk:
@@ -461,6 +515,8 @@ class BMojoLayer(nn.Module):
     def step(self, u: Tensor, st: dict[str, Tensor], pos: Tensor) -> Tensor:
         """Streaming: ``u (batch, T, d_model)`` at positions ``pos[b] + 0..T-1`` of each
         row; updates ``st`` in place; returns ``(batch, T, d_model)``."""
+        if u.shape[1] == 1:
+            return self._step1(u[:, 0], st, pos)[:, None]
         y = self.ssm.step(u, st) if self.ssm is not None else None
         if self.attn is None:
             return y
@@ -490,8 +546,13 @@ class BMojoLayer(nn.Module):
                 self._refresh(st, p, refresh)
             outs.append(
                 self.attn.step(
-                    u[:, a : a + s], st["ring_k"], st["ring_v"], st["mem_k"], st["mem_v"],
-                    st["mem_mask"], p,
+                    u[:, a : a + s],
+                    st["ring_k"],
+                    st["ring_v"],
+                    st["mem_k"],
+                    st["mem_v"],
+                    st["mem_mask"],
+                    p,
                 )
             )
             if me:
@@ -506,6 +567,57 @@ class BMojoLayer(nn.Module):
                 st["fading_y"][rows, idx] = y[:, a + s - n : a + s]
             a += s
         o = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+        return self.attn.out_proj(o)
+
+    def _taps(self, dtype: torch.dtype) -> Tensor:
+        t = self._taps_cache.get(dtype)
+        if t is None:
+            k = self.innovation_taps
+            t = self._taps_cache[dtype] = torch.full((k,), 1.0 / k, dtype=dtype)
+        return t
+
+    def _step1(self, u: Tensor, st: dict[str, Tensor], pos: Tensor) -> Tensor:
+        """Decode path for one token ``u (batch, d_model)``: the same state transitions as
+        :meth:`step` with fewer, direct kernel calls (no segment bookkeeping)."""
+        y = self.ssm._step1(u, st) if self.ssm is not None else None
+        if self.attn is None:
+            return y
+        w, mf, me = self.window, self.n_fading, self.n_eidetic
+        plist = pos.tolist()
+        if me or mf:
+            refresh = [p % w == 0 for p in plist]
+            if any(refresh):
+                self._refresh(st, pos, torch.tensor(refresh))
+        o = self.attn.step1(
+            u, st["ring_k"], st["ring_v"], st["mem_k"], st["mem_v"], st["mem_mask"], pos,
+            min(plist) >= w - 1,
+        )  # fmt: skip
+        if me:
+            hist = st["innov_history"]
+            cdt = hist.dtype
+            yc = y.to(cdt)[:, None].contiguous()
+            b = yc.shape[0]
+            scores = yc.new_empty(b, 1)
+            h2, c2, e2 = (
+                torch.empty_like(hist),
+                torch.empty_like(st["innov_count"]),
+                torch.empty_like(st["innov_ema"]),
+            )
+            _core.innovation_scores(
+                yc.numpy(), self._taps(cdt).numpy(), hist.numpy(), st["innov_count"].numpy(),
+                st["innov_ema"].numpy(), self.innovation_metric == "chi2", CHI2_RATE,
+                CHI2_FLOOR, scores.numpy(), h2.numpy(), c2.numpy(), e2.numpy(),
+            )  # fmt: skip
+            hist.copy_(h2)
+            st["innov_count"].copy_(c2)
+            st["innov_ema"].copy_(e2)
+            _core.eidetic_push(
+                st["store_positions"].numpy(), st["store_scores"].numpy(),
+                st["store_count"].numpy(), scores.to(torch.float64).numpy(),
+                self.eidetic_policy, self.eidetic_threshold,
+            )  # fmt: skip
+        if mf:
+            st["fading_y"][torch.arange(pos.shape[0]), torch.remainder(pos, mf)] = y
         return self.attn.out_proj(o)
 
 

@@ -69,6 +69,23 @@ class Stream:
         self.batch_size = batch_size
         self.state = self._fresh(model, batch_size)
 
+    @property
+    def state(self) -> dict[str, Tensor]:
+        """The state tensors by name (``position``, ``logits``, ``has_logits``,
+        ``layers.{i}.{piece}``)."""
+        return self._state
+
+    @state.setter
+    def state(self, st: dict[str, Tensor]) -> None:
+        self._state = st
+        # Per-layer views of the same tensors, built once (the decode loop reads them).
+        n = len(self.model.blocks)
+        self._layers = [{} for _ in range(n)]
+        for k, v in st.items():
+            if k.startswith("layers."):
+                i, piece = k[len("layers.") :].split(".", 1)
+                self._layers[int(i)][piece] = v
+
     @staticmethod
     def _fresh(model, b: int) -> dict[str, Tensor]:
         st: dict[str, Tensor] = {
@@ -92,10 +109,6 @@ class Stream:
     def nbytes(self) -> int:
         """Bytes held by the state tensors (constant over the stream's life)."""
         return sum(t.numel() * t.element_size() for t in self.state.values())
-
-    def _layer(self, i: int) -> dict[str, Tensor]:
-        pre = f"layers.{i}."
-        return {k[len(pre) :]: v for k, v in self.state.items() if k.startswith(pre)}
 
     # ------------------------------------------------------------------ feeding
 
@@ -133,7 +146,7 @@ class Stream:
         pos = self.state["position"].clone()
         h = model.embedding(tok)
         for i, blk in enumerate(model.blocks):
-            h = blk.step(h, self._layer(i), pos)
+            h = blk.step(h, self._layers[i], pos)
         logits = model.head(h)
         self.state["position"] += t
         self.state["logits"].copy_(logits[:, -1])
@@ -207,7 +220,9 @@ class Stream:
                     f"slots: expected slot indices or a bool mask, got {slots!r}"
                 ) from None
             if idx.numel() and (int(idx.min()) < -b or int(idx.max()) >= b):
-                raise V.BmojoValueError(f"slots: indices must be in [-{b}, {b}), got {idx.tolist()}")
+                raise V.BmojoValueError(
+                    f"slots: indices must be in [-{b}, {b}), got {idx.tolist()}"
+                )
         from .layers import BMojoLayer
 
         for name, t in self.state.items():
@@ -257,7 +272,9 @@ class Stream:
             raise bad("not a bmojo_core stream (bad magic or too short)")
         magic, version, hlen = _PRE.unpack_from(data)
         if version != FORMAT_VERSION:
-            raise bad(f"stream format version {version} is not supported (expected {FORMAT_VERSION})")
+            raise bad(
+                f"stream format version {version} is not supported (expected {FORMAT_VERSION})"
+            )
         body, digest = data[:-_DIGEST], data[-_DIGEST:]
         if hashlib.sha256(body).digest() != digest:
             raise bad("checksum mismatch (corrupted or truncated stream)")
@@ -277,9 +294,7 @@ class Stream:
         want = stream._header()
         for key in ("format", "version", "dtype", "model"):
             if header.get(key) != want[key]:
-                raise bad(
-                    f"{key} {header.get(key)!r} does not match this model's {want[key]!r}"
-                )
+                raise bad(f"{key} {header.get(key)!r} does not match this model's {want[key]!r}")
         entries = header.get("tensors")
         if not isinstance(entries, list) or len(entries) != len(stream.state):
             raise bad("tensor list does not match the model's stream state")
@@ -298,7 +313,11 @@ class Stream:
                 raise bad(f"tensor {name!r}: bad offset/size")
             raw = bytearray(payload[end : end + nb])
             end += nb
-            t = torch.frombuffer(raw, dtype=torch.uint8) if nb else torch.empty(0, dtype=torch.uint8)
+            t = (
+                torch.frombuffer(raw, dtype=torch.uint8)
+                if nb
+                else torch.empty(0, dtype=torch.uint8)
+            )
             t = t.view(_DTYPES[e["dtype"]]).reshape(ref.shape).clone()
             if sys.byteorder != "little" and t.element_size() > 1:  # pragma: no cover
                 t = torch.from_numpy(t.numpy().byteswap())
@@ -329,8 +348,11 @@ def _check_state(state: dict[str, Tensor], model, bad) -> None:
                 raise bad(f"layer {i}: store/innovation counts do not match the positions")
             try:
                 _core.eidetic_check(
-                    sp.numpy(), state[pre + "store_scores"].numpy(), cnt.numpy(),
-                    layer.eidetic_policy, layer.eidetic_threshold,
+                    sp.numpy(),
+                    state[pre + "store_scores"].numpy(),
+                    cnt.numpy(),
+                    layer.eidetic_policy,
+                    layer.eidetic_threshold,
                 )
             except ValueError as e:
                 raise bad(f"layer {i}: invalid eidetic store ({e})") from None
