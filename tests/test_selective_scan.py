@@ -443,6 +443,20 @@ def _exercise_public_api():
             **({"intermediate_states": inter} if T else {}),
         )
     _exercise_realization_kernels()
+    _exercise_eidetic()
+
+
+def _exercise_eidetic():
+    """Innovation scores (both metrics, carried state) and the store (chunked, streaming)."""
+    y = torch.randn(2, 9, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    s, state = bm.innovation_scores(y[:, :4], metric="chi2", return_state=True)
+    s2 = bm.innovation_scores(y[:, 4:], metric="chi2", state=state)
+    scores = torch.cat([s, s2], 1)
+    for policy, tau in (("topk", 0.0), ("fifo", 0.1)):
+        _, store = bm.eidetic_select(scores, 3, 4, policy, tau, return_store=True)
+        live = bm.EideticStore(2, 3, policy, tau)
+        live.load_state_dict(store)
+        live.push(scores[:, :2])
 
 
 def _exercise_realization_kernels():
@@ -561,7 +575,13 @@ def _explicit_calls() -> dict:
             torch.zeros(batch, T, dim, N, dtype=torch.float64) if opts else None,  # snapshots
         )
         calls.append((torch.ops.bmojo.selective_state_update.default, args, {}))
-    return {"selective_state_update": calls}
+    push = []
+    scores = torch.tensor([[0.5, 2.0, 1.0, 2.0, 0.0], [1.0, 1.0, 1.0, 3.0, 0.5]])
+    for policy, tau in (("topk", 0.0), ("threshold", 0.7), ("fifo", 0.7)):
+        _, store = bm.eidetic_select(scores.double(), 3, 2, policy, tau, return_store=True)
+        args = (store["positions"], store["scores"], store["count"], scores.double(), policy, tau)
+        push.append((torch.ops.bmojo.eidetic_push.default, args, {}))
+    return {"selective_state_update": calls, "eidetic_push": push}
 
 
 def test_ops_exist():

@@ -198,10 +198,8 @@ def _policy(policy: object, threshold: object) -> tuple[str, float]:
 def _scores_f64(name: str, t: object, batch: int | None) -> Tensor:
     V.tensor(name, t)
     V.shape(name, t, (batch, None), "(batch, T)")
-    s = t.detach().to(torch.float64).contiguous()
-    if torch.isnan(s).any():
-        raise V.BmojoValueError(f"{name}: NaN is not a valid score")
-    return s
+    # NaN is rejected by the kernel (before anything is written).
+    return t.detach().to(torch.float64).contiguous()
 
 
 def _store_tensors(name: str, store: object, batch: int, capacity: int):
@@ -428,9 +426,16 @@ class EideticStore:
         """Consumes ``scores (batch, T)`` (any float dtype; positions ``count ..
         count+T-1`` of each row). A failed call changes nothing."""
         new = _scores_f64("scores", scores, self.batch)
-        torch.ops.bmojo.eidetic_push(
-            self.positions, self.scores, self.count, new, self.policy, self.threshold
-        )
+        if torch.compiler.is_compiling():
+            torch.ops.bmojo.eidetic_push(
+                self.positions, self.scores, self.count, new, self.policy, self.threshold
+            )
+            return
+        # Decode path: straight to the kernel (no dispatcher), same checks and errors.
+        _kernel(
+            _core.eidetic_push, self.positions.numpy(), self.scores.numpy(),
+            self.count.numpy(), new.numpy(), self.policy, self.threshold,
+        )  # fmt: skip
 
     def size(self) -> Tensor:
         """Number of held tokens per row ``(batch,)`` int64 (never above capacity)."""
@@ -446,7 +451,7 @@ class EideticStore:
         """Scores of :meth:`held`'s positions (0 for empty slots), float64."""
         big = torch.iinfo(torch.int64).max
         p = torch.where(self.positions >= 0, self.positions, big)
-        order = p.argsort(1, stable=True)
+        order = p.argsort(dim=1, stable=True)
         return torch.where(p.gather(1, order) == big, 0.0, self.scores.gather(1, order))
 
     def reset(self, rows=None) -> None:

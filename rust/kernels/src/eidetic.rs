@@ -213,7 +213,7 @@ pub fn innovation<T: SimdElem>(
             s.rate
         ));
     }
-    if !(s.floor > T::ZERO) {
+    if s.floor.partial_cmp(&T::ZERO) != Some(core::cmp::Ordering::Greater) {
         return Err(format!("floor: expected a value > 0, got {:?}", s.floor));
     }
     if let Some(c) = s.count.iter().find(|&&c| c < 0 || c > i64::MAX - l as i64) {
@@ -433,10 +433,9 @@ pub fn check_store(
         ("scores", sc.len(), batch * cap),
         ("count", count.len(), batch),
     ])?;
-    for b in 0..batch {
+    for (b, &c) in count.iter().enumerate() {
         let r = b * cap..(b + 1) * cap;
-        check_row(policy, &pos[r.clone()], &sc[r], count[b])
-            .map_err(|e| format!("row {b}: {e}"))?;
+        check_row(policy, &pos[r.clone()], &sc[r], c).map_err(|e| format!("row {b}: {e}"))?;
     }
     Ok(())
 }
@@ -470,7 +469,7 @@ pub fn push(
     if batch == 0 {
         return check_len(&[("new scores", new.len(), 0)]);
     }
-    if new.len() % batch != 0 {
+    if !new.len().is_multiple_of(batch) {
         return Err(format!(
             "scores: expected a multiple of {batch} elements, got {}",
             new.len()

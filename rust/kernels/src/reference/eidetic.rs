@@ -1,6 +1,7 @@
 //! Eidetic retention (SPEC §6.1, §6.2) written straight from the definitions: the
 //! innovation score one position at a time in f64, and the store as a brute-force top-m
 //! over the whole past (no heap).
+#![allow(clippy::needless_range_loop)]
 
 /// Scores of one row `y (len, dim)` after `hist (k, dim)` (oldest first, the last
 /// `min(count, k)` rows valid); returns `(scores, ema (m, z) after the row)`.
