@@ -18,6 +18,8 @@ import torch
 from bmojo_core.layers import BMojoLM
 from bmojo_core.stream import Stream
 from conftest import assert_close, stable_seed
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 VARIANTS = [(4, 2, 3), (4, 3, 0), (0, 0, 0), (4, 0, 0), (4, 0, 3), (3, 5, 4)]
 VIDS = [f"w{w}-f{f}-e{e}" for w, f, e in VARIANTS]
@@ -50,6 +52,25 @@ def test_stream_equals_parallel_fp64(variant, schedule):
     ref = lm(tok)
     got = feed_schedule(lm.stream(3), tok, schedule)
     assert_close(got, ref, torch.float64, "stream")
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    w=st.integers(0, 5),
+    mf=st.integers(0, 4),
+    me=st.integers(0, 4),
+    cuts=st.lists(st.integers(0, 9), min_size=1, max_size=6),
+    seed=st.integers(0, 2**16),
+)
+def test_stream_equals_parallel_property(w, mf, me, cuts, seed):
+    """Random variant (window, fading, eidetic) and random feeding schedule."""
+    if w == 0:
+        mf = me = 0
+    lm = make_lm(w, mf, me, layers=1, seed=seed % 7)
+    length = sum(cuts)
+    tok = tokens(2, length, seed=seed)
+    got = feed_schedule(lm.stream(2), tok, cuts)
+    assert_close(got, lm(tok), torch.float64, "stream")
 
 
 @pytest.mark.parametrize("variant", [(4, 2, 3), (16, 4, 8)], ids=str)
