@@ -17,14 +17,16 @@ from importlib.metadata import PackageNotFoundError, version
 
 import torch
 
-from . import _core, realization, reference
+from . import _core, layers, realization, reference, stream
 from .bilinear import bilinear_scan
 from .companion import companion_scan
 from .conv import causal_conv1d_fn, causal_conv1d_update
 from .eidetic import EideticStore, eidetic_select, gather_positions, innovation_scores
 from .errors import BmojoError, BmojoTypeError, BmojoValueError
+from .layers import BMojoLayer, BMojoLM, SelectiveSSM, SlidingWindowAttention
 from .scan import diag_scan, selective_scan_fn
 from .step import selective_state_update
+from .stream import Stream
 
 try:
     __version__ = version("bmojo_core")
@@ -32,10 +34,15 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0.0.0+unknown"
 
 __all__ = [
+    "BMojoLM",
+    "BMojoLayer",
     "BmojoError",
     "BmojoTypeError",
     "BmojoValueError",
     "EideticStore",
+    "SelectiveSSM",
+    "SlidingWindowAttention",
+    "Stream",
     "__version__",
     "bilinear_scan",
     "causal_conv1d_fn",
@@ -46,6 +53,7 @@ __all__ = [
     "gather_positions",
     "get_num_threads",
     "innovation_scores",
+    "layers",
     "realization",
     "reference",
     "selective_scan_fn",
@@ -54,6 +62,7 @@ __all__ = [
     "set_simd_level",
     "simd_level",
     "simd_levels",
+    "stream",
 ]
 
 
