@@ -383,3 +383,15 @@ def test_bad_input(case):
     err = bm.BmojoValueError if kind is ValueError else bm.BmojoTypeError
     with pytest.raises(err, match=rf"^{name}\b"):
         bm.bilinear_scan(**kwargs)
+
+
+def test_auto_rule():
+    from bmojo_core.bilinear import use_parallel
+
+    long = 8 * PAR_CHUNK
+    assert not use_parallel(1, long, 4, 2)  # 2 threads: the sequential scan wins
+    assert use_parallel(1, long, 4, 4)
+    assert not use_parallel(2, long, 4, 4)
+    assert not use_parallel(1, long - 1, 4, 16)
+    assert not use_parallel(1, long, 8, 4) and use_parallel(1, long, 8, 8)
+    assert not use_parallel(1, 10 * long, 16, 64)

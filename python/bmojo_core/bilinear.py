@@ -176,13 +176,23 @@ bilinear_tv_scan_fwd.register_autograd(_tv_backward, setup_context=_tv_setup)
 # ----------------------------------------------------------------------------- public API
 
 
-def use_parallel(batch: int, length: int, n: int, m: int) -> bool:
-    """The ``method="auto"`` rule (from the measurements in the README of this module's
-    benchmark, 2-core machine): the chunked parallel forward does ``n + 1`` times the
-    work of the sequential one, so it only pays where the sequential scan leaves cores
-    idle (fewer rows than ~2 per core) and is latency-bound (small state), and where
-    there are enough chunks to share."""
-    return batch == 1 and n <= 8 and length >= 8 * PAR_CHUNK
+def use_parallel(batch: int, length: int, n: int, threads: int) -> bool:
+    """The ``method="auto"`` rule.
+
+    The chunked parallel forward runs every step twice (pass 1: the chunk's affine map,
+    carrying ``n + 1`` columns; pass 3: the rerun from the true start), so its total work
+    is a multiple ``r(n)`` of the sequential scan's. Measured with one thread (f32,
+    AVX-512, m = 2, L = 4096–16384; ``timing_parallel_vs_sequential`` in
+    ``rust/kernels/tests/bilinear.rs``): r ≈ 2.9 for n ≤ 4, 3.5 for n = 8, 8 for
+    n = 16, 30 for n = 64. The sequential scan already uses up to ``batch`` threads, so
+    the parallel one can only win where ``threads > batch · r(n)`` with room to spare:
+    a single row (or very few), n ≤ 8, long sequences (≥ 8 chunks), ≥ 4 threads per row
+    for n ≤ 4 and ≥ 8 for n ≤ 8. On a 2-thread machine "auto" is always sequential.
+    """
+    if length < 8 * PAR_CHUNK or n > 8:
+        return False
+    need = 4 if n <= 4 else 8
+    return threads >= need * batch
 
 
 def bilinear_scan(
@@ -277,7 +287,9 @@ def bilinear_scan(
     b = torch.matmul(uc, c(B, cdt).t()).contiguous()
     h0 = c(initial_state, cdt)
     if method == "auto":
-        parallel = use_parallel(batch, length, n, 0 if N is None else N.shape[0])
+        # Under torch.compile the thread count is not traceable: stay sequential there.
+        threads = 1 if torch.compiler.is_compiling() else _core.get_num_threads()
+        parallel = use_parallel(batch, length, n, threads)
     else:
         parallel = method == "parallel"
     if per_step:

@@ -28,6 +28,9 @@ use crate::simd::{sum_vectors, Elem, Vector};
 pub const MAX_STATE: usize = 64;
 /// Time steps per chunk of the parallel forward.
 pub const PAR_CHUNK: usize = 128;
+/// Rough operation count of the fixed cost of one time step (for the pool's decision to
+/// go parallel).
+const STEP_OVERHEAD: usize = 64;
 /// Vectors per padded state (W = 1 at the scalar level).
 const MAXV: usize = MAX_STATE;
 
@@ -133,8 +136,8 @@ fn stacked<T: Elem>(s: &BilinearArgs<'_, T>, np: usize, cols: bool) -> Vec<T> {
 }
 
 /// `out = Σ_j s_j Mat_j x + b` (`s_0 = 1`, `s_j = vt[j-1]`), from the stacked columns
-/// `mc`; `x`, `b`, `out` padded to `np` (zero padding stays zero). Two accumulator sets
-/// halve the FMA dependency chain.
+/// `mc`; `x`, `b`, `out` padded to `np` (zero padding stays zero). Done in blocks of at
+/// most 4 vectors whose accumulators are fixed-size arrays (so they live in registers).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn step_mod<V: Vector>(
@@ -145,50 +148,67 @@ fn step_mod<V: Vector>(
     x: &[V::E],
     b: &[V::E],
     out: &mut [V::E],
-    acc: &mut [V; 2 * MAXV],
+) {
+    let nv = np / V::W;
+    let mut c0 = 0;
+    while c0 + 4 <= nv {
+        step_mod_blk::<V, 4>(mc, np, n, vt, x, b, out, c0);
+        c0 += 4;
+    }
+    match nv - c0 {
+        1 => step_mod_blk::<V, 1>(mc, np, n, vt, x, b, out, c0),
+        2 => step_mod_blk::<V, 2>(mc, np, n, vt, x, b, out, c0),
+        3 => step_mod_blk::<V, 3>(mc, np, n, vt, x, b, out, c0),
+        _ => {}
+    }
+}
+
+/// Vectors `c0 .. c0 + K` of [`step_mod`]; two accumulator sets halve the FMA chain.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn step_mod_blk<V: Vector, const K: usize>(
+    mc: &[V::E],
+    np: usize,
+    n: usize,
+    vt: &[V::E],
+    x: &[V::E],
+    b: &[V::E],
+    out: &mut [V::E],
+    c0: usize,
 ) {
     let w = V::W;
-    let nv = np / w;
-    let (a0, a1) = acc.split_at_mut(MAXV);
-    for (a, bc) in a0[..nv].iter_mut().zip(b.chunks_exact(w)) {
-        *a = V::load(bc);
-    }
-    for a in &mut a1[..nv] {
-        *a = V::zero();
+    let off = c0 * w;
+    let mut a0 = [V::zero(); K];
+    let mut a1 = [V::zero(); K];
+    let bb = &b[off..off + K * w];
+    for q in 0..K {
+        a0[q] = V::load(&bb[q * w..]);
     }
     for j in 0..=vt.len() {
         let sj = if j == 0 { V::E::ONE } else { vt[j - 1] };
         let base = &mc[j * n * np..(j + 1) * n * np];
-        let mut pairs = base.chunks_exact(2 * np);
         let mut k = 0;
-        for rows in &mut pairs {
-            let (r0, r1) = rows.split_at(np);
-            let (c0, c1) = (V::splat(sj * x[k]), V::splat(sj * x[k + 1]));
-            for (((p, q), u), v) in a0[..nv]
-                .iter_mut()
-                .zip(a1[..nv].iter_mut())
-                .zip(r0.chunks_exact(w))
-                .zip(r1.chunks_exact(w))
-            {
-                *p = V::load(u).fma(c0, *p);
-                *q = V::load(v).fma(c1, *q);
+        while k + 1 < n {
+            let r0 = &base[k * np + off..k * np + off + K * w];
+            let r1 = &base[(k + 1) * np + off..(k + 1) * np + off + K * w];
+            let (c0v, c1v) = (V::splat(sj * x[k]), V::splat(sj * x[k + 1]));
+            for q in 0..K {
+                a0[q] = V::load(&r0[q * w..]).fma(c0v, a0[q]);
+                a1[q] = V::load(&r1[q * w..]).fma(c1v, a1[q]);
             }
             k += 2;
         }
-        let rest = pairs.remainder();
-        if !rest.is_empty() {
-            let c0 = V::splat(sj * x[k]);
-            for (p, u) in a0[..nv].iter_mut().zip(rest.chunks_exact(w)) {
-                *p = V::load(u).fma(c0, *p);
+        if k < n {
+            let r0 = &base[k * np + off..k * np + off + K * w];
+            let c0v = V::splat(sj * x[k]);
+            for q in 0..K {
+                a0[q] = V::load(&r0[q * w..]).fma(c0v, a0[q]);
             }
         }
     }
-    for ((p, q), o) in a0[..nv]
-        .iter()
-        .zip(a1[..nv].iter())
-        .zip(out.chunks_exact_mut(w))
-    {
-        p.add(*q).store(o);
+    let oo = &mut out[off..off + K * w];
+    for q in 0..K {
+        a0[q].add(a1[q]).store(&mut oo[q * w..]);
     }
 }
 
@@ -283,7 +303,7 @@ impl<T: SimdElem> Kernel<T> for FwdTask<'_, '_, T> {
                         Trans::Modulated { v, .. } => {
                             bp[..n].copy_from_slice(bt);
                             let vt = &v[(gt + t) * m..(gt + t + 1) * m];
-                            step_mod::<V>(&mc, np, n, vt, &x, &bp, &mut y, &mut acc);
+                            step_mod::<V>(&mc, np, n, vt, &x, &bp, &mut y);
                         }
                         Trans::PerStep { a } => {
                             let at = &a[(gt + t) * n * n..(gt + t + 1) * n * n];
@@ -296,42 +316,123 @@ impl<T: SimdElem> Kernel<T> for FwdTask<'_, '_, T> {
                 end.copy_from_slice(&x[..n]);
             }
             Job::Map { p } => {
-                // Columns of [P | s], each padded to np; P starts at the identity.
-                let cols = n + 1;
-                let mut cur = vec![T::ZERO; cols * np];
-                let mut nxt = vec![T::ZERO; cols * np];
-                for q in 0..n {
-                    cur[q * np + q] = T::ONE;
+                // Rows of [P | s] as vectors padded to ncp (P starts at the identity):
+                // row_i <- Σ_k A_t[i, k] row_k (+ b_t[i] in column n). The n rows are
+                // independent FMA chains, so this is throughput- rather than latency-bound.
+                let ncp = (n + 1).div_ceil(V::W) * V::W;
+                let mut cur = vec![T::ZERO; n * ncp];
+                let mut nxt = vec![T::ZERO; n * ncp];
+                for i in 0..n {
+                    cur[i * ncp + i] = T::ONE;
                 }
-                let zero = vec![T::ZERO; np];
+                let mr = match s.trans {
+                    Trans::Modulated { .. } => stacked(s, np, false),
+                    Trans::PerStep { .. } => Vec::new(),
+                };
+                let mut at = vec![T::ZERO; n * np];
                 for (t, bt) in bsl.chunks_exact(n).enumerate() {
-                    bp[..n].copy_from_slice(bt);
-                    for (q, (c, o)) in cur
-                        .chunks_exact(np)
-                        .zip(nxt.chunks_exact_mut(np))
-                        .enumerate()
-                    {
-                        let last = q == n;
-                        match s.trans {
-                            Trans::Modulated { v, .. } => {
-                                let vt = &v[(gt + t) * m..(gt + t + 1) * m];
-                                let b = if last { &bp } else { &zero };
-                                step_mod::<V>(&mc, np, n, vt, c, b, o, &mut acc);
-                            }
-                            Trans::PerStep { a } => {
-                                let at = &a[(gt + t) * n * n..(gt + t + 1) * n * n];
-                                let b = if last { Some(bt) } else { None };
-                                step_dense::<V>(at, n, c, b, o, &mut acc);
-                            }
+                    let (arows, ld) = match s.trans {
+                        Trans::Modulated { v, .. } => {
+                            let vt = &v[(gt + t) * m..(gt + t + 1) * m];
+                            form_rows::<V>(&mr, np, n, vt, &mut at);
+                            (&at[..], np)
                         }
-                    }
+                        Trans::PerStep { a } => (&a[(gt + t) * n * n..(gt + t + 1) * n * n], n),
+                    };
+                    map_step::<V>(arows, ld, n, ncp, &cur, &mut nxt, bt);
                     std::mem::swap(&mut cur, &mut nxt);
                 }
-                for (pc, c) in p.chunks_exact_mut(n).zip(cur.chunks_exact(np)) {
-                    pc.copy_from_slice(&c[..n]);
+                for (q, pc) in p.chunks_exact_mut(n).enumerate() {
+                    for (i, o) in pc.iter_mut().enumerate() {
+                        *o = cur[i * ncp + q];
+                    }
                 }
             }
         }
+    }
+}
+
+/// `at[i, :] = A0[i, :] + Σ_j v_j N_j[i, :]` (rows padded to `np`) from the stacked rows
+/// `mr` of [`stacked`] (`cols = false`).
+#[inline(always)]
+fn form_rows<V: Vector>(mr: &[V::E], np: usize, n: usize, vt: &[V::E], at: &mut [V::E]) {
+    let w = V::W;
+    let nn = n * np;
+    at.copy_from_slice(&mr[..nn]);
+    for (j, &vj) in vt.iter().enumerate() {
+        let c = V::splat(vj);
+        for (o, r) in at
+            .chunks_exact_mut(w)
+            .zip(mr[(j + 1) * nn..(j + 2) * nn].chunks_exact(w))
+        {
+            V::load(r).fma(c, V::load(o)).store(o);
+        }
+    }
+}
+
+/// `nxt = A cur` on rows padded to `ncp` (`A[i, k] = a[i ld + k]`), plus `b[i]` in column
+/// `n` of row `i`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn map_step<V: Vector>(
+    a: &[V::E],
+    ld: usize,
+    n: usize,
+    ncp: usize,
+    cur: &[V::E],
+    nxt: &mut [V::E],
+    b: &[V::E],
+) {
+    let ncv = ncp / V::W;
+    for (i, orow) in nxt.chunks_exact_mut(ncp).enumerate() {
+        let ai = &a[i * ld..i * ld + n];
+        let mut c0 = 0;
+        while c0 + 4 <= ncv {
+            map_blk::<V, 4>(ai, ncp, cur, orow, c0);
+            c0 += 4;
+        }
+        match ncv - c0 {
+            1 => map_blk::<V, 1>(ai, ncp, cur, orow, c0),
+            2 => map_blk::<V, 2>(ai, ncp, cur, orow, c0),
+            3 => map_blk::<V, 3>(ai, ncp, cur, orow, c0),
+            _ => {}
+        }
+        orow[n] = orow[n] + b[i];
+    }
+}
+
+/// Vectors `c0 .. c0 + K` of one row of [`map_step`].
+#[inline(always)]
+fn map_blk<V: Vector, const K: usize>(
+    ai: &[V::E],
+    ncp: usize,
+    cur: &[V::E],
+    orow: &mut [V::E],
+    c0: usize,
+) {
+    let w = V::W;
+    let off = c0 * w;
+    let mut acc = [V::zero(); K];
+    for (&aik, crow) in ai.iter().zip(cur.chunks_exact(ncp)) {
+        let c = V::splat(aik);
+        let r = &crow[off..off + K * w];
+        for q in 0..K {
+            acc[q] = V::load(&r[q * w..]).fma(c, acc[q]);
+        }
+    }
+    // The transition product of a contracting system decays geometrically over a chunk;
+    // flushing what falls below TINY keeps it out of the (very slow) subnormal range. The
+    // flushed terms are below 1e-30 (f32) relative to the chunk's start state.
+    let tiny = V::splat(V::E::from_f64(if V::E::from_f64(1e-300) == V::E::ZERO {
+        1e-30
+    } else {
+        1e-290
+    }));
+    let o = &mut orow[off..off + K * w];
+    for q in 0..K {
+        let v = acc[q];
+        let mag = v.max(V::zero().sub(v));
+        V::select(mag.lt(tiny), V::zero(), v).store(&mut o[q * w..]);
     }
 }
 
@@ -350,7 +451,8 @@ pub fn forward<T: SimdElem>(
         ("out", xs.len(), bt * l * n),
         ("last_state", last.len(), bt * n),
     ])?;
-    let work = bt * l * n * n * (s.m() + 1);
+    // A step costs at least a latency-bound chain (~STEP_OVERHEAD operations), whatever n.
+    let work = bt * l * (n * n * (s.m() + 1) + STEP_OVERHEAD);
     let nch = l.div_ceil(PAR_CHUNK);
     if !parallel || nch < 3 {
         let outs = pool::split_lengths(xs, &vec![l * n; bt]);
@@ -393,7 +495,7 @@ pub fn forward<T: SimdElem>(
                 items.push((row, c, Job::Map { p }));
             }
         }
-        let work1 = work * (n + 1) * (nch - 1) / nch;
+        let work1 = bt * l * (n * n * (n + s.m() + 1) + STEP_OVERHEAD);
         pool::for_each(items, work1, |_, (row, c, job)| {
             dispatch(
                 level,
@@ -733,7 +835,7 @@ pub fn backward<T: SimdElem>(
         let dvs = pool::split_lengths(o.dv, &vec![l * m; bt]);
         let dh0s = pool::split_lengths(o.dh0, &vec![n; bt]);
         let items: Vec<_> = dbs.into_iter().zip(das).zip(dvs).zip(dh0s).collect();
-        let work = bt * l * n * n * (m + 1) * 2;
+        let work = bt * l * (n * n * (m + 1) * 2 + STEP_OVERHEAD);
         pool::for_each(items, work, |row, (((db, da), dv), dh0)| {
             dispatch(
                 level,

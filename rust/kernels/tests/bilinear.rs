@@ -345,3 +345,49 @@ fn bad_lengths_are_errors() {
     s.b = &ty.b[1..];
     assert!(bilinear::forward(Level::Scalar, &s, true, &mut xs, &mut last).is_err());
 }
+
+/// Timings behind the `method="auto"` rule; run on a quiet machine with
+/// `cargo test -p bmojo-kernels --release --test bilinear -- --ignored --nocapture`.
+/// Environment: `BMOJO_TIMING_THREADS` (comma list, default "1,2").
+#[test]
+#[ignore]
+fn timing_parallel_vs_sequential() {
+    use std::time::Instant;
+    let threads: Vec<usize> = std::env::var("BMOJO_TIMING_THREADS")
+        .unwrap_or_else(|_| "1,2".into())
+        .split(',')
+        .filter_map(|x| x.trim().parse().ok())
+        .collect();
+    println!("threads,batch,n,L,per_step,seq_us,par_us,speedup");
+    for &th in &threads {
+        pool::set_num_threads(th).unwrap();
+        for batch in [1usize, 2, 4] {
+            for n in [2usize, 4, 8, 16, 64] {
+                for l in [256usize, 4096, 16384] {
+                    for per_step in [false, true] {
+                        let p = Problem::new(1, batch, l, n, 2, per_step);
+                        let ty = Typed::<f32>::of(&p);
+                        let s = ty.args(&p);
+                        let mut xs = vec![0.0f32; batch * l * n];
+                        let mut last = vec![0.0f32; batch * n];
+                        let mut best = [f64::INFINITY; 2];
+                        for (k, par) in [false, true].into_iter().enumerate() {
+                            for _ in 0..5 {
+                                let t = Instant::now();
+                                bilinear::forward(Level::best(), &s, par, &mut xs, &mut last)
+                                    .unwrap();
+                                best[k] = best[k].min(t.elapsed().as_secs_f64() * 1e6);
+                            }
+                        }
+                        println!(
+                            "{th},{batch},{n},{l},{per_step},{:.1},{:.1},{:.2}",
+                            best[0],
+                            best[1],
+                            best[0] / best[1]
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
