@@ -617,7 +617,7 @@ impl<T: SimdElem> Kernel<T> for BwdTask<'_, '_, T> {
         let mut xp = vec![T::ZERO; np];
         let mut tail = vec![T::ZERO; w];
         let mut acc = [V::zero(); 2 * MAXV];
-        let mut gacc = [V::zero(); MAXV];
+        let mut dvv = vec![V::zero(); m];
         for t in (0..l).rev() {
             for k in 0..n {
                 lam[k] = dxs[t * n + k] + g[k];
@@ -635,9 +635,7 @@ impl<T: SimdElem> Kernel<T> for BwdTask<'_, '_, T> {
                 Trans::Modulated { v, .. } => {
                     let vt = &v[(row * l + t) * m..(row * l + t + 1) * m];
                     let dvt = &mut dv[t * m..(t + 1) * m];
-                    bstep_mod::<V>(
-                        &mr, np, n, vt, &lam, &xp, &mut g, dvt, &mut part, &mut acc, &mut gacc,
-                    );
+                    bstep_mod::<V>(&mr, np, n, vt, &lam, &xp, &mut g, dvt, &mut part, &mut dvv);
                 }
                 Trans::PerStep { a } => {
                     let at = &a[(row * l + t) * n * n..(row * l + t + 1) * n * n];
@@ -669,60 +667,29 @@ fn bstep_mod<V: Vector>(
     g: &mut [V::E],
     dv: &mut [V::E],
     part: &mut [V::E],
-    acc: &mut [V; 2 * MAXV],
-    gacc: &mut [V; MAXV],
+    dvv: &mut [V],
 ) {
     let w = V::W;
     let nv = np / w;
-    let (a0, a1) = acc.split_at_mut(MAXV);
+    for d in dvv.iter_mut() {
+        *d = V::zero();
+    }
+    let mut c0 = 0;
+    while c0 + 4 <= nv {
+        bstep_mod_blk::<V, 4>(mr, np, n, vt, lam, xp, g, dvv, c0);
+        c0 += 4;
+    }
+    match nv - c0 {
+        1 => bstep_mod_blk::<V, 1>(mr, np, n, vt, lam, xp, g, dvv, c0),
+        2 => bstep_mod_blk::<V, 2>(mr, np, n, vt, lam, xp, g, dvv, c0),
+        3 => bstep_mod_blk::<V, 3>(mr, np, n, vt, lam, xp, g, dvv, c0),
+        _ => {}
+    }
+    for (o, d) in dv.iter_mut().zip(dvv.iter()) {
+        *o = d.hsum();
+    }
     for j in 0..=vt.len() {
         let sj = if j == 0 { V::E::ONE } else { vt[j - 1] };
-        for (p, q) in a0[..nv].iter_mut().zip(a1[..nv].iter_mut()) {
-            *p = V::zero();
-            *q = V::zero();
-        }
-        let base = &mr[j * n * np..(j + 1) * n * np];
-        let mut pairs = base.chunks_exact(2 * np);
-        let mut i = 0;
-        for rows in &mut pairs {
-            let (r0, r1) = rows.split_at(np);
-            let (c0, c1) = (V::splat(lam[i]), V::splat(lam[i + 1]));
-            for (((p, q), u), v) in a0[..nv]
-                .iter_mut()
-                .zip(a1[..nv].iter_mut())
-                .zip(r0.chunks_exact(w))
-                .zip(r1.chunks_exact(w))
-            {
-                *p = V::load(u).fma(c0, *p);
-                *q = V::load(v).fma(c1, *q);
-            }
-            i += 2;
-        }
-        let rest = pairs.remainder();
-        if !rest.is_empty() {
-            let c0 = V::splat(lam[i]);
-            for (p, u) in a0[..nv].iter_mut().zip(rest.chunks_exact(w)) {
-                *p = V::load(u).fma(c0, *p);
-            }
-        }
-        for (p, q) in a0[..nv].iter_mut().zip(a1[..nv].iter()) {
-            *p = p.add(*q);
-        }
-        if j == 0 {
-            gacc[..nv].copy_from_slice(&a0[..nv]);
-        } else {
-            let mut d = V::zero();
-            let sv = V::splat(sj);
-            for ((p, ga), xc) in a0[..nv]
-                .iter()
-                .zip(gacc[..nv].iter_mut())
-                .zip(xp.chunks_exact(w))
-            {
-                d = p.fma(V::load(xc), d);
-                *ga = p.fma(sv, *ga);
-            }
-            dv[j - 1] = d.hsum();
-        }
         let pj = &mut part[j * n * np..(j + 1) * n * np];
         for (li, prow) in lam[..n].iter().zip(pj.chunks_exact_mut(np)) {
             let c = V::splat(sj * *li);
@@ -731,8 +698,71 @@ fn bstep_mod<V: Vector>(
             }
         }
     }
-    for (ga, gc) in gacc[..nv].iter().zip(g.chunks_exact_mut(w)) {
-        ga.store(gc);
+}
+
+/// Vectors `c0 .. c0 + K` of `g` (and their share of every `dv_j`, added to `dvv`) in
+/// [`bstep_mod`], with register accumulators.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn bstep_mod_blk<V: Vector, const K: usize>(
+    mr: &[V::E],
+    np: usize,
+    n: usize,
+    vt: &[V::E],
+    lam: &[V::E],
+    xp: &[V::E],
+    g: &mut [V::E],
+    dvv: &mut [V],
+    c0: usize,
+) {
+    let w = V::W;
+    let off = c0 * w;
+    let mut gb = [V::zero(); K];
+    let mut xb = [V::zero(); K];
+    let xs = &xp[off..off + K * w];
+    for q in 0..K {
+        xb[q] = V::load(&xs[q * w..]);
+    }
+    for j in 0..=vt.len() {
+        let base = &mr[j * n * np..(j + 1) * n * np];
+        let mut a0 = [V::zero(); K];
+        let mut a1 = [V::zero(); K];
+        let mut i = 0;
+        while i + 1 < n {
+            let r0 = &base[i * np + off..i * np + off + K * w];
+            let r1 = &base[(i + 1) * np + off..(i + 1) * np + off + K * w];
+            let (c0v, c1v) = (V::splat(lam[i]), V::splat(lam[i + 1]));
+            for q in 0..K {
+                a0[q] = V::load(&r0[q * w..]).fma(c0v, a0[q]);
+                a1[q] = V::load(&r1[q * w..]).fma(c1v, a1[q]);
+            }
+            i += 2;
+        }
+        if i < n {
+            let r0 = &base[i * np + off..i * np + off + K * w];
+            let c0v = V::splat(lam[i]);
+            for q in 0..K {
+                a0[q] = V::load(&r0[q * w..]).fma(c0v, a0[q]);
+            }
+        }
+        if j == 0 {
+            for q in 0..K {
+                gb[q] = a0[q].add(a1[q]);
+            }
+        } else {
+            let sv = V::splat(vt[j - 1]);
+            let mut d = dvv[j - 1];
+            for q in 0..K {
+                let wq = a0[q].add(a1[q]);
+                d = wq.fma(xb[q], d);
+                gb[q] = wq.fma(sv, gb[q]);
+            }
+            dvv[j - 1] = d;
+        }
+    }
+    let go = &mut g[off..off + K * w];
+    for q in 0..K {
+        gb[q].store(&mut go[q * w..]);
     }
 }
 
