@@ -615,8 +615,6 @@ impl<T: SimdElem> Kernel<T> for BwdTask<'_, '_, T> {
         }
         let mut lam = vec![T::ZERO; np];
         let mut xp = vec![T::ZERO; np];
-        let mut tail = vec![T::ZERO; w];
-        let mut acc = [V::zero(); 2 * MAXV];
         let mut dvv = vec![V::zero(); m];
         for t in (0..l).rev() {
             for k in 0..n {
@@ -640,7 +638,7 @@ impl<T: SimdElem> Kernel<T> for BwdTask<'_, '_, T> {
                 Trans::PerStep { a } => {
                     let at = &a[(row * l + t) * n * n..(row * l + t + 1) * n * n];
                     let dat = &mut da[t * n * n..(t + 1) * n * n];
-                    bstep_dense::<V>(at, n, nf, &lam, &xp, &mut g, dat, &mut acc, &mut tail);
+                    bstep_dense::<V>(at, n, nf, &lam, &xp, &mut g, dat);
                 }
             }
         }
@@ -767,7 +765,7 @@ fn bstep_mod_blk<V: Vector, const K: usize>(
 }
 
 /// One backward step with a per-step matrix: `g = A_t^T λ` (rows of `A_t` scaled by
-/// `λ_i`), `dA_t = λ x_prev^T`.
+/// `λ_i`), `dA_t = λ x_prev^T`; full vectors in register blocks, the tail scalar.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn bstep_dense<V: Vector>(
@@ -778,49 +776,79 @@ fn bstep_dense<V: Vector>(
     xp: &[V::E],
     g: &mut [V::E],
     da: &mut [V::E],
-    acc: &mut [V; 2 * MAXV],
-    tail: &mut [V::E],
 ) {
     let w = V::W;
-    let (a0, a1) = acc.split_at_mut(MAXV);
-    for (p, q) in a0[..nf].iter_mut().zip(a1[..nf].iter_mut()) {
-        *p = V::zero();
-        *q = V::zero();
+    let mut c0 = 0;
+    while c0 + 4 <= nf {
+        bstep_dense_blk::<V, 4>(a, n, lam, xp, g, da, c0);
+        c0 += 4;
     }
-    let nt = n - nf * w;
-    tail[..nt].fill(V::E::ZERO);
-    let xf = &xp[..nf * w];
-    for (i, (r, d)) in a.chunks_exact(n).zip(da.chunks_exact_mut(n)).enumerate() {
-        // Alternate accumulator sets between rows to halve the dependency chain.
-        let set: &mut [V] = if i % 2 == 0 {
-            &mut a0[..nf]
-        } else {
-            &mut a1[..nf]
-        };
-        let li = lam[i];
-        let c = V::splat(li);
-        for (((p, rc), dc), xc) in set
-            .iter_mut()
-            .zip(r.chunks_exact(w))
-            .zip(d.chunks_exact_mut(w))
-            .zip(xf.chunks_exact(w))
-        {
-            *p = V::load(rc).fma(c, *p);
-            c.mul(V::load(xc)).store(dc);
+    match nf - c0 {
+        1 => bstep_dense_blk::<V, 1>(a, n, lam, xp, g, da, c0),
+        2 => bstep_dense_blk::<V, 2>(a, n, lam, xp, g, da, c0),
+        3 => bstep_dense_blk::<V, 3>(a, n, lam, xp, g, da, c0),
+        _ => {}
+    }
+    for k in nf * w..n {
+        let mut t = V::E::ZERO;
+        for (i, &li) in lam[..n].iter().enumerate() {
+            t = t + a[i * n + k] * li;
+            da[i * n + k] = li * xp[k];
         }
-        for k in nf * w..n {
-            tail[k - nf * w] = tail[k - nf * w] + r[k] * li;
-            d[k] = li * xp[k];
+        g[k] = t;
+    }
+}
+
+/// Columns `c0 W .. (c0 + K) W` of [`bstep_dense`].
+#[inline(always)]
+fn bstep_dense_blk<V: Vector, const K: usize>(
+    a: &[V::E],
+    n: usize,
+    lam: &[V::E],
+    xp: &[V::E],
+    g: &mut [V::E],
+    da: &mut [V::E],
+    c0: usize,
+) {
+    let w = V::W;
+    let off = c0 * w;
+    let mut xb = [V::zero(); K];
+    let xs = &xp[off..off + K * w];
+    for q in 0..K {
+        xb[q] = V::load(&xs[q * w..]);
+    }
+    // Two accumulator sets (even and odd rows) halve the FMA chain.
+    let mut a0 = [V::zero(); K];
+    let mut a1 = [V::zero(); K];
+    let mut i = 0;
+    while i < n {
+        let r = &a[i * n + off..i * n + off + K * w];
+        let c = V::splat(lam[i]);
+        for q in 0..K {
+            a0[q] = V::load(&r[q * w..]).fma(c, a0[q]);
         }
+        let d = &mut da[i * n + off..i * n + off + K * w];
+        for q in 0..K {
+            c.mul(xb[q]).store(&mut d[q * w..]);
+        }
+        if i + 1 < n {
+            let i1 = i + 1;
+            let r = &a[i1 * n + off..i1 * n + off + K * w];
+            let c = V::splat(lam[i1]);
+            for q in 0..K {
+                a1[q] = V::load(&r[q * w..]).fma(c, a1[q]);
+            }
+            let d = &mut da[i1 * n + off..i1 * n + off + K * w];
+            for q in 0..K {
+                c.mul(xb[q]).store(&mut d[q * w..]);
+            }
+        }
+        i += 2;
     }
-    for ((p, q), gc) in a0[..nf]
-        .iter()
-        .zip(a1[..nf].iter())
-        .zip(g.chunks_exact_mut(w))
-    {
-        p.add(*q).store(gc);
+    let go = &mut g[off..off + K * w];
+    for q in 0..K {
+        a0[q].add(a1[q]).store(&mut go[q * w..]);
     }
-    g[nf * w..n].copy_from_slice(&tail[..nt]);
 }
 
 /// Gradients of [`forward`] given the states `xs` it returned, the output gradient `dxs
