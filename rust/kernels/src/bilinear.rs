@@ -15,9 +15,13 @@
 //! Parallel path (forward only): time is cut into chunks of [`PAR_CHUNK`] steps (a
 //! constant, so results do not depend on the thread count). Pass 1, in parallel: the
 //! first chunk of every row runs for real, every middle chunk computes its affine map
-//! `(P, s)` (transition product and end state from zero) by carrying the `n + 1` columns
-//! `[P | s]` through the recurrence; pass 2, sequential: the true start state of every
-//! chunk; pass 3, in parallel: every later chunk reruns from its true start. The backward
+//! `(P, s)` (transition product and end state from zero) as `[P | s] <- A_t [P | s] +
+//! [0 | b_t]`, rows of `[P | s]` as vectors (entries below 1e-30 (f32) / 1e-290 (f64)
+//! are flushed to zero so a contracting product never reaches slow subnormals); pass 2,
+//! sequential: the true start state of every chunk; pass 3, in parallel: every later
+//! chunk reruns from its true start. Every step is thus processed twice, and the map
+//! step costs about `n / (m + 1)` sequential steps: the parallel path needs several
+//! threads per batch row to win (see `use_parallel` in the Python module). The backward
 //! is always sequential over time (parallel over the batch).
 
 use crate::dispatch::{dispatch, Kernel, Level, SimdElem};
