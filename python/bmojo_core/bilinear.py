@@ -176,23 +176,44 @@ bilinear_tv_scan_fwd.register_autograd(_tv_backward, setup_context=_tv_setup)
 # ----------------------------------------------------------------------------- public API
 
 
-def use_parallel(batch: int, length: int, n: int, threads: int) -> bool:
+# One-thread speedup of the parallel forward over the sequential one, by state size (f32,
+# AVX-512, m = 2, batch 1 and 4, L = 1024-16384, best of 5-9 runs), rounded down.
+_R1_MODULATED = {1: 3.0, 2: 3.0, 3: 3.0, 4: 2.0, 5: 1.8, 6: 1.4, 7: 1.3, 8: 1.0}
+_R1_PER_STEP = {1: 2.5, 2: 2.5, 3: 1.5, 4: 1.4, 5: 1.1, 6: 1.05, 7: 0.8, 8: 0.7}
+# Lanes assumed per group of chunks (AVX-512 f32), for the number of parallel tasks.
+_LANES = 16
+
+
+def use_parallel(batch: int, length: int, n: int, threads: int, per_step: bool = False) -> bool:
     """The ``method="auto"`` rule.
 
-    The chunked parallel forward runs every step twice (pass 1: the chunk's affine map,
-    carrying ``n + 1`` columns; pass 3: the rerun from the true start), so its total work
-    is a multiple ``r(n)`` of the sequential scan's. Measured with one thread (f32,
-    AVX-512, m = 2, L = 4096–16384; ``timing_parallel_vs_sequential`` in
-    ``rust/kernels/tests/bilinear.rs``): r ≈ 2.9 for n ≤ 4, 3.5 for n = 8, 8 for
-    n = 16, 30 for n = 64. The sequential scan already uses up to ``batch`` threads, so
-    the parallel one can only win where ``threads > batch · r(n)`` with room to spare:
-    a single row (or very few), n ≤ 8, long sequences (≥ 8 chunks), ≥ 4 threads per row
-    for n ≤ 4 and ≥ 8 for n ≤ 8. On a 2-thread machine "auto" is always sequential.
+    The parallel forward runs ``W`` chunks of ``PAR_CHUNK`` steps in lockstep (one per
+    SIMD lane): pass 1 builds every chunk's affine map (``n + 1`` lane states per step),
+    pass 3 reruns the chunks from their true starts. This is throughput-bound where the
+    sequential scan is one latency-bound chain per step, so it wins on a single thread
+    at small ``n`` and loses at large ``n``, where the map's ``(n + 1) n²`` work per step
+    dominates. Measured one-thread speedups ``r(n)`` (``timing_parallel_vs_sequential``
+    in ``rust/kernels/tests/bilinear.rs``; f32, AVX-512, m = 2, L ≥ 1024):
+
+    ========  ===  ===  ===  ===  ===  ====  ====  ====  ====
+    n          2    3    4    5    6    7     8     16    64
+    modulated  3.6  3.2  2.5  1.9  1.5  1.4   1.1   0.15  0.03
+    per-step   3.3  1.5  1.7  1.1  1.1  0.85  0.75  0.15  0.06
+    ========  ===  ===  ===  ===  ===  ====  ====  ====  ====
+
+    The sequential scan uses ``min(batch, threads)`` threads (one row each), the parallel
+    one up to ``batch · ceil(L / (W · PAR_CHUNK))`` lane groups (``W = 16`` assumed).
+    Predicted gain ``r(n) · par_threads / seq_threads``; "auto" picks the parallel path
+    when ``L ≥ 16 · PAR_CHUNK`` and the gain is at least 1.5 (a margin for the partial
+    thread scaling seen on a shared 2-core machine). On one thread that is ``n ≤ 5``
+    (modulated) and ``n ≤ 3`` (per-step); never for ``n > 8``.
     """
-    if length < 8 * PAR_CHUNK or n > 8:
+    if length < 16 * PAR_CHUNK or n > 8 or threads < 1:
         return False
-    need = 4 if n <= 4 else 8
-    return threads >= need * batch
+    r1 = (_R1_PER_STEP if per_step else _R1_MODULATED)[n]
+    groups = batch * -(-length // (_LANES * PAR_CHUNK))
+    gain = r1 * min(threads, groups) / min(batch, threads)
+    return gain >= 1.5
 
 
 def bilinear_scan(
@@ -221,8 +242,9 @@ def bilinear_scan(
     states ``(batch, L, n)`` when ``C`` is None — in ``u``'s dtype, plus the final state
     ``(batch, n)`` in the compute dtype (float64 for float64 inputs, else float32) when
     ``return_final_state``. Differentiable in every tensor input, through the final state
-    too. ``method``: ``"sequential"``, ``"parallel"`` (chunked affine-map composition, for
-    long sequences on few rows; the backward is sequential either way) or ``"auto"``
+    too. ``method``: ``"sequential"``, ``"parallel"`` (chunked affine-map composition with the
+    chunks in SIMD lanes: faster for long sequences at small ``n``, ``n <= 8``; the
+    backward is sequential either way) or ``"auto"``
     (:func:`use_parallel`).
     """
     V.tensor("u", u)
@@ -289,7 +311,7 @@ def bilinear_scan(
     if method == "auto":
         # Under torch.compile the thread count is not traceable: stay sequential there.
         threads = 1 if torch.compiler.is_compiling() else _core.get_num_threads()
-        parallel = use_parallel(batch, length, n, threads)
+        parallel = use_parallel(batch, length, n, threads, per_step)
     else:
         parallel = method == "parallel"
     if per_step:
