@@ -203,16 +203,17 @@ def use_parallel(batch: int, length: int, n: int, threads: int, per_step: bool =
 
     The sequential scan uses ``min(batch, threads)`` threads (one row each), the parallel
     one up to ``batch · ceil(L / (W · PAR_CHUNK))`` lane groups (``W = 16`` assumed).
-    Predicted gain ``r(n) · par_threads / seq_threads``; "auto" picks the parallel path
-    when ``L ≥ 16 · PAR_CHUNK`` and the gain is at least 1.5 (a margin for the partial
-    thread scaling seen on a shared 2-core machine). On one thread that is ``n ≤ 5``
-    (modulated) and ``n ≤ 3`` (per-step); never for ``n > 8``.
+    Predicted gain ``r(n) · s(par_threads) / s(seq_threads)`` with ``s(k) = (1 + k) / 2``
+    (extra threads counted at half value: two threads gave the parallel path only
+    1.0-1.5× on the shared 2-core machine these figures come from); "auto" picks the
+    parallel path when ``L ≥ 16 · PAR_CHUNK`` and the gain is at least 1.5. On one
+    thread that is ``n ≤ 5`` (modulated) and ``n ≤ 3`` (per-step); never ``n > 8``.
     """
     if length < 16 * PAR_CHUNK or n > 8 or threads < 1:
         return False
     r1 = (_R1_PER_STEP if per_step else _R1_MODULATED)[n]
     groups = batch * -(-length // (_LANES * PAR_CHUNK))
-    gain = r1 * min(threads, groups) / min(batch, threads)
+    gain = r1 * (1 + min(threads, groups)) / (1 + min(batch, threads))
     return gain >= 1.5
 
 
