@@ -81,12 +81,24 @@ def test_states_and_short(form, L):
         assert torch.equal(last, x[:, -1])
 
 
-def test_parallel_equals_sequential_long():
-    kw = make("bilinear_v", batch=1, L=8 * PAR_CHUNK + 3, n=4, seed=3)
-    ys, ls = bm.bilinear_scan(**kw, return_final_state=True, method="sequential")
-    yp, lp = bm.bilinear_scan(**kw, return_final_state=True, method="parallel")
-    torch.testing.assert_close(yp, ys, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(lp, ls, rtol=1e-12, atol=1e-12)
+@pytest.mark.parametrize("form", ["bilinear_v", "per_step", "lti"])
+def test_parallel_equals_sequential_long(restore_runtime, form):
+    """Lane groups of W chunks (W = 16/8/4/1 by level and dtype): 37 full chunks give
+    several full groups and a partial one at every level, plus a partial last chunk."""
+    n = 3 if form == "per_step" else 6
+    kw = make(form, batch=2, L=37 * PAR_CHUNK + 11, n=n, seed=stable_seed("long", form))
+    for level in bm.simd_levels():
+        bm.set_simd_level(level)
+        ys, ls = bm.bilinear_scan(**kw, return_final_state=True, method="sequential")
+        yp, lp = bm.bilinear_scan(**kw, return_final_state=True, method="parallel")
+        torch.testing.assert_close(yp, ys, rtol=1e-12, atol=1e-12, msg=level)
+        torch.testing.assert_close(lp, ls, rtol=1e-12, atol=1e-12, msg=level)
+        # f32: the lane path accumulates in a different order; compare loosely.
+        k32 = {k: v.float() for k, v in kw.items()}
+        ys, ls = bm.bilinear_scan(**k32, return_final_state=True, method="sequential")
+        yp, lp = bm.bilinear_scan(**k32, return_final_state=True, method="parallel")
+        torch.testing.assert_close(yp, ys, rtol=1e-4, atol=1e-4, msg=level)
+        torch.testing.assert_close(lp, ls, rtol=1e-4, atol=1e-4, msg=level)
 
 
 # ------------------------------------------------------------------------------ oracles
@@ -383,3 +395,19 @@ def test_bad_input(case):
     err = bm.BmojoValueError if kind is ValueError else bm.BmojoTypeError
     with pytest.raises(err, match=rf"^{name}\b"):
         bm.bilinear_scan(**kwargs)
+
+
+def test_auto_rule():
+    from bmojo_core.bilinear import use_parallel
+
+    long = 4096
+    assert use_parallel(1, long, 4, 1)  # lanes win on one thread at small n
+    assert use_parallel(4, long, 4, 1) and use_parallel(4, long, 2, 2)
+    assert not use_parallel(4, long, 4, 1, per_step=True)  # 1.4 < 1.5
+    assert use_parallel(1, long, 4, 2, per_step=True)  # two threads for one row
+    assert not use_parallel(1, 16 * PAR_CHUNK - 1, 2, 16)  # too short
+    assert not use_parallel(1, long, 8, 1) and use_parallel(1, long, 8, 2)
+    assert not use_parallel(2, long, 8, 2, per_step=True)
+    assert not use_parallel(1, 100 * long, 16, 64)  # large n: never
+    # One lane group (L <= 512) is one task: extra threads do not help.
+    assert not use_parallel(1, 512, 8, 16)

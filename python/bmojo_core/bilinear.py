@@ -176,13 +176,45 @@ bilinear_tv_scan_fwd.register_autograd(_tv_backward, setup_context=_tv_setup)
 # ----------------------------------------------------------------------------- public API
 
 
-def use_parallel(batch: int, length: int, n: int, m: int) -> bool:
-    """The ``method="auto"`` rule (from the measurements in the README of this module's
-    benchmark, 2-core machine): the chunked parallel forward does ``n + 1`` times the
-    work of the sequential one, so it only pays where the sequential scan leaves cores
-    idle (fewer rows than ~2 per core) and is latency-bound (small state), and where
-    there are enough chunks to share."""
-    return batch == 1 and n <= 8 and length >= 8 * PAR_CHUNK
+# One-thread speedup of the parallel forward over the sequential one, by state size (f32,
+# AVX-512, m = 2, batch 1 and 4, L = 1024-16384, best of 5-9 runs), rounded down.
+_R1_MODULATED = {1: 3.0, 2: 3.0, 3: 3.0, 4: 2.0, 5: 1.8, 6: 1.4, 7: 1.3, 8: 1.0}
+_R1_PER_STEP = {1: 2.5, 2: 2.5, 3: 1.5, 4: 1.4, 5: 1.1, 6: 1.05, 7: 0.8, 8: 0.7}
+# Lanes assumed per group of chunks (AVX-512 f32), for the number of parallel tasks.
+_LANES = 16
+
+
+def use_parallel(batch: int, length: int, n: int, threads: int, per_step: bool = False) -> bool:
+    """The ``method="auto"`` rule.
+
+    The parallel forward runs ``W`` chunks of ``PAR_CHUNK`` steps in lockstep (one per
+    SIMD lane): pass 1 builds every chunk's affine map (``n + 1`` lane states per step),
+    pass 3 reruns the chunks from their true starts. This is throughput-bound where the
+    sequential scan is one latency-bound chain per step, so it wins on a single thread
+    at small ``n`` and loses at large ``n``, where the map's ``(n + 1) n²`` work per step
+    dominates. Measured one-thread speedups ``r(n)`` (``timing_parallel_vs_sequential``
+    in ``rust/kernels/tests/bilinear.rs``; f32, AVX-512, m = 2, L ≥ 1024):
+
+    ========  ===  ===  ===  ===  ===  ====  ====  ====  ====
+    n          2    3    4    5    6    7     8     16    64
+    modulated  3.6  3.2  2.5  1.9  1.5  1.4   1.1   0.15  0.03
+    per-step   3.3  1.5  1.7  1.1  1.1  0.85  0.75  0.15  0.06
+    ========  ===  ===  ===  ===  ===  ====  ====  ====  ====
+
+    The sequential scan uses ``min(batch, threads)`` threads (one row each), the parallel
+    one up to ``batch · ceil(L / (W · PAR_CHUNK))`` lane groups (``W = 16`` assumed).
+    Predicted gain ``r(n) · s(par_threads) / s(seq_threads)`` with ``s(k) = (1 + k) / 2``
+    (extra threads counted at half value: two threads gave the parallel path only
+    1.0-1.5× on the shared 2-core machine these figures come from); "auto" picks the
+    parallel path when ``L ≥ 16 · PAR_CHUNK`` and the gain is at least 1.5. On one
+    thread that is ``n ≤ 5`` (modulated) and ``n ≤ 3`` (per-step); never ``n > 8``.
+    """
+    if length < 16 * PAR_CHUNK or n > 8 or threads < 1:
+        return False
+    r1 = (_R1_PER_STEP if per_step else _R1_MODULATED)[n]
+    groups = batch * -(-length // (_LANES * PAR_CHUNK))
+    gain = r1 * (1 + min(threads, groups)) / (1 + min(batch, threads))
+    return gain >= 1.5
 
 
 def bilinear_scan(
@@ -211,8 +243,9 @@ def bilinear_scan(
     states ``(batch, L, n)`` when ``C`` is None — in ``u``'s dtype, plus the final state
     ``(batch, n)`` in the compute dtype (float64 for float64 inputs, else float32) when
     ``return_final_state``. Differentiable in every tensor input, through the final state
-    too. ``method``: ``"sequential"``, ``"parallel"`` (chunked affine-map composition, for
-    long sequences on few rows; the backward is sequential either way) or ``"auto"``
+    too. ``method``: ``"sequential"``, ``"parallel"`` (chunked affine-map composition with the
+    chunks in SIMD lanes: faster for long sequences at small ``n``, ``n <= 8``; the
+    backward is sequential either way) or ``"auto"``
     (:func:`use_parallel`).
     """
     V.tensor("u", u)
@@ -277,7 +310,9 @@ def bilinear_scan(
     b = torch.matmul(uc, c(B, cdt).t()).contiguous()
     h0 = c(initial_state, cdt)
     if method == "auto":
-        parallel = use_parallel(batch, length, n, 0 if N is None else N.shape[0])
+        # Under torch.compile the thread count is not traceable: stay sequential there.
+        threads = 1 if torch.compiler.is_compiling() else _core.get_num_threads()
+        parallel = use_parallel(batch, length, n, threads, per_step)
     else:
         parallel = method == "parallel"
     if per_step:

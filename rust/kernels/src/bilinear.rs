@@ -12,22 +12,42 @@
 //! row-major form as row dot products (reduced `W` rows at a time by a transpose tree),
 //! which measured faster than transposing `n²` elements every step.
 //!
-//! Parallel path (forward only): time is cut into chunks of [`PAR_CHUNK`] steps (a
-//! constant, so results do not depend on the thread count). Pass 1, in parallel: the
-//! first chunk of every row runs for real, every middle chunk computes its affine map
-//! `(P, s)` (transition product and end state from zero) by carrying the `n + 1` columns
-//! `[P | s]` through the recurrence; pass 2, sequential: the true start state of every
-//! chunk; pass 3, in parallel: every later chunk reruns from its true start. The backward
-//! is always sequential over time (parallel over the batch).
+//! Parallel path (forward only), vectorised across time chunks: time is cut into chunks
+//! of [`PAR_CHUNK`] steps and `W` consecutive chunks of a row (the level's lanes) run in
+//! lockstep, chunk `c0 + j` in lane `j`: state components are lane vectors, `A0`/`N_j`
+//! entries are splatted, `v_t`, `b_t` (and per-step `A_t`) are gathered per lane with
+//! register-tile transposes (`selective::load_t`), states are written back through the
+//! inverse transpose. One step of `W` chunks is then `(m + 1) n²` vector FMAs with
+//! `n (m + 1)` independent chains: throughput-bound, where the sequential scan is a
+//! latency-bound chain per step. Pass 1 (parallel over lane groups): every chunk but the
+//! last computes its affine map `(P, s)` from zero, `[P | s] <- A_t [P | s] + [0 | b_t]`,
+//! the `n + 1` columns as lane states (`A_t` formed per lane first; entries below 1e-30
+//! (f32) / 1e-290 (f64) are flushed to zero every `TBLK` steps so a contracting product
+//! stays out of slow subnormals); pass 2 (sequential, scalar): the true start state of
+//! every chunk; pass 3 (parallel over lane groups): every chunk reruns from its true
+//! start, a partial last chunk on the sequential code. Groups are fixed by the shape and
+//! level, so results do not depend on the thread count. States up to `n = 8` get code
+//! with `n` known at compile time (unrolled, register-resident). Per `W` steps the path
+//! costs about `(n + 1 + m) n²` (pass 1) plus `(m + 1) n²` (pass 3) vector FMAs, against
+//! `(m + 1) n²` latency-chained ones per step sequentially: it wins at small `n` (see
+//! `use_parallel` in the Python module for the measured rule). The backward is always
+//! sequential over time (parallel over the batch).
 
 use crate::dispatch::{dispatch, Kernel, Level, SimdElem};
 use crate::pool;
+use crate::selective::{load_t, store_t};
 use crate::simd::{sum_vectors, Elem, Vector};
 
 /// Largest supported state size.
 pub const MAX_STATE: usize = 64;
-/// Time steps per chunk of the parallel forward.
-pub const PAR_CHUNK: usize = 128;
+/// Time steps per chunk of the parallel forward (short, so that even moderate lengths fill
+/// the lanes; pass 2 costs about `n² / PAR_CHUNK` scalar FMAs per step).
+pub const PAR_CHUNK: usize = 32;
+/// Steps a lane task transposes at once (divides [`PAR_CHUNK`]).
+const TBLK: usize = 8;
+/// Rough operation count of the fixed cost of one time step (for the pool's decision to
+/// go parallel).
+const STEP_OVERHEAD: usize = 64;
 /// Vectors per padded state (W = 1 at the scalar level).
 const MAXV: usize = MAX_STATE;
 
@@ -133,8 +153,8 @@ fn stacked<T: Elem>(s: &BilinearArgs<'_, T>, np: usize, cols: bool) -> Vec<T> {
 }
 
 /// `out = Σ_j s_j Mat_j x + b` (`s_0 = 1`, `s_j = vt[j-1]`), from the stacked columns
-/// `mc`; `x`, `b`, `out` padded to `np` (zero padding stays zero). Two accumulator sets
-/// halve the FMA dependency chain.
+/// `mc`; `x`, `b`, `out` padded to `np` (zero padding stays zero). Done in blocks of at
+/// most 4 vectors whose accumulators are fixed-size arrays (so they live in registers).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn step_mod<V: Vector>(
@@ -145,50 +165,67 @@ fn step_mod<V: Vector>(
     x: &[V::E],
     b: &[V::E],
     out: &mut [V::E],
-    acc: &mut [V; 2 * MAXV],
+) {
+    let nv = np / V::W;
+    let mut c0 = 0;
+    while c0 + 4 <= nv {
+        step_mod_blk::<V, 4>(mc, np, n, vt, x, b, out, c0);
+        c0 += 4;
+    }
+    match nv - c0 {
+        1 => step_mod_blk::<V, 1>(mc, np, n, vt, x, b, out, c0),
+        2 => step_mod_blk::<V, 2>(mc, np, n, vt, x, b, out, c0),
+        3 => step_mod_blk::<V, 3>(mc, np, n, vt, x, b, out, c0),
+        _ => {}
+    }
+}
+
+/// Vectors `c0 .. c0 + K` of [`step_mod`]; two accumulator sets halve the FMA chain.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn step_mod_blk<V: Vector, const K: usize>(
+    mc: &[V::E],
+    np: usize,
+    n: usize,
+    vt: &[V::E],
+    x: &[V::E],
+    b: &[V::E],
+    out: &mut [V::E],
+    c0: usize,
 ) {
     let w = V::W;
-    let nv = np / w;
-    let (a0, a1) = acc.split_at_mut(MAXV);
-    for (a, bc) in a0[..nv].iter_mut().zip(b.chunks_exact(w)) {
-        *a = V::load(bc);
-    }
-    for a in &mut a1[..nv] {
-        *a = V::zero();
+    let off = c0 * w;
+    let mut a0 = [V::zero(); K];
+    let mut a1 = [V::zero(); K];
+    let bb = &b[off..off + K * w];
+    for q in 0..K {
+        a0[q] = V::load(&bb[q * w..]);
     }
     for j in 0..=vt.len() {
         let sj = if j == 0 { V::E::ONE } else { vt[j - 1] };
         let base = &mc[j * n * np..(j + 1) * n * np];
-        let mut pairs = base.chunks_exact(2 * np);
         let mut k = 0;
-        for rows in &mut pairs {
-            let (r0, r1) = rows.split_at(np);
-            let (c0, c1) = (V::splat(sj * x[k]), V::splat(sj * x[k + 1]));
-            for (((p, q), u), v) in a0[..nv]
-                .iter_mut()
-                .zip(a1[..nv].iter_mut())
-                .zip(r0.chunks_exact(w))
-                .zip(r1.chunks_exact(w))
-            {
-                *p = V::load(u).fma(c0, *p);
-                *q = V::load(v).fma(c1, *q);
+        while k + 1 < n {
+            let r0 = &base[k * np + off..k * np + off + K * w];
+            let r1 = &base[(k + 1) * np + off..(k + 1) * np + off + K * w];
+            let (c0v, c1v) = (V::splat(sj * x[k]), V::splat(sj * x[k + 1]));
+            for q in 0..K {
+                a0[q] = V::load(&r0[q * w..]).fma(c0v, a0[q]);
+                a1[q] = V::load(&r1[q * w..]).fma(c1v, a1[q]);
             }
             k += 2;
         }
-        let rest = pairs.remainder();
-        if !rest.is_empty() {
-            let c0 = V::splat(sj * x[k]);
-            for (p, u) in a0[..nv].iter_mut().zip(rest.chunks_exact(w)) {
-                *p = V::load(u).fma(c0, *p);
+        if k < n {
+            let r0 = &base[k * np + off..k * np + off + K * w];
+            let c0v = V::splat(sj * x[k]);
+            for q in 0..K {
+                a0[q] = V::load(&r0[q * w..]).fma(c0v, a0[q]);
             }
         }
     }
-    for ((p, q), o) in a0[..nv]
-        .iter()
-        .zip(a1[..nv].iter())
-        .zip(out.chunks_exact_mut(w))
-    {
-        p.add(*q).store(o);
+    let oo = &mut out[off..off + K * w];
+    for q in 0..K {
+        a0[q].add(a1[q]).store(&mut oo[q * w..]);
     }
 }
 
@@ -237,8 +274,6 @@ enum Job<'s, T> {
         xs: &'s mut [T],
         end: &'s mut [T],
     },
-    /// The chunk's affine map: `p[q n + i] = P[i, q]` for `q < n`, `p[n n + i] = s[i]`.
-    Map { p: &'s mut [T] },
 }
 
 struct FwdTask<'s, 'a, T> {
@@ -283,7 +318,7 @@ impl<T: SimdElem> Kernel<T> for FwdTask<'_, '_, T> {
                         Trans::Modulated { v, .. } => {
                             bp[..n].copy_from_slice(bt);
                             let vt = &v[(gt + t) * m..(gt + t + 1) * m];
-                            step_mod::<V>(&mc, np, n, vt, &x, &bp, &mut y, &mut acc);
+                            step_mod::<V>(&mc, np, n, vt, &x, &bp, &mut y);
                         }
                         Trans::PerStep { a } => {
                             let at = &a[(gt + t) * n * n..(gt + t + 1) * n * n];
@@ -294,42 +329,6 @@ impl<T: SimdElem> Kernel<T> for FwdTask<'_, '_, T> {
                     std::mem::swap(&mut x, &mut y);
                 }
                 end.copy_from_slice(&x[..n]);
-            }
-            Job::Map { p } => {
-                // Columns of [P | s], each padded to np; P starts at the identity.
-                let cols = n + 1;
-                let mut cur = vec![T::ZERO; cols * np];
-                let mut nxt = vec![T::ZERO; cols * np];
-                for q in 0..n {
-                    cur[q * np + q] = T::ONE;
-                }
-                let zero = vec![T::ZERO; np];
-                for (t, bt) in bsl.chunks_exact(n).enumerate() {
-                    bp[..n].copy_from_slice(bt);
-                    for (q, (c, o)) in cur
-                        .chunks_exact(np)
-                        .zip(nxt.chunks_exact_mut(np))
-                        .enumerate()
-                    {
-                        let last = q == n;
-                        match s.trans {
-                            Trans::Modulated { v, .. } => {
-                                let vt = &v[(gt + t) * m..(gt + t + 1) * m];
-                                let b = if last { &bp } else { &zero };
-                                step_mod::<V>(&mc, np, n, vt, c, b, o, &mut acc);
-                            }
-                            Trans::PerStep { a } => {
-                                let at = &a[(gt + t) * n * n..(gt + t + 1) * n * n];
-                                let b = if last { Some(bt) } else { None };
-                                step_dense::<V>(at, n, c, b, o, &mut acc);
-                            }
-                        }
-                    }
-                    std::mem::swap(&mut cur, &mut nxt);
-                }
-                for (pc, c) in p.chunks_exact_mut(n).zip(cur.chunks_exact(np)) {
-                    pc.copy_from_slice(&c[..n]);
-                }
             }
         }
     }
@@ -345,14 +344,16 @@ pub fn forward<T: SimdElem>(
     last: &mut [T],
 ) -> Result<(), String> {
     s.check()?;
-    let (bt, l, n) = (s.batch, s.len, s.n);
+    let (bt, l, n, m) = (s.batch, s.len, s.n, s.m());
     check_lens(&[
         ("out", xs.len(), bt * l * n),
         ("last_state", last.len(), bt * n),
     ])?;
-    let work = bt * l * n * n * (s.m() + 1);
-    let nch = l.div_ceil(PAR_CHUNK);
-    if !parallel || nch < 3 {
+    // A step costs at least a latency-bound chain (~STEP_OVERHEAD operations), whatever n.
+    let work = bt * l * (n * n * (m + 1) + STEP_OVERHEAD);
+    let ch = PAR_CHUNK;
+    let nch = l.div_ceil(ch);
+    if !parallel || nch < 2 {
         let outs = pool::split_lengths(xs, &vec![l * n; bt]);
         let ends = pool::split_lengths(last, &vec![n; bt]);
         let items: Vec<_> = outs.into_iter().zip(ends).collect();
@@ -372,80 +373,110 @@ pub fn forward<T: SimdElem>(
         });
         return Ok(());
     }
-    let clen = |c: usize| PAR_CHUNK.min(l - c * PAR_CHUNK);
-    let lens: Vec<usize> = (0..bt)
-        .flat_map(|_| (0..nch).map(|c| clen(c) * n))
-        .collect();
-    let mut ends = vec![T::ZERO; bt * nch * n];
-    let mut maps = vec![T::ZERO; bt * nch * (n + 1) * n];
-    // Pass 1: chunk 0 for real, the middle chunks' maps (the last chunk needs none).
+    // Chunks of every row in groups of W (the level's lanes), fixed for a given level and
+    // shape: the tasks, and so the results, do not depend on the thread count.
+    let w = dispatch::<T, _>(level, Width);
+    let (nfull, tail) = (l / ch, l % ch);
+    let nmap = nch - 1; // chunks whose end state starts another
+    let groups = |nc: usize| (0..nc.div_ceil(w)).map(move |g| (g * w, w.min(nc - g * w)));
+    let mapn = (n + 1) * n;
+    // Pass 1: the maps (P, s) of chunks 0 .. nmap.
+    let mut maps = vec![T::ZERO; bt * nmap * mapn];
     {
-        let outs = pool::split_lengths(xs, &lens);
-        let ends_s = pool::split_lengths(&mut ends, &vec![n; bt * nch]);
-        let maps_s = pool::split_lengths(&mut maps, &vec![(n + 1) * n; bt * nch]);
+        let lens: Vec<usize> = (0..bt)
+            .flat_map(|_| groups(nmap).map(|(_, v)| v * mapn))
+            .collect();
+        let mut parts = pool::split_lengths(&mut maps, &lens).into_iter();
         let mut items = Vec::new();
-        for (i, ((xs, end), p)) in outs.into_iter().zip(ends_s).zip(maps_s).enumerate() {
-            let (row, c) = (i / nch, i % nch);
-            if c == 0 {
-                let x0 = s.h0.map(|h| &h[row * n..(row + 1) * n]);
-                items.push((row, c, Job::Run { x0, xs, end }));
-            } else if c + 1 < nch {
-                items.push((row, c, Job::Map { p }));
-            }
-        }
-        let work1 = work * (n + 1) * (nch - 1) / nch;
-        pool::for_each(items, work1, |_, (row, c, job)| {
-            dispatch(
-                level,
-                FwdTask {
+        for row in 0..bt {
+            for (c0, valid) in groups(nmap) {
+                let p = parts.next().unwrap_or_default();
+                items.push(LaneTask {
                     s,
                     row,
-                    t0: c * PAR_CHUNK,
-                    len: clen(c),
-                    job,
-                },
-            )
-        });
+                    c0,
+                    valid,
+                    job: LaneJob::Map { p },
+                });
+            }
+        }
+        let work1 = bt * l * n * n * (n + m + 1);
+        pool::for_each(items, work1, |_, t| dispatch(level, t));
     }
-    // Pass 2: start of chunk c + 1 = P_c start_c + s_c (kept in `ends` slot c).
+    // Pass 2: start of chunk c + 1 = P_c start_c + s_c.
     let mut starts = vec![T::ZERO; bt * nch * n];
     for row in 0..bt {
-        let base = row * nch;
-        starts[(base + 1) * n..(base + 2) * n].copy_from_slice(&ends[base * n..(base + 1) * n]);
-        for c in 1..nch - 1 {
-            let p = &maps[(base + c) * (n + 1) * n..(base + c + 1) * (n + 1) * n];
-            let (prev, next) = starts[(base + c) * n..(base + c + 2) * n].split_at_mut(n);
-            next.copy_from_slice(&p[n * n..]);
-            for (k, &xk) in prev.iter().enumerate() {
-                for (o, &pik) in next.iter_mut().zip(&p[k * n..(k + 1) * n]) {
-                    *o = *o + pik * xk;
+        let st = &mut starts[row * nch * n..(row + 1) * nch * n];
+        if let Some(h) = s.h0 {
+            st[..n].copy_from_slice(&h[row * n..(row + 1) * n]);
+        }
+        for c in 0..nmap {
+            let p = &maps[(row * nmap + c) * mapn..(row * nmap + c + 1) * mapn];
+            let (prev, next) = st[c * n..(c + 2) * n].split_at_mut(n);
+            // Element loops, not copy_from_slice: a memmove call per chunk costs more
+            // than the arithmetic at small n.
+            for (i, o) in next.iter_mut().enumerate() {
+                let mut acc = p[n * n + i];
+                for (k, &xk) in prev.iter().enumerate() {
+                    acc = acc + p[k * n + i] * xk;
                 }
+                *o = acc;
             }
         }
     }
-    // Pass 3: every later chunk from its true start.
+    // Pass 3: every chunk from its true start (full chunks in lane groups, a partial last
+    // chunk on its own); end states into `ends` slot c.
+    let mut ends = vec![T::ZERO; bt * nch * n];
     {
-        let outs = pool::split_lengths(xs, &lens);
-        let ends_s = pool::split_lengths(&mut ends, &vec![n; bt * nch]);
-        let mut items = Vec::new();
-        for (i, (xs, end)) in outs.into_iter().zip(ends_s).enumerate() {
-            let (row, c) = (i / nch, i % nch);
-            if c > 0 {
-                let x0 = Some(&starts[i * n..(i + 1) * n]);
-                items.push((row, c, Job::Run { x0, xs, end }));
+        let mut xl = Vec::new();
+        let mut el = Vec::new();
+        for _ in 0..bt {
+            for (_, v) in groups(nfull) {
+                xl.push(v * ch * n);
+                el.push(v * n);
+            }
+            if tail > 0 {
+                xl.push(tail * n);
+                el.push(n);
             }
         }
-        pool::for_each(items, work, |_, (row, c, job)| {
-            dispatch(
-                level,
-                FwdTask {
+        let mut xsp = pool::split_lengths(xs, &xl).into_iter();
+        let mut esp = pool::split_lengths(&mut ends, &el).into_iter();
+        let mut items = Vec::new();
+        for row in 0..bt {
+            let st = &starts[row * nch * n..(row + 1) * nch * n];
+            for (c0, valid) in groups(nfull) {
+                let (xs, end) = (
+                    xsp.next().unwrap_or_default(),
+                    esp.next().unwrap_or_default(),
+                );
+                let x0 = &st[c0 * n..(c0 + valid) * n];
+                items.push(Pass3::Lanes(LaneTask {
                     s,
                     row,
-                    t0: c * PAR_CHUNK,
-                    len: clen(c),
-                    job,
-                },
-            )
+                    c0,
+                    valid,
+                    job: LaneJob::Run { x0, xs, end },
+                }));
+            }
+            if tail > 0 {
+                let (xs, end) = (
+                    xsp.next().unwrap_or_default(),
+                    esp.next().unwrap_or_default(),
+                );
+                let x0 = Some(&st[nfull * n..(nfull + 1) * n]);
+                items.push(Pass3::Tail(FwdTask {
+                    s,
+                    row,
+                    t0: nfull * ch,
+                    len: tail,
+                    job: Job::Run { x0, xs, end },
+                }));
+            }
+        }
+        pool::for_each(items, work, |_, it| match it {
+            Pass3::Lanes(t) => dispatch(level, t),
+            Pass3::Tail(t) => dispatch(level, t),
         });
     }
     for row in 0..bt {
@@ -453,6 +484,354 @@ pub fn forward<T: SimdElem>(
         last[row * n..(row + 1) * n].copy_from_slice(&ends[src..src + n]);
     }
     Ok(())
+}
+
+/// A pass-3 task: a lane group of full chunks or a row's partial last chunk.
+enum Pass3<'s, 'a, T> {
+    Lanes(LaneTask<'s, 'a, T>),
+    Tail(FwdTask<'s, 'a, T>),
+}
+
+// ------------------------------------------------------------------ lane-layout parallel path
+
+/// Reports the vector width of a level (chunks per lane group).
+struct Width;
+
+impl<T: SimdElem> Kernel<T> for Width {
+    type Out = usize;
+    #[inline(always)]
+    fn run<V: Vector<E = T>>(self) -> usize {
+        V::W
+    }
+}
+
+/// What a lane task computes for its chunks.
+enum LaneJob<'s, T> {
+    /// Each chunk's affine map, `p[(c (n + 1) + q) n + i] = P_c[i, q]` (`q = n`: `s_c`).
+    Map { p: &'s mut [T] },
+    /// Each chunk from its true start `x0[c n..]`: writes `xs` (the chunks' rows, one
+    /// after the other) and the end states `end[c n..]`.
+    Run {
+        x0: &'s [T],
+        xs: &'s mut [T],
+        end: &'s mut [T],
+    },
+}
+
+/// `valid <= W` consecutive full chunks `c0 ..` of one batch row, run in lockstep with
+/// chunk `c` in lane `c - c0`.
+struct LaneTask<'s, 'a, T> {
+    s: &'s BilinearArgs<'a, T>,
+    row: usize,
+    c0: usize,
+    valid: usize,
+    job: LaneJob<'s, T>,
+}
+
+impl<T: SimdElem> Kernel<T> for LaneTask<'_, '_, T> {
+    type Out = ();
+    #[inline(always)]
+    fn run<V: Vector<E = T>>(self) {
+        // Small states get a copy with n known at compile time: the loops unroll and the
+        // lane states live in registers (this is what makes the path latency-free).
+        match self.s.n {
+            1 => lane_task::<V, 1>(self),
+            2 => lane_task::<V, 2>(self),
+            3 => lane_task::<V, 3>(self),
+            4 => lane_task::<V, 4>(self),
+            5 => lane_task::<V, 5>(self),
+            6 => lane_task::<V, 6>(self),
+            7 => lane_task::<V, 7>(self),
+            8 => lane_task::<V, 8>(self),
+            _ => lane_task::<V, 0>(self),
+        }
+    }
+}
+
+/// States up to this size get compile-time sizes in [`lane_task`].
+const SMALL_N: usize = 8;
+
+/// The body of a [`LaneTask`]; `N > 0` is the state size as a constant, `N = 0` reads it
+/// at run time.
+#[inline(always)]
+fn lane_task<V: Vector, const N: usize>(t: LaneTask<'_, '_, V::E>) {
+    let LaneTask {
+        s,
+        row,
+        c0,
+        valid,
+        job,
+    } = t;
+    let n = if N > 0 { N } else { s.n };
+    let (m, w, ch) = (s.m(), V::W, PAR_CHUNK);
+    let nn = n * n;
+    // Per-lane transition data per step: `v_t` (m values) or `A_t` (n n values).
+    let (tsrc, q) = match s.trans {
+        Trans::Modulated { v, .. } => (v, m),
+        Trans::PerStep { a } => (a, nn),
+    };
+    // Steps transposed at once (even); per-step matrices of large states two at a time.
+    let tb = if q > 64 { 2 } else { TBLK };
+    let g0 = row * s.len + c0 * ch; // global index of the group's first step
+    let g1 = g0 + valid * ch;
+    let bsrc = &s.b[g0 * n..g1 * n];
+    let tsrc = &tsrc[g0 * q..g1 * q];
+    let mut mats = Vec::with_capacity((m + 1) * nn);
+    for j in 0..=m {
+        mats.extend_from_slice(s.mat(j));
+    }
+    let mut bbuf = vec![V::E::ZERO; tb * n * w];
+    let mut tbuf = vec![V::E::ZERO; tb * q * w];
+    let mut lane = [V::E::ZERO; 16];
+    // x, y (n), at (n n), cur, nxt ((n + 1) n): separate stack arrays for small n (so
+    // the compiler can keep them in registers), heap vectors otherwise.
+    let mut xa = [V::zero(); N];
+    let mut ya = [V::zero(); N];
+    let mut ata = [[V::zero(); N]; N];
+    let mut ca = [[V::zero(); N]; SMALL_N + 1];
+    let mut na = [[V::zero(); N]; SMALL_N + 1];
+    let (mut xv, mut yv, mut atv, mut cv, mut nv) = Default::default();
+    let x = lane_buf::<V, N>(&mut xa, &mut xv, n);
+    let y = lane_buf::<V, N>(&mut ya, &mut yv, n);
+    let at = lane_buf::<V, N>(ata.as_flattened_mut(), &mut atv, nn);
+    let cur = lane_buf::<V, N>(ca.as_flattened_mut(), &mut cv, (n + 1) * n);
+    let nxt = lane_buf::<V, N>(na.as_flattened_mut(), &mut nv, (n + 1) * n);
+    let trans = s.trans;
+    match job {
+        LaneJob::Run { x0, xs, end } => {
+            for (i, xi) in x.iter_mut().enumerate() {
+                for (c, l) in lane[..valid].iter_mut().enumerate() {
+                    *l = x0[c * n + i];
+                }
+                *xi = V::load(&lane);
+            }
+            let mut xbuf = vec![V::E::ZERO; tb * n * w];
+            for t0 in (0..ch).step_by(tb) {
+                load_t::<V>(bsrc, 0, valid, ch * n, t0 * n, tb * n, &mut bbuf);
+                load_t::<V>(tsrc, 0, valid, ch * q, t0 * q, tb * q, &mut tbuf);
+                // Two steps per turn, x -> y -> x: no copies.
+                for k in (0..tb).step_by(2) {
+                    let (b2, t2) = (&bbuf[k * n * w..], &tbuf[k * q * w..]);
+                    let o2 = &mut xbuf[k * n * w..];
+                    lane_run_step::<V>(trans, &mats, n, m, q, t2, b2, at, x, y, o2);
+                    let (b2, t2, o2) = (&b2[n * w..], &t2[q * w..], &mut o2[n * w..]);
+                    lane_run_step::<V>(trans, &mats, n, m, q, t2, b2, at, y, x, o2);
+                }
+                store_t::<V>(xs, valid, ch * n, t0 * n, tb * n, &xbuf);
+            }
+            for (i, xi) in x.iter().enumerate() {
+                xi.store(&mut lane);
+                for (c, &l) in lane[..valid].iter().enumerate() {
+                    end[c * n + i] = l;
+                }
+            }
+        }
+        LaneJob::Map { p } => {
+            // Columns of [P | s] as lane-vector states: col_q <- A_t col_q (+ b_t for
+            // q = n), P from the identity. (n + 1) n independent FMA chains per step.
+            for i in 0..n {
+                cur[i * n + i] = V::splat(V::E::ONE);
+            }
+            for t0 in (0..ch).step_by(tb) {
+                load_t::<V>(bsrc, 0, valid, ch * n, t0 * n, tb * n, &mut bbuf);
+                load_t::<V>(tsrc, 0, valid, ch * q, t0 * q, tb * q, &mut tbuf);
+                for k in (0..tb).step_by(2) {
+                    let (b2, t2) = (&bbuf[k * n * w..], &tbuf[k * q * w..]);
+                    lane_map_full::<V>(trans, &mats, n, m, q, t2, b2, at, cur, nxt);
+                    let (b2, t2) = (&b2[n * w..], &t2[q * w..]);
+                    lane_map_full::<V>(trans, &mats, n, m, q, t2, b2, at, nxt, cur);
+                }
+                lane_flush::<V>(cur);
+            }
+            for (qi, col) in cur.chunks_exact(n).enumerate() {
+                for (i, v) in col.iter().enumerate() {
+                    v.store(&mut lane);
+                    for (c, &l) in lane[..valid].iter().enumerate() {
+                        p[(c * (n + 1) + qi) * n + i] = l;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `&mut arr[..len]` when `N > 0` (compile-time sizes), else `v` resized to `len`.
+#[inline(always)]
+fn lane_buf<'b, V: Vector, const N: usize>(
+    arr: &'b mut [V],
+    v: &'b mut Vec<V>,
+    len: usize,
+) -> &'b mut [V] {
+    if N > 0 {
+        &mut arr[..len]
+    } else {
+        v.resize(len, V::zero());
+        v
+    }
+}
+
+/// One pass-3 step `y = A_t x + b_t` of either form, also stored to `out[i W..]`; `tk`
+/// and `bk` start at the step's transposed data.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn lane_run_step<V: Vector>(
+    trans: Trans<'_, V::E>,
+    mats: &[V::E],
+    n: usize,
+    m: usize,
+    q: usize,
+    tk: &[V::E],
+    bk: &[V::E],
+    at: &mut [V],
+    x: &[V],
+    y: &mut [V],
+    out: &mut [V::E],
+) {
+    let w = V::W;
+    let (tk, bk) = (&tk[..q * w], &bk[..n * w]);
+    match trans {
+        Trans::Modulated { .. } => lane_step_mod::<V>(mats, n, m, tk, bk, x, y),
+        Trans::PerStep { .. } => {
+            lane_load::<V>(tk, at);
+            lane_step_dense::<V>(at, n, bk, x, y)
+        }
+    }
+    for (i, yi) in y.iter().enumerate() {
+        yi.store(&mut out[i * w..]);
+    }
+}
+
+/// One pass-1 step of either form: forms `A_t` in `at`, then `nxt = A_t cur (+ b_t)`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn lane_map_full<V: Vector>(
+    trans: Trans<'_, V::E>,
+    mats: &[V::E],
+    n: usize,
+    m: usize,
+    q: usize,
+    tk: &[V::E],
+    bk: &[V::E],
+    at: &mut [V],
+    cur: &[V],
+    nxt: &mut [V],
+) {
+    let w = V::W;
+    let (tk, bk) = (&tk[..q * w], &bk[..n * w]);
+    match trans {
+        Trans::Modulated { .. } => lane_form::<V>(mats, n * n, m, tk, at),
+        Trans::PerStep { .. } => lane_load::<V>(tk, at),
+    }
+    lane_map_step::<V>(at, n, bk, cur, nxt);
+}
+
+/// `y = (A0 + Σ_j v_j N_j) x + b` on lane vectors: `mats` is `[A0; N]` row-major, `vk`
+/// and `bk` the step's transposed `v` (`m W`) and `b` (`n W`). One accumulator per
+/// matrix keeps the dependent chain at `n + m` FMAs.
+#[inline(always)]
+fn lane_step_mod<V: Vector>(
+    mats: &[V::E],
+    n: usize,
+    m: usize,
+    vk: &[V::E],
+    bk: &[V::E],
+    x: &[V],
+    y: &mut [V],
+) {
+    // Matrix loop outside, state loops (compile-time n) inside: they unroll and `y`
+    // stays in registers across the run-time loop over m.
+    let (w, nn) = (V::W, n * n);
+    for (i, yi) in y.iter_mut().enumerate() {
+        let mut acc = V::load(&bk[i * w..]);
+        for k in 0..n {
+            acc = V::splat(mats[i * n + k]).fma(x[k], acc);
+        }
+        *yi = acc;
+    }
+    for j in 1..=m {
+        let vj = V::load(&vk[(j - 1) * w..]);
+        let mj = &mats[j * nn..(j + 1) * nn];
+        for (i, yi) in y.iter_mut().enumerate() {
+            let mut aj = V::zero();
+            for k in 0..n {
+                aj = V::splat(mj[i * n + k]).fma(x[k], aj);
+            }
+            *yi = aj.fma(vj, *yi);
+        }
+    }
+}
+
+/// `y = A x + b` with per-lane matrix entries `at[i n + k]`.
+#[inline(always)]
+fn lane_step_dense<V: Vector>(at: &[V], n: usize, bk: &[V::E], x: &[V], y: &mut [V]) {
+    let w = V::W;
+    for (i, yi) in y.iter_mut().enumerate() {
+        let mut acc = V::load(&bk[i * w..]);
+        for (&a, &xk) in at[i * n..(i + 1) * n].iter().zip(x) {
+            acc = a.fma(xk, acc);
+        }
+        *yi = acc;
+    }
+}
+
+/// `at[e] = A0[e] + Σ_j v_j N_j[e]` per lane.
+#[inline(always)]
+fn lane_form<V: Vector>(mats: &[V::E], nn: usize, m: usize, vk: &[V::E], at: &mut [V]) {
+    let w = V::W;
+    for (a, &m0) in at.iter_mut().zip(&mats[..nn]) {
+        *a = V::splat(m0);
+    }
+    for j in 1..=m {
+        let vj = V::load(&vk[(j - 1) * w..]);
+        for (a, &mj) in at.iter_mut().zip(&mats[j * nn..(j + 1) * nn]) {
+            *a = V::splat(mj).fma(vj, *a);
+        }
+    }
+}
+
+/// `at[e]` from the transposed per-step matrix entries `tk[e W..]`.
+#[inline(always)]
+fn lane_load<V: Vector>(tk: &[V::E], at: &mut [V]) {
+    for (e, a) in at.iter_mut().enumerate() {
+        *a = V::load(&tk[e * V::W..]);
+    }
+}
+
+/// `nxt_q = A cur_q` for the `n + 1` columns of `[P | s]` (`+ b` for the last).
+#[inline(always)]
+fn lane_map_step<V: Vector>(at: &[V], n: usize, bk: &[V::E], cur: &[V], nxt: &mut [V]) {
+    // Index loops: zips of chunk iterators are not always inlined (a call per step).
+    let w = V::W;
+    for qi in 0..=n {
+        for i in 0..n {
+            let mut acc = if qi == n {
+                V::load(&bk[i * w..])
+            } else {
+                V::zero()
+            };
+            for k in 0..n {
+                acc = at[i * n + k].fma(cur[qi * n + k], acc);
+            }
+            nxt[qi * n + i] = acc;
+        }
+    }
+}
+
+/// The transition product of a contracting system decays geometrically over a chunk;
+/// flushing what falls below 1e-30 (f32) / 1e-290 (f64) every few steps keeps it out of
+/// the (very slow) subnormal range. The flushed terms are negligible relative to the
+/// chunk's start state.
+#[inline(always)]
+fn lane_flush<V: Vector>(cur: &mut [V]) {
+    let tiny = V::splat(V::E::from_f64(if V::E::from_f64(1e-300) == V::E::ZERO {
+        1e-30
+    } else {
+        1e-290
+    }));
+    for v in cur.iter_mut() {
+        let mag = v.max(V::zero().sub(*v));
+        *v = V::select(mag.lt(tiny), V::zero(), *v);
+    }
 }
 
 // ------------------------------------------------------------------ backward
@@ -513,9 +892,7 @@ impl<T: SimdElem> Kernel<T> for BwdTask<'_, '_, T> {
         }
         let mut lam = vec![T::ZERO; np];
         let mut xp = vec![T::ZERO; np];
-        let mut tail = vec![T::ZERO; w];
-        let mut acc = [V::zero(); 2 * MAXV];
-        let mut gacc = [V::zero(); MAXV];
+        let mut dvv = vec![V::zero(); m];
         for t in (0..l).rev() {
             for k in 0..n {
                 lam[k] = dxs[t * n + k] + g[k];
@@ -533,14 +910,12 @@ impl<T: SimdElem> Kernel<T> for BwdTask<'_, '_, T> {
                 Trans::Modulated { v, .. } => {
                     let vt = &v[(row * l + t) * m..(row * l + t + 1) * m];
                     let dvt = &mut dv[t * m..(t + 1) * m];
-                    bstep_mod::<V>(
-                        &mr, np, n, vt, &lam, &xp, &mut g, dvt, &mut part, &mut acc, &mut gacc,
-                    );
+                    bstep_mod::<V>(&mr, np, n, vt, &lam, &xp, &mut g, dvt, &mut part, &mut dvv);
                 }
                 Trans::PerStep { a } => {
                     let at = &a[(row * l + t) * n * n..(row * l + t + 1) * n * n];
                     let dat = &mut da[t * n * n..(t + 1) * n * n];
-                    bstep_dense::<V>(at, n, nf, &lam, &xp, &mut g, dat, &mut acc, &mut tail);
+                    bstep_dense::<V>(at, n, nf, &lam, &xp, &mut g, dat);
                 }
             }
         }
@@ -567,60 +942,29 @@ fn bstep_mod<V: Vector>(
     g: &mut [V::E],
     dv: &mut [V::E],
     part: &mut [V::E],
-    acc: &mut [V; 2 * MAXV],
-    gacc: &mut [V; MAXV],
+    dvv: &mut [V],
 ) {
     let w = V::W;
     let nv = np / w;
-    let (a0, a1) = acc.split_at_mut(MAXV);
+    for d in dvv.iter_mut() {
+        *d = V::zero();
+    }
+    let mut c0 = 0;
+    while c0 + 4 <= nv {
+        bstep_mod_blk::<V, 4>(mr, np, n, vt, lam, xp, g, dvv, c0);
+        c0 += 4;
+    }
+    match nv - c0 {
+        1 => bstep_mod_blk::<V, 1>(mr, np, n, vt, lam, xp, g, dvv, c0),
+        2 => bstep_mod_blk::<V, 2>(mr, np, n, vt, lam, xp, g, dvv, c0),
+        3 => bstep_mod_blk::<V, 3>(mr, np, n, vt, lam, xp, g, dvv, c0),
+        _ => {}
+    }
+    for (o, d) in dv.iter_mut().zip(dvv.iter()) {
+        *o = d.hsum();
+    }
     for j in 0..=vt.len() {
         let sj = if j == 0 { V::E::ONE } else { vt[j - 1] };
-        for (p, q) in a0[..nv].iter_mut().zip(a1[..nv].iter_mut()) {
-            *p = V::zero();
-            *q = V::zero();
-        }
-        let base = &mr[j * n * np..(j + 1) * n * np];
-        let mut pairs = base.chunks_exact(2 * np);
-        let mut i = 0;
-        for rows in &mut pairs {
-            let (r0, r1) = rows.split_at(np);
-            let (c0, c1) = (V::splat(lam[i]), V::splat(lam[i + 1]));
-            for (((p, q), u), v) in a0[..nv]
-                .iter_mut()
-                .zip(a1[..nv].iter_mut())
-                .zip(r0.chunks_exact(w))
-                .zip(r1.chunks_exact(w))
-            {
-                *p = V::load(u).fma(c0, *p);
-                *q = V::load(v).fma(c1, *q);
-            }
-            i += 2;
-        }
-        let rest = pairs.remainder();
-        if !rest.is_empty() {
-            let c0 = V::splat(lam[i]);
-            for (p, u) in a0[..nv].iter_mut().zip(rest.chunks_exact(w)) {
-                *p = V::load(u).fma(c0, *p);
-            }
-        }
-        for (p, q) in a0[..nv].iter_mut().zip(a1[..nv].iter()) {
-            *p = p.add(*q);
-        }
-        if j == 0 {
-            gacc[..nv].copy_from_slice(&a0[..nv]);
-        } else {
-            let mut d = V::zero();
-            let sv = V::splat(sj);
-            for ((p, ga), xc) in a0[..nv]
-                .iter()
-                .zip(gacc[..nv].iter_mut())
-                .zip(xp.chunks_exact(w))
-            {
-                d = p.fma(V::load(xc), d);
-                *ga = p.fma(sv, *ga);
-            }
-            dv[j - 1] = d.hsum();
-        }
         let pj = &mut part[j * n * np..(j + 1) * n * np];
         for (li, prow) in lam[..n].iter().zip(pj.chunks_exact_mut(np)) {
             let c = V::splat(sj * *li);
@@ -629,13 +973,76 @@ fn bstep_mod<V: Vector>(
             }
         }
     }
-    for (ga, gc) in gacc[..nv].iter().zip(g.chunks_exact_mut(w)) {
-        ga.store(gc);
+}
+
+/// Vectors `c0 .. c0 + K` of `g` (and their share of every `dv_j`, added to `dvv`) in
+/// [`bstep_mod`], with register accumulators.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn bstep_mod_blk<V: Vector, const K: usize>(
+    mr: &[V::E],
+    np: usize,
+    n: usize,
+    vt: &[V::E],
+    lam: &[V::E],
+    xp: &[V::E],
+    g: &mut [V::E],
+    dvv: &mut [V],
+    c0: usize,
+) {
+    let w = V::W;
+    let off = c0 * w;
+    let mut gb = [V::zero(); K];
+    let mut xb = [V::zero(); K];
+    let xs = &xp[off..off + K * w];
+    for q in 0..K {
+        xb[q] = V::load(&xs[q * w..]);
+    }
+    for j in 0..=vt.len() {
+        let base = &mr[j * n * np..(j + 1) * n * np];
+        let mut a0 = [V::zero(); K];
+        let mut a1 = [V::zero(); K];
+        let mut i = 0;
+        while i + 1 < n {
+            let r0 = &base[i * np + off..i * np + off + K * w];
+            let r1 = &base[(i + 1) * np + off..(i + 1) * np + off + K * w];
+            let (c0v, c1v) = (V::splat(lam[i]), V::splat(lam[i + 1]));
+            for q in 0..K {
+                a0[q] = V::load(&r0[q * w..]).fma(c0v, a0[q]);
+                a1[q] = V::load(&r1[q * w..]).fma(c1v, a1[q]);
+            }
+            i += 2;
+        }
+        if i < n {
+            let r0 = &base[i * np + off..i * np + off + K * w];
+            let c0v = V::splat(lam[i]);
+            for q in 0..K {
+                a0[q] = V::load(&r0[q * w..]).fma(c0v, a0[q]);
+            }
+        }
+        if j == 0 {
+            for q in 0..K {
+                gb[q] = a0[q].add(a1[q]);
+            }
+        } else {
+            let sv = V::splat(vt[j - 1]);
+            let mut d = dvv[j - 1];
+            for q in 0..K {
+                let wq = a0[q].add(a1[q]);
+                d = wq.fma(xb[q], d);
+                gb[q] = wq.fma(sv, gb[q]);
+            }
+            dvv[j - 1] = d;
+        }
+    }
+    let go = &mut g[off..off + K * w];
+    for q in 0..K {
+        gb[q].store(&mut go[q * w..]);
     }
 }
 
 /// One backward step with a per-step matrix: `g = A_t^T λ` (rows of `A_t` scaled by
-/// `λ_i`), `dA_t = λ x_prev^T`.
+/// `λ_i`), `dA_t = λ x_prev^T`; full vectors in register blocks, the tail scalar.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn bstep_dense<V: Vector>(
@@ -646,49 +1053,79 @@ fn bstep_dense<V: Vector>(
     xp: &[V::E],
     g: &mut [V::E],
     da: &mut [V::E],
-    acc: &mut [V; 2 * MAXV],
-    tail: &mut [V::E],
 ) {
     let w = V::W;
-    let (a0, a1) = acc.split_at_mut(MAXV);
-    for (p, q) in a0[..nf].iter_mut().zip(a1[..nf].iter_mut()) {
-        *p = V::zero();
-        *q = V::zero();
+    let mut c0 = 0;
+    while c0 + 4 <= nf {
+        bstep_dense_blk::<V, 4>(a, n, lam, xp, g, da, c0);
+        c0 += 4;
     }
-    let nt = n - nf * w;
-    tail[..nt].fill(V::E::ZERO);
-    let xf = &xp[..nf * w];
-    for (i, (r, d)) in a.chunks_exact(n).zip(da.chunks_exact_mut(n)).enumerate() {
-        // Alternate accumulator sets between rows to halve the dependency chain.
-        let set: &mut [V] = if i % 2 == 0 {
-            &mut a0[..nf]
-        } else {
-            &mut a1[..nf]
-        };
-        let li = lam[i];
-        let c = V::splat(li);
-        for (((p, rc), dc), xc) in set
-            .iter_mut()
-            .zip(r.chunks_exact(w))
-            .zip(d.chunks_exact_mut(w))
-            .zip(xf.chunks_exact(w))
-        {
-            *p = V::load(rc).fma(c, *p);
-            c.mul(V::load(xc)).store(dc);
+    match nf - c0 {
+        1 => bstep_dense_blk::<V, 1>(a, n, lam, xp, g, da, c0),
+        2 => bstep_dense_blk::<V, 2>(a, n, lam, xp, g, da, c0),
+        3 => bstep_dense_blk::<V, 3>(a, n, lam, xp, g, da, c0),
+        _ => {}
+    }
+    for k in nf * w..n {
+        let mut t = V::E::ZERO;
+        for (i, &li) in lam[..n].iter().enumerate() {
+            t = t + a[i * n + k] * li;
+            da[i * n + k] = li * xp[k];
         }
-        for k in nf * w..n {
-            tail[k - nf * w] = tail[k - nf * w] + r[k] * li;
-            d[k] = li * xp[k];
+        g[k] = t;
+    }
+}
+
+/// Columns `c0 W .. (c0 + K) W` of [`bstep_dense`].
+#[inline(always)]
+fn bstep_dense_blk<V: Vector, const K: usize>(
+    a: &[V::E],
+    n: usize,
+    lam: &[V::E],
+    xp: &[V::E],
+    g: &mut [V::E],
+    da: &mut [V::E],
+    c0: usize,
+) {
+    let w = V::W;
+    let off = c0 * w;
+    let mut xb = [V::zero(); K];
+    let xs = &xp[off..off + K * w];
+    for q in 0..K {
+        xb[q] = V::load(&xs[q * w..]);
+    }
+    // Two accumulator sets (even and odd rows) halve the FMA chain.
+    let mut a0 = [V::zero(); K];
+    let mut a1 = [V::zero(); K];
+    let mut i = 0;
+    while i < n {
+        let r = &a[i * n + off..i * n + off + K * w];
+        let c = V::splat(lam[i]);
+        for q in 0..K {
+            a0[q] = V::load(&r[q * w..]).fma(c, a0[q]);
         }
+        let d = &mut da[i * n + off..i * n + off + K * w];
+        for q in 0..K {
+            c.mul(xb[q]).store(&mut d[q * w..]);
+        }
+        if i + 1 < n {
+            let i1 = i + 1;
+            let r = &a[i1 * n + off..i1 * n + off + K * w];
+            let c = V::splat(lam[i1]);
+            for q in 0..K {
+                a1[q] = V::load(&r[q * w..]).fma(c, a1[q]);
+            }
+            let d = &mut da[i1 * n + off..i1 * n + off + K * w];
+            for q in 0..K {
+                c.mul(xb[q]).store(&mut d[q * w..]);
+            }
+        }
+        i += 2;
     }
-    for ((p, q), gc) in a0[..nf]
-        .iter()
-        .zip(a1[..nf].iter())
-        .zip(g.chunks_exact_mut(w))
-    {
-        p.add(*q).store(gc);
+    let go = &mut g[off..off + K * w];
+    for q in 0..K {
+        a0[q].add(a1[q]).store(&mut go[q * w..]);
     }
-    g[nf * w..n].copy_from_slice(&tail[..nt]);
 }
 
 /// Gradients of [`forward`] given the states `xs` it returned, the output gradient `dxs
@@ -733,7 +1170,7 @@ pub fn backward<T: SimdElem>(
         let dvs = pool::split_lengths(o.dv, &vec![l * m; bt]);
         let dh0s = pool::split_lengths(o.dh0, &vec![n; bt]);
         let items: Vec<_> = dbs.into_iter().zip(das).zip(dvs).zip(dh0s).collect();
-        let work = bt * l * n * n * (m + 1) * 2;
+        let work = bt * l * (n * n * (m + 1) * 2 + STEP_OVERHEAD);
         pool::for_each(items, work, |row, (((db, da), dv), dh0)| {
             dispatch(
                 level,

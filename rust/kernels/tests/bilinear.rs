@@ -239,17 +239,29 @@ fn every_level_matches_reference() {
 
 #[test]
 fn parallel_equals_sequential() {
-    for (seed, per_step) in [(1, false), (2, true)] {
-        let p = Problem::new(seed, 3, 5 * PAR_CHUNK + 17, 6, 2, per_step);
+    // 37 full chunks: two full lane groups and a partial one at W = 16 (more at narrower
+    // levels), with and without a partial last chunk; every form, small (compile-time)
+    // and large state sizes.
+    let cases = [
+        (1, false, 6, 2, 37 * PAR_CHUNK + 11),
+        (2, true, 6, 0, 37 * PAR_CHUNK),
+        (3, false, 2, 0, 37 * PAR_CHUNK + 1),
+        (4, false, 11, 3, 20 * PAR_CHUNK + 5),
+        (5, true, 9, 0, 19 * PAR_CHUNK),
+    ];
+    for (seed, per_step, n, m, l) in cases {
+        let p = Problem::new(seed, 2, l, n, m, per_step);
         let (dxs, dlast) = grads_in(&p, seed);
         for level in Level::supported() {
+            let tag = format!("n={n} m={m} per_step={per_step} L={l} {level:?}");
             let a = run_kernel::<f64>(level, &p, false, &dxs, &dlast);
             let b = run_kernel::<f64>(level, &p, true, &dxs, &dlast);
-            close("xs", &b.xs, &a.xs, 1e-12, 1e-12);
-            close("last", &b.last, &a.last, 1e-12, 1e-12);
-            // The first chunk is computed the same way in both paths.
-            let c0 = PAR_CHUNK * p.n;
-            assert_eq!(a.xs[..c0], b.xs[..c0]);
+            close(&format!("{tag} xs"), &b.xs, &a.xs, 1e-12, 1e-12);
+            close(&format!("{tag} last"), &b.last, &a.last, 1e-12, 1e-12);
+            let a = run_kernel::<f32>(level, &p, false, &dxs, &dlast);
+            let b = run_kernel::<f32>(level, &p, true, &dxs, &dlast);
+            close(&format!("{tag} f32 xs"), &b.xs, &a.xs, 1e-4, 1e-5);
+            close(&format!("{tag} f32 last"), &b.last, &a.last, 1e-4, 1e-5);
         }
     }
 }
@@ -344,4 +356,61 @@ fn bad_lengths_are_errors() {
     s.n = 3;
     s.b = &ty.b[1..];
     assert!(bilinear::forward(Level::Scalar, &s, true, &mut xs, &mut last).is_err());
+}
+
+/// Timings behind the `method="auto"` rule; run on a quiet machine with
+/// `cargo test -p bmojo-kernels --release --test bilinear -- --ignored --nocapture`.
+/// Environment (comma lists): `BMOJO_TIMING_THREADS` (default 1,2), `BMOJO_TIMING_BATCH`
+/// (1,4), `BMOJO_TIMING_N` (2,4,8,16,64), `BMOJO_TIMING_L` (256,4096,16384); `BMOJO_TIMING_REPS`
+/// (best of, 5).
+#[test]
+#[ignore]
+fn timing_parallel_vs_sequential() {
+    use std::time::Instant;
+    let list = |var: &str, default: &str| -> Vec<usize> {
+        std::env::var(var)
+            .unwrap_or_else(|_| default.into())
+            .split(',')
+            .filter_map(|x| x.trim().parse().ok())
+            .collect()
+    };
+    let threads = list("BMOJO_TIMING_THREADS", "1,2");
+    let (batches, ns) = (
+        list("BMOJO_TIMING_BATCH", "1,4"),
+        list("BMOJO_TIMING_N", "2,4,8,16,64"),
+    );
+    let lens = list("BMOJO_TIMING_L", "256,4096,16384");
+    let reps = list("BMOJO_TIMING_REPS", "5")[0];
+    println!("threads,batch,n,L,per_step,seq_us,par_us,speedup");
+    for &th in &threads {
+        pool::set_num_threads(th).unwrap();
+        for &batch in &batches {
+            for &n in &ns {
+                for &l in &lens {
+                    for per_step in [false, true] {
+                        let p = Problem::new(1, batch, l, n, 2, per_step);
+                        let ty = Typed::<f32>::of(&p);
+                        let s = ty.args(&p);
+                        let mut xs = vec![0.0f32; batch * l * n];
+                        let mut last = vec![0.0f32; batch * n];
+                        let mut best = [f64::INFINITY; 2];
+                        for (k, par) in [false, true].into_iter().enumerate() {
+                            for _ in 0..reps {
+                                let t = Instant::now();
+                                bilinear::forward(Level::best(), &s, par, &mut xs, &mut last)
+                                    .unwrap();
+                                best[k] = best[k].min(t.elapsed().as_secs_f64() * 1e6);
+                            }
+                        }
+                        println!(
+                            "{th},{batch},{n},{l},{per_step},{:.1},{:.1},{:.2}",
+                            best[0],
+                            best[1],
+                            best[0] / best[1]
+                        );
+                    }
+                }
+            }
+        }
+    }
 }
