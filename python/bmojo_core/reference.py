@@ -40,6 +40,7 @@ __all__ = [
     "companion_scan",
     "causal_conv1d",
     "causal_conv1d_update",
+    "bilinear_scan",
 ]
 
 _SOFTPLUS_THRESHOLD = 20.0
@@ -537,7 +538,7 @@ def causal_conv1d_update(
 # ============================================================ bilinear (SPEC §5)
 
 
-def bilinear_scan_ref(
+def bilinear_scan(
     u: torch.Tensor,
     A: torch.Tensor,
     B: torch.Tensor,
