@@ -801,24 +801,46 @@ BILINEAR_LS_QUICK = (256, 1024)
 
 
 def _stable_alpha(dim: int, n: int, gen: torch.Generator) -> torch.Tensor:
-    """Companion coefficients of real poles drawn in (-0.95, 0.95), one set per channel:
-    alpha = -(coefficients of prod (z - p_i))[1:]."""
-    poles = (torch.rand(dim, n, generator=gen, dtype=torch.float64) * 2 - 1) * 0.95
-    coef = torch.zeros(dim, n + 1, dtype=torch.float64)
+    """Companion coefficients of a stable, well-conditioned filter per channel: poles
+    r·exp(±iθ) with radius r in (0.6, 0.95) and angles spread over (0, π) with jitter (one
+    real pole when n is odd), alpha = -(coefficients of prod (z - p_i))[1:]. Clustered poles
+    would make the companion form ill-conditioned and the fp32 comparison meaningless."""
+    k = torch.arange(n // 2, dtype=torch.float64)
+    jitter = torch.rand(dim, n // 2, generator=gen, dtype=torch.float64) - 0.5
+    theta = (k + 0.5 + 0.6 * jitter) * math.pi / max(1, n // 2 + n % 2)
+    r = 0.6 + 0.35 * torch.rand(dim, n // 2, generator=gen, dtype=torch.float64)
+    poles = torch.polar(r, theta)
+    poles = torch.cat([poles, poles.conj()], dim=1)
+    if n % 2:
+        real = 0.6 + 0.35 * torch.rand(dim, 1, generator=gen, dtype=torch.float64)
+        poles = torch.cat([poles, real.to(poles.dtype)], dim=1)
+    coef = torch.zeros(dim, n + 1, dtype=poles.dtype)
     coef[:, 0] = 1.0
     for i in range(n):  # multiply by (z - p_i)
         coef[:, 1:] = coef[:, 1:] - poles[:, i : i + 1] * coef[:, :-1]
-    return -coef[:, 1:]
+    return -coef[:, 1:].real
 
 
 def make_companion_inputs(
-    batch: int, dim: int, length: int, n: int, *, requires_grad: bool = False
+    batch: int,
+    dim: int,
+    length: int,
+    n: int,
+    *,
+    requires_grad: bool = False,
+    varying: bool = False,
 ) -> dict[str, Any]:
-    """Time-invariant companion scan inputs (stable real poles), float32."""
+    """Companion scan inputs, float32: fixed alpha (dim, n) from stable poles, or with
+    ``varying`` an input-dependent alpha (batch, dim, L, n) that modulates those
+    coefficients by ±10% per step."""
     g = torch.Generator().manual_seed(0)
+    alpha = _stable_alpha(dim, n, g).float()
+    if varying:
+        mod = 1 + 0.1 * (2 * torch.rand(batch, dim, length, n, generator=g) - 1)
+        alpha = alpha[None, :, None, :] * mod
     inputs = {
         "u": torch.randn(batch, dim, length, generator=g),
-        "alpha": _stable_alpha(dim, n, g).float(),
+        "alpha": alpha.contiguous(),
         "beta": torch.rand(dim, generator=g) + 0.5,
         "c": torch.randn(dim, n, generator=g) / n,
         "D": torch.randn(dim, generator=g),
@@ -902,6 +924,18 @@ def _companion_cases(quick: bool) -> list[Case]:
                 reference_label="scipy.signal.lfilter",
                 ref_repeat=3,
                 ref_warmup=1,
+                finish=_finish_parity_any,
+                **common,
+            ),
+            Case(
+                name=f"companion fwd {shape} time-varying alpha",
+                description="companion_scan forward with alpha (batch, dim, L, n) vs the "
+                "reference loop",
+                setup=lambda b=batch, d=dim, l=L, k=n: make_companion_inputs(
+                    b, d, l, k, varying=True
+                ),
+                bmojo=_companion_call(bmojo_core.companion_scan, False),
+                reference=_companion_call(reference.companion_scan, False),
                 finish=_finish_parity_any,
                 **common,
             ),
