@@ -30,8 +30,20 @@ vectorised over the batch, so a batch costs a few tensor ops per training step.
 :func:`model_specs` and every number of pairs ``N``, a :class:`~bmojo_core.layers.BMojoLM`
 is trained on fresh batches each step (:func:`bmojo_core.train.train`) and scored on a fixed
 seeded test set; the results hold the per-query correctness, the accuracy table and the
-negative flip rate B'MOJO-F → B'MOJO per ``N`` (:func:`format_table`, :func:`save_results`
-writes ``results.json`` and ``accuracy.png``).
+negative flip rate B'MOJO-F → B'MOJO per ``N`` (:func:`format_table`, :func:`summarize`;
+:func:`save_results` writes ``results.json`` and ``accuracy.png``).
+
+Conventions of the experiment:
+
+* Equal attention budget ``w + f + e`` (default 32 + 8 + 16 = 56 tokens per query): B'MOJO
+  attends to a window of ``w``, ``f`` fading (SSM output) tokens and ``e`` eidetic tokens;
+  B'MOJO-F to the same window and ``f + e`` fading tokens; SWA to a window of ``w + f + e``.
+  The pure SSM attends to nothing (same depth and width; its memory is its state).
+* Seeds: a run's training stream depends on (seed, N) only, so every model of one N sees
+  the same batches; the initialisation on (seed, N, model); the test set of each N on
+  (seed, N) and differs from the training streams. Results do not depend on ``workers``.
+* Accuracy: argmax over the whole vocabulary at each query position (chance 1/(V/2) for a
+  model that has learnt that values lie in the upper half).
 """
 
 from __future__ import annotations
@@ -60,9 +72,11 @@ __all__ = [
     "make_batch",
     "make_test_set",
     "model_specs",
+    "plot_accuracy",
     "query_positions",
     "run_experiment",
     "save_results",
+    "summarize",
 ]
 
 IGNORE_INDEX: int = -100
@@ -485,7 +499,8 @@ def run_experiment(
     """Trains and scores every (model, N) of ``cfg`` (default: the default experiment),
     ``cfg.workers`` runs at a time in spawned processes (1: in this process), each on
     ``cfg.threads`` torch threads. Every run is seeded on its own, so the results do not
-    depend on ``workers``.
+    depend on ``workers``. With ``workers > 1`` the runs start in spawned processes: call
+    it from a script under ``if __name__ == "__main__":`` (as for any multiprocessing).
 
     Returns a JSON-ready dict: ``config``, ``models`` (the specs), ``chance`` (2 / V),
     ``runs`` (one per (model, N), N-major: ``model``, ``num_kv``, ``accuracy``,
@@ -518,7 +533,6 @@ def run_experiment(
         if bar is not None:
             bar.set_postfix_str(f"{len(done)}/{len(jobs)} runs done")
 
-    global _QUEUE
     try:
         if cfg.workers == 1:
             for name, n in jobs:
@@ -578,16 +592,21 @@ def _run_parallel(
         initargs=(q,),
     ) as pool:
         pending = {pool.submit(_run_one, cfg, name, n) for name, n in jobs}
-        while pending:
-            ready, pending = wait(pending, timeout=0.25, return_when=FIRST_COMPLETED)
-            if q is not None:
-                while True:
-                    try:
-                        bar.update(q.get_nowait())
-                    except queue_mod.Empty:
-                        break
-            for fut in ready:
-                finish(fut.result())
+        try:
+            while pending:
+                ready, pending = wait(pending, timeout=0.25, return_when=FIRST_COMPLETED)
+                if q is not None:
+                    while True:
+                        try:
+                            bar.update(q.get_nowait())
+                        except queue_mod.Empty:
+                            break
+                for fut in ready:
+                    finish(fut.result())
+        except BaseException:
+            for fut in pending:  # a failed run stops the experiment: drop the queued ones
+                fut.cancel()
+            raise
 
 
 def format_table(results: dict[str, Any]) -> str:
@@ -651,7 +670,11 @@ def plot_accuracy(results: dict[str, Any], path: str | os.PathLike) -> None:
     ax.set_xlabel("N (key-value pairs)")
     ax.set_ylabel("test accuracy")
     c = results["config"]
-    ax.set_title(f"MQAR, V={c['vocab']}, L={c['seq_len']}, {c['steps']} steps")
+    budget = c["window"] + c["n_fading"] + c["n_eidetic"]
+    ax.set_title(
+        f"MQAR, V={c['vocab']}, L={c['seq_len']}, attention budget {budget}, {c['steps']} steps",
+        fontsize=10,
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
