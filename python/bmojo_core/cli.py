@@ -187,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
         "number N of key-value pairs (fresh data every step), scores them on a fixed seeded "
         "test set and prints the accuracy table and the negative flip rate B'MOJO-F -> "
         "B'MOJO. Default: V=512, L=256, window 32 (+8 fading, +16 eidetic), N in 4 8 16 32, "
-        "about 7 minutes on 2 cores.",
+        "about 6.5 minutes on 2 cores.",
     )
     p_mqar.add_argument(
         "--quick", action="store_true", help="smoke version (V=128, L=64, N in 2 4; < 1 min)"

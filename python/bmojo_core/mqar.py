@@ -295,7 +295,7 @@ SCHEDULES: tuple[str, ...] = ("cosine", "greedy")
 
 @dataclass(frozen=True)
 class ExperimentConfig:
-    """Settings of ``bmojo mqar`` (defaults: the default experiment, about 7 minutes on 2
+    """Settings of ``bmojo mqar`` (defaults: the default experiment, about 6.5 minutes on 2
     cores; :meth:`quick`: the smoke version).
 
     Task: ``vocab``, ``seq_len``, ``num_kv`` (one run per value), ``power_a`` (1 = uniform
