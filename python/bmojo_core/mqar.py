@@ -25,20 +25,59 @@ Layout of one row (``N = num_kv``, ``L = seq_len``, ``V = vocab``)::
 
 Everything is drawn with an explicit ``torch.Generator`` (never the global RNG), fully
 vectorised over the batch, so a batch costs a few tensor ops per training step.
+
+**The experiment** (``bmojo mqar``, :func:`run_experiment`): for every model of
+:func:`model_specs` and every number of pairs ``N``, a :class:`~bmojo_core.layers.BMojoLM`
+is trained on fresh batches each step (:func:`bmojo_core.train.train`) and scored on a fixed
+seeded test set; the results hold the per-query correctness, the accuracy table and the
+negative flip rate B'MOJO-F → B'MOJO per ``N`` (:func:`format_table`, :func:`summarize`;
+:func:`save_results` writes ``results.json`` and ``accuracy.png``).
+
+Conventions of the experiment:
+
+* Equal attention budget ``w + f + e`` (default 32 + 8 + 16 = 56 tokens per query): B'MOJO
+  attends to a window of ``w``, ``f`` fading (SSM output) tokens and ``e`` eidetic tokens;
+  B'MOJO-F to the same window and ``f + e`` fading tokens; SWA to a window of ``w + f + e``.
+  The pure SSM attends to nothing (same depth and width; its memory is its state).
+* Seeds: a run's training stream depends on (seed, N) only, so every model of one N sees
+  the same batches; the initialisation on (seed, N, model); the test set of each N on
+  (seed, N) and differs from the training streams. Results do not depend on ``workers``.
+* Accuracy: argmax over the whole vocabulary at each query position (chance 1/(V/2) for a
+  model that has learnt that values lie in the upper half).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import numbers
-from dataclasses import dataclass
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from .errors import BmojoTypeError, BmojoValueError
 
-__all__ = ["IGNORE_INDEX", "MQARConfig", "make_batch", "make_test_set", "query_positions"]
+__all__ = [
+    "IGNORE_INDEX",
+    "MODELS",
+    "ExperimentConfig",
+    "MQARConfig",
+    "ModelSpec",
+    "format_table",
+    "make_batch",
+    "make_test_set",
+    "model_specs",
+    "plot_accuracy",
+    "query_positions",
+    "run_experiment",
+    "save_results",
+    "summarize",
+]
 
 IGNORE_INDEX: int = -100
 
@@ -206,3 +245,453 @@ def query_positions(labels: Tensor) -> Tensor:
     n = int(counts[0]) if counts.numel() else 0
     pos = torch.arange(labels.shape[1], device=labels.device).expand_as(labels)
     return pos[mask].view(labels.shape[0], n)
+
+
+# ----------------------------------------------------------------------------- experiment
+
+MODELS: tuple[str, ...] = ("ssm", "swa", "bmojo-f", "bmojo")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model of the experiment: a :class:`~bmojo_core.layers.BMojoLM` whose layers have
+    this ``window`` / ``n_fading`` / ``n_eidetic`` (``window = 0``: pure SSM)."""
+
+    name: str
+    label: str
+    window: int
+    n_fading: int
+    n_eidetic: int
+
+    @property
+    def attention_budget(self) -> int:
+        """Tokens each query attends to: window + fading + eidetic (0 for the pure SSM)."""
+        return self.window + self.n_fading + self.n_eidetic
+
+
+def model_specs(window: int = 32, n_fading: int = 8, n_eidetic: int = 16) -> dict[str, ModelSpec]:
+    """The four models at an equal attention budget ``window + n_fading + n_eidetic``:
+
+    * ``ssm``: pure SSM (Mamba mixer, no attention; its budget is its state instead);
+    * ``swa``: sliding-window attention over ``window + n_fading + n_eidetic`` tokens;
+    * ``bmojo-f``: B'MOJO-F, window ``window`` plus ``n_fading + n_eidetic`` fading tokens;
+    * ``bmojo``: B'MOJO, window ``window``, ``n_fading`` fading and ``n_eidetic`` eidetic tokens.
+    """
+    w, f, e = (
+        _int("window", window, 1),
+        _int("n_fading", n_fading, 0),
+        _int("n_eidetic", n_eidetic, 0),
+    )
+    return {
+        "ssm": ModelSpec("ssm", "SSM", 0, 0, 0),
+        "swa": ModelSpec("swa", f"SWA (w={w + f + e})", w + f + e, 0, 0),
+        "bmojo-f": ModelSpec("bmojo-f", "B'MOJO-F", w, f + e, 0),
+        "bmojo": ModelSpec("bmojo", "B'MOJO", w, f, e),
+    }
+
+
+SCHEDULES: tuple[str, ...] = ("cosine", "greedy")
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """Settings of ``bmojo mqar`` (defaults: the default experiment, about 6.5 minutes on 2
+    cores; :meth:`quick`: the smoke version).
+
+    Task: ``vocab``, ``seq_len``, ``num_kv`` (one run per value), ``power_a`` (1 = uniform
+    query placement), ``random_fill`` (False = zero fill). Models (:func:`model_specs`):
+    ``models``, ``d_model``, ``n_layers``, ``d_state``, ``n_heads``, ``window``,
+    ``n_fading``, ``n_eidetic``. Training (:func:`bmojo_core.train.train`, AdamW, fresh
+    batches every step): ``steps``, ``batch_size``, ``lr``, ``schedule`` ("cosine" with
+    ``warmup_frac`` of linear warm-up, or "greedy": GreedyLR driven by the training loss
+    averaged over ``steps // 20`` steps). ``test_size`` rows in the fixed test set of each
+    ``N``; ``seed`` fixes data, initialisation and test sets. ``workers`` runs at a time,
+    each in its own process (1: in this process) on ``threads`` torch (and kernel) threads
+    (None: leave as is). One thread per process is the default because these small tensors
+    run far slower on 2 threads in one process than on 1 (measured on the 2-core machine:
+    26 ms vs 1 s per step of the quick SSM), and two one-thread runs use both cores.
+    """
+
+    vocab: int = 512
+    seq_len: int = 256
+    num_kv: tuple[int, ...] = (4, 8, 16, 32)
+    power_a: float = 1.0
+    random_fill: bool = False
+    models: tuple[str, ...] = MODELS
+    d_model: int = 64
+    n_layers: int = 2
+    d_state: int = 16
+    n_heads: int = 4
+    window: int = 32
+    n_fading: int = 8
+    n_eidetic: int = 16
+    steps: int = 350
+    batch_size: int = 16
+    lr: float = 3e-3
+    schedule: str = "cosine"
+    warmup_frac: float = 0.1
+    test_size: int = 256
+    seed: int = 0
+    workers: int = 2
+    threads: int | None = 1
+
+    def __post_init__(self) -> None:
+        nkv = self.num_kv
+        if isinstance(nkv, numbers.Integral):
+            nkv = (nkv,)
+        if not isinstance(nkv, (tuple, list)) or not nkv:
+            raise BmojoTypeError(f"num_kv: expected a non-empty sequence of ints, got {nkv!r}")
+        nkv = tuple(_int("num_kv", n, 1) for n in nkv)
+        if len(set(nkv)) != len(nkv):
+            raise BmojoValueError(f"num_kv: values must be distinct, got {list(nkv)}")
+        object.__setattr__(self, "num_kv", nkv)
+        models = self.models
+        if isinstance(models, str) or not isinstance(models, (tuple, list)) or not models:
+            raise BmojoTypeError(f"models: expected a non-empty sequence of names, got {models!r}")
+        for m in models:
+            if m not in MODELS:
+                raise BmojoValueError(f"models: unknown model {m!r}; expected some of {MODELS}")
+        if len(set(models)) != len(models):
+            raise BmojoValueError(f"models: names must be distinct, got {list(models)}")
+        object.__setattr__(self, "models", tuple(m for m in MODELS if m in models))
+        for n in nkv:  # MQARConfig checks vocab, seq_len, power_a, random_fill and each N
+            self.task(n)
+        for name, lo in (("d_model", 1), ("n_layers", 1), ("d_state", 1), ("n_heads", 1),
+                         ("window", 1), ("n_fading", 0), ("n_eidetic", 0), ("steps", 1),
+                         ("batch_size", 1), ("test_size", 1), ("seed", 0)):  # fmt: skip
+            _int(name, getattr(self, name), lo)
+        if self.d_model % self.n_heads:
+            raise BmojoValueError(
+                f"n_heads: must divide d_model {self.d_model}, got {self.n_heads}"
+            )
+        lr = self.lr
+        if (
+            isinstance(lr, bool)
+            or not isinstance(lr, numbers.Real)
+            or not (math.isfinite(lr) and lr > 0)
+        ):
+            raise BmojoValueError(f"lr: expected a finite number > 0, got {lr!r}")
+        wf = self.warmup_frac
+        if isinstance(wf, bool) or not isinstance(wf, numbers.Real) or not 0 <= wf < 1:
+            raise BmojoValueError(f"warmup_frac: expected a number in [0, 1), got {wf!r}")
+        if self.schedule not in SCHEDULES:
+            raise BmojoValueError(f"schedule: expected one of {SCHEDULES}, got {self.schedule!r}")
+        _int("workers", self.workers, 1)
+        if self.threads is not None:
+            _int("threads", self.threads, 1)
+
+    @classmethod
+    def quick(cls, **overrides: Any) -> ExperimentConfig:
+        """The smoke version (``bmojo mqar --quick``): a shorter task (V = 128, L = 64,
+        N in {2, 4}), window 16 + 4 fading + 8 eidetic, a short training; well under a
+        minute on 2 cores, and the attention-bearing models still learn above chance."""
+        kw: dict[str, Any] = dict(
+            vocab=128, seq_len=64, num_kv=(2, 4), window=16, n_fading=4, n_eidetic=8,
+            steps=150, batch_size=16, lr=3e-3, test_size=128,
+        )  # fmt: skip
+        kw.update(overrides)
+        return cls(**kw)
+
+    def task(self, num_kv: int) -> MQARConfig:
+        return MQARConfig(self.vocab, self.seq_len, num_kv, self.power_a, self.random_fill)
+
+    def specs(self) -> dict[str, ModelSpec]:
+        allspecs = model_specs(self.window, self.n_fading, self.n_eidetic)
+        return {m: allspecs[m] for m in self.models}
+
+    def build(self, spec: ModelSpec):
+        from .layers import BMojoLM
+
+        return BMojoLM(
+            self.vocab, self.d_model, self.n_layers, spec.window, spec.n_fading,
+            spec.n_eidetic, d_state=self.d_state,
+            n_heads=self.n_heads if spec.window else None,
+        )  # fmt: skip
+
+
+def _seed(cfg: ExperimentConfig, kind: int, num_kv: int, model: int = 0) -> int:
+    """Distinct, reproducible seeds: data streams are shared by all models of one N (so
+    their flips compare like with like); test sets differ from every training stream."""
+    return ((cfg.seed * 7 + kind) * 1_000_003 + num_kv) * 101 + model
+
+
+def _tqdm(total: int, enabled: bool, desc: str):
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc=desc, dynamic_ncols=True, unit="step")
+
+
+_QUEUE: Any = None  # a worker's progress queue (set by _init_worker)
+_TICK = 10  # steps per progress message
+
+
+def _init_worker(queue: Any) -> None:
+    global _QUEUE
+    _QUEUE = queue
+
+
+def _run_one(cfg: ExperimentConfig, name: str, n: int) -> dict[str, Any]:
+    """Trains and scores one (model, N); reports progress every ``_TICK`` steps to the
+    queue of this process (if any). Runs on ``cfg.threads`` torch threads."""
+    from .train import evaluate, train
+
+    old_threads = torch.get_num_threads()
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    try:
+        spec = cfg.specs()[name]
+        task = cfg.task(n)
+        test = make_test_set(task, cfg.test_size, _seed(cfg, 1, n))
+        with torch.random.fork_rng(devices=[]):  # init seeded, global RNG untouched
+            torch.manual_seed(_seed(cfg, 2, n, MODELS.index(name)))
+            model = cfg.build(spec)
+        count = [0]
+
+        def batch(g: torch.Generator) -> tuple[Tensor, Tensor]:
+            # called once per step: the hook for progress
+            count[0] += 1
+            if _QUEUE is not None and count[0] % _TICK == 0:
+                _QUEUE.put(_TICK)
+            return make_batch(task, cfg.batch_size, g)
+
+        greedy = cfg.schedule == "greedy"
+        hist = train(
+            model,
+            batch,
+            steps=cfg.steps,
+            lr=cfg.lr,
+            schedule=cfg.schedule,
+            eval_every=max(1, cfg.steps // 20) if greedy else None,
+            seed=_seed(cfg, 0, n),
+            progress=False,
+            warmup_steps=int(cfg.warmup_frac * cfg.steps),
+            greedy_kwargs={"factor": 0.8, "patience": 1, "smooth": 2,
+                           "min_lr": cfg.lr / 50, "max_lr": cfg.lr * 3} if greedy else None,
+        )  # fmt: skip
+        if _QUEUE is not None and count[0] % _TICK:
+            _QUEUE.put(count[0] % _TICK)
+        loss, acc, ok = evaluate(model, *test, batch_size=64)
+        tail = hist["train_loss"][-max(1, cfg.steps // 10) :]
+        return {
+            "model": name,
+            "num_kv": n,
+            "accuracy": acc,
+            "test_loss": loss,
+            "train_loss": math.fsum(tail) / len(tail),
+            "params": sum(p.numel() for p in model.parameters()),
+            "time_s": hist["time_s"],
+            "correct": ok.view(cfg.test_size, n).to(torch.int8).tolist(),
+        }
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+def run_experiment(
+    cfg: ExperimentConfig | None = None,
+    *,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Trains and scores every (model, N) of ``cfg`` (default: the default experiment),
+    ``cfg.workers`` runs at a time in spawned processes (1: in this process), each on
+    ``cfg.threads`` torch threads. Every run is seeded on its own, so the results do not
+    depend on ``workers``. With ``workers > 1`` the runs start in spawned processes: call
+    it from a script under ``if __name__ == "__main__":`` (as for any multiprocessing).
+
+    Returns a JSON-ready dict: ``config``, ``models`` (the specs), ``chance`` (2 / V),
+    ``runs`` (one per (model, N), N-major: ``model``, ``num_kv``, ``accuracy``,
+    ``test_loss``, ``train_loss`` (mean over the last 10% of steps), ``params``, ``time_s``,
+    and ``correct``: the per-query correctness, ``test_size`` rows of ``N`` 0/1 entries,
+    the queries of a row in order of position), ``accuracy`` (model → {str(N): accuracy}),
+    ``flip_rate`` ({str(N): share of the test queries that B'MOJO-F answers correctly and
+    B'MOJO does not}, when both are run) and ``time_s``. ``log`` receives one line per
+    finished run.
+    """
+    from .train import negative_flip_rate
+
+    cfg = ExperimentConfig() if cfg is None else cfg
+    if not isinstance(cfg, ExperimentConfig):
+        raise BmojoTypeError(f"cfg: expected an ExperimentConfig, got {type(cfg).__name__}")
+    specs = cfg.specs()
+    jobs = [(name, n) for n in cfg.num_kv for name in specs]
+    done: dict[tuple[str, int], dict[str, Any]] = {}
+    bar = _tqdm(len(jobs) * cfg.steps, progress, "mqar")
+    t0 = time.perf_counter()
+
+    def finish(run: dict[str, Any]) -> None:
+        done[(run["model"], run["num_kv"])] = run
+        if log is not None:
+            label = specs[run["model"]].label
+            log(
+                f"{label:<14} N={run['num_kv']:<3} accuracy {run['accuracy']:6.1%}  "
+                f"test loss {run['test_loss']:.3f}  ({run['time_s']:.1f} s)"
+            )
+        if bar is not None:
+            bar.set_postfix_str(f"{len(done)}/{len(jobs)} runs done")
+
+    try:
+        if cfg.workers == 1:
+            for name, n in jobs:
+                if bar is not None:
+                    bar.set_description(f"{specs[name].label} N={n}")
+                steps0 = bar.n if bar is not None else 0
+                finish(_run_one(cfg, name, n))
+                if bar is not None:
+                    bar.update(steps0 + cfg.steps - bar.n)
+        else:
+            _run_parallel(cfg, jobs, bar, finish)
+    finally:
+        if bar is not None:
+            bar.close()
+    runs = [done[j] for j in jobs]
+    res: dict[str, Any] = {
+        "config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()},
+        "models": {
+            k: {**asdict(s), "attention_budget": s.attention_budget} for k, s in specs.items()
+        },
+        "chance": 2 / cfg.vocab,
+        "runs": runs,
+        "accuracy": {
+            m: {str(r["num_kv"]): r["accuracy"] for r in runs if r["model"] == m} for m in specs
+        },
+        "time_s": time.perf_counter() - t0,
+        "torch": torch.__version__,
+    }
+    if "bmojo-f" in specs and "bmojo" in specs:
+        correct = {(r["model"], r["num_kv"]): torch.tensor(r["correct"], dtype=torch.bool)
+                   for r in runs}  # fmt: skip
+        res["flip_rate"] = {
+            str(n): negative_flip_rate(correct[("bmojo-f", n)], correct[("bmojo", n)])
+            for n in cfg.num_kv
+        }
+    return res
+
+
+def _run_parallel(
+    cfg: ExperimentConfig,
+    jobs: list[tuple[str, int]],
+    bar: Any,
+    finish: Callable[[dict[str, Any]], None],
+) -> None:
+    """Runs the jobs in ``cfg.workers`` spawned processes (spawn: no fork of a process whose
+    OpenMP/kernel threads are live); progress comes back through a queue."""
+    import multiprocessing as mp
+    import queue as queue_mod
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue() if bar is not None else None
+    with ProcessPoolExecutor(
+        max_workers=min(cfg.workers, len(jobs)),
+        mp_context=ctx,
+        initializer=_init_worker,
+        initargs=(q,),
+    ) as pool:
+        pending = {pool.submit(_run_one, cfg, name, n) for name, n in jobs}
+        try:
+            while pending:
+                ready, pending = wait(pending, timeout=0.25, return_when=FIRST_COMPLETED)
+                if q is not None:
+                    while True:
+                        try:
+                            bar.update(q.get_nowait())
+                        except queue_mod.Empty:
+                            break
+                for fut in ready:
+                    finish(fut.result())
+        except BaseException:
+            for fut in pending:  # a failed run stops the experiment: drop the queued ones
+                fut.cancel()
+            raise
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """The accuracy table: rows = models, columns = N (test accuracy in %), then the
+    negative flip rate B'MOJO-F → B'MOJO (% of test queries) when both were run."""
+    nkv = [str(n) for n in results["config"]["num_kv"]]
+    rows = [[results["models"][m]["label"]] + [f"{100 * acc[n]:.1f}" for n in nkv]
+            for m, acc in results["accuracy"].items()]  # fmt: skip
+    if "flip_rate" in results:
+        rows.append(["neg. flip F→B'MOJO"] + [f"{100 * results['flip_rate'][n]:.1f}" for n in nkv])
+    head = ["accuracy (%)"] + [f"N={n}" for n in nkv]
+    width = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+
+    def line(r: Sequence[str]) -> str:
+        cells = [c.rjust(w) for c, w in zip(r[1:], width[1:], strict=True)]
+        return "  ".join([r[0].ljust(width[0]), *cells])
+
+    out = [line(head), "  ".join("-" * w for w in width)]
+    out += [line(r) for r in rows]
+    out.append(f"chance = 1/(V/2) = {100 * results['chance']:.2f}%")
+    return "\n".join(out)
+
+
+def summarize(results: dict[str, Any]) -> str:
+    """A few lines stating what the table shows (best model per N, eidetic vs fading)."""
+    acc = results["accuracy"]
+    labels = {m: results["models"][m]["label"] for m in acc}
+    lines = []
+    for n in (str(n) for n in results["config"]["num_kv"]):
+        best = max(acc, key=lambda m: acc[m][n])
+        lines.append(f"N={n}: best {labels[best]} ({100 * acc[best][n]:.1f}%)")
+    if "flip_rate" in results:
+        d = [acc["bmojo"][n] - acc["bmojo-f"][n] for n in results["flip_rate"]]
+        wins = sum(x > 0 for x in d)
+        flips = ", ".join(f"{100 * v:.1f}%" for v in results["flip_rate"].values())
+        lines.append(
+            f"B'MOJO vs B'MOJO-F (eidetic tokens in place of fading ones): higher accuracy at "
+            f"{wins} of {len(d)} values of N (mean difference {100 * sum(d) / len(d):+.1f} "
+            f"points); negative flip rate per N: {flips}"
+        )
+    best_all = max(acc, key=lambda m: sum(acc[m].values()))
+    lines.append(f"highest mean accuracy over N: {labels[best_all]}")
+    return "\n".join(lines)
+
+
+def plot_accuracy(results: dict[str, Any], path: str | os.PathLike) -> None:
+    """Writes a PNG of test accuracy vs N per model (matplotlib, Agg canvas)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 4), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    nkv = results["config"]["num_kv"]
+    for m, acc in results["accuracy"].items():
+        ax.plot(nkv, [acc[str(n)] for n in nkv], marker="o", label=results["models"][m]["label"])
+    ax.axhline(results["chance"], color="gray", ls=":", lw=1, label="chance")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(nkv, [str(n) for n in nkv])
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("N (key-value pairs)")
+    ax.set_ylabel("test accuracy")
+    c = results["config"]
+    budget = c["window"] + c["n_fading"] + c["n_eidetic"]
+    ax.set_title(
+        f"MQAR, V={c['vocab']}, L={c['seq_len']}, attention budget {budget}, {c['steps']} steps",
+        fontsize=10,
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.fspath(path))
+
+
+def save_results(results: dict[str, Any], out_dir: str | os.PathLike) -> dict[str, str]:
+    """Writes ``results.json`` and ``accuracy.png`` (skipped, with a ``None`` path, when
+    matplotlib is missing) into ``out_dir`` (created). Returns the paths written."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths: dict[str, str] = {"json": os.path.join(out_dir, "results.json")}
+    with open(paths["json"], "w", encoding="utf-8") as f:
+        json.dump(results, f, separators=(",", ":"))
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return paths
+    paths["png"] = os.path.join(out_dir, "accuracy.png")
+    plot_accuracy(results, paths["png"])
+    return paths
