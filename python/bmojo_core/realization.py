@@ -279,7 +279,8 @@ class _Realization:
         return A
 
     def _build_A(self) -> np.ndarray:
-        raise NotImplementedError
+        # Only classes that defer their dense A (Shift) override this; the others pass A.
+        raise AssertionError(f"{type(self).__name__} has no dense A to build")
 
     def _charpoly(self) -> np.ndarray:
         """det(zI - A) per channel, descending powers: (H, n+1)."""

@@ -7,19 +7,8 @@ use bmojo_kernels::dispatch::{Level, SimdElem};
 use bmojo_kernels::pool;
 use bmojo_kernels::reference::companion::{companion_backward, companion_forward, CompanionGrads};
 
-/// xorshift64*, uniform in [lo, hi).
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> f64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        (self.0.wrapping_mul(0x2545F4914F6CDD1D) >> 11) as f64 / (1u64 << 53) as f64
-    }
-    fn vec(&mut self, n: usize, lo: f64, hi: f64) -> Vec<f64> {
-        (0..n).map(|_| lo + (hi - lo) * self.next()).collect()
-    }
-}
+mod common;
+use common::Rng;
 
 /// Which inputs a case has: `Some(true)` per step, `Some(false)` per channel.
 #[derive(Clone, Copy, Debug)]

@@ -7,18 +7,8 @@ use bmojo_kernels::conv::{conv_bwd, conv_fwd, conv_update, ConvArgs, ConvGrads, 
 use bmojo_kernels::reference::conv as refc;
 use bmojo_kernels::{pool, Level, SimdElem};
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> f64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        (self.0.wrapping_mul(0x2545F4914F6CDD1D) >> 11) as f64 / (1u64 << 53) as f64
-    }
-    fn vec(&mut self, n: usize, lo: f64, hi: f64) -> Vec<f64> {
-        (0..n).map(|_| lo + (hi - lo) * self.next()).collect()
-    }
-}
+mod common;
+use common::Rng;
 
 fn close(name: &str, got: &[f64], want: &[f64], rtol: f64, atol: f64) {
     assert_eq!(got.len(), want.len(), "{name}: length");

@@ -9,21 +9,8 @@ use bmojo_kernels::eidetic::{
 use bmojo_kernels::reference::eidetic as refe;
 use bmojo_kernels::{pool, Level, SimdElem};
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> f64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        (self.0.wrapping_mul(0x2545F4914F6CDD1D) >> 11) as f64 / (1u64 << 53) as f64
-    }
-    fn vec(&mut self, n: usize, lo: f64, hi: f64) -> Vec<f64> {
-        (0..n).map(|_| lo + (hi - lo) * self.next()).collect()
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() * n as f64) as usize % n.max(1)
-    }
-}
+mod common;
+use common::Rng;
 
 trait Cast: SimdElem {
     fn to(self) -> f64;
