@@ -144,6 +144,36 @@ fn fill_const<T: Elem>(
     }
 }
 
+/// Time-invariant coefficients of the lane group starting at `base` (`valid` real lanes):
+/// fills the α / β / c blocks that are per channel (β defaults to 1) and returns D as a
+/// vector. Shared by the forward and the backward.
+#[inline(always)]
+fn fill_lane_group<V: Vector>(
+    a: &CompanionArgs<'_, V::E>,
+    base: usize,
+    valid: usize,
+    ab: &mut [V::E],
+    bb: &mut [V::E],
+    cb: &mut [V::E],
+    tmp: &mut [V::E],
+) -> Option<V> {
+    let (n, dim, w) = (a.order, a.dim, V::W);
+    if let Seq::Const(x) = a.alpha {
+        fill_const(x, n, base, valid, dim, w, ab);
+    }
+    match a.beta {
+        Some(Seq::Const(x)) => fill_const(x, 1, base, valid, dim, w, bb),
+        None => bb.fill(V::E::ONE),
+        _ => {}
+    }
+    if let Some(Seq::Const(x)) = a.c {
+        fill_const(x, n, base, valid, dim, w, cb);
+    }
+    let d = a.d?;
+    fill_const(d, 1, base, valid, dim, w, tmp);
+    Some(V::load(tmp))
+}
+
 /// Coefficient block of a chunk: transposed per-step rows (stride `per·W` per step) or the
 /// time-invariant block (stride 0). Returns the stride.
 #[inline(always)]
@@ -250,7 +280,7 @@ impl<T: SimdElem> Kernel<T> for FwdTask<'_, '_, T> {
             mut s,
             last,
         } = self;
-        let (w, l, n, dim) = (V::W, a.len, a.order, a.dim);
+        let (w, l, n) = (V::W, a.len, a.order);
         let tc = time_chunk(n);
         let mut sb = vec![T::ZERO; (n + tc) * w];
         let mut ab = seq_buf(Some(&a.alpha), n, tc, w);
@@ -271,25 +301,7 @@ impl<T: SimdElem> Kernel<T> for FwdTask<'_, '_, T> {
                     }
                 }
             }
-            if let Seq::Const(x) = a.alpha {
-                fill_const(x, n, base, valid, dim, w, &mut ab);
-            }
-            match a.beta {
-                Some(Seq::Const(x)) => fill_const(x, 1, base, valid, dim, w, &mut bb),
-                None => bb.fill(T::ONE),
-                _ => {}
-            }
-            if let Some(Seq::Const(x)) = a.c {
-                fill_const(x, n, base, valid, dim, w, &mut cb);
-            }
-            // No closures around vector code: they lack the level's target features.
-            let dv = match a.d {
-                Some(d) => {
-                    fill_const(d, 1, base, valid, dim, w, &mut tmp);
-                    Some(V::load(&tmp))
-                }
-                None => None,
-            };
+            let dv = fill_lane_group::<V>(a, base, valid, &mut ab, &mut bb, &mut cb, &mut tmp);
             for t0 in (0..l).step_by(tc) {
                 let tl = tc.min(l - t0);
                 load_t::<V>(a.u, base, valid, l, t0, tl, &mut ub);
@@ -534,7 +546,7 @@ impl<T: SimdElem> Kernel<T> for BwdTask<'_, '_, T> {
             dd,
             ds0,
         } = self;
-        let (w, l, n, dim) = (V::W, a.len, a.order, a.dim);
+        let (w, l, n) = (V::W, a.len, a.order);
         let tc = time_chunk(n);
         let (a_var, b_var) = (a.alpha.is_var(), a.beta.is_some_and(|b| b.is_var()));
         let c_var = a.c.is_some_and(|c| c.is_var());
@@ -557,25 +569,7 @@ impl<T: SimdElem> Kernel<T> for BwdTask<'_, '_, T> {
         for r0 in (0..rows).step_by(w) {
             let valid = w.min(rows - r0);
             let base = m0 + r0;
-            if let Seq::Const(x) = a.alpha {
-                fill_const(x, n, base, valid, dim, w, &mut ab);
-            }
-            match a.beta {
-                Some(Seq::Const(x)) => fill_const(x, 1, base, valid, dim, w, &mut bb),
-                None => bb.fill(T::ONE),
-                _ => {}
-            }
-            if let Some(Seq::Const(x)) = a.c {
-                fill_const(x, n, base, valid, dim, w, &mut cb);
-            }
-            // No closures around vector code: they lack the level's target features.
-            let dv = match a.d {
-                Some(d) => {
-                    fill_const(d, 1, base, valid, dim, w, &mut tmp);
-                    Some(V::load(&tmp))
-                }
-                None => None,
-            };
+            let dv = fill_lane_group::<V>(a, base, valid, &mut ab, &mut bb, &mut cb, &mut tmp);
             for p in [&mut pa, &mut pc, &mut pb, &mut pd] {
                 p.fill(T::ZERO);
             }
