@@ -22,7 +22,13 @@ from .bilinear import bilinear_scan
 from .companion import companion_scan
 from .conv import causal_conv1d_fn, causal_conv1d_update
 from .eidetic import EideticStore, eidetic_select, gather_positions, innovation_scores
-from .errors import BmojoError, BmojoTypeError, BmojoValueError
+from .errors import (
+    BmojoCompileError,
+    BmojoCudaError,
+    BmojoError,
+    BmojoTypeError,
+    BmojoValueError,
+)
 from .layers import BMojoLayer, BMojoLM, SelectiveSSM, SlidingWindowAttention
 from .scan import diag_scan, selective_scan_fn
 from .step import selective_state_update
@@ -36,6 +42,8 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
 __all__ = [
     "BMojoLM",
     "BMojoLayer",
+    "BmojoCompileError",
+    "BmojoCudaError",
     "BmojoError",
     "BmojoTypeError",
     "BmojoValueError",

@@ -11,3 +11,12 @@ class BmojoValueError(BmojoError, ValueError):
 
 class BmojoTypeError(BmojoError, TypeError):
     """An argument has the wrong type or dtype."""
+
+
+class BmojoCudaError(BmojoError, RuntimeError):
+    """The CUDA runtime failed: no driver or NVRTC library, a driver call returned an error
+    (the message carries the driver's error string), or a kernel is unavailable."""
+
+
+class BmojoCompileError(BmojoCudaError):
+    """NVRTC rejected a kernel source (the message carries the NVRTC log)."""

@@ -9,6 +9,8 @@
 mod bilinear;
 mod companion;
 mod conv;
+mod cuda;
+mod decode;
 mod eidetic;
 
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -665,5 +667,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     conv::register(m)?;
     bilinear::register(m)?;
     eidetic::register(m)?;
+    decode::register(m)?;
+    cuda::register(m)?;
     Ok(())
 }

@@ -1,0 +1,76 @@
+// Shared device helpers of bmojo_core's CUDA kernels. Compiled by NVRTC with no system
+// headers (no <cuda_fp16.h>, no CUB): half and bfloat16 are carried as raw 16-bit words
+// and converted here, so the same sources compile with any NVRTC >= 12.
+#pragma once
+
+typedef unsigned short bm_half;  // IEEE binary16 bits
+typedef unsigned short bm_bf16;  // bfloat16 bits
+typedef long long bm_i64;
+
+// ---- conversions: load any storage type as the compute type, store back rounded ----
+__device__ __forceinline__ float bm_to_float(float x) { return x; }
+__device__ __forceinline__ double bm_to_double(double x) { return x; }
+__device__ __forceinline__ float bm_half_to_float(bm_half h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+__device__ __forceinline__ bm_half bm_float_to_half(float f) {
+    bm_half h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+}
+__device__ __forceinline__ float bm_bf16_to_float(bm_bf16 b) {
+    return __uint_as_float(((unsigned int)b) << 16);
+}
+__device__ __forceinline__ bm_bf16 bm_float_to_bf16(float f) {
+    // Round to nearest even; NaN stays NaN (quiet bit set).
+    unsigned int u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (bm_bf16)((u >> 16) | 0x40u);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (bm_bf16)(u >> 16);
+}
+
+// Storage type S, compute type C (float for f32/f16/bf16, double for f64).
+template <typename S> struct bm_io;
+template <> struct bm_io<float> {
+    typedef float C;
+    static __device__ __forceinline__ float load(const float* p) { return *p; }
+    static __device__ __forceinline__ void store(float* p, float v) { *p = v; }
+};
+template <> struct bm_io<double> {
+    typedef double C;
+    static __device__ __forceinline__ double load(const double* p) { return *p; }
+    static __device__ __forceinline__ void store(double* p, double v) { *p = v; }
+};
+template <> struct bm_io<bm_half> {
+    typedef float C;
+    static __device__ __forceinline__ float load(const bm_half* p) { return bm_half_to_float(*p); }
+    static __device__ __forceinline__ void store(bm_half* p, float v) { *p = bm_float_to_half(v); }
+};
+template <> struct bm_io<bm_bf16> {
+    typedef float C;
+    static __device__ __forceinline__ float load(const bm_bf16* p) { return bm_bf16_to_float(*p); }
+    static __device__ __forceinline__ void store(bm_bf16* p, float v) { *p = bm_float_to_bf16(v); }
+};
+
+// ---- math in the compute type ----
+__device__ __forceinline__ float bm_exp(float x) { return expf(x); }
+__device__ __forceinline__ double bm_exp(double x) { return exp(x); }
+__device__ __forceinline__ float bm_log1p(float x) { return log1pf(x); }
+__device__ __forceinline__ double bm_log1p(double x) { return log1p(x); }
+// softplus(x) = log(1 + e^x), linear above 20 as torch.nn.functional.softplus.
+template <typename C> __device__ __forceinline__ C bm_softplus(C x) {
+    return x > C(20) ? x : bm_log1p(bm_exp(x));
+}
+template <typename C> __device__ __forceinline__ C bm_sigmoid(C x) {
+    return C(1) / (C(1) + bm_exp(-x));
+}
+template <typename C> __device__ __forceinline__ C bm_silu(C x) { return x * bm_sigmoid(x); }
+
+// ---- warp collectives (full 32-lane warps) ----
+template <typename C> __device__ __forceinline__ C bm_warp_sum(C v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
