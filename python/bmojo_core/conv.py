@@ -18,7 +18,21 @@ import torch
 from torch import Tensor
 
 from . import _core
+from . import _cudaops as CU
 from . import _validate as V
+from . import cuda as _cuda
+
+# CUDA kernels (cuda/conv.cu): element-wise forward / backward, weight-gradient partials
+# reduced in chunk order, and the update (one thread per row and channel).
+_K_FWD = _cuda.declare("conv.cu", "causal_conv1d_fwd")
+_K_FINAL = _cuda.declare("conv.cu", "causal_conv1d_final")
+_K_DPRE = _cuda.declare("conv.cu", "causal_conv1d_dpre")
+_K_DX = _cuda.declare("conv.cu", "causal_conv1d_dx")
+_K_DINIT = _cuda.declare("conv.cu", "causal_conv1d_dinit")
+_K_DW_PART = _cuda.declare("conv.cu", "causal_conv1d_dw_part")
+_K_DW_REDUCE = _cuda.declare("conv.cu", "causal_conv1d_dw_reduce")
+_K_UPDATE = _cuda.declare("conv.cu", "causal_conv1d_update")
+_DW_CHUNK = 4096  # (batch, time) elements per weight-gradient partial (a fixed cut)
 
 
 def _np(t: Tensor):
@@ -69,6 +83,29 @@ def causal_conv1d_fwd(
     return out, fin
 
 
+@causal_conv1d_fwd.register_kernel("cuda")
+def _(x, weight, bias, seq_idx, initial_states, silu):
+    b, d, length = x.shape
+    k = weight.shape[1]
+    out = x.new_empty(b, d, length)
+    fin = x.new_empty(b, d, k - 1)
+    sfx, dev = CU.suffix(x), x.device
+    if out.numel():
+        _K_FWD.launch(
+            sfx, grid=CU.grid1(out.numel()), block=(CU.BLOCK, 1, 1),
+            args=(x, weight, CU.ptr(bias), CU.ptr(seq_idx), CU.ptr(initial_states), out,
+                  b, d, length, k, int(silu)),
+            fmt="pppppp" "iiiii", device=dev,
+        )  # fmt: skip
+    if fin.numel():
+        _K_FINAL.launch(
+            sfx, grid=CU.grid1(fin.numel()), block=(CU.BLOCK, 1, 1),
+            args=(x, CU.ptr(initial_states), fin, b, d, length, k), fmt="ppp" "iiii",
+            device=dev,
+        )  # fmt: skip
+    return out, fin
+
+
 @causal_conv1d_fwd.register_fake
 def _(x, weight, bias, seq_idx, initial_states, silu):
     b, d, length = x.shape
@@ -98,6 +135,57 @@ def causal_conv1d_bwd(
         _np_opt(initial_states), _np(dout), _np_opt(dfinal_states), silu, dx.numpy(),
         dw.numpy(), db.numpy(), None if initial_states is None else di.numpy(),
     )  # fmt: skip
+    return dx, dw, db, di
+
+
+@causal_conv1d_bwd.register_kernel("cuda")
+def _(x, weight, bias, seq_idx, initial_states, dout, dfinal_states, silu):
+    b, d, length = x.shape
+    k = weight.shape[1]
+    sfx, dev, blk = CU.suffix(x), x.device, (CU.BLOCK, 1, 1)
+    dims = (b, d, length, k)
+    dx, dw, db = torch.empty_like(x), torch.empty_like(weight), x.new_empty(d)
+    di = x.new_empty(b, d, k - 1) if initial_states is not None else x.new_empty(0)
+    n = x.numel()
+    if silu and n:
+        dpre = torch.empty_like(x)
+        _K_DPRE.launch(
+            sfx, grid=CU.grid1(n), block=blk,
+            args=(x, weight, CU.ptr(bias), CU.ptr(seq_idx), CU.ptr(initial_states), dout, dpre,
+                  *dims),
+            fmt="ppppppp" "iiii", device=dev,
+        )  # fmt: skip
+    else:
+        dpre = dout
+    if n:
+        _K_DX.launch(
+            sfx, grid=CU.grid1(n), block=blk,
+            args=(weight, CU.ptr(seq_idx), dpre, CU.ptr(dfinal_states), dx, *dims),
+            fmt="ppppp" "iiii", device=dev,
+        )  # fmt: skip
+    if di.numel():
+        _K_DINIT.launch(
+            sfx, grid=CU.grid1(di.numel()), block=blk,
+            args=(weight, dpre, CU.ptr(dfinal_states), di, *dims), fmt="pppp" "iiii", device=dev,
+        )  # fmt: skip
+    # Weight / bias gradients: partials over fixed chunks of (batch, time), then summed in
+    # chunk order (deterministic; the cut depends on the shape only).
+    rows = b * length
+    chunk = max(_DW_CHUNK, -(-rows // 65535))
+    nch = -(-rows // chunk) if rows else 0
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    part = x.new_empty(max(nch, 1) * d * (k + 1), dtype=acc)
+    if nch and d:
+        _K_DW_PART.launch(
+            sfx, grid=(d, nch, 1), block=blk,
+            args=(x, CU.ptr(seq_idx), CU.ptr(initial_states), dpre, part, *dims, chunk),
+            fmt="ppppp" "iiii" "l", device=dev,
+        )  # fmt: skip
+    if d:
+        _K_DW_REDUCE.launch(
+            sfx, grid=CU.grid1(d * (k + 1)), block=blk, args=(part, dw, db, d, k, nch),
+            fmt="ppp" "iii", device=dev,
+        )  # fmt: skip
     return dx, dw, db, di
 
 
@@ -154,6 +242,22 @@ def causal_conv1d_update_op(
     return out
 
 
+@causal_conv1d_update_op.register_kernel("cuda")
+def _(x, conv_state, weight, bias, silu, cache_seqlens, conv_state_indices):
+    b, d, ntok = x.shape
+    k = weight.shape[1]
+    out = x.new_empty(x.shape)
+    if b * d:
+        _K_UPDATE.launch(
+            CU.suffix(x), grid=CU.grid1(b * d), block=(CU.BLOCK, 1, 1),
+            args=(x, conv_state, weight, CU.ptr(bias), int(silu), CU.ptr(cache_seqlens),
+                  CU.ptr(conv_state_indices), out, b, d, ntok, k, conv_state.shape[2],
+                  conv_state.shape[0]),
+            fmt="pppp" "i" "ppp" "iiiiii", device=x.device,
+        )  # fmt: skip
+    return out
+
+
 @causal_conv1d_update_op.register_fake
 def _(x, conv_state, weight, bias, silu, cache_seqlens, conv_state_indices):
     return x.new_empty(x.shape)
@@ -187,22 +291,22 @@ def causal_conv1d_fn(
     ``weight``, ``bias`` and ``initial_states``, also through ``final_states``.
     """
     silu = _silu(activation)
-    V.tensor("x", x)
+    CU.tensor("x", x)
     V.shape("x", x, (None, None, None), "(batch, dim, L)")
     b, d, length = x.shape
-    V.tensor("weight", weight)
+    CU.tensor("weight", weight)
     V.shape("weight", weight, (d, None), "(dim, K)")
     k = weight.shape[1]
     if k < 1:
         raise V.BmojoValueError("weight: the width K must be >= 1, got 0")
     if bias is not None:
-        V.tensor("bias", bias)
+        CU.tensor("bias", bias)
         V.shape("bias", bias, (d,), "(dim,)")
     if seq_idx is not None:
-        V.tensor("seq_idx", seq_idx, dtypes=V.INTS)
+        CU.tensor("seq_idx", seq_idx, dtypes=V.INTS)
         V.shape("seq_idx", seq_idx, (b, length), "(batch, L)")
     if initial_states is not None:
-        V.tensor("initial_states", initial_states)
+        CU.tensor("initial_states", initial_states)
         V.shape("initial_states", initial_states, (b, d, k - 1), "(batch, dim, K-1)")
     if seq_idx is not None and initial_states is not None:
         raise V.BmojoValueError(
@@ -211,8 +315,12 @@ def causal_conv1d_fn(
     if final_states_out is not None:
         if not return_final_states:
             raise V.BmojoValueError("final_states_out: only valid with return_final_states=True")
-        V.tensor("final_states_out", final_states_out)
+        CU.tensor("final_states_out", final_states_out)
         V.shape("final_states_out", final_states_out, (b, d, k - 1), "(batch, dim, K-1)")
+    CU.same_device(
+        {"x": x, "weight": weight, "bias": bias, "seq_idx": seq_idx,
+         "initial_states": initial_states, "final_states_out": final_states_out}, "x",
+    )  # fmt: skip
     cdt = V.compute_dtype(
         {"x": x, "weight": weight, "bias": bias, "initial_states": initial_states}, "x"
     )
@@ -258,7 +366,7 @@ def causal_conv1d_update(
     ``BmojoError`` before anything is written.
     """
     silu = _silu(activation)
-    if not torch.compiler.is_compiling():
+    if not getattr(x, "is_cuda", False) and not torch.compiler.is_compiling():
         # Decode path: plain contiguous CPU tensors of one float dtype go straight to the
         # kernel, which checks every shape and validates slots before writing. On any
         # mismatch the validating path below raises a clear error or converts.
@@ -272,16 +380,16 @@ def causal_conv1d_update(
             return torch.from_numpy(out)
         except (TypeError, ValueError, RuntimeError, AttributeError):
             pass
-    V.tensor("x", x)
+    CU.tensor("x", x)
     if x.dim() not in (2, 3):
         raise V.BmojoValueError(
             f"x: expected shape (batch, dim) or (batch, dim, T), got {tuple(x.shape)}"
         )
     b, d = x.shape[:2]
     ntok = x.shape[2] if x.dim() == 3 else 1
-    V.tensor("conv_state", conv_state)
+    CU.tensor("conv_state", conv_state)
     V.shape("conv_state", conv_state, (None, d, None), "(batch, dim, state_len)")
-    V.tensor("weight", weight)
+    CU.tensor("weight", weight)
     V.shape("weight", weight, (d, None), "(dim, K)")
     k = weight.shape[1]
     if k < 1:
@@ -290,11 +398,11 @@ def causal_conv1d_update(
     if s < k - 1:
         raise V.BmojoValueError(f"conv_state: the state length {s} must be >= K-1 = {k - 1}")
     if bias is not None:
-        V.tensor("bias", bias)
+        CU.tensor("bias", bias)
         V.shape("bias", bias, (d,), "(dim,)")
     for name, t in (("cache_seqlens", cache_seqlens), ("conv_state_indices", conv_state_indices)):
         if t is not None:
-            V.tensor(name, t, dtypes=V.INTS)
+            CU.tensor(name, t, dtypes=V.INTS)
             V.shape(name, t, (b,), "(batch,)")
     if conv_state_indices is None and conv_state.shape[0] != b:
         raise V.BmojoValueError(
@@ -303,8 +411,17 @@ def causal_conv1d_update(
         )
     if not conv_state.is_contiguous():
         raise V.BmojoValueError("conv_state: expected a contiguous tensor (it is updated in place)")
-    if conv_state_indices is not None and not torch.compiler.is_compiling():
-        # Checked again by the kernel; here for the clear message.
+    CU.same_device(
+        {"x": x, "conv_state": conv_state, "weight": weight, "bias": bias,
+         "cache_seqlens": cache_seqlens, "conv_state_indices": conv_state_indices}, "x",
+    )  # fmt: skip
+    if (
+        conv_state_indices is not None
+        and not torch.compiler.is_compiling()
+        and not (x.is_cuda and CU.capturing())
+    ):
+        # Checked again by the CPU kernel (the CUDA kernel treats an out-of-range slot as
+        # padding; duplicates are only caught here: under graph capture the caller owns it).
         used = conv_state_indices[conv_state_indices >= 0]
         if used.numel() and int(used.max()) >= conv_state.shape[0]:
             raise V.BmojoValueError(
