@@ -52,9 +52,7 @@ def tensor(name: str, t: object, *, dtypes: Sequence[torch.dtype] = V.FLOATS) ->
         allowed = ", ".join(V.dtype_name(d) for d in dtypes)
         raise V.BmojoTypeError(f"{name}: expected dtype {allowed}, got {V.dtype_name(t.dtype)}")
     if t.device.type not in ("cpu", "cuda"):
-        raise V.BmojoValueError(
-            f"{name}: expected a CPU or CUDA tensor, got device {t.device}"
-        )
+        raise V.BmojoValueError(f"{name}: expected a CPU or CUDA tensor, got device {t.device}")
     return t
 
 

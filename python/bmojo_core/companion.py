@@ -15,7 +15,16 @@ import torch
 from torch import Tensor
 
 from . import _core
+from . import _cudaops as CU
 from . import _validate as V
+from . import cuda as _cuda
+
+# CUDA kernels (cuda/companion.cu): one thread per (batch, channel) lane, sequential in time
+# (the recurrence is all-pole), time-invariant gradients reduced over the batch in order.
+_K_FWD = _cuda.declare("companion.cu", "companion_scan_fwd")
+_K_BWD = _cuda.declare("companion.cu", "companion_scan_bwd")
+_K_REDUCE = _cuda.declare("companion.cu", "companion_reduce")
+_LANES = 128  # threads per block (one lane each)
 
 MAX_ORDER: int = _core.COMPANION_MAX_ORDER
 
@@ -54,6 +63,29 @@ def companion_scan_fwd(
         _np(u), _np(alpha), _np_opt(beta), _np_opt(c), _np_opt(D), _np_opt(initial_state),
         y.numpy(), None if _y_is_s(c, D) else s.numpy(), last.numpy(),
     )  # fmt: skip
+    return y, last, s
+
+
+def _var(t: Tensor | None, per_step_dim: int) -> int:
+    return int(t is not None and t.dim() == per_step_dim)
+
+
+@companion_scan_fwd.register_kernel("cuda")
+def _(u, alpha, beta, c, D, initial_state):
+    batch, dim, length = u.shape
+    n = alpha.shape[-1]
+    y = u.new_empty(batch, dim, length)
+    s = u.new_empty(0) if _y_is_s(c, D) else u.new_empty(batch, dim, length)
+    last = u.new_empty(batch, dim, n)
+    lanes = batch * dim
+    if lanes:
+        _K_FWD.launch(
+            CU.suffix(u), grid=CU.grid1(lanes, _LANES), block=(_LANES, 1, 1),
+            args=(u, alpha, _var(alpha, 4), CU.ptr(beta), _var(beta, 3), CU.ptr(c), _var(c, 4),
+                  CU.ptr(D), CU.ptr(initial_state), y, 0 if _y_is_s(c, D) else s, last,
+                  batch, dim, length, n),
+            fmt="ppipipippppp" "iiii", device=u.device,
+        )  # fmt: skip
     return y, last, s
 
 
@@ -96,6 +128,52 @@ def companion_scan_bwd(
         None if beta is None else dbeta.numpy(), None if c is None else dc.numpy(),
         None if D is None else dD.numpy(), dh0.numpy(),
     )  # fmt: skip
+    return du, dalpha, dbeta, dc, dD, dh0
+
+
+@companion_scan_bwd.register_kernel("cuda")
+def _(u, alpha, beta, c, D, initial_state, s, dy, dlast_state):
+    batch, dim, length = u.shape
+    n = alpha.shape[-1]
+    du, dalpha = torch.empty_like(u), torch.empty_like(alpha)
+    dbeta = torch.empty_like(beta) if beta is not None else u.new_empty(0)
+    dc = torch.empty_like(c) if c is not None else u.new_empty(0)
+    dD = torch.empty_like(D) if D is not None else u.new_empty(0)
+    dh0 = u.new_empty(batch, dim, n)
+    lanes = batch * dim
+    if not lanes:
+        # Time-invariant gradients of an empty batch are zero.
+        for t in (dalpha, dbeta, dc, dD):
+            if t.dim() <= 2:
+                t.zero_()
+        return du, dalpha, dbeta, dc, dD, dh0
+    av, bv, cv = _var(alpha, 4), _var(beta, 3), _var(c, 4)
+    acc = torch.float64 if u.dtype == torch.float64 else torch.float32
+    # Per-lane partials of the time-invariant gradients (only those needed are written).
+    pa = u.new_empty(0 if av else lanes * n, dtype=acc)
+    pb = u.new_empty(lanes if beta is not None and not bv else 0, dtype=acc)
+    pc = u.new_empty(lanes * n if c is not None and not cv else 0, dtype=acc)
+    pd = u.new_empty(lanes if D is not None else 0, dtype=acc)
+    sfx, dev = CU.suffix(u), u.device
+    _K_BWD.launch(
+        sfx, grid=CU.grid1(lanes, _LANES), block=(_LANES, 1, 1),
+        args=(u, alpha, av, CU.ptr(beta), bv, CU.ptr(c), cv, CU.ptr(D), CU.ptr(initial_state),
+              s, dy, CU.ptr(dlast_state), du, dalpha, CU.ptr(None if beta is None else dbeta),
+              CU.ptr(None if c is None else dc),
+              dh0, pa, pb, pc, pd, batch, dim, length, n),
+        fmt="ppipipippppp" "ppppp" "pppp" "iiii", device=dev,
+    )  # fmt: skip
+    for part, out in ((pa, dalpha), (pb, dbeta), (pc, dc), (pd, dD)):
+        if part.numel():
+            per = out.numel()
+            _K_REDUCE.launch(
+                sfx,
+                grid=CU.grid1(per),
+                block=(CU.BLOCK, 1, 1),
+                args=(part, out, batch, per),
+                fmt="ppil",
+                device=dev,
+            )
     return du, dalpha, dbeta, dc, dD, dh0
 
 
@@ -143,7 +221,7 @@ companion_scan_fwd.register_autograd(_backward, setup_context=_setup)
 
 def _check_coef(name, t, batch, dim, length, n):
     """alpha / c: (B, D, L, n) per step or (D, n) per channel."""
-    V.tensor(name, t)
+    CU.tensor(name, t)
     if t.dim() == 4:
         V.shape(name, t, (batch, dim, length, n), "(batch, dim, L, n) for per-step coefficients")
     elif t.dim() == 2:
@@ -180,11 +258,11 @@ def companion_scan(
     float64 inputs, else float32). Differentiable in every tensor input, also through the
     final state alone.
     """
-    V.tensor("u", u)
+    CU.tensor("u", u)
     if u.dim() != 3:
         raise V.BmojoValueError(f"u: expected shape (batch, dim, L), got {tuple(u.shape)}")
     batch, dim, length = u.shape
-    V.tensor("alpha", alpha)
+    CU.tensor("alpha", alpha)
     if alpha.dim() not in (2, 4):
         raise V.BmojoValueError(
             f"alpha: expected shape (batch, dim, L, n) or (dim, n), got {tuple(alpha.shape)}"
@@ -196,7 +274,7 @@ def companion_scan(
         )
     _check_coef("alpha", alpha, batch, dim, length, n)
     if beta is not None:
-        V.tensor("beta", beta)
+        CU.tensor("beta", beta)
         if beta.dim() == 3:
             V.shape("beta", beta, (batch, dim, length), "(batch, dim, L) for per-step gains")
         else:
@@ -204,13 +282,14 @@ def companion_scan(
     if c is not None:
         _check_coef("c", c, batch, dim, length, n)
     if D is not None:
-        V.tensor("D", D)
+        CU.tensor("D", D)
         V.shape("D", D, (dim,), "(dim,)")
     if initial_state is not None:
-        V.tensor("initial_state", initial_state)
+        CU.tensor("initial_state", initial_state)
         V.shape("initial_state", initial_state, (batch, dim, n), "(batch, dim, n)")
     named = {"u": u, "alpha": alpha, "beta": beta, "c": c, "D": D,
              "initial_state": initial_state}  # fmt: skip
+    CU.same_device(named, "u")
     cdt = V.compute_dtype(named, "u")
     cv = V.as_compute
     y, last, _ = torch.ops.bmojo.companion_scan_fwd(
