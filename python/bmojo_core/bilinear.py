@@ -15,7 +15,16 @@ import torch
 from torch import Tensor
 
 from . import _core
+from . import _cudaops as CU
 from . import _validate as V
+from . import cuda as _cuda
+
+# CUDA kernels (cuda/bilinear.cu): one block per batch row, sequential in time, the n×n
+# mat-vec spread over the threads; dA0/dN from per-row partials summed over the batch in order.
+_K_FWD = _cuda.declare("bilinear.cu", "bilinear_scan_fwd")
+_K_BWD = _cuda.declare("bilinear.cu", "bilinear_scan_bwd")
+_K_REDUCE = _cuda.declare("bilinear.cu", "bilinear_reduce")
+_THREADS = 64  # = MAX_STATE: thread i owns state component i
 
 MAX_STATE: int = _core.BILINEAR_MAX_STATE
 PAR_CHUNK: int = _core.BILINEAR_PAR_CHUNK
@@ -28,6 +37,53 @@ def _np(t: Tensor):
 
 def _np_opt(t: Tensor | None):
     return None if t is None else _np(t)
+
+
+# ----------------------------------------------------------------------------- CUDA
+
+
+def _cuda_fwd(b, A, per_step, N, v, initial_state):
+    batch, length, n = b.shape
+    m = 0 if per_step else N.shape[0]
+    xs = torch.empty_like(b, memory_format=torch.contiguous_format)
+    last = b.new_empty(batch, n)
+    if batch:
+        _K_FWD.launch(
+            CU.suffix(b), grid=(batch, 1, 1), block=(_THREADS, 1, 1),
+            args=(b, A, int(per_step), CU.ptr(N), CU.ptr(v), CU.ptr(initial_state), xs, last,
+                  length, n, m),
+            fmt="ppipppppiii", device=b.device,
+        )  # fmt: skip
+    return xs, last
+
+
+def _cuda_bwd(A, per_step, N, v, initial_state, xs, dxs, dlast):
+    batch, length, n = xs.shape
+    m = 0 if per_step else N.shape[0]
+    db = torch.empty_like(xs)
+    dA = torch.empty_like(A)
+    dN = None if per_step else torch.empty_like(N)
+    dv = None if per_step else torch.empty_like(v)
+    dh0 = xs.new_empty(batch, n)
+    acc = torch.float64 if xs.dtype == torch.float64 else torch.float32
+    per = (m + 1) * n * n
+    part = xs.new_empty(0 if per_step else max(batch, 1) * per, dtype=acc)
+    sfx, dev = CU.suffix(xs), xs.device
+    if batch:
+        _K_BWD.launch(
+            sfx, grid=(batch, 1, 1), block=(_THREADS, 1, 1),
+            args=(A, int(per_step), CU.ptr(N), CU.ptr(v), CU.ptr(initial_state), xs, dxs,
+                  CU.ptr(dlast), db, dA, CU.ptr(dv), part, dh0, length, n, m),
+            fmt="pipppppppppppiii", device=dev,
+        )  # fmt: skip
+    if not per_step:
+        for out, off in ((dA, 0), (dN, n * n)):
+            if out.numel():
+                _K_REDUCE.launch(
+                    sfx, grid=CU.grid1(out.numel()), block=(CU.BLOCK, 1, 1),
+                    args=(part, out, batch, per, off, out.numel()), fmt="ppilll", device=dev,
+                )  # fmt: skip
+    return db, dA, dN, dv, dh0
 
 
 # ----------------------------------------------------------------------------- modulated
@@ -47,6 +103,11 @@ def bilinear_scan_fwd(
         last.numpy(),
     )  # fmt: skip
     return xs, last
+
+
+@bilinear_scan_fwd.register_kernel("cuda")
+def _(b, A0, N, v, initial_state, parallel):
+    return _cuda_fwd(b, A0, False, N, v, initial_state)
 
 
 @bilinear_scan_fwd.register_fake
@@ -74,6 +135,12 @@ def bilinear_scan_bwd(
         _np(b), _np(A0), _np(N), _np(v), _np_opt(initial_state), _np(xs), _np(dxs),
         _np_opt(dlast), db.numpy(), dA0.numpy(), dN.numpy(), dv.numpy(), dh0.numpy(),
     )  # fmt: skip
+    return db, dA0, dN, dv, dh0
+
+
+@bilinear_scan_bwd.register_kernel("cuda")
+def _(b, A0, N, v, initial_state, xs, dxs, dlast):
+    db, dA0, dN, dv, dh0 = _cuda_bwd(A0, False, N, v, initial_state, xs, dxs, dlast)
     return db, dA0, dN, dv, dh0
 
 
@@ -124,6 +191,11 @@ def bilinear_tv_scan_fwd(
     return xs, last
 
 
+@bilinear_tv_scan_fwd.register_kernel("cuda")
+def _(b, A, initial_state, parallel):
+    return _cuda_fwd(b, A, True, None, None, initial_state)
+
+
 @bilinear_tv_scan_fwd.register_fake
 def _(b, A, initial_state, parallel):
     return torch.empty_like(b), b.new_empty(b.shape[0], b.shape[2])
@@ -145,6 +217,12 @@ def bilinear_tv_scan_bwd(
         _np(b), _np(A), _np_opt(initial_state), _np(xs), _np(dxs), _np_opt(dlast),
         db.numpy(), dA.numpy(), dh0.numpy(),
     )  # fmt: skip
+    return db, dA, dh0
+
+
+@bilinear_tv_scan_bwd.register_kernel("cuda")
+def _(b, A, initial_state, xs, dxs, dlast):
+    db, dA, _, _, dh0 = _cuda_bwd(A, True, None, None, initial_state, xs, dxs, dlast)
     return db, dA, dh0
 
 
@@ -248,11 +326,11 @@ def bilinear_scan(
     backward is sequential either way) or ``"auto"``
     (:func:`use_parallel`).
     """
-    V.tensor("u", u)
+    CU.tensor("u", u)
     if u.dim() != 3:
         raise V.BmojoValueError(f"u: expected shape (batch, L, p), got {tuple(u.shape)}")
     batch, length, p = u.shape
-    V.tensor("A", A)
+    CU.tensor("A", A)
     if A.dim() == 2:
         per_step = False
         n = A.shape[0]
@@ -267,7 +345,7 @@ def bilinear_scan(
         )
     if not 1 <= n <= MAX_STATE:
         raise V.BmojoValueError(f"A: state size n must be in 1..{MAX_STATE}, got {n}")
-    V.tensor("B", B)
+    CU.tensor("B", B)
     V.shape("B", B, (n, p), "(n, p)")
     if N is not None:
         if per_step:
@@ -275,7 +353,7 @@ def bilinear_scan(
                 "N: only allowed with a constant A (n, n); with a per-step A (batch, L, n, n) "
                 "fold the modulation into A"
             )
-        V.tensor("N", N)
+        CU.tensor("N", N)
         V.shape("N", N, (None, n, n), "(m, n, n)")
         m = N.shape[0]
         if v is None:
@@ -285,25 +363,26 @@ def bilinear_scan(
                     "(v defaults to u only when m == p)"
                 )
         else:
-            V.tensor("v", v)
+            CU.tensor("v", v)
             V.shape("v", v, (batch, length, m), "(batch, L, m)")
     elif v is not None:
         raise V.BmojoValueError("v: given without N (v modulates A through N)")
     if C is not None:
-        V.tensor("C", C)
+        CU.tensor("C", C)
         V.shape("C", C, (None, n), "(q, n)")
     if D is not None:
         if C is None:
             raise V.BmojoValueError("D: needs C (y = C x + D u); pass C as well")
-        V.tensor("D", D)
+        CU.tensor("D", D)
         V.shape("D", D, (C.shape[0], p), "(q, p)")
     if initial_state is not None:
-        V.tensor("initial_state", initial_state)
+        CU.tensor("initial_state", initial_state)
         V.shape("initial_state", initial_state, (batch, n), "(batch, n)")
     if not isinstance(method, str) or method not in METHODS:
         raise V.BmojoValueError(f"method: expected one of {METHODS}, got {method!r}")
     named = {"u": u, "A": A, "B": B, "C": C, "D": D, "N": N, "v": v,
              "initial_state": initial_state}  # fmt: skip
+    CU.same_device(named, "u")
     cdt = V.compute_dtype(named, "u")
     c = V.as_compute
     uc = c(u, cdt)
@@ -311,6 +390,7 @@ def bilinear_scan(
     h0 = c(initial_state, cdt)
     if method == "auto":
         # Under torch.compile the thread count is not traceable: stay sequential there.
+        # (The CUDA kernels have one path: the flag is ignored there.)
         threads = 1 if torch.compiler.is_compiling() else _core.get_num_threads()
         parallel = use_parallel(batch, length, n, threads, per_step)
     else:
