@@ -38,7 +38,9 @@ import torch
 from torch import Tensor
 
 from . import _core
+from . import _cudaops as CU
 from . import _validate as V
+from . import cuda as _cuda
 
 __all__ = [
     "CHI2_FLOOR",
@@ -55,6 +57,63 @@ CHI2_FLOOR: float = 1e-6
 """Default floor of the χ² denominator."""
 
 POLICIES = ("topk", "threshold", "fifo")
+
+# CUDA kernels (cuda/eidetic.cu). Scores: one thread per (row, position) in the CPU scalar
+# level's operation order, then a sequential χ² pass per row. Store: one thread per row
+# running the CPU's heap (bitwise equal), after a check kernel; nothing is written unless
+# every row is valid, and the host raises from the per-row status (outside graph capture).
+_K_EPS = _cuda.declare("eidetic.cu", "innovation_eps")
+_K_FINISH = _cuda.declare("eidetic.cu", "innovation_finish")
+_K_HISTORY = _cuda.declare("eidetic.cu", "innovation_history")
+_K_CHECK = _cuda.declare("eidetic.cu", "eidetic_check", dtypes=("f64",))
+_K_PUSH = _cuda.declare("eidetic.cu", "eidetic_push", dtypes=("f64",))
+_K_SELECT = _cuda.declare("eidetic.cu", "eidetic_select", dtypes=("f64",))
+_STATUS = {
+    1: "positions: empty slots (-1) must all come after the held entries",
+    2: "count: expected values >= 0",
+    3: "positions: a held position is not before the row's count",
+    4: "scores: held scores must be finite",
+    5: "positions: the heap order of the store is broken (corrupted state)",
+    6: "positions: a position is held twice",
+}
+
+
+def _policy_code(policy: str, threshold: float) -> int:
+    """The kernels' policy code, with the CPU kernel's checks (ValueError, as there)."""
+    if not (math.isfinite(threshold) and threshold >= 0.0):
+        raise V.BmojoValueError(f"threshold: expected a finite value >= 0, got {threshold}")
+    if policy not in POLICIES:
+        raise V.BmojoValueError(f"policy: expected 'topk', 'threshold' or 'fifo', got {policy!r}")
+    return POLICIES.index(policy)
+
+
+def _cuda_store_check(pos, sc, count, news, policy: int) -> torch.Tensor:
+    """Launches the row checks; returns the per-row status (int32)."""
+    b, m = pos.shape
+    status = torch.empty(b, dtype=torch.int32, device=pos.device)
+    if b:
+        _K_CHECK.launch(
+            "f64", grid=CU.grid1(b), block=(CU.BLOCK, 1, 1),
+            args=(pos, sc, count, news, status, b, m, news.shape[1], policy),
+            fmt="ppppp" "ii" "l" "i", device=pos.device,
+        )  # fmt: skip
+    return status
+
+
+def _cuda_raise(status: torch.Tensor, length: int) -> None:
+    """Raises the CPU kernel's error for a failed check (a host sync; skipped while a CUDA
+    graph is captured, where a failed call just writes nothing)."""
+    if status.numel() == 0 or CU.capturing():
+        return
+    codes = status.cpu()
+    bad = ((codes >= 1) & (codes <= 6)).nonzero()
+    if bad.numel():
+        r = int(bad[0, 0])
+        raise V.BmojoValueError(f"row {r}: {_STATUS[int(codes[r])]}")
+    if bool((codes == 7).any()):
+        raise V.BmojoValueError("scores: NaN is not a valid score")
+    if bool((codes == 8).any()):
+        raise V.BmojoValueError(f"count: count + {length} overflows")
 
 
 def _np(t: Tensor):
@@ -98,6 +157,36 @@ def innovation_scores_op(
     return scores, hist, cnt, em
 
 
+@innovation_scores_op.register_kernel("cuda")
+def _(y, weights, history, count, ema, chi2, rate, floor):
+    b, length, d = y.shape
+    k = weights.shape[0]
+    scores = y.new_empty(b, length)
+    hist = y.new_empty(b, k, d)
+    cnt = count.new_empty(b)
+    em = y.new_empty(b, 2)
+    sfx, dev, blk = CU.suffix(y), y.device, (CU.BLOCK, 1, 1)
+    real = "d" if y.dtype == torch.float64 else "f"
+    if b * length:
+        _K_EPS.launch(
+            sfx, grid=CU.grid1(b * length), block=blk,
+            args=(y, weights, history, count, scores, b, length, d, k), fmt="ppppp" "iiii",
+            device=dev,
+        )  # fmt: skip
+    if b:
+        _K_FINISH.launch(
+            sfx, grid=CU.grid1(b), block=blk,
+            args=(scores, count, ema, cnt, em, b, length, int(chi2), rate, floor),
+            fmt="ppppp" "iii" + real + real, device=dev,
+        )  # fmt: skip
+    if hist.numel():
+        _K_HISTORY.launch(
+            sfx, grid=CU.grid1(hist.numel()), block=blk,
+            args=(y, history, hist, b, length, d, k), fmt="ppp" "iiii", device=dev,
+        )  # fmt: skip
+    return scores, hist, cnt, em
+
+
 @innovation_scores_op.register_fake
 def _(y, weights, history, count, ema, chi2, rate, floor):
     b, length, d = y.shape
@@ -129,6 +218,30 @@ def eidetic_select_op(
         _core.eidetic_select, _np(scores), _np(positions), _np(store_scores), _np(start),
         chunk, policy, threshold, held.numpy(), pos.numpy(), sc.numpy(), cnt.numpy(),
     )  # fmt: skip
+    return held, pos, sc, cnt
+
+
+@eidetic_select_op.register_kernel("cuda")
+def _(scores, positions, store_scores, start, chunk, policy, threshold):
+    if chunk < 1:
+        raise V.BmojoValueError("chunk: expected >= 1")
+    code = _policy_code(policy, threshold)
+    b, length = scores.shape
+    m = positions.shape[1]
+    nch = -(-length // chunk)
+    held = positions.new_empty(b, nch, m)
+    pos = positions.new_empty(b, m)
+    sc = store_scores.new_empty(b, m)
+    cnt = start.new_empty(b)
+    status = _cuda_store_check(positions, store_scores, start, scores, code)
+    if b:
+        _K_SELECT.launch(
+            "f64", grid=CU.grid1(b), block=(CU.BLOCK, 1, 1),
+            args=(scores, positions, store_scores, start, status, held, pos, sc, cnt, b, m,
+                  length, chunk, code, threshold),
+            fmt="ppppppppp" "ii" "ll" "i" "d", device=scores.device,
+        )  # fmt: skip
+    _cuda_raise(status, length)
     return held, pos, sc, cnt
 
 
@@ -165,6 +278,23 @@ def eidetic_push_op(
     )  # fmt: skip
 
 
+@eidetic_push_op.register_kernel("cuda")
+def _(positions, scores, count, new_scores, policy, threshold):
+    code = _policy_code(policy, threshold)
+    b, m = positions.shape
+    if new_scores.dim() != 2 or new_scores.shape[0] != b:
+        raise V.BmojoValueError(f"scores: expected shape ({b}, T), got {tuple(new_scores.shape)}")
+    status = _cuda_store_check(positions, scores, count, new_scores, code)
+    if b:
+        _K_PUSH.launch(
+            "f64", grid=CU.grid1(b), block=(CU.BLOCK, 1, 1),
+            args=(positions, scores, count, new_scores, status, b, m, new_scores.shape[1], code,
+                  threshold),
+            fmt="ppppp" "ii" "l" "i" "d", device=positions.device,
+        )  # fmt: skip
+    _cuda_raise(status, new_scores.shape[1])
+
+
 @eidetic_push_op.register_fake
 def _(positions, scores, count, new_scores, policy, threshold):
     return None
@@ -196,7 +326,7 @@ def _policy(policy: object, threshold: object) -> tuple[str, float]:
 
 
 def _scores_f64(name: str, t: object, batch: int | None) -> Tensor:
-    V.tensor(name, t)
+    CU.tensor(name, t)
     V.shape(name, t, (batch, None), "(batch, T)")
     # NaN is rejected by the kernel (before anything is written).
     return t.detach().to(torch.float64).contiguous()
@@ -218,12 +348,12 @@ def _store_tensors(name: str, store: object, batch: int, capacity: int):
     if unknown:
         raise V.BmojoValueError(f"{name}: unexpected keys {sorted(unknown)}")
     pos, sc, cnt = store["positions"], store["scores"], store.get("count")
-    V.tensor(f"{name}['positions']", pos, dtypes=(torch.int64,))
+    CU.tensor(f"{name}['positions']", pos, dtypes=(torch.int64,))
     V.shape(f"{name}['positions']", pos, (batch, capacity), "(batch, capacity)")
-    V.tensor(f"{name}['scores']", sc)
+    CU.tensor(f"{name}['scores']", sc)
     V.shape(f"{name}['scores']", sc, (batch, capacity), "(batch, capacity)")
     if cnt is not None:
-        V.tensor(f"{name}['count']", cnt, dtypes=(torch.int64,))
+        CU.tensor(f"{name}['count']", cnt, dtypes=(torch.int64,))
         V.shape(f"{name}['count']", cnt, (batch,), "(batch,)")
     return pos, sc, cnt
 
@@ -257,11 +387,11 @@ def innovation_scores(
     Returns ``scores`` in y's dtype (float16/bfloat16 are computed in float32), or
     ``(scores, state)``; ``state`` tensors are in the compute dtype. Not differentiable.
     """
-    V.tensor("y", y)
+    CU.tensor("y", y)
     V.shape("y", y, (None, None, None), "(batch, L, d)")
     b, length, d = y.shape
     if weights is not None:
-        V.tensor("weights", weights)
+        CU.tensor("weights", weights)
         V.shape("weights", weights, (None,), "(taps,)")
         k = weights.shape[0]
         if k < 1:
@@ -283,7 +413,7 @@ def innovation_scores(
         raise V.BmojoValueError("history: pass either history or state, not both")
     named = {"y": y, "weights": weights}
     if history is not None:
-        V.tensor("history", history)
+        CU.tensor("history", history)
         V.shape("history", history, (b, None, d), "(batch, h, d)")
         if history.shape[1] > k:
             raise V.BmojoValueError(
@@ -296,18 +426,21 @@ def innovation_scores(
         for key in ("history", "count", "ema"):
             if key not in state:
                 raise V.BmojoValueError(f"state: missing key {key!r}")
-        V.tensor("state['history']", state["history"])
+        CU.tensor("state['history']", state["history"])
         V.shape("state['history']", state["history"], (b, k, d), "(batch, taps, d)")
-        V.tensor("state['count']", state["count"], dtypes=(torch.int64,))
+        CU.tensor("state['count']", state["count"], dtypes=(torch.int64,))
         V.shape("state['count']", state["count"], (b,), "(batch,)")
-        V.tensor("state['ema']", state["ema"])
+        CU.tensor("state['ema']", state["ema"])
         V.shape("state['ema']", state["ema"], (b, 2), "(batch, 2)")
         named["state['history']"] = state["history"]
         named["state['ema']"] = state["ema"]
+    dev = CU.same_device(
+        {**named, "state['count']": None if state is None else state["count"]}, "y"
+    )
     cdt = V.compute_dtype(named, "y")
     with torch.no_grad():
         c = (
-            torch.full((k,), 1.0 / k, dtype=cdt)
+            torch.full((k,), 1.0 / k, dtype=cdt, device=dev)
             if weights is None
             else weights.detach().to(cdt).contiguous()
         )
@@ -316,12 +449,12 @@ def innovation_scores(
             count = state["count"].detach().contiguous()
             ema = state["ema"].detach().to(cdt).contiguous()
         else:
-            hist = torch.zeros(b, k, d, dtype=cdt)
+            hist = torch.zeros(b, k, d, dtype=cdt, device=dev)
             h = 0 if history is None else history.shape[1]
             if h:
                 hist[:, k - h :] = history.detach().to(cdt)
-            count = torch.full((b,), h, dtype=torch.int64)
-            ema = torch.zeros(b, 2, dtype=cdt)
+            count = torch.full((b,), h, dtype=torch.int64, device=dev)
+            ema = torch.zeros(b, 2, dtype=cdt, device=dev)
         scores, hist, count, ema = torch.ops.bmojo.innovation_scores(
             y.detach().to(cdt).contiguous(), c, hist, count, ema,
             metric == "chi2", float(chi2_rate), float(chi2_floor),
@@ -360,24 +493,29 @@ def eidetic_select(
     ``return_store=True`` returns ``(positions, store)``, ``store`` the dict after the last
     position. Not differentiable (gather payloads with :func:`gather_positions`).
     """
-    V.tensor("scores", scores)
+    CU.tensor("scores", scores)
     V.shape("scores", scores, (None, None), "(batch, L)")
     b = scores.shape[0]
     capacity = _int("capacity", capacity, 1)
     chunk = _int("chunk", chunk, 1)
     policy, tau = _policy(policy, threshold)
     sc = _scores_f64("scores", scores, b)
+    dev = scores.device
     if store is not None:
         pos0, sc0, cnt0 = _store_tensors("store", store, b, capacity)
+        CU.same_device(
+            {"scores": scores, "store['positions']": pos0, "store['scores']": sc0,
+             "store['count']": cnt0}, "scores",
+        )  # fmt: skip
         pos0 = pos0.detach().contiguous()
         sc0 = sc0.detach().to(torch.float64).contiguous()
     else:
-        pos0 = torch.full((b, capacity), -1, dtype=torch.int64)
-        sc0 = torch.zeros(b, capacity, dtype=torch.float64)
+        pos0 = torch.full((b, capacity), -1, dtype=torch.int64, device=dev)
+        sc0 = torch.zeros(b, capacity, dtype=torch.float64, device=dev)
         cnt0 = None
     if start is not None:
         start = _int("start", start, 0)
-        st = torch.full((b,), start, dtype=torch.int64)
+        st = torch.full((b,), start, dtype=torch.int64, device=dev)
         if cnt0 is not None and not torch.equal(cnt0, st):
             raise V.BmojoValueError(
                 f"start: {start} does not match the store's count {cnt0.tolist()}"
@@ -385,7 +523,7 @@ def eidetic_select(
     elif cnt0 is not None:
         st = cnt0.detach().contiguous()
     else:
-        st = torch.zeros(b, dtype=torch.int64)
+        st = torch.zeros(b, dtype=torch.int64, device=dev)
     held, pos, scs, cnt = torch.ops.bmojo.eidetic_select(sc, pos0, sc0, st, chunk, policy, tau)
     if return_store:
         return held, {"positions": pos, "scores": scs, "count": cnt}
@@ -408,13 +546,23 @@ class EideticStore:
         store.held()                          # (2, 8) sorted positions, -1 padded
     """
 
-    def __init__(self, batch: int, capacity: int, policy: str = "topk", threshold: float = 0.0):
+    def __init__(
+        self,
+        batch: int,
+        capacity: int,
+        policy: str = "topk",
+        threshold: float = 0.0,
+        device: torch.device | str | None = None,
+    ):
         self.batch = _int("batch", batch, 0)
         self.capacity = _int("capacity", capacity, 1)
         self.policy, self.threshold = _policy(policy, threshold)
-        self.positions = torch.full((self.batch, self.capacity), -1, dtype=torch.int64)
-        self.scores = torch.zeros(self.batch, self.capacity, dtype=torch.float64)
-        self.count = torch.zeros(self.batch, dtype=torch.int64)
+        dev = torch.device("cpu") if device is None else torch.device(device)
+        if dev.type not in ("cpu", "cuda"):
+            raise V.BmojoValueError(f"device: expected a CPU or CUDA device, got {dev}")
+        self.positions = torch.full((self.batch, self.capacity), -1, dtype=torch.int64, device=dev)
+        self.scores = torch.zeros(self.batch, self.capacity, dtype=torch.float64, device=dev)
+        self.count = torch.zeros(self.batch, dtype=torch.int64, device=dev)
 
     def __repr__(self) -> str:
         return (
@@ -426,7 +574,8 @@ class EideticStore:
         """Consumes ``scores (batch, T)`` (any float dtype; positions ``count ..
         count+T-1`` of each row). A failed call changes nothing."""
         new = _scores_f64("scores", scores, self.batch)
-        if torch.compiler.is_compiling():
+        CU.same_device({"store": self.positions, "scores": new}, "store")
+        if torch.compiler.is_compiling() or self.positions.is_cuda:
             torch.ops.bmojo.eidetic_push(
                 self.positions, self.scores, self.count, new, self.policy, self.threshold
             )
@@ -500,9 +649,10 @@ class EideticStore:
         pos = pos.detach().contiguous().clone()
         sc = sc.detach().to(torch.float64).contiguous().clone()
         cnt = cnt.detach().contiguous().clone()
+        # The invariants are checked on the CPU (a restore is not a hot path).
         _kernel(
-            _core.eidetic_check, pos.numpy(), sc.numpy(), cnt.numpy(), self.policy,
-            self.threshold,
+            _core.eidetic_check, pos.cpu().numpy(), sc.cpu().numpy(), cnt.cpu().numpy(),
+            self.policy, self.threshold,
         )  # fmt: skip
         self.positions.copy_(pos)
         self.scores.copy_(sc)
@@ -517,10 +667,11 @@ def gather_positions(x: Tensor, positions: Tensor, offset: int = 0) -> tuple[Ten
     int (e.g. ``(batch, n_chunks, m)`` from :func:`eidetic_select`; -1 = empty) give
     ``(out (batch, ..., d), mask (batch, ...) bool)`` with ``out = x[b, p - offset]`` where
     ``mask`` and zeros elsewhere. Differentiable w.r.t. ``x`` (plain torch indexing)."""
-    V.tensor("x", x)
+    CU.tensor("x", x)
     V.shape("x", x, (None, None, None), "(batch, L, d)")
     b, length, d = x.shape
-    V.tensor("positions", positions, dtypes=V.INTS)
+    CU.tensor("positions", positions, dtypes=V.INTS)
+    CU.same_device({"x": x, "positions": positions}, "x")
     if positions.dim() < 1 or positions.shape[0] != b:
         raise V.BmojoValueError(
             f"positions: expected shape (batch={b}, ...), got {tuple(positions.shape)}"
