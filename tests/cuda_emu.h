@@ -1,0 +1,72 @@
+// Host emulation of the CUDA built-ins used by cuda/*.cu, so that the kernel sources can be
+// compiled as plain C++ (g++ -std=c++20 -include cuda_emu.h) and run on the CPU by
+// tests/test_cuda_emulated.py: the kernels' logic and their launch arguments are checked
+// against the CPU ops on machines without a GPU. One block runs at a time: its threads are
+// either called one after another (kernels without block cooperation) or run as OS threads
+// (kernels with __shared__ / __syncthreads / warp shuffles), synchronised by a barrier.
+// Only the f32 / f64 instantiations are exercised (the 16-bit conversions use PTX).
+// Include it into exactly one translation unit (it defines the emu_* entry points).
+#pragma once
+#include <math.h>
+#include <pthread.h>
+#include <string.h>
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __shared__ static
+#define asm(...) ((void)0)
+
+struct emu_dim3 {
+    unsigned x, y, z;
+};
+inline thread_local emu_dim3 threadIdx, blockIdx;
+inline emu_dim3 blockDim, gridDim;
+inline pthread_barrier_t emu_barrier;
+
+inline void __syncthreads() { pthread_barrier_wait(&emu_barrier); }
+
+template <typename T> inline T __shfl_xor_sync(unsigned, T v, int o) {
+    static T buf[1024];
+    const unsigned tid = threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
+    buf[tid] = v;
+    __syncthreads();
+    const T r = buf[tid ^ (unsigned)o];
+    __syncthreads();
+    return r;
+}
+
+inline float __uint_as_float(unsigned u) {
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+inline unsigned __float_as_uint(float f) {
+    unsigned u;
+    memcpy(&u, &f, 4);
+    return u;
+}
+// Compiled with -ffp-contract=off: these stay single IEEE operations.
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fsub_rn(float a, float b) { return a - b; }
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fdiv_rn(float a, float b) { return a / b; }
+inline double __dadd_rn(double a, double b) { return a + b; }
+inline double __dsub_rn(double a, double b) { return a - b; }
+inline double __dmul_rn(double a, double b) { return a * b; }
+inline double __ddiv_rn(double a, double b) { return a / b; }
+
+extern "C" __attribute__((visibility("default"), used)) void emu_dims(int gx, int gy, int gz, int bx, int by, int bz) {
+    gridDim = {(unsigned)gx, (unsigned)gy, (unsigned)gz};
+    blockDim = {(unsigned)bx, (unsigned)by, (unsigned)bz};
+}
+extern "C" __attribute__((visibility("default"), used)) void emu_set(int tx, int ty, int tz, int bx, int by, int bz) {
+    threadIdx = {(unsigned)tx, (unsigned)ty, (unsigned)tz};
+    blockIdx = {(unsigned)bx, (unsigned)by, (unsigned)bz};
+}
+extern "C" __attribute__((visibility("default"), used)) void emu_block_begin(int nthreads) {
+    pthread_barrier_init(&emu_barrier, nullptr, (unsigned)nthreads);
+}
+extern "C" __attribute__((visibility("default"), used)) void emu_block_end() { pthread_barrier_destroy(&emu_barrier); }
