@@ -22,14 +22,13 @@ import tempfile
 import threading
 from pathlib import Path
 
+import bmojo_core
 import pytest
 import torch
-from conftest import stable_seed
-
-import bmojo_core
 from bmojo_core import bilinear, companion, conv, eidetic
 from bmojo_core import cuda as _cuda
 from bmojo_core.errors import BmojoValueError
+from conftest import stable_seed
 
 ROOT = Path(__file__).resolve().parents[1]
 CUDA_DIR = ROOT / "cuda"
@@ -398,7 +397,7 @@ def test_store_bitwise(emu, policy, ties):
 
 
 def test_store_errors_write_nothing(emu):
-    b, m = 2, 3
+    b = 2
     pos = torch.tensor([[0, 1, -1], [2, 0, 1]], dtype=torch.int64)
     sc = torch.tensor([[0.1, 0.5, 0.0], [0.2, 0.3, 0.4]], dtype=torch.float64)
     cnt = torch.tensor([2, 3], dtype=torch.int64)

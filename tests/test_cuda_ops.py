@@ -1,0 +1,416 @@
+"""CUDA kernels of the causal conv, companion, bilinear and eidetic ops (issue 5) on a GPU.
+
+Skipped without CUDA. Each test compares the CUDA result with the CPU op (already verified
+against fp64 oracles) in every dtype and option; gradcheck in fp64 on small sizes;
+streaming / piecewise == whole; CUDA-graph capture + replay; opcheck on CUDA tensors.
+(Without a GPU, tests/test_cuda_emulated.py runs the same kernel sources on the CPU.)
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from bmojo_core import (
+    EideticStore,
+    bilinear_scan,
+    causal_conv1d_fn,
+    causal_conv1d_update,
+    companion_scan,
+    eidetic_select,
+    innovation_scores,
+)
+from bmojo_core import cuda as _cuda
+from bmojo_core.errors import BmojoValueError
+from conftest import TOL, stable_seed
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+DEV = "cuda"
+DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _compiled():
+    """Compiles every declared kernel up front (graph capture never compiles)."""
+    prepare = getattr(_cuda, "prepare", None)
+    if prepare is not None:
+        prepare(torch.device(DEV), _cuda.DTYPES)
+
+
+def gen(*parts):
+    return torch.Generator().manual_seed(stable_seed(*parts))
+
+
+def cu(t):
+    """The CUDA copy of an optional tensor / pass-through of anything else."""
+    return t.to(DEV) if isinstance(t, torch.Tensor) else t
+
+
+def close(got, ref, dtype, what=""):
+    torch.testing.assert_close(
+        got.detach().cpu().to(torch.float64),
+        ref.detach().to(torch.float64),
+        **TOL[dtype],
+        msg=lambda m: f"{what}: {m}",
+    )
+
+
+def both(fn, kw):
+    """fn on CPU tensors and on their CUDA copies."""
+    return fn(**kw), fn(**{k: cu(v) for k, v in kw.items()})
+
+
+def flat(x):
+    return x if isinstance(x, tuple) else (x,)
+
+
+# ------------------------------------------------------------------------------------ conv
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("k", [1, 2, 4, 7])
+@pytest.mark.parametrize("mode", ["plain", "init", "seq"])
+@pytest.mark.parametrize("act", [None, "silu"])
+def test_conv_parity(dtype, k, mode, act):
+    g = gen("conv", dtype, k, mode, act)
+    b, d, length = 2, 8, 67
+    kw = dict(
+        x=torch.randn(b, d, length, generator=g).to(dtype),
+        weight=torch.randn(d, k, generator=g).to(dtype),
+        bias=torch.randn(d, generator=g).to(dtype),
+        activation=act,
+        return_final_states=mode != "seq",
+    )
+    if mode == "init":
+        kw["initial_states"] = torch.randn(b, d, k - 1, generator=g).to(dtype)
+    if mode == "seq":
+        kw["seq_idx"] = torch.tensor([[0] * 30 + [1] * 37, [0] * 5 + [2] * 62], dtype=torch.int32)
+    ref, got = both(causal_conv1d_fn, kw)
+    for r, o in zip(flat(ref), flat(got), strict=True):
+        assert o.device.type == "cuda" and o.dtype == r.dtype
+        close(o, r, dtype)
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64))
+@pytest.mark.parametrize("mode", ["plain", "init", "seq"])
+def test_conv_backward_parity(dtype, mode):
+    g = gen("convb", dtype, mode)
+    b, d, length, k = 3, 5, 300, 4  # several weight-gradient chunks with batch 3
+    x = torch.randn(b, d, length, generator=g, dtype=dtype)
+    w = torch.randn(d, k, generator=g, dtype=dtype)
+    bias = torch.randn(d, generator=g, dtype=dtype)
+    init = torch.randn(b, d, k - 1, generator=g, dtype=dtype) if mode == "init" else None
+    seq = torch.randint(0, 3, (b, length), generator=g).sort(1).values if mode == "seq" else None
+    go = torch.randn(b, d, length, generator=g, dtype=dtype)
+    gf = torch.randn(b, d, k - 1, generator=g, dtype=dtype)
+    grads = []
+    for dev in ("cpu", DEV, DEV):
+        leaves = [t.to(dev).requires_grad_() for t in (x, w, bias)]
+        h0 = None if init is None else init.to(dev).requires_grad_()
+        out, fin = causal_conv1d_fn(
+            *leaves, seq_idx=cu(seq) if dev == DEV else seq, initial_states=h0,
+            return_final_states=True, activation="silu",
+        )  # fmt: skip
+        loss = (out * go.to(dev)).sum() + (fin * gf.to(dev)).sum()
+        ins = leaves + ([h0] if h0 is not None else [])
+        grads.append(torch.autograd.grad(loss, ins))
+    for r, o in zip(grads[0], grads[1], strict=True):
+        close(o, r, dtype)
+    # Deterministic (no float atomics): the second CUDA run is bitwise the same.
+    assert all(torch.equal(a, b) for a, b in zip(grads[1], grads[2], strict=True))
+
+
+def test_conv_gradcheck():
+    g = gen("convgc")
+    x = torch.randn(2, 3, 9, generator=g, dtype=torch.float64, device="cpu").to(DEV)
+    w = torch.randn(3, 3, generator=g, dtype=torch.float64).to(DEV)
+    bias = torch.randn(3, generator=g, dtype=torch.float64).to(DEV)
+    h0 = torch.randn(2, 3, 2, generator=g, dtype=torch.float64).to(DEV)
+    ins = [t.requires_grad_() for t in (x, w, bias, h0)]
+
+    def f(x, w, bias, h0):
+        return causal_conv1d_fn(
+            x, w, bias, initial_states=h0, return_final_states=True, activation="silu"
+        )
+
+    assert torch.autograd.gradcheck(f, ins)
+    assert torch.autograd.gradcheck(lambda *a: f(*a)[1], ins)  # through the final state only
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("form", ["shift", "ring", "pool"])
+@pytest.mark.parametrize("ntok", [1, 3])
+def test_conv_update_parity(dtype, form, ntok):
+    g = gen("upd", dtype, form, ntok)
+    b, d, k, s = 3, 16, 4, 6
+    slots = b + 2 if form == "pool" else b
+    x = torch.randn(b, d, ntok, generator=g).to(dtype)
+    w = torch.randn(d, k, generator=g).to(dtype)
+    bias = torch.randn(d, generator=g).to(dtype)
+    state = torch.randn(slots, d, s, generator=g).to(dtype)
+    cache = torch.tensor([5, -3, 11]) if form == "ring" else None
+    idx = torch.tensor([4, -1, 0], dtype=torch.int32) if form == "pool" else None
+    st_c = state.to(DEV)
+    ref = causal_conv1d_update(x, state, w, bias, "silu", cache, idx)
+    got = causal_conv1d_update(cu(x), st_c, cu(w), cu(bias), "silu", cu(cache), cu(idx))
+    close(got, ref, dtype, "out")
+    close(st_c, state, dtype, "state")
+
+
+def test_conv_streaming_equals_whole():
+    g = gen("stream")
+    b, d, k, length = 2, 8, 4, 23
+    x = torch.randn(b, d, length, generator=g, device="cpu").to(DEV)
+    w = torch.randn(d, k, generator=g).to(DEV)
+    bias = torch.randn(d, generator=g).to(DEV)
+    whole, fin = causal_conv1d_fn(x, w, bias, return_final_states=True, activation="silu")
+    state = torch.zeros(b, d, k - 1, device=DEV)
+    outs = [causal_conv1d_update(x[:, :, :1], state, w, bias, "silu")]
+    outs += [causal_conv1d_update(x[:, :, t : t + 5], state, w, bias, "silu")
+             for t in range(1, length, 5)]  # fmt: skip
+    torch.testing.assert_close(torch.cat(outs, 2), whole, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(state, fin)
+
+
+def test_conv_update_graph_replay():
+    g = gen("graph")
+    b, d, k = 4, 32, 4
+    w = torch.randn(d, k, generator=g).to(DEV)
+    bias = torch.randn(d, generator=g).to(DEV)
+    x = torch.randn(b, d, device=DEV)
+    state = torch.zeros(b, d, k - 1, device=DEV)
+    ref_state = state.clone()
+    causal_conv1d_update(x, state.clone(), w, bias, "silu")  # warm-up (compiles)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = causal_conv1d_update(x, state, w, bias, "silu")
+    for step in range(5):
+        xt = torch.randn(b, d, generator=gen("graph", step)).to(DEV)
+        x.copy_(xt)
+        graph.replay()
+        ref = causal_conv1d_update(xt, ref_state, w, bias, "silu")
+        torch.testing.assert_close(out, ref)
+        torch.testing.assert_close(state, ref_state)
+
+
+def test_conv_mixed_devices_error():
+    x = torch.randn(1, 2, 5, device=DEV)
+    with pytest.raises(BmojoValueError, match="weight"):
+        causal_conv1d_fn(x, torch.randn(2, 3))
+
+
+# ------------------------------------------------------------------------------- companion
+
+
+def _companion_kw(g, dtype, form, n, b=2, d=4, length=50):
+    def r(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(dtype)
+
+    kw = dict(u=r(b, d, length), initial_state=r(b, d, n), return_final_state=True)
+    if form == "var":
+        kw.update(alpha=r(b, d, length, n, scale=0.5 / n), beta=r(b, d, length),
+                  c=r(b, d, length, n), D=r(d))  # fmt: skip
+    elif form == "const":
+        kw.update(alpha=r(d, n, scale=0.5 / n), beta=r(d), c=r(d, n), D=r(d))
+    else:
+        kw.update(alpha=r(d, n, scale=0.5 / n))
+    return kw
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("form", ["var", "const", "bare"])
+@pytest.mark.parametrize("n", [1, 4, 64])
+def test_companion_parity(dtype, form, n):
+    kw = _companion_kw(gen("comp", dtype, form, n), dtype, form, n, length=80)
+    ref, got = both(companion_scan, kw)
+    for r, o in zip(ref, got, strict=True):
+        close(o, r, dtype)
+
+
+@pytest.mark.parametrize("form", ["var", "const", "bare"])
+def test_companion_backward_parity_and_gradcheck(form):
+    kw = _companion_kw(gen("compb", form), torch.float64, form, 3, b=2, d=3, length=12)
+    names = [k for k, v in kw.items() if isinstance(v, torch.Tensor)]
+    grads = []
+    for dev in ("cpu", DEV):
+        leaves = {k: kw[k].to(dev).requires_grad_() for k in names}
+        y, last = companion_scan(**{**kw, **leaves})
+        loss = (y * y).sum() + (last * 1.7).sum()
+        grads.append(torch.autograd.grad(loss, list(leaves.values())))
+    for r, o in zip(*grads, strict=True):
+        close(o, r, torch.float64)
+    leaves = [kw[k].to(DEV).requires_grad_() for k in names]
+
+    def f(*ts):
+        return companion_scan(**{**kw, **dict(zip(names, ts, strict=True))})
+
+    assert torch.autograd.gradcheck(f, leaves)
+    assert torch.autograd.gradcheck(lambda *ts: f(*ts)[1], leaves)
+
+
+def test_companion_pieces_equal_whole():
+    kw = _companion_kw(gen("comppc"), torch.float32, "const", 5, length=40)
+    kw = {k: cu(v) for k, v in kw.items()}
+    y, last = companion_scan(**kw)
+    y1, s1 = companion_scan(**{**kw, "u": kw["u"][:, :, :17]})
+    y2, s2 = companion_scan(**{**kw, "u": kw["u"][:, :, 17:], "initial_state": s1})
+    torch.testing.assert_close(torch.cat([y1, y2], 2), y)
+    torch.testing.assert_close(s2, last)
+
+
+# -------------------------------------------------------------------------------- bilinear
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("n", "form"), [(3, "mod"), (16, "mod"), (64, "mod"), (5, "lti"),
+                                         (4, "step"), (33, "step")])  # fmt: skip
+def test_bilinear_parity(dtype, n, form):
+    g = gen("bil", dtype, n, form)
+    b, length, p, q = 2, 40, 3, 2
+    scale = 0.5 / n**0.5
+    kw = dict(
+        u=torch.randn(b, length, p, generator=g).to(dtype),
+        B=torch.randn(n, p, generator=g).to(dtype),
+        C=torch.randn(q, n, generator=g).to(dtype),
+        D=torch.randn(q, p, generator=g).to(dtype),
+        initial_state=torch.randn(b, n, generator=g).to(dtype),
+        return_final_state=True,
+    )
+    if form == "step":
+        kw["A"] = (torch.randn(b, length, n, n, generator=g) * scale).to(dtype)
+    else:
+        kw["A"] = (torch.randn(n, n, generator=g) * scale).to(dtype)
+    if form == "mod":
+        kw["N"] = (torch.randn(p, n, n, generator=g) * scale * 0.3).to(dtype)
+    ref, got = both(bilinear_scan, kw)
+    for r, o in zip(ref, got, strict=True):
+        close(o, r, dtype)
+
+
+@pytest.mark.parametrize("form", ["mod", "step"])
+def test_bilinear_backward_parity_and_gradcheck(form):
+    g = gen("bilb", form)
+    b, length, p, n = 2, 6, 2, 3
+    kw = dict(
+        u=torch.randn(b, length, p, generator=g, dtype=torch.float64),
+        B=torch.randn(n, p, generator=g, dtype=torch.float64),
+        initial_state=torch.randn(b, n, generator=g, dtype=torch.float64),
+    )
+    if form == "mod":
+        kw["A"] = torch.randn(n, n, generator=g, dtype=torch.float64) * 0.4
+        kw["N"] = torch.randn(p, n, n, generator=g, dtype=torch.float64) * 0.2
+    else:
+        kw["A"] = torch.randn(b, length, n, n, generator=g, dtype=torch.float64) * 0.4
+    names = list(kw)
+    grads = []
+    for dev in ("cpu", DEV):
+        leaves = {k: kw[k].to(dev).requires_grad_() for k in names}
+        y, last = bilinear_scan(**leaves, return_final_state=True)
+        loss = (y * y).sum() + last.sum()
+        grads.append(torch.autograd.grad(loss, list(leaves.values())))
+    for r, o in zip(*grads, strict=True):
+        close(o, r, torch.float64)
+    leaves = [kw[k].to(DEV).requires_grad_() for k in names]
+
+    def f(*ts):
+        return bilinear_scan(**dict(zip(names, ts, strict=True)), return_final_state=True)
+
+    assert torch.autograd.gradcheck(f, leaves)
+    assert torch.autograd.gradcheck(lambda *ts: f(*ts)[1], leaves)
+
+
+# --------------------------------------------------------------------------------- eidetic
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("metric", ["mse", "chi2"])
+def test_innovation_parity_and_pieces(dtype, metric):
+    g = gen("innov", dtype, metric)
+    y = torch.randn(3, 40, 16, generator=g).to(dtype)
+    ref, st_ref = innovation_scores(y, metric=metric, return_state=True)
+    got, st = innovation_scores(cu(y), metric=metric, return_state=True)
+    close(got, ref, dtype)
+    for k in st_ref:
+        close(st[k], st_ref[k], dtype if k != "count" else torch.float64, k)
+    a, s1 = innovation_scores(cu(y[:, :13]), metric=metric, return_state=True)
+    b = innovation_scores(cu(y[:, 13:]), metric=metric, state=s1)
+    torch.testing.assert_close(torch.cat([a, b], 1), got, rtol=0, atol=0)
+
+
+def test_innovation_bitwise_scalar_level(restore_runtime):
+    restore_runtime.set_simd_level("scalar")
+    y = torch.randn(2, 30, 7, generator=gen("innovbw"))
+    for metric in ("mse", "chi2"):
+        ref = innovation_scores(y, metric=metric)
+        got = innovation_scores(cu(y), metric=metric).cpu()
+        assert torch.equal(got, ref)
+
+
+@pytest.mark.parametrize("policy", ["topk", "threshold", "fifo"])
+def test_store_bitwise_and_streaming(policy):
+    g = gen("store", policy)
+    scores = (torch.rand(3, 57, generator=g, dtype=torch.float64) * 5).floor()  # ties
+    ref, st_ref = eidetic_select(scores, 6, 8, policy, 2.0, return_store=True)
+    got, st = eidetic_select(cu(scores), 6, 8, policy, 2.0, return_store=True)
+    assert torch.equal(got.cpu(), ref)
+    for k in st_ref:
+        assert torch.equal(st[k].cpu(), st_ref[k])
+    store = EideticStore(3, 6, policy, 2.0, device=DEV)
+    for a, b in ((0, 10), (10, 11), (11, 57)):
+        store.push(cu(scores[:, a:b]))
+    assert torch.equal(store.positions.cpu(), st_ref["positions"])
+    assert torch.equal(store.count.cpu(), st_ref["count"])
+
+
+def test_store_error_writes_nothing():
+    store = EideticStore(2, 4, device=DEV)
+    store.push(torch.rand(2, 5, dtype=torch.float64, device=DEV))
+    before = store.state_dict()
+    bad = torch.zeros(2, 3, dtype=torch.float64, device=DEV)
+    bad[1, 2] = float("nan")
+    with pytest.raises(BmojoValueError, match="NaN"):
+        store.push(bad)
+    for k, v in store.state_dict().items():
+        assert torch.equal(v, before[k])
+
+
+# --------------------------------------------------------------------------------- opcheck
+
+
+def _opcheck_cases():
+    g = gen("opcheck")
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).to(DEV)
+
+    i64 = dict(dtype=torch.int64, device=DEV)
+    x, w, bias, h0 = r(2, 3, 9), r(3, 4), r(3), r(2, 3, 3)
+    seq = torch.tensor([[0] * 4 + [1] * 5] * 2, **i64)
+    ops = torch.ops.bmojo
+    yield ops.causal_conv1d_fwd, (x, w, bias, None, h0, True)
+    yield ops.causal_conv1d_fwd, (x, w, None, seq, None, False)
+    yield ops.causal_conv1d_bwd, (x, w, bias, None, h0, r(2, 3, 9), r(2, 3, 3), True)
+    cache, slots = torch.tensor([3, 7], **i64), torch.tensor([2, -1], **i64)
+    yield ops.causal_conv1d_update, (r(2, 3, 2), r(3, 3, 5), w, bias, True, cache, slots)
+    u, a = r(2, 3, 8), r(2, 3, 8, 2) * 0.3
+    yield ops.companion_scan_fwd, (u, a, r(3), r(3, 2), r(3), r(2, 3, 2))
+    yield ops.companion_scan_fwd, (u, r(3, 2) * 0.3, None, None, None, None)
+    yield ops.bilinear_scan_fwd, (r(2, 6, 3), r(3, 3) * 0.3, r(2, 3, 3) * 0.2, r(2, 6, 2),
+                                  r(2, 3), False)  # fmt: skip
+    yield ops.bilinear_tv_scan_fwd, (r(2, 6, 3), r(2, 6, 3, 3) * 0.3, None, False)
+    yield ops.innovation_scores, (r(2, 7, 4), torch.full((3,), 1 / 3, dtype=torch.float64,
+                                  device=DEV), r(2, 3, 4), torch.tensor([0, 5], **i64),
+                                  torch.zeros(2, 2, dtype=torch.float64, device=DEV), True,
+                                  1 / 16, 1e-6)  # fmt: skip
+    empty = (torch.full((2, 3), -1, **i64), torch.zeros(2, 3, dtype=torch.float64, device=DEV))
+    sc = torch.rand(2, 10, dtype=torch.float64, device=DEV)
+    yield ops.eidetic_select, (sc, *empty, torch.zeros(2, **i64), 4, "topk", 0.0)
+    yield ops.eidetic_push, (*(t.clone() for t in empty), torch.zeros(2, **i64), sc, "fifo", 0.1)
+
+
+def test_opcheck_cuda():
+    cases = list(_opcheck_cases())
+    assert len(cases) == 11
+    for op, args in cases:
+        torch.library.opcheck(op, args)
