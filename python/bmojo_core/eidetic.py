@@ -537,7 +537,9 @@ class EideticStore:
     plain tensors: ``positions (batch, capacity)`` int64 (-1 = empty; heap order, not
     sorted), ``scores (batch, capacity)`` float64 and ``count (batch,)`` int64 (positions
     consumed per row). Pushing the scores of a sequence in any pieces holds, after each
-    piece, exactly what :func:`eidetic_select` reports at that position.
+    piece, exactly what :func:`eidetic_select` reports at that position. ``device``
+    (default CPU) places the tensors; a CUDA store is updated by the CUDA kernel (same
+    heap, bitwise the same store) and takes scores on its device.
 
     Example::
 
@@ -557,7 +559,11 @@ class EideticStore:
         self.batch = _int("batch", batch, 0)
         self.capacity = _int("capacity", capacity, 1)
         self.policy, self.threshold = _policy(policy, threshold)
-        dev = torch.device("cpu") if device is None else torch.device(device)
+        try:
+            dev = torch.device("cpu") if device is None else torch.device(device)
+        except (RuntimeError, TypeError):
+            msg = f"device: expected a CPU or CUDA device, got {device!r}"
+            raise V.BmojoValueError(msg) from None
         if dev.type not in ("cpu", "cuda"):
             raise V.BmojoValueError(f"device: expected a CPU or CUDA device, got {dev}")
         self.positions = torch.full((self.batch, self.capacity), -1, dtype=torch.int64, device=dev)
@@ -574,7 +580,8 @@ class EideticStore:
         """Consumes ``scores (batch, T)`` (any float dtype; positions ``count ..
         count+T-1`` of each row). A failed call changes nothing."""
         new = _scores_f64("scores", scores, self.batch)
-        CU.same_device({"store": self.positions, "scores": new}, "store")
+        if new.device != self.positions.device:
+            CU.same_device({"store": self.positions, "scores": new}, "store")  # raises
         if torch.compiler.is_compiling() or self.positions.is_cuda:
             torch.ops.bmojo.eidetic_push(
                 self.positions, self.scores, self.count, new, self.policy, self.threshold
