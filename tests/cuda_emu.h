@@ -9,6 +9,8 @@
 #pragma once
 #include <math.h>
 #include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define __global__
@@ -25,8 +27,18 @@ struct emu_dim3 {
 inline thread_local emu_dim3 threadIdx, blockIdx;
 inline emu_dim3 blockDim, gridDim;
 inline pthread_barrier_t emu_barrier;
+inline int emu_coop = 0;
 
-inline void __syncthreads() { pthread_barrier_wait(&emu_barrier); }
+#define EMU_API extern "C" __attribute__((visibility("default"), used))
+
+inline void __syncthreads() {
+    if (!emu_coop) {
+        // A kernel that cooperates must be listed in COOP of the test (run as threads).
+        fprintf(stderr, "cuda_emu: __syncthreads in a launch not run as cooperative threads\n");
+        abort();
+    }
+    pthread_barrier_wait(&emu_barrier);
+}
 
 template <typename T> inline T __shfl_xor_sync(unsigned, T v, int o) {
     static T buf[1024];
@@ -58,15 +70,19 @@ inline double __dsub_rn(double a, double b) { return a - b; }
 inline double __dmul_rn(double a, double b) { return a * b; }
 inline double __ddiv_rn(double a, double b) { return a / b; }
 
-extern "C" __attribute__((visibility("default"), used)) void emu_dims(int gx, int gy, int gz, int bx, int by, int bz) {
+EMU_API void emu_dims(int gx, int gy, int gz, int bx, int by, int bz) {
     gridDim = {(unsigned)gx, (unsigned)gy, (unsigned)gz};
     blockDim = {(unsigned)bx, (unsigned)by, (unsigned)bz};
 }
-extern "C" __attribute__((visibility("default"), used)) void emu_set(int tx, int ty, int tz, int bx, int by, int bz) {
+EMU_API void emu_set(int tx, int ty, int tz, int bx, int by, int bz) {
     threadIdx = {(unsigned)tx, (unsigned)ty, (unsigned)tz};
     blockIdx = {(unsigned)bx, (unsigned)by, (unsigned)bz};
 }
-extern "C" __attribute__((visibility("default"), used)) void emu_block_begin(int nthreads) {
+EMU_API void emu_block_begin(int nthreads) {
     pthread_barrier_init(&emu_barrier, nullptr, (unsigned)nthreads);
+    emu_coop = 1;
 }
-extern "C" __attribute__((visibility("default"), used)) void emu_block_end() { pthread_barrier_destroy(&emu_barrier); }
+EMU_API void emu_block_end() {
+    emu_coop = 0;
+    pthread_barrier_destroy(&emu_barrier);
+}
