@@ -33,6 +33,11 @@ def grid1(total: int, block: int = BLOCK) -> tuple[int, int, int]:
     return (max(1, min(-(-total // block), _MAX_BLOCKS)), 1, 1)
 
 
+def grid_exact(total: int, block: int = BLOCK) -> tuple[int, int, int]:
+    """1-D grid of one thread per item, for kernels without a grid-stride loop."""
+    return (max(1, -(-total // block)), 1, 1)
+
+
 def ptr(t: torch.Tensor | None):
     """A launch argument for an optional tensor (null pointer for None)."""
     return 0 if t is None else t

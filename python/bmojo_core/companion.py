@@ -80,7 +80,7 @@ def _(u, alpha, beta, c, D, initial_state):
     lanes = batch * dim
     if lanes:
         _K_FWD.launch(
-            CU.suffix(u), grid=CU.grid1(lanes, _LANES), block=(_LANES, 1, 1),
+            CU.suffix(u), grid=CU.grid_exact(lanes, _LANES), block=(_LANES, 1, 1),
             args=(u, alpha, _var(alpha, 4), CU.ptr(beta), _var(beta, 3), CU.ptr(c), _var(c, 4),
                   CU.ptr(D), CU.ptr(initial_state), y, 0 if _y_is_s(c, D) else s, last,
                   batch, dim, length, n),
@@ -156,7 +156,7 @@ def _(u, alpha, beta, c, D, initial_state, s, dy, dlast_state):
     pd = u.new_empty(lanes if D is not None else 0, dtype=acc)
     sfx, dev = CU.suffix(u), u.device
     _K_BWD.launch(
-        sfx, grid=CU.grid1(lanes, _LANES), block=(_LANES, 1, 1),
+        sfx, grid=CU.grid_exact(lanes, _LANES), block=(_LANES, 1, 1),
         args=(u, alpha, av, CU.ptr(beta), bv, CU.ptr(c), cv, CU.ptr(D), CU.ptr(initial_state),
               s, dy, CU.ptr(dlast_state), du, dalpha, CU.ptr(None if beta is None else dbeta),
               CU.ptr(None if c is None else dc),

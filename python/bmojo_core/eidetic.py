@@ -93,7 +93,7 @@ def _cuda_store_check(pos, sc, count, news, policy: int) -> torch.Tensor:
     status = torch.empty(b, dtype=torch.int32, device=pos.device)
     if b:
         _K_CHECK.launch(
-            "f64", grid=CU.grid1(b), block=(CU.BLOCK, 1, 1),
+            "f64", grid=CU.grid_exact(b), block=(CU.BLOCK, 1, 1),
             args=(pos, sc, count, news, status, b, m, news.shape[1], policy),
             fmt="ppppp" "ii" "l" "i", device=pos.device,
         )  # fmt: skip
@@ -175,7 +175,7 @@ def _(y, weights, history, count, ema, chi2, rate, floor):
         )  # fmt: skip
     if b:
         _K_FINISH.launch(
-            sfx, grid=CU.grid1(b), block=blk,
+            sfx, grid=CU.grid_exact(b), block=blk,
             args=(scores, count, ema, cnt, em, b, length, int(chi2), rate, floor),
             fmt="ppppp" "iii" + real + real, device=dev,
         )  # fmt: skip
@@ -236,7 +236,7 @@ def _(scores, positions, store_scores, start, chunk, policy, threshold):
     status = _cuda_store_check(positions, store_scores, start, scores, code)
     if b:
         _K_SELECT.launch(
-            "f64", grid=CU.grid1(b), block=(CU.BLOCK, 1, 1),
+            "f64", grid=CU.grid_exact(b), block=(CU.BLOCK, 1, 1),
             args=(scores, positions, store_scores, start, status, held, pos, sc, cnt, b, m,
                   length, chunk, code, threshold),
             fmt="ppppppppp" "ii" "ll" "i" "d", device=scores.device,
@@ -287,7 +287,7 @@ def _(positions, scores, count, new_scores, policy, threshold):
     status = _cuda_store_check(positions, scores, count, new_scores, code)
     if b:
         _K_PUSH.launch(
-            "f64", grid=CU.grid1(b), block=(CU.BLOCK, 1, 1),
+            "f64", grid=CU.grid_exact(b), block=(CU.BLOCK, 1, 1),
             args=(positions, scores, count, new_scores, status, b, m, new_scores.shape[1], code,
                   threshold),
             fmt="ppppp" "ii" "l" "i" "d", device=positions.device,
