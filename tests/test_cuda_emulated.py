@@ -260,11 +260,11 @@ def test_conv_update(emu, dtype, k, s, ntok, form):
 
 
 @pytest.mark.parametrize("dtype", DT)
-@pytest.mark.parametrize("n", [1, 3, 64])
+@pytest.mark.parametrize("n", [1, 3, 12, 64])
 @pytest.mark.parametrize("form", ["var", "const", "mixed", "bare"])
 def test_companion(emu, dtype, n, form):
     g = gen("comp", dtype, n, form)
-    b, d, length = 2, 3, 70 if n == 64 else 9
+    b, d, length = 2, 3, {64: 70, 12: 5}.get(n, 9)  # 12: L < n (the final state reaches h0)
 
     def r(*shape, scale=1.0):
         return torch.randn(*shape, generator=g, dtype=dtype) * scale
@@ -419,6 +419,43 @@ def test_store_errors_write_nothing(emu):
         cuda_impl(eidetic.eidetic_select_op)(
             torch.zeros(b, 4, dtype=torch.float64), broken, sc, cnt, 2, "fifo", 0.0
         )
+
+
+def test_empty_sequences(emu):
+    """L = 0 (and K = 1 / empty batch) edge cases: the same outputs as the CPU ops."""
+    f64 = dict(dtype=torch.float64)
+    x, w, bias = torch.zeros(2, 3, 0, **f64), torch.ones(3, 3, **f64), None
+    h0 = torch.randn(2, 3, 2, **f64)
+    for args, op in (
+        ((x, w, bias, None, h0, True), conv.causal_conv1d_fwd),
+        ((x, w, bias, None, h0, x, torch.randn(2, 3, 2, **f64), True), conv.causal_conv1d_bwd),
+        ((torch.zeros(0, 3, 5, **f64), w, torch.ones(3, **f64), None, None, False),
+         conv.causal_conv1d_fwd),
+        ((torch.zeros(2, 3, 0, **f64), torch.rand(3, 2, **f64), None, None, None,
+          torch.randn(2, 3, 2, **f64)), companion.companion_scan_fwd),
+        ((torch.zeros(0, 3, 4, **f64), torch.rand(3, 2, **f64), torch.rand(3, **f64), None,
+          torch.rand(3, **f64), None), companion.companion_scan_fwd),
+        ((torch.zeros(2, 0, 3, **f64), torch.rand(3, 3, **f64), torch.zeros(0, 3, 3, **f64),
+          torch.zeros(2, 0, 0, **f64), torch.randn(2, 3, **f64), False),
+         bilinear.bilinear_scan_fwd),
+        ((torch.zeros(2, 0, 4, **f64), torch.full((2,), 0.5, **f64), torch.randn(2, 2, 4, **f64),
+          torch.tensor([0, 3]), torch.rand(2, 2, **f64), True, 0.0625, 1e-6),
+         eidetic.innovation_scores_op),
+        ((torch.zeros(2, 0, **f64), torch.full((2, 3), -1), torch.zeros(2, 3, **f64),
+          torch.tensor([4, 0]), 3, "topk", 0.0), eidetic.eidetic_select_op),
+    ):  # fmt: skip
+        ref = getattr(torch.ops.bmojo, op._name.split("::")[-1])(*args)
+        got = cuda_impl(op)(*args)
+        for r, o in zip(ref, got, strict=True):
+            assert o.shape == r.shape and torch.equal(o, r), op._name
+    # Companion backward with L = 0: the final state's gradient is the initial state's.
+    u, a = torch.zeros(2, 3, 0, **f64), torch.rand(3, 2, **f64)
+    dl = torch.randn(2, 3, 2, **f64)
+    bargs = (u, a, None, None, torch.rand(3, **f64), torch.randn(2, 3, 2, **f64), u, u, dl)
+    ref = torch.ops.bmojo.companion_scan_bwd(*bargs)
+    got = cuda_impl(companion.companion_scan_bwd)(*bargs)
+    for r, o in zip(ref, got, strict=True):
+        assert o.shape == r.shape and torch.equal(o, r)
 
 
 def test_every_declared_kernel_has_its_entry_points(emu):
