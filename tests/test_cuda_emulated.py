@@ -325,6 +325,24 @@ def test_bilinear_modulated(emu, dtype, n, m):
         same(o, rr, dtype, what)
 
 
+def test_bilinear_many_chunks(emu, monkeypatch):
+    """dA0 / dN summed over several (batch, time) chunks, in chunk order."""
+    monkeypatch.setattr(bilinear, "_DMAT_CHUNK", 5)
+    g = gen("bil-chunks")
+    b, length, n, m = 3, 7, 4, 2
+    f64 = dict(dtype=torch.float64)
+    bb, h0 = torch.randn(b, length, n, generator=g, **f64), None
+    A0 = torch.randn(n, n, generator=g, **f64) * 0.3
+    N = torch.randn(m, n, n, generator=g, **f64) * 0.3
+    v = torch.randn(b, length, m, generator=g, **f64)
+    xs, _ = torch.ops.bmojo.bilinear_scan_fwd(bb, A0, N, v, h0, False)
+    bargs = (bb, A0, N, v, h0, xs, torch.randn_like(xs), None)
+    ref = torch.ops.bmojo.bilinear_scan_bwd(*bargs)
+    got = cuda_impl(bilinear.bilinear_scan_bwd)(*bargs)
+    for rr, o, what in zip(ref, got, ("db", "dA0", "dN", "dv", "dh0"), strict=True):
+        same(o, rr, torch.float64, what)
+
+
 @pytest.mark.parametrize("dtype", DT)
 @pytest.mark.parametrize("n", [1, 4, 33])
 def test_bilinear_per_step(emu, dtype, n):

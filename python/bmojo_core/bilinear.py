@@ -20,11 +20,16 @@ from . import _validate as V
 from . import cuda as _cuda
 
 # CUDA kernels (cuda/bilinear.cu): one block per batch row, sequential in time, the n×n
-# mat-vec spread over the threads; dA0/dN from per-row partials summed over the batch in order.
+# mat-vec spread over the threads; the backward's matrix gradients and dv are parallel
+# kernels over (λ_t, X_{t-1}) afterwards, dA0/dN summed over fixed chunks in order.
 _K_FWD = _cuda.declare("bilinear.cu", "bilinear_scan_fwd")
 _K_BWD = _cuda.declare("bilinear.cu", "bilinear_scan_bwd")
 _K_REDUCE = _cuda.declare("bilinear.cu", "bilinear_reduce")
+_K_DA_STEP = _cuda.declare("bilinear.cu", "bilinear_dA_step")
+_K_DV = _cuda.declare("bilinear.cu", "bilinear_dv")
+_K_DMAT = _cuda.declare("bilinear.cu", "bilinear_dmat_part")
 _THREADS = 64  # = MAX_STATE: thread i owns state component i
+_DMAT_CHUNK = 1024  # (batch, time) steps per dA0/dN partial (a fixed cut)
 
 MAX_STATE: int = _core.BILINEAR_MAX_STATE
 PAR_CHUNK: int = _core.BILINEAR_PAR_CHUNK
@@ -60,29 +65,51 @@ def _cuda_fwd(b, A, per_step, N, v, initial_state):
 def _cuda_bwd(A, per_step, N, v, initial_state, xs, dxs, dlast):
     batch, length, n = xs.shape
     m = 0 if per_step else N.shape[0]
-    db = torch.empty_like(xs)
+    db = torch.empty_like(xs)  # = λ, the adjoint of every state
     dA = torch.empty_like(A)
     dN = None if per_step else torch.empty_like(N)
     dv = None if per_step else torch.empty_like(v)
     dh0 = xs.new_empty(batch, n)
-    acc = torch.float64 if xs.dtype == torch.float64 else torch.float32
-    per = (m + 1) * n * n
-    part = xs.new_empty(0 if per_step else max(batch, 1) * per, dtype=acc)
-    sfx, dev = CU.suffix(xs), xs.device
+    sfx, dev, blk = CU.suffix(xs), xs.device, (CU.BLOCK, 1, 1)
+    h0 = CU.ptr(initial_state)
     if batch:
         _K_BWD.launch(
             sfx, grid=(batch, 1, 1), block=(_THREADS, 1, 1),
-            args=(A, int(per_step), CU.ptr(N), CU.ptr(v), CU.ptr(initial_state), xs, dxs,
-                  CU.ptr(dlast), db, dA, CU.ptr(dv), part, dh0, length, n, m),
-            fmt="pipppppppppppiii", device=dev,
+            args=(A, int(per_step), CU.ptr(N), CU.ptr(v), dxs, CU.ptr(dlast), db, dh0, length,
+                  n, m),
+            fmt="pipppppp" "iii", device=dev,
         )  # fmt: skip
-    if not per_step:
-        for out, off in ((dA, 0), (dN, n * n)):
-            if out.numel():
-                _K_REDUCE.launch(
-                    sfx, grid=CU.grid1(out.numel()), block=(CU.BLOCK, 1, 1),
-                    args=(part, out, batch, per, off, out.numel()), fmt="ppilll", device=dev,
-                )  # fmt: skip
+    if per_step:
+        if dA.numel():
+            _K_DA_STEP.launch(
+                sfx, grid=CU.grid1(dA.numel()), block=blk,
+                args=(xs, h0, db, dA, batch, length, n), fmt="pppp" "iii", device=dev,
+            )  # fmt: skip
+        return db, dA, dN, dv, dh0
+    if dv.numel():
+        _K_DV.launch(
+            sfx, grid=CU.grid1(dv.numel()), block=blk,
+            args=(N, xs, h0, db, dv, batch, length, n, m), fmt="ppppp" "iiii", device=dev,
+        )  # fmt: skip
+    # [dA0; dN]: partials over fixed chunks of (batch, time), summed in chunk order.
+    per = (m + 1) * n * n
+    rows = batch * length
+    chunk = max(_DMAT_CHUNK, -(-rows // 65535))
+    nch = -(-rows // chunk) if rows else 0
+    acc = torch.float64 if xs.dtype == torch.float64 else torch.float32
+    part = xs.new_empty(max(nch, 1) * per, dtype=acc)
+    if nch:
+        _K_DMAT.launch(
+            sfx, grid=(-(-per // CU.BLOCK), nch, 1), block=blk,
+            args=(CU.ptr(v), xs, h0, db, part, batch, length, n, m, chunk),
+            fmt="ppppp" "iiii" "l", device=dev,
+        )  # fmt: skip
+    for out, off in ((dA, 0), (dN, n * n)):
+        if out.numel():
+            _K_REDUCE.launch(
+                sfx, grid=CU.grid1(out.numel()), block=blk,
+                args=(part, out, nch, per, off, out.numel()), fmt="ppilll", device=dev,
+            )  # fmt: skip
     return db, dA, dN, dv, dh0
 
 
