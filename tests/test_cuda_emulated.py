@@ -159,12 +159,19 @@ def emu():
                     lib.lib.emu_set(*t, *b)
                     fn(*cargs)
 
-    saved = _cuda.Kernel.launch
-    _cuda.Kernel.launch = launch
+    # Patch the class of the declared handles (whatever the runtime makes of Kernel).
+    classes = {type(k) for k in _cuda.declared()}
+    saved = {c: c.__dict__.get("launch") for c in classes}
+    for c in classes:
+        c.launch = launch
     try:
         yield launches
     finally:
-        _cuda.Kernel.launch = saved
+        for c, f in saved.items():
+            if f is None:
+                del c.launch
+            else:
+                c.launch = f
 
 
 def cuda_impl(op):
