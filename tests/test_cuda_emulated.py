@@ -483,6 +483,17 @@ def test_empty_sequences(emu):
         assert o.shape == r.shape and torch.equal(o, r)
 
 
+def test_size_limits_of_the_kernels(emu):
+    """Orders / state sizes the kernels cannot hold raise before any launch."""
+    u = torch.zeros(1, 2, 3, dtype=torch.float64)
+    with pytest.raises(BmojoValueError, match="order"):
+        cuda_impl(companion.companion_scan_fwd)(u, torch.zeros(2, 65, dtype=torch.float64),
+                                                None, None, None, None)  # fmt: skip
+    b = torch.zeros(1, 3, 65, dtype=torch.float64)
+    with pytest.raises(BmojoValueError, match="state size"):
+        cuda_impl(bilinear.bilinear_tv_scan_fwd)(b, torch.zeros(1, 3, 65, 65), None, False)
+
+
 def test_every_declared_kernel_has_its_entry_points(emu):
     """Each kernel the four op modules declare exists in its source for every declared
     dtype (the emulated build's C signatures; the GPU build is the NVRTC compile test)."""

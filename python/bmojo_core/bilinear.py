@@ -47,8 +47,14 @@ def _np_opt(t: Tensor | None):
 # ----------------------------------------------------------------------------- CUDA
 
 
+def _cuda_state_size(n: int) -> None:
+    if not 1 <= n <= MAX_STATE:  # one thread per state component, _THREADS of them
+        raise V.BmojoValueError(f"A: state size n must be in 1..{MAX_STATE}, got {n}")
+
+
 def _cuda_fwd(b, A, per_step, N, v, initial_state):
     batch, length, n = b.shape
+    _cuda_state_size(n)
     m = 0 if per_step else N.shape[0]
     xs = torch.empty_like(b, memory_format=torch.contiguous_format)
     last = b.new_empty(batch, n)
@@ -64,6 +70,7 @@ def _cuda_fwd(b, A, per_step, N, v, initial_state):
 
 def _cuda_bwd(A, per_step, N, v, initial_state, xs, dxs, dlast):
     batch, length, n = xs.shape
+    _cuda_state_size(n)
     m = 0 if per_step else N.shape[0]
     db = torch.empty_like(xs)  # = λ, the adjoint of every state
     dA = torch.empty_like(A)

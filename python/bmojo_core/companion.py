@@ -70,10 +70,17 @@ def _var(t: Tensor | None, per_step_dim: int) -> int:
     return int(t is not None and t.dim() == per_step_dim)
 
 
+def _cuda_order(alpha) -> int:
+    n = alpha.shape[-1]
+    if not 1 <= n <= MAX_ORDER:  # the kernels' ring holds MAX_ORDER values
+        raise V.BmojoValueError(f"alpha: the order n must be in 1..{MAX_ORDER}, got {n}")
+    return n
+
+
 @companion_scan_fwd.register_kernel("cuda")
 def _(u, alpha, beta, c, D, initial_state):
     batch, dim, length = u.shape
-    n = alpha.shape[-1]
+    n = _cuda_order(alpha)
     y = u.new_empty(batch, dim, length)
     s = u.new_empty(0) if _y_is_s(c, D) else u.new_empty(batch, dim, length)
     last = u.new_empty(batch, dim, n)
@@ -134,7 +141,7 @@ def companion_scan_bwd(
 @companion_scan_bwd.register_kernel("cuda")
 def _(u, alpha, beta, c, D, initial_state, s, dy, dlast_state):
     batch, dim, length = u.shape
-    n = alpha.shape[-1]
+    n = _cuda_order(alpha)
     du, dalpha = torch.empty_like(u), torch.empty_like(alpha)
     dbeta = torch.empty_like(beta) if beta is not None else u.new_empty(0)
     dc = torch.empty_like(c) if c is not None else u.new_empty(0)
