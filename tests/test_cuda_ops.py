@@ -95,7 +95,7 @@ def test_conv_parity(dtype, k, mode, act):
 @pytest.mark.parametrize("mode", ["plain", "init", "seq"])
 def test_conv_backward_parity(dtype, mode):
     g = gen("convb", dtype, mode)
-    b, d, length, k = 3, 5, 300, 4  # several weight-gradient chunks with batch 3
+    b, d, length, k = 3, 5, 3000, 4  # three weight-gradient chunks of 4096 (batch, time)
     x = torch.randn(b, d, length, generator=g, dtype=dtype)
     w = torch.randn(d, k, generator=g, dtype=dtype)
     bias = torch.randn(d, generator=g, dtype=dtype)
