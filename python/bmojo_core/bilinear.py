@@ -6,7 +6,8 @@
 
 The recurrence ``X_t = A_t X_{t-1} + b_t`` and its adjoint run in Rust (ops
 ``bmojo::bilinear_scan_fwd/bwd`` for the modulated form, ``bmojo::bilinear_tv_scan_fwd/bwd``
-for per-step matrices); ``b_t = B u_t`` and the read-out are torch ops around them.
+for per-step matrices); ``b_t = B u_t`` and the read-out are torch ops around them. The
+ops have CUDA kernels (``cuda/bilinear.cu``; ``method`` only matters on the CPU).
 """
 
 from __future__ import annotations

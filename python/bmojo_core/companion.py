@@ -6,7 +6,8 @@ Per channel, order n::
     y_t = sum_{i=0..n-1} c_{t,i} s_{t-i} + D u_t        (default y_t = s_t)
 
 The forward op also returns the sequence ``s`` (B, D, L), saved for the backward op, which
-runs the adjoint recurrence in reverse without recomputing the forward.
+runs the adjoint recurrence in reverse without recomputing the forward. Both ops have a
+CUDA kernel (``cuda/companion.cu``, one thread per (batch, channel), sequential in time).
 """
 
 from __future__ import annotations

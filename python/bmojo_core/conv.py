@@ -10,6 +10,9 @@ Ops: ``bmojo::causal_conv1d_fwd`` (with autograd), ``bmojo::causal_conv1d_bwd``,
 ``bmojo::causal_conv1d_update`` (mutates ``conv_state``). ``causal_conv1d_update`` hands
 plain contiguous tensors straight to the Rust kernel (which checks every shape and
 validates everything before writing); anything else takes the validating op path.
+
+Every op also has a CUDA kernel (``cuda/conv.cu``): CUDA tensors in, CUDA tensors out, the
+same semantics; the weight / bias gradients are reduced in a fixed order (deterministic).
 """
 
 from __future__ import annotations

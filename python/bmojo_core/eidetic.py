@@ -26,7 +26,8 @@ store is saved with ``state_dict()``.
 
 Ops: ``bmojo::innovation_scores``, ``bmojo::eidetic_select``, ``bmojo::eidetic_push``
 (mutates the store's tensors). Rows of the batch are independent tasks: results do not
-depend on the thread count.
+depend on the thread count. CUDA kernels (``cuda/eidetic.cu``): the store is bitwise the
+CPU's (same heap); the scores are bitwise those of the CPU's scalar SIMD level.
 """
 
 from __future__ import annotations
