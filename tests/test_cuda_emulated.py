@@ -40,7 +40,13 @@ pytestmark = pytest.mark.skipif(
 )
 
 # Kernels whose threads cooperate (shared memory, barriers, warp shuffles): run as threads.
-COOP = {"causal_conv1d_dw_part", "bilinear_scan_fwd", "bilinear_scan_bwd"}
+COOP = {
+    "causal_conv1d_dw_part",
+    "bilinear_scan_fwd",
+    "bilinear_scan_bwd",
+    "companion_scan_fwd",
+    "companion_scan_bwd",
+}
 
 _PTR_DTYPES = {
     "float": torch.float32,
@@ -302,6 +308,32 @@ def test_companion(emu, dtype, n, form):
         names = ("du", "dalpha", "dbeta", "dc", "dD", "dh0")
         for rr, o, what in zip(ref_g, got_g, names, strict=True):
             same(o, rr, dtype, what)
+
+
+@pytest.mark.parametrize("form", ["var", "const"])
+def test_companion_blocks_and_tiles(emu, form):
+    """39 lanes (two blocks of 32, the second partial) × 45 steps (two time tiles)."""
+    g = gen("comp-tiles", form)
+    b, d, length, n = 3, 13, 45, 3
+    f64 = dict(dtype=torch.float64)
+
+    def r(*shape, scale=1.0):
+        return torch.randn(*shape, generator=g, **f64) * scale
+
+    if form == "var":
+        alpha, beta, c = r(b, d, length, n, scale=0.3), r(b, d, length), r(b, d, length, n)
+    else:
+        alpha, beta, c = r(d, n, scale=0.3), r(d), None
+    args = (r(b, d, length), alpha, beta, c, r(d), r(b, d, n))
+    ref = torch.ops.bmojo.companion_scan_fwd(*args)
+    got = cuda_impl(companion.companion_scan_fwd)(*args)
+    for rr, o in zip(ref, got, strict=True):
+        same(o, rr, torch.float64)
+    bargs = (*args, ref[2], r(b, d, length), r(b, d, n))
+    ref_g = torch.ops.bmojo.companion_scan_bwd(*bargs)
+    got_g = cuda_impl(companion.companion_scan_bwd)(*bargs)
+    for rr, o in zip(ref_g, got_g, strict=True):
+        same(o, rr, torch.float64)
 
 
 # -------------------------------------------------------------------------------- bilinear

@@ -25,7 +25,7 @@ from . import cuda as _cuda
 _K_FWD = _cuda.declare("companion.cu", "companion_scan_fwd")
 _K_BWD = _cuda.declare("companion.cu", "companion_scan_bwd")
 _K_REDUCE = _cuda.declare("companion.cu", "companion_reduce")
-_LANES = 64  # threads per block (one lane each; small blocks spread B·D lanes over the SMs)
+_LANES = 32  # = COMP_LN of the kernels: one warp of lanes per block (tiles of 32 x 32 steps)
 
 MAX_ORDER: int = _core.COMPANION_MAX_ORDER
 
