@@ -114,18 +114,6 @@ __device__ __forceinline__ void bm_direct_store(S* dst, long long tb, long long 
         if (tb + k < L) bm_io<S>::store(dst + tb + k, v[k]);
 }
 
-// Block-wide sum with a fixed order (warp tree, then warps 0..NW-1); the result is valid in
-// thread 0. `red` holds BM_NW values; one __syncthreads inside.
-template <typename C> __device__ __forceinline__ C bm_block_sum(C v, C* red) {
-    v = bm_warp_sum(v);
-    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
-    __syncthreads();
-    C s = C(0);
-    if (threadIdx.x == 0)
-        for (int w = 0; w < BM_NW; w++) s += red[w];
-    return s;
-}
-
 // ====================================================================== diagonal scan
 // h_t = a_t h_{t-1} + b_t over lanes of a (lanes, L) pair, or from the end if `rev`.
 // Grid (lanes), block BM_NT. h0 (lanes,) may be null; last (lanes,).
