@@ -1,0 +1,230 @@
+"""The CUDA kernels of cuda/scan.cu and cuda/step.cu executed on the CPU, without a GPU.
+
+The sources are compiled as C++20 behind an emulation prelude (tests/cuda_emu/prelude.hpp:
+every block runs as OS threads with real barriers for __syncthreads and the warp
+shuffles); the launcher is replaced by a call into that library, so the ops' CUDA
+implementations (scan._sel_fwd_cuda, ...) run end to end on CPU tensors and are compared
+with the CPU ops (themselves verified against the fp64 references). float32 and float64
+kernels only (the half conversions are PTX). Skipped without a C++20 compiler.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from bmojo_core import cuda as _cuda
+from bmojo_core import scan, step
+from conftest import make_scan_inputs, make_step_inputs, stable_seed
+
+ROOT = Path(__file__).resolve().parent.parent
+SOURCES = ("scan.cu", "step.cu")
+
+
+def _translate(text: str) -> str:
+    text = text.replace('#include "common.cuh"', "")
+    return re.sub(
+        r"extern __shared__ (?:__align__\(\d+\) )?unsigned char (\w+)\[\];",
+        r"static unsigned char* const \1 = bm_emu_dyn_smem;",
+        text,
+    )
+
+
+def _header() -> str:
+    text = (ROOT / "cuda" / "common.cuh").read_text().replace("#pragma once", "")
+    return re.sub(r"asm\(.*?\);", "/* PTX: not emulated */", text, flags=re.S)
+
+
+@pytest.fixture(scope="module")
+def emu_lib(tmp_path_factory):
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no C++ compiler")
+    work = tmp_path_factory.mktemp("cuda_emu")
+    probe = work / "probe.cpp"
+    probe.write_text(
+        "#include <barrier>\nint main() { std::barrier<> b(1); b.arrive_and_wait(); }\n"
+    )
+    if subprocess.run([cxx, "-std=c++20", "-pthread", str(probe), "-o", str(work / "probe")],
+                      capture_output=True).returncode:  # fmt: skip
+        pytest.skip("the C++ compiler lacks C++20 <barrier>")
+    kernels = [k for k in _cuda.declared() if k.source in SOURCES]
+    dispatch = "".join(
+        f'    if (n == "{k.name}_{s}") {{\n'
+        f"        bm_emu_launch({k.name}_{s}, args, gx, gy, bx);\n"
+        "        return 0;\n    }\n"
+        for k in kernels
+        for s in ("f32", "f64")
+    )
+    src = (
+        (ROOT / "tests" / "cuda_emu" / "prelude.hpp").read_text()
+        + _header()
+        + "".join(_translate((ROOT / "cuda" / s).read_text()) for s in SOURCES)
+        + 'extern "C" int bm_emu_run(const char* cname, void** args, int gx, int gy, int bx) {\n'
+        + "    std::string n(cname);\n"
+        + dispatch
+        + "    return 1;\n}\n"
+    )
+    (work / "emu.cpp").write_text(src)
+    lib = work / "emu.so"
+    r = subprocess.run(
+        [cxx, "-std=c++20", "-O1", "-fPIC", "-shared", "-pthread", "-w", str(work / "emu.cpp"),
+         "-o", str(lib)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-4000:]
+    dll = ctypes.CDLL(str(lib))
+    dll.bm_emu_run.restype = ctypes.c_int
+    return dll
+
+
+@pytest.fixture
+def emulated(emu_lib, monkeypatch):
+    """Kernel.launch runs the emulated kernel on CPU tensors."""
+
+    def launch(self, suffix, grid, block, args, fmt, shared_mem=0, device=None):
+        objs = []
+        for a, code in zip(args, fmt, strict=True):
+            if code == "p":
+                objs.append(ctypes.c_void_p(0 if isinstance(a, int) else a.data_ptr()))
+            elif code == "i":
+                objs.append(ctypes.c_int32(a))
+            elif code == "l":
+                objs.append(ctypes.c_int64(a))
+            else:
+                raise AssertionError(f"unexpected argument code {code}")
+        arr = (ctypes.c_void_p * len(objs))(*[ctypes.addressof(o) for o in objs])
+        assert grid[2] == 1 and block[1] == block[2] == 1 and block[0] % 32 == 0
+        rc = emu_lib.bm_emu_run(f"{self.name}_{suffix}".encode(), arr, grid[0], grid[1], block[0])
+        assert rc == 0, f"{self.name}_{suffix} is not emulated"
+
+    monkeypatch.setattr(_cuda.Kernel, "launch", launch)
+
+
+def close(got: torch.Tensor, want: torch.Tensor, name: str) -> None:
+    """Relative to the scale of the reference; float64 near-exact, float32 loose enough
+    for the different summation order of the block scans."""
+    assert got.shape == want.shape and got.dtype == want.dtype, name
+    if want.numel() == 0:
+        return
+    tol = 1e-12 if want.dtype == torch.float64 else 3e-5
+    scale = want.abs().max().item() + 1.0
+    err = (got.double() - want.double()).abs().max().item() / scale
+    assert err <= tol, f"{name}: max error {err:.3g} (relative to {scale:.3g})"
+
+
+SCAN_CASES = [
+    # batch, dim, N, L, bc, G, dtype, options, packed sequences
+    (1, 1, 1, 1, "var", 1, torch.float64, False, 0),
+    (2, 3, 4, 7, "const", 1, torch.float64, True, 2),
+    (1, 4, 3, 200, "var", 1, torch.float64, True, 3),
+    (2, 6, 2, 130, "group", 3, torch.float64, True, 3),
+    (1, 2, 40, 90, "var/const", 1, torch.float64, True, 2),  # N > one warp
+    (1, 2, 2, 1100, "const/var", 1, torch.float32, True, 4),  # several tiles
+    (1, 2, 2, 600, "group/const", 1, torch.float64, False, 0),  # several f64 tiles
+    (1, 3, 2, 0, "var", 1, torch.float64, True, 0),
+]
+
+
+@pytest.mark.parametrize("case", SCAN_CASES, ids=str)
+def test_selective_scan_emulated(case, emulated):
+    batch, dim, n, length, bc, g, dtype, opts, seq = case
+    kw = make_scan_inputs(
+        batch, dim, n, length, bc=bc, G=g, dtype=dtype, D=opts, z=opts, delta_bias=opts,
+        initial_state=opts, seq_idx=seq, seed=stable_seed("emu", case),
+    )  # fmt: skip
+
+    def mat(m):
+        return m if m.dim() != 3 else m.unsqueeze(1)
+
+    seq_idx = None if kw["seq_idx"] is None else kw["seq_idx"].long()
+    args = (kw["u"], kw["delta"], kw["A"], mat(kw["B"]), mat(kw["C"]), kw["D"], kw["z"],
+            kw["delta_bias"], kw["initial_state"], seq_idx, kw["delta_softplus"])  # fmt: skip
+    want = torch.ops.bmojo.selective_scan_fwd(*args)
+    got = scan._sel_fwd_cuda(*args)
+    for name, x, y in zip(("out", "last_state", "checkpoints"), got, want, strict=True):
+        close(x, y, name)
+    gen = torch.Generator().manual_seed(1)
+    dout = torch.randn(want[0].shape, generator=gen, dtype=dtype)
+    dlast = torch.randn(want[1].shape, generator=gen, dtype=dtype) if opts else None
+    bargs = (*args[:8], seq_idx, kw["delta_softplus"], want[2], dout, dlast)
+    names = ("du", "ddelta", "dA", "dB", "dC", "dD", "dz", "ddelta_bias", "dinitial_state")
+    grads = scan._sel_bwd_cuda(*bargs)
+    for name, x, y in zip(names, grads, torch.ops.bmojo.selective_scan_bwd(*bargs), strict=True):
+        close(x, y, name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("length", [0, 5, 1100])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_diag_scan_emulated(dtype, length, reverse, emulated):
+    gen = torch.Generator().manual_seed(length)
+    a = (0.5 + 0.5 * torch.rand(3, length, generator=gen)).to(dtype)
+    b = torch.randn(3, length, generator=gen).to(dtype)
+    h0 = torch.randn(3, generator=gen).to(dtype)
+    want = torch.ops.bmojo.diag_scan_fwd(a, b, h0, reverse)
+    got = scan._diag_fwd_cuda(a, b, h0, reverse)
+    for name, x, y in zip(("h", "last"), got, want, strict=True):
+        close(x, y, name)
+    dh = torch.randn(3, length, generator=gen).to(dtype)
+    dlast = torch.randn(3, generator=gen).to(dtype)
+    want = torch.ops.bmojo.diag_scan_bwd(a, want[0], h0, dh, dlast, reverse)
+    got = scan._diag_bwd_cuda(a, got[0], h0, dh, dlast, reverse)
+    for name, x, y in zip(("da", "db", "dh0"), got, want, strict=True):
+        close(x, y, name)
+
+
+STEP_CASES = [
+    dict(),
+    dict(G=1),
+    dict(heads=True, G=2),
+    dict(T=3),
+    dict(T=4, heads=True, G=2, slots=6),
+    dict(slots=5),
+    dict(D=False, z=False, dt_bias=False, dt_softplus=False),
+]
+
+
+@pytest.mark.parametrize("case", STEP_CASES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_state_update_emulated(case, dtype, emulated):
+    kw = make_step_inputs(3, dtype=dtype, seed=stable_seed("emu step", case), **case)
+    state = kw["state"]
+    slots, n = state.shape[0], state.shape[-1]
+    batch, ntok, dim, g = 3, case.get("T", 1), state[0].numel() // n, case.get("G") or 1
+    idx = torch.tensor([slots - 1, -1, 0]) if "slots" in case else None
+
+    def flat(t, *shape):
+        return None if t is None else t.reshape(*shape)
+
+    def args(st, snaps):
+        return (st, flat(kw["x"], batch, ntok, dim), flat(kw["dt"], batch, ntok, dim),
+                flat(kw["A"], dim, n), flat(kw["B"], batch, ntok, g, n),
+                flat(kw["C"], batch, ntok, g, n), flat(kw["D"], dim),
+                flat(kw["z"], batch, ntok, dim), flat(kw["dt_bias"], dim), kw["dt_softplus"],
+                idx, snaps)  # fmt: skip
+
+    s_want, s_got = state.reshape(slots, dim, n).clone(), state.reshape(slots, dim, n).clone()
+    sn_want = torch.full((batch, ntok, dim, n), 7.0, dtype=dtype)
+    sn_got = sn_want.clone()
+    out_want = torch.ops.bmojo.selective_state_update(*args(s_want, sn_want))
+    out_got = step._step_cuda(*args(s_got, sn_got))
+    close(out_got, out_want, "out")
+    close(s_got, s_want, "state")
+    close(sn_got, sn_want, "intermediate_states")
+    if ntok == 1 and idx is None:  # the decode fast path: same kernel, same results
+        s_fast = state.reshape(slots, dim, n).clone()
+        bc = (batch, g, n) if g > 1 else (batch, n)
+        out_fast = step._cuda_fast(
+            s_fast, flat(kw["x"], batch, dim), flat(kw["dt"], batch, dim), flat(kw["A"], dim, n),
+            flat(kw["B"], *bc), flat(kw["C"], *bc), flat(kw["D"], dim), flat(kw["z"], batch, dim),
+            flat(kw["dt_bias"], dim), kw["dt_softplus"],
+        )  # fmt: skip
+        assert out_fast is not None
+        close(out_fast, out_want.reshape(batch, dim), "fast path out")
+        close(s_fast, s_want, "fast path state")
