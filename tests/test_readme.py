@@ -19,3 +19,8 @@ def test_readme_examples_run():
     assert namespace["out"].shape == namespace["u"].shape
     assert namespace["u"].grad is not None and namespace["h0"].grad is not None
     assert namespace["y_t"].shape == (namespace["batch"], namespace["dim"])
+    # the B'MOJO / streaming / GreedyLR examples
+    assert namespace["held"].shape == (2, 7, 8)
+    assert namespace["sampled"].shape == (2, 8)
+    assert namespace["resumed"].positions.tolist() == [33 + 17] * 2
+    assert namespace["stream"].positions.tolist() == [0, 58]
