@@ -36,8 +36,18 @@ def _translate(text: str) -> str:
 
 
 def _header() -> str:
+    """common.cuh with its PTX half conversions replaced by the prelude's."""
     text = (ROOT / "cuda" / "common.cuh").read_text().replace("#pragma once", "")
-    return re.sub(r"asm\(.*?\);", "/* PTX: not emulated */", text, flags=re.S)
+    text = re.sub(
+        r'asm\("cvt\.f32\.f16 %0, %1;"\s*:\s*"=f"\(([\w.]+)\)\s*:\s*"h"\(([\w.]+)\)\);',
+        r"\1 = bm_emu_h2f(\2);", text,
+    )  # fmt: skip
+    text = re.sub(
+        r'asm\("cvt\.rn\.f16\.f32 %0, %1;"\s*:\s*"=h"\(([\w.]+)\)\s*:\s*"f"\(([\w.]+)\)\);',
+        r"\1 = bm_emu_f2h(\2);", text,
+    )  # fmt: skip
+    assert "asm(" not in text, "common.cuh has PTX the emulation does not know"
+    return text
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +69,7 @@ def emu_lib(tmp_path_factory):
         f"        bm_emu_launch({k.name}_{s}, args, gx, gy, bx);\n"
         "        return 0;\n    }\n"
         for k in kernels
-        for s in ("f32", "f64")
+        for s in _cuda.DTYPES
     )
     src = (
         (ROOT / "tests" / "cuda_emu" / "prelude.hpp").read_text()
@@ -106,13 +116,15 @@ def emulated(emu_lib, monkeypatch):
     monkeypatch.setattr(_cuda.Kernel, "launch", launch)
 
 
-def close(got: torch.Tensor, want: torch.Tensor, name: str) -> None:
+def close(got: torch.Tensor, want: torch.Tensor, name: str, tol: float | None = None) -> None:
     """Relative to the scale of the reference; float64 near-exact, float32 loose enough
     for the different summation order of the block scans."""
-    assert got.shape == want.shape and got.dtype == want.dtype, name
+    assert got.shape == want.shape, name
+    assert tol is not None or got.dtype == want.dtype, name
     if want.numel() == 0:
         return
-    tol = 1e-12 if want.dtype == torch.float64 else 3e-5
+    if tol is None:
+        tol = 1e-12 if want.dtype == torch.float64 else 3e-5
     scale = want.abs().max().item() + 1.0
     err = (got.double() - want.double()).abs().max().item() / scale
     assert err <= tol, f"{name}: max error {err:.3g} (relative to {scale:.3g})"
@@ -157,6 +169,44 @@ def test_selective_scan_emulated(case, emulated):
     grads = scan._sel_bwd_cuda(*bargs)
     for name, x, y in zip(names, grads, torch.ops.bmojo.selective_scan_bwd(*bargs), strict=True):
         close(x, y, name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bc", ["var", "group/const"])
+def test_selective_scan_emulated_half(dtype, bc, emulated):
+    """float16/bfloat16 activations (and variable B/C) read as they are, parameters and
+    states in float32: the float32 CPU op on the same values, up to the output rounding."""
+    kw = make_scan_inputs(
+        2, 4, 5, 150, bc=bc, G=2, dtype=dtype, weight_dtype=torch.float32, initial_state=True,
+        seq_idx=2, seed=stable_seed("emu half", dtype, bc),
+    )  # fmt: skip
+
+    def mat(m):  # the wrapper's layout: constant matrices in float32
+        return m.float() if m.dim() == 2 else m.unsqueeze(1) if m.dim() == 3 else m
+
+    seq_idx = kw["seq_idx"].long()
+    args = (kw["u"], kw["delta"], kw["A"], mat(kw["B"]), mat(kw["C"]), kw["D"], kw["z"],
+            kw["delta_bias"], kw["initial_state"], seq_idx, True)  # fmt: skip
+    args32 = tuple(a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                   for a in args)  # fmt: skip
+    tol = 2e-3 if dtype == torch.float16 else 1.6e-2
+    want = torch.ops.bmojo.selective_scan_fwd(*args32)
+    got = scan._sel_fwd_cuda(*args)
+    assert got[0].dtype == dtype and got[1].dtype == got[2].dtype == torch.float32
+    close(got[0].float(), want[0], "out", tol)
+    close(got[1], want[1], "last_state")
+    close(got[2], want[2], "checkpoints")
+    gen = torch.Generator().manual_seed(2)
+    dout = torch.randn(want[0].shape, generator=gen).to(dtype)
+    dlast = torch.randn(want[1].shape, generator=gen)
+    bargs = (*args[:8], seq_idx, True, got[2], dout, dlast)
+    bargs32 = (*args32[:8], seq_idx, True, want[2], dout.float(), dlast)
+    names = ("du", "ddelta", "dA", "dB", "dC", "dD", "dz", "ddelta_bias", "dinitial_state")
+    grads = scan._sel_bwd_cuda(*bargs)
+    for name, x, y, a in zip(names, grads, torch.ops.bmojo.selective_scan_bwd(*bargs32),
+                             (*args[:8], args[8]), strict=True):  # fmt: skip
+        assert x.dtype == a.dtype, name
+        close(x.float(), y, name, tol)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -39,6 +39,19 @@ inline unsigned __float_as_uint(float f) {
     return u;
 }
 
+// float <-> IEEE half (the kernels' PTX cvt instructions), through the compiler's _Float16.
+inline float bm_emu_h2f(unsigned short bits) {
+    _Float16 h;
+    memcpy(&h, &bits, 2);
+    return (float)h;
+}
+inline unsigned short bm_emu_f2h(float f) {
+    _Float16 h = (_Float16)f;  // round to nearest even
+    unsigned short bits;
+    memcpy(&bits, &h, 2);
+    return bits;
+}
+
 static std::barrier<>* bm_emu_bar;
 static std::barrier<>* bm_emu_wbar[32];
 static double bm_emu_slot[32][32];
