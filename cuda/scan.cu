@@ -235,13 +235,14 @@ __device__ __forceinline__ void sel_fwd_impl(const S* u, const S* delta, const t
     if (s.c_groups) Cv = static_cast<const S*>(Cp) + ((b * s.c_groups + d / (s.dim / s.c_groups)) * N) * L;
     for (long long t0 = 0; t0 < L; t0 += TILE) {
         const long long tb = t0 + (long long)tid * IT;  // this thread's first step
-        C uu[IT], dt[IT], y[IT];
+        C uu[IT], dt[IT], dtu[IT], y[IT];
         bool rs[IT];
         bm_stage_load<S, IT, C>(u + row, t0, L, 0, sm, uu, C(0));
         bm_stage_load<S, IT, C>(delta + row, t0, L, 0, sm, dt, C(0));
 #pragma unroll
         for (int k = 0; k < IT; k++) {
             dt[k] = bm_delta(dt[k], bias_d, s.softplus);
+            dtu[k] = dt[k] * uu[k];
             y[k] = Dd * uu[k];
             rs[k] = bm_reset<S>(seq, b, tb + k, L);
         }
@@ -268,7 +269,7 @@ __device__ __forceinline__ void sel_fwd_impl(const S* u, const S* delta, const t
                 cv[k] = Cv ? sc[bm_pidx(tid * IT + k)] : cconst;
                 const bool valid = tb + k < L;
                 pa[k] = valid ? (rs[k] ? C(0) : E::eval(dt[k] * an)) : C(1);
-                pb[k] = valid ? dt[k] * uu[k] * bv[k] : C(0);
+                pb[k] = valid ? dtu[k] * bv[k] : C(0);
                 lb = pa[k] * lb + pb[k];
                 la = pa[k] * la;
             }
