@@ -76,22 +76,28 @@ def selective_state_update_op(
     return out
 
 
-def _run_cuda(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, slots, snaps, out) -> None:
-    """CUDA kernel call on normalised contiguous tensors of one dtype (shapes checked by
-    the caller). Slots past the pool are never dereferenced (their output is NaN)."""
-    batch, ntok, dim = x.shape
+def _launch(state, x, dt, A, B, C, D, z, dt_bias, softplus, slots, snaps, out, ntok, groups):
+    """The kernel launch on contiguous tensors of one dtype whose shapes the caller has
+    checked (x/dt/z/out hold (batch, ntok, dim) values, B/C (batch, ntok, groups, N))."""
+    nslot, dim, n = state.shape
+    batch = x.shape[0]
     if batch > _MAX_GRID_Y:
         raise V.BmojoValueError(f"x: at most {_MAX_GRID_Y} batch rows on CUDA, got {batch}")
     if batch == 0 or ntok == 0 or dim == 0:
         return
     _K_STEP.launch(
-        _SUFFIX[state.dtype], grid=((dim + _STEP_NT - 1) // _STEP_NT, batch, 1),
-        block=(_STEP_NT, 1, 1),
-        args=(state, x, dt, A, B, C, _ptr(D), _ptr(z), _ptr(dt_bias), _ptr(slots), out,
-              _ptr(snaps), batch, ntok, dim, state.shape[-1], B.shape[2], int(dt_softplus),
-              state.shape[0]),
-        fmt="p" * 12 + "i" * 6 + "l", device=state.device,
+        _SUFFIX[state.dtype], ((dim + _STEP_NT - 1) // _STEP_NT, batch, 1), (_STEP_NT, 1, 1),
+        (state, x, dt, A, B, C, D, z, dt_bias, slots, out, snaps, batch, ntok, dim, n, groups,
+         softplus, nslot),
+        "pppppppppppp" "iiiiii" "l", 0, state.device,
     )  # fmt: skip
+
+
+def _run_cuda(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, slots, snaps, out) -> None:
+    """CUDA kernel call on normalised contiguous tensors of one dtype (shapes checked by
+    the caller). Slots past the pool are never dereferenced (their output is NaN)."""
+    _launch(state, x, dt, A, B, C, _ptr(D), _ptr(z), _ptr(dt_bias), int(dt_softplus),
+            _ptr(slots), _ptr(snaps), out, x.shape[1], B.shape[2])  # fmt: skip
 
 
 @selective_state_update_op.register_kernel("cuda")
@@ -124,34 +130,47 @@ def _step_cuda(
 
 
 def _cuda_fast(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
-    """The CUDA decode path: plain contiguous tensors of the state's dtype in the
-    (batch, dim, N) layout, one token, no state_batch_indices. Returns None (the
-    validating path takes over) on anything else. Shapes are checked exactly here: the
-    launch takes raw pointers."""
-    if state.dim() != 3 or x.dim() != 2 or B.dim() not in (2, 3) or C.dim() != B.dim():
+    """The CUDA decode path: plain contiguous tensors of the state's dtype on its device,
+    in the (batch, dim, N) layout, one token, no state_batch_indices. Returns None (the
+    validating path takes over) on anything else. Shapes, dtypes and devices are checked
+    exactly here, as cheaply as possible (the launch takes raw pointers; the call must
+    stay within a few microseconds)."""
+    if type(state) is not Tensor or state.dim() != 3 or type(x) is not Tensor or x.dim() != 2:
         return None
     nslot, dim, n = state.shape
     batch = x.shape[0]
-    dtype, dev = state.dtype, state.device
-    groups = 1 if B.dim() == 2 else B.shape[1]
-    if dtype not in (torch.float32, torch.float64) or groups == 0 or dim % groups:
+    dtype = state.dtype
+    if nslot != batch or (dtype is not torch.float32 and dtype is not torch.float64):
         return None
-    bc = (batch, n) if B.dim() == 2 else (batch, groups, n)
-    for t, shp in ((state, (nslot, dim, n)), (x, (batch, dim)), (dt, (batch, dim)),
-                   (A, (dim, n)), (B, bc), (C, bc), (D, (dim,)), (z, (batch, dim)),
-                   (dt_bias, (dim,))):  # fmt: skip
-        if t is not None and (
-            type(t) is not Tensor or t.shape != shp or t.dtype != dtype or t.device != dev
-            or not t.is_contiguous()
+    if type(B) is not Tensor:
+        return None
+    if B.dim() == 2:
+        groups, bc = 1, (batch, n)
+    else:
+        groups = B.shape[1] if B.dim() == 3 else 0
+        if groups == 0 or dim % groups:
+            return None
+        bc = (batch, groups, n)
+    dev = state.get_device()
+    xs = (batch, dim)
+    for t, shp in ((x, xs), (dt, xs), (A, (dim, n)), (B, bc), (C, bc)):
+        if (
+            type(t) is not Tensor or t.dtype is not dtype or t.shape != shp
+            or t.get_device() != dev or not t.is_contiguous()
         ):  # fmt: skip
             return None
-    if nslot != batch:
+    for t, shp in ((z, xs), (D, (dim,)), (dt_bias, (dim,))):  # optional
+        if t is not None and (
+            type(t) is not Tensor or t.dtype is not dtype or t.shape != shp
+            or t.get_device() != dev or not t.is_contiguous()
+        ):  # fmt: skip
+            return None
+    if not state.is_contiguous():
         return None
-    out = x.new_empty(batch, dim)
-    _run_cuda(state, x.view(batch, 1, dim), dt.view(batch, 1, dim), A,
-              B.view(batch, 1, groups, n), C.view(batch, 1, groups, n), D,
-              None if z is None else z.view(batch, 1, dim), dt_bias, dt_softplus, None, None,
-              out.view(batch, 1, dim))  # fmt: skip
+    out = torch.empty(xs, dtype=dtype, device=state.device)
+    _launch(state, x, dt, A, B, C, 0 if D is None else D, 0 if z is None else z,
+            0 if dt_bias is None else dt_bias, 1 if dt_softplus else 0, 0, 0, out, 1,
+            groups)  # fmt: skip
     return out
 
 
