@@ -291,8 +291,11 @@ def selective_state_update(
     if slots is not None:
         _tensor("state_batch_indices", slots, dtypes=V.INTS)
         V.shape("state_batch_indices", slots, (batch,), "(batch,)")
-    capturing = state.is_cuda and torch.cuda.is_current_stream_capturing()
-    if slots is not None and not torch.compiler.is_compiling() and not capturing:
+    if (
+        slots is not None
+        and not torch.compiler.is_compiling()
+        and not (state.is_cuda and torch.cuda.is_current_stream_capturing())
+    ):
         # Checked again by the CPU kernel; here for the clear message (data-dependent, so
         # not while tracing or capturing a CUDA graph).
         used = slots[slots >= 0]
