@@ -156,7 +156,7 @@ def test_channels_per_block():
     assert scan._channels_per_block(64, 16, 4, (g4, const)) == 16
     assert scan._channels_per_block(28, 16, 4, (g4, g4)) == 7  # 7 channels per group
     assert scan._channels_per_block(26, 16, 4, (torch.zeros(1, 2, 1, 1), g4[:, :1])) == 13
-    # shared memory: (4N + 2) * cb * 8 bytes must fit in 48 KiB
+    # shared memory: (4N + 2) * cb * 8 bytes must fit in 47 KiB
     assert scan._channels_per_block(64, 512, 8, (g4, const)) == 2
     assert scan._channels_per_block(64, 1024, 8, (g4, const)) == 1
     del A
