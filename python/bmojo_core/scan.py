@@ -426,8 +426,8 @@ def _sel_bwd_cuda(
     nblk = dim // cb if dim else 0
     du, ddelta, dh0 = torch.empty_like(u), torch.empty_like(u), A.new_empty(batch, dim, n)
     dz = torch.empty_like(z) if z is not None else u.new_empty(0)
-    # Per-block partials (compute dtype), summed below in a fixed order.
-    # The kernel writes every entry.
+    # Per-block partials in the compute dtype (the kernel writes every entry), summed
+    # below in a fixed order: reproducible, no atomics.
     pA, pD, pbias = A.new_empty(batch, dim, n), A.new_empty(batch, dim), A.new_empty(batch, dim)
 
     def part(m):
