@@ -58,11 +58,13 @@ def emu_lib(tmp_path_factory):
     work = tmp_path_factory.mktemp("cuda_emu")
     probe = work / "probe.cpp"
     probe.write_text(
-        "#include <barrier>\nint main() { std::barrier<> b(1); b.arrive_and_wait(); }\n"
+        "#include <barrier>\n"
+        "int main() { std::barrier<> b(1); b.arrive_and_wait(); _Float16 h = 1;\n"
+        "             return (int)h - 1; }\n"
     )
     if subprocess.run([cxx, "-std=c++20", "-pthread", str(probe), "-o", str(work / "probe")],
                       capture_output=True).returncode:  # fmt: skip
-        pytest.skip("the C++ compiler lacks C++20 <barrier>")
+        pytest.skip("the C++ compiler lacks C++20 <barrier> or _Float16")
     kernels = [k for k in _cuda.declared() if k.source in SOURCES]
     dispatch = "".join(
         f'    if (n == "{k.name}_{s}") {{\n'
