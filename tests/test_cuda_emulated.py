@@ -1,543 +1,282 @@
-"""The CUDA kernels of the conv, companion, bilinear and eidetic ops, run without a GPU.
+"""The CUDA kernels of cuda/scan.cu and cuda/step.cu executed on the CPU, without a GPU.
 
-``cuda/*.cu`` is compiled as host C++ (g++, with ``tests/cuda_emu.h`` standing in for the
-CUDA built-ins) and ``bmojo_core.cuda.Kernel.launch`` is replaced by an emulated launch
-that runs every thread of the grid on the CPU. The ops' registered CUDA implementations are
-then called with CPU tensors and compared with the CPU ops (already verified against fp64
-oracles). Each launch also checks its ``fmt`` and every pointer's dtype against the entry
-point's C signature (the runtime packs arguments by ``fmt``: a mismatch would be silent on
-a GPU). Skipped without g++. What this cannot check: real GPU concurrency and memory
-ordering (threads of a block run truly concurrently here only for the kernels that
-cooperate), the 16-bit conversions (PTX), performance.
+The sources are compiled as C++20 behind an emulation prelude (tests/cuda_emu/prelude.hpp:
+every block runs as OS threads with real barriers for __syncthreads and the warp
+shuffles); the launcher is replaced by a call into that library, so the ops' CUDA
+implementations (scan._sel_fwd_cuda, ...) run end to end on CPU tensors and are compared
+with the CPU ops (themselves verified against the fp64 references). float32 and float64
+kernels only (the half conversions are PTX). Skipped without a C++20 compiler.
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import re
 import shutil
 import subprocess
-import tempfile
-import threading
 from pathlib import Path
 
-import bmojo_core
 import pytest
 import torch
-from bmojo_core import bilinear, companion, conv, eidetic
 from bmojo_core import cuda as _cuda
-from bmojo_core.errors import BmojoValueError
-from conftest import stable_seed
+from bmojo_core import scan, step
+from conftest import make_scan_inputs, make_step_inputs, stable_seed
 
-ROOT = Path(__file__).resolve().parents[1]
-CUDA_DIR = ROOT / "cuda"
-EMU_H = Path(__file__).resolve().parent / "cuda_emu.h"
-GXX = shutil.which("g++")
-
-pytestmark = pytest.mark.skipif(
-    GXX is None or not CUDA_DIR.is_dir(), reason="needs g++ and the cuda/ sources"
-)
-
-# Kernels whose threads cooperate (shared memory, barriers, warp shuffles): run as threads.
-COOP = {
-    "causal_conv1d_dw_part",
-    "bilinear_scan_fwd",
-    "bilinear_scan_bwd",
-    "companion_scan_fwd",
-    "companion_scan_bwd",
-}
-
-_PTR_DTYPES = {
-    "float": torch.float32,
-    "double": torch.float64,
-    "long long": torch.int64,
-    "int": torch.int32,
-    "bm_half": torch.float16,
-    "bm_bf16": torch.bfloat16,
-    "typename bm_io<float>::C": torch.float32,
-    "typename bm_io<double>::C": torch.float64,
-    "typename bm_io<bm_half>::C": torch.float32,
-    "typename bm_io<bm_bf16>::C": torch.float32,
-}
-_SCALAR_CODES = {
-    "int": "i",
-    "long long": "l",
-    "float": "f",
-    "double": "d",
-    "typename bm_io<float>::C": "f",
-    "typename bm_io<double>::C": "d",
-    "typename bm_io<bm_half>::C": "f",
-    "typename bm_io<bm_bf16>::C": "f",
-}
-_CTYPES = {"i": ctypes.c_int, "l": ctypes.c_longlong, "f": ctypes.c_float, "d": ctypes.c_double}
+ROOT = Path(__file__).resolve().parent.parent
+SOURCES = ("scan.cu", "step.cu")
 
 
-def _param(p: str):
-    """(code, pointer dtype or None) of one C parameter declaration."""
-    p = re.sub(r"\bconst\b", "", p).strip()
-    if "*" in p:
-        base = p[: p.rindex("*")].strip()
-        return "p", _PTR_DTYPES[" ".join(base.split())]
-    base = " ".join(p.split()[:-1])
-    return _SCALAR_CODES[base], None
+def _translate(text: str) -> str:
+    text = text.replace('#include "common.cuh"', "")
+    return re.sub(
+        r"extern __shared__ (?:__align__\(\d+\) )?unsigned char (\w+)\[\];",
+        r"static unsigned char* const \1 = bm_emu_dyn_smem;",
+        text,
+    )
 
 
-class _Lib:
-    def __init__(self, source: str, build: Path):
-        src = (CUDA_DIR / source).read_text() + (CUDA_DIR / "common.cuh").read_text()
-        key = hashlib.sha256((src + EMU_H.read_text()).encode()).hexdigest()[:16]
-        so = build / f"{source}.{key}.so"
-        cmd = [GXX, "-std=c++20", "-O1", "-ffp-contract=off", f"-I{CUDA_DIR}",
-               "-include", str(EMU_H), "-x", "c++", str(CUDA_DIR / source)]  # fmt: skip
-        if not so.exists():
-            # Built under a private name, then renamed: parallel workers never see half a file.
-            tmp = so.with_suffix(f".{threading.get_ident()}.{id(self)}.tmp")
-            subprocess.run([*cmd, "-shared", "-fPIC", "-o", str(tmp)], check=True)
-            tmp.replace(so)
-        pre = subprocess.run([*cmd, "-E", "-P"], check=True, capture_output=True, text=True)
-        self.sigs = {}
-        for name, params in re.findall(r'extern "C"\s+void\s+(\w+)\s*\(([^)]*)\)', pre.stdout):
-            if name.startswith("emu_"):
-                continue
-            self.sigs[name] = [_param(p) for p in params.split(",")]
-        self.lib = ctypes.CDLL(str(so))
+def _header() -> str:
+    """common.cuh with its PTX half conversions replaced by the prelude's."""
+    text = (ROOT / "cuda" / "common.cuh").read_text().replace("#pragma once", "")
+    text = re.sub(
+        r'asm\("cvt\.f32\.f16 %0, %1;"\s*:\s*"=f"\(([\w.]+)\)\s*:\s*"h"\(([\w.]+)\)\);',
+        r"\1 = bm_emu_h2f(\2);", text,
+    )  # fmt: skip
+    text = re.sub(
+        r'asm\("cvt\.rn\.f16\.f32 %0, %1;"\s*:\s*"=h"\(([\w.]+)\)\s*:\s*"f"\(([\w.]+)\)\);',
+        r"\1 = bm_emu_f2h(\2);", text,
+    )  # fmt: skip
+    assert "asm(" not in text, "common.cuh has PTX the emulation does not know"
+    return text
 
 
 @pytest.fixture(scope="module")
-def emu():
-    """Replaces Kernel.launch by the emulated launch for the module's tests."""
-    build = Path(tempfile.gettempdir()) / "bmojo_cuda_emu"
-    build.mkdir(exist_ok=True)
-    libs: dict[str, _Lib] = {}
-    launches: list[str] = []
+def emu_lib(tmp_path_factory):
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no C++ compiler")
+    work = tmp_path_factory.mktemp("cuda_emu")
+    probe = work / "probe.cpp"
+    probe.write_text(
+        "#include <barrier>\n"
+        "int main() { std::barrier<> b(1); b.arrive_and_wait(); _Float16 h = 1;\n"
+        "             return (int)h - 1; }\n"
+    )
+    if subprocess.run([cxx, "-std=c++20", "-pthread", str(probe), "-o", str(work / "probe")],
+                      capture_output=True).returncode:  # fmt: skip
+        pytest.skip("the C++ compiler lacks C++20 <barrier> or _Float16")
+    kernels = [k for k in _cuda.declared() if k.source in SOURCES]
+    dispatch = "".join(
+        f'    if (n == "{k.name}_{s}") {{\n'
+        f"        bm_emu_launch({k.name}_{s}, args, gx, gy, bx);\n"
+        "        return 0;\n    }\n"
+        for k in kernels
+        for s in _cuda.DTYPES
+    )
+    src = (
+        (ROOT / "tests" / "cuda_emu" / "prelude.hpp").read_text()
+        + _header()
+        + "".join(_translate((ROOT / "cuda" / s).read_text()) for s in SOURCES)
+        + 'extern "C" int bm_emu_run(const char* cname, void** args, int gx, int gy, int bx) {\n'
+        + "    std::string n(cname);\n"
+        + dispatch
+        + "    return 1;\n}\n"
+    )
+    (work / "emu.cpp").write_text(src)
+    lib = work / "emu.so"
+    r = subprocess.run(
+        [cxx, "-std=c++20", "-O1", "-fPIC", "-shared", "-pthread", "-w", str(work / "emu.cpp"),
+         "-o", str(lib)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-4000:]
+    dll = ctypes.CDLL(str(lib))
+    dll.bm_emu_run.restype = ctypes.c_int
+    return dll
+
+
+@pytest.fixture
+def emulated(emu_lib, monkeypatch):
+    """Kernel.launch runs the emulated kernel on CPU tensors."""
 
     def launch(self, suffix, grid, block, args, fmt, shared_mem=0, device=None):
-        lib = libs.get(self.source) or libs.setdefault(self.source, _Lib(self.source, build))
-        name = self.symbol(suffix)
-        assert suffix in self.dtypes, f"{name}: suffix not declared"
-        sig = lib.sigs[name]
-        assert fmt == "".join(c for c, _ in sig), f"{name}: fmt {fmt} != signature"
-        assert len(args) == len(fmt), f"{name}: {len(args)} args for fmt {fmt}"
-        cargs, types = [], []
-        for a, (code, dt) in zip(args, sig, strict=True):
+        objs = []
+        for a, code in zip(args, fmt, strict=True):
             if code == "p":
-                if isinstance(a, torch.Tensor):
-                    assert a.dtype == dt, f"{name}: pointer of {dt} given {a.dtype}"
-                    assert a.is_contiguous(), f"{name}: non-contiguous tensor"
-                    cargs.append(a.data_ptr() or None)
-                else:
-                    assert a == 0, f"{name}: a pointer must be a tensor or 0"
-                    cargs.append(None)
-                types.append(ctypes.c_void_p)
+                objs.append(ctypes.c_void_p(0 if isinstance(a, int) else a.data_ptr()))
+            elif code == "i":
+                objs.append(ctypes.c_int32(a))
+            elif code == "l":
+                objs.append(ctypes.c_int64(a))
             else:
-                assert not isinstance(a, torch.Tensor), f"{name}: tensor for a scalar"
-                if code in "il":
-                    assert isinstance(a, int), f"{name}: {a!r} for an integer"
-                    bits = 32 if code == "i" else 64
-                    assert -(2 ** (bits - 1)) <= a < 2 ** (bits - 1), f"{name}: {a} overflows"
-                cargs.append(a)
-                types.append(_CTYPES[code])
-        fn = getattr(lib.lib, name)
-        fn.argtypes, fn.restype = types, None
-        gx, gy, gz = grid
-        bx, by, bz = block
-        assert gx * gy * gz > 0 and 0 < bx * by * bz <= 1024, f"{name}: bad launch shape"
-        lib.lib.emu_dims(gx, gy, gz, bx, by, bz)
-        launches.append(self.name)
-        threads = [(x, y, z) for z in range(bz) for y in range(by) for x in range(bx)]
-        for b in [(x, y, z) for z in range(gz) for y in range(gy) for x in range(gx)]:
-            if self.name in COOP:
-                lib.lib.emu_block_begin(len(threads))
+                raise AssertionError(f"unexpected argument code {code}")
+        arr = (ctypes.c_void_p * len(objs))(*[ctypes.addressof(o) for o in objs])
+        assert grid[2] == 1 and block[1] == block[2] == 1 and block[0] % 32 == 0
+        rc = emu_lib.bm_emu_run(f"{self.name}_{suffix}".encode(), arr, grid[0], grid[1], block[0])
+        assert rc == 0, f"{self.name}_{suffix} is not emulated"
 
-                def run(t, b=b):
-                    lib.lib.emu_set(*t, *b)
-                    fn(*cargs)
-
-                ts = [threading.Thread(target=run, args=(t,)) for t in threads]
-                for t in ts:
-                    t.start()
-                for t in ts:
-                    t.join()
-                lib.lib.emu_block_end()
-            else:
-                for t in threads:
-                    lib.lib.emu_set(*t, *b)
-                    fn(*cargs)
-
-    # Patch the class of the declared handles (whatever the runtime makes of Kernel).
-    classes = {type(k) for k in _cuda.declared()}
-    saved = {c: c.__dict__.get("launch") for c in classes}
-    for c in classes:
-        c.launch = launch
-    try:
-        yield launches
-    finally:
-        for c, f in saved.items():
-            if f is None:
-                del c.launch
-            else:
-                c.launch = f
+    monkeypatch.setattr(_cuda.Kernel, "launch", launch)
 
 
-def cuda_impl(op):
-    """The CUDA implementation registered for a custom op (called here with CPU tensors)."""
-    return op._backend_fns["cuda"]
+def close(got: torch.Tensor, want: torch.Tensor, name: str, tol: float | None = None) -> None:
+    """Relative to the scale of the reference; float64 near-exact, float32 loose enough
+    for the different summation order of the block scans."""
+    assert got.shape == want.shape, name
+    assert tol is not None or got.dtype == want.dtype, name
+    if want.numel() == 0:
+        return
+    if tol is None:
+        tol = 1e-12 if want.dtype == torch.float64 else 3e-5
+    scale = want.abs().max().item() + 1.0
+    err = (got.double() - want.double()).abs().max().item() / scale
+    assert err <= tol, f"{name}: max error {err:.3g} (relative to {scale:.3g})"
 
 
-def same(got, ref, dtype, what=""):
-    if dtype == torch.float64:
-        tol = dict(rtol=1e-11, atol=1e-11)
-    else:
-        tol = dict(rtol=2e-5, atol=2e-5)
-    torch.testing.assert_close(got, ref, **tol, msg=lambda m: f"{what}: {m}")
+SCAN_CASES = [
+    # batch, dim, N, L, bc, G, dtype, options, packed sequences
+    (1, 1, 1, 1, "var", 1, torch.float64, False, 0),
+    (2, 3, 4, 7, "const", 1, torch.float64, True, 2),
+    (1, 4, 3, 200, "var", 1, torch.float64, True, 3),
+    (2, 6, 2, 130, "group", 3, torch.float64, True, 3),
+    (1, 2, 40, 90, "var/const", 1, torch.float64, True, 2),  # N > one warp
+    (1, 2, 2, 1100, "const/var", 1, torch.float32, True, 4),  # several tiles
+    (1, 2, 2, 600, "group/const", 1, torch.float64, False, 0),  # several f64 tiles
+    (1, 3, 2, 0, "var", 1, torch.float64, True, 0),
+]
 
 
-def gen(*parts):
-    return torch.Generator().manual_seed(stable_seed(*parts))
+@pytest.mark.parametrize("case", SCAN_CASES, ids=str)
+def test_selective_scan_emulated(case, emulated):
+    batch, dim, n, length, bc, g, dtype, opts, seq = case
+    kw = make_scan_inputs(
+        batch, dim, n, length, bc=bc, G=g, dtype=dtype, D=opts, z=opts, delta_bias=opts,
+        initial_state=opts, seq_idx=seq, seed=stable_seed("emu", case),
+    )  # fmt: skip
+
+    def mat(m):
+        return m if m.dim() != 3 else m.unsqueeze(1)
+
+    seq_idx = None if kw["seq_idx"] is None else kw["seq_idx"].long()
+    args = (kw["u"], kw["delta"], kw["A"], mat(kw["B"]), mat(kw["C"]), kw["D"], kw["z"],
+            kw["delta_bias"], kw["initial_state"], seq_idx, kw["delta_softplus"])  # fmt: skip
+    want = torch.ops.bmojo.selective_scan_fwd(*args)
+    got = scan._sel_fwd_cuda(*args)
+    for name, x, y in zip(("out", "last_state", "checkpoints"), got, want, strict=True):
+        close(x, y, name)
+    gen = torch.Generator().manual_seed(1)
+    dout = torch.randn(want[0].shape, generator=gen, dtype=dtype)
+    dlast = torch.randn(want[1].shape, generator=gen, dtype=dtype) if opts else None
+    bargs = (*args[:8], seq_idx, kw["delta_softplus"], want[2], dout, dlast)
+    names = ("du", "ddelta", "dA", "dB", "dC", "dD", "dz", "ddelta_bias", "dinitial_state")
+    grads = scan._sel_bwd_cuda(*bargs)
+    for name, x, y in zip(names, grads, torch.ops.bmojo.selective_scan_bwd(*bargs), strict=True):
+        close(x, y, name)
 
 
-DT = (torch.float32, torch.float64)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bc", ["var", "group/const"])
+def test_selective_scan_emulated_half(dtype, bc, emulated):
+    """float16/bfloat16 activations (and variable B/C) read as they are, parameters and
+    states in float32: the float32 CPU op on the same values, up to the output rounding."""
+    kw = make_scan_inputs(
+        2, 4, 5, 150, bc=bc, G=2, dtype=dtype, weight_dtype=torch.float32, initial_state=True,
+        seq_idx=2, seed=stable_seed("emu half", dtype, bc),
+    )  # fmt: skip
+
+    def mat(m):  # the wrapper's layout: constant matrices in float32
+        return m.float() if m.dim() == 2 else m.unsqueeze(1) if m.dim() == 3 else m
+
+    seq_idx = kw["seq_idx"].long()
+    args = (kw["u"], kw["delta"], kw["A"], mat(kw["B"]), mat(kw["C"]), kw["D"], kw["z"],
+            kw["delta_bias"], kw["initial_state"], seq_idx, True)  # fmt: skip
+    args32 = tuple(a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                   for a in args)  # fmt: skip
+    tol = 2e-3 if dtype == torch.float16 else 1.6e-2
+    want = torch.ops.bmojo.selective_scan_fwd(*args32)
+    got = scan._sel_fwd_cuda(*args)
+    assert got[0].dtype == dtype and got[1].dtype == got[2].dtype == torch.float32
+    close(got[0].float(), want[0], "out", tol)
+    close(got[1], want[1], "last_state")
+    close(got[2], want[2], "checkpoints")
+    gen = torch.Generator().manual_seed(2)
+    dout = torch.randn(want[0].shape, generator=gen).to(dtype)
+    dlast = torch.randn(want[1].shape, generator=gen)
+    bargs = (*args[:8], seq_idx, True, got[2], dout, dlast)
+    bargs32 = (*args32[:8], seq_idx, True, want[2], dout.float(), dlast)
+    names = ("du", "ddelta", "dA", "dB", "dC", "dD", "dz", "ddelta_bias", "dinitial_state")
+    grads = scan._sel_bwd_cuda(*bargs)
+    for name, x, y, a in zip(names, grads, torch.ops.bmojo.selective_scan_bwd(*bargs32),
+                             (*args[:8], args[8]), strict=True):  # fmt: skip
+        assert x.dtype == a.dtype, name
+        close(x.float(), y, name, tol)
 
 
-# ------------------------------------------------------------------------------------ conv
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("length", [0, 5, 1100])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_diag_scan_emulated(dtype, length, reverse, emulated):
+    gen = torch.Generator().manual_seed(length)
+    a = (0.5 + 0.5 * torch.rand(3, length, generator=gen)).to(dtype)
+    b = torch.randn(3, length, generator=gen).to(dtype)
+    h0 = torch.randn(3, generator=gen).to(dtype)
+    want = torch.ops.bmojo.diag_scan_fwd(a, b, h0, reverse)
+    got = scan._diag_fwd_cuda(a, b, h0, reverse)
+    for name, x, y in zip(("h", "last"), got, want, strict=True):
+        close(x, y, name)
+    dh = torch.randn(3, length, generator=gen).to(dtype)
+    dlast = torch.randn(3, generator=gen).to(dtype)
+    want = torch.ops.bmojo.diag_scan_bwd(a, want[0], h0, dh, dlast, reverse)
+    got = scan._diag_bwd_cuda(a, got[0], h0, dh, dlast, reverse)
+    for name, x, y in zip(("da", "db", "dh0"), got, want, strict=True):
+        close(x, y, name)
 
 
-@pytest.mark.parametrize("dtype", DT)
-@pytest.mark.parametrize("k", [1, 2, 5])
-@pytest.mark.parametrize("mode", ["plain", "init", "seq"])
-@pytest.mark.parametrize("silu", [False, True])
-def test_conv_fwd_bwd(emu, dtype, k, mode, silu):
-    g = gen("conv", dtype, k, mode, silu)
-    b, d, length = 2, 3, 13
-    x = torch.randn(b, d, length, generator=g, dtype=dtype)
-    w = torch.randn(d, k, generator=g, dtype=dtype)
-    bias = torch.randn(d, generator=g, dtype=dtype) if k != 2 else None
-    init = torch.randn(b, d, k - 1, generator=g, dtype=dtype) if mode == "init" else None
-    seq = None
-    if mode == "seq":
-        seq = torch.tensor([[0] * 4 + [1] * 1 + [2] * 8, [0] * 13], dtype=torch.int64)
-    args = (x, w, bias, seq, init, silu)
-    ref = torch.ops.bmojo.causal_conv1d_fwd(*args)
-    got = cuda_impl(conv.causal_conv1d_fwd)(*args)
-    for r, o, what in zip(ref, got, ("out", "final"), strict=True):
-        same(o, r, dtype, what)
-    dout = torch.randn(b, d, length, generator=g, dtype=dtype)
-    # The final-state gradient given (K > 1: it reaches dx / dinit) or not (K = 1).
-    for dfin in (None,) if k == 1 else (torch.randn(b, d, k - 1, generator=g, dtype=dtype),):
-        bargs = (x, w, bias, seq, init, dout, dfin, silu)
-        ref = torch.ops.bmojo.causal_conv1d_bwd(*bargs)
-        got = cuda_impl(conv.causal_conv1d_bwd)(*bargs)
-        for r, o, what in zip(ref, got, ("dx", "dw", "db", "dinit"), strict=True):
-            same(o, r, dtype, what)
+STEP_CASES = [
+    dict(),
+    dict(G=1),
+    dict(heads=True, G=2),
+    dict(T=3),
+    dict(T=4, heads=True, G=2, slots=6),
+    dict(slots=5),
+    dict(D=False, z=False, dt_bias=False, dt_softplus=False),
+]
 
 
-def test_conv_bwd_many_chunks(emu, monkeypatch):
-    """Weight gradients summed over several (batch, time) chunks, in chunk order."""
-    monkeypatch.setattr(conv, "_DW_CHUNK", 7)
-    g = gen("conv-chunks")
-    x = torch.randn(3, 2, 11, generator=g, dtype=torch.float64)
-    w = torch.randn(2, 3, generator=g, dtype=torch.float64)
-    bias = torch.randn(2, generator=g, dtype=torch.float64)
-    dout = torch.randn_like(x)
-    bargs = (x, w, bias, None, None, dout, None, True)
-    ref = torch.ops.bmojo.causal_conv1d_bwd(*bargs)
-    got = cuda_impl(conv.causal_conv1d_bwd)(*bargs)
-    for r, o in zip(ref, got, strict=True):
-        same(o, r, torch.float64)
+@pytest.mark.parametrize("case", STEP_CASES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_state_update_emulated(case, dtype, emulated):
+    kw = make_step_inputs(3, dtype=dtype, seed=stable_seed("emu step", case), **case)
+    state = kw["state"]
+    slots, n = state.shape[0], state.shape[-1]
+    batch, ntok, dim, g = 3, case.get("T", 1), state[0].numel() // n, case.get("G") or 1
+    idx = torch.tensor([slots - 1, -1, 0]) if "slots" in case else None
 
+    def flat(t, *shape):
+        return None if t is None else t.reshape(*shape)
 
-@pytest.mark.parametrize("dtype", DT)
-@pytest.mark.parametrize(("k", "s"), [(4, 3), (4, 6), (1, 0), (3, 5)])
-@pytest.mark.parametrize("ntok", [1, 3, 8])
-@pytest.mark.parametrize("form", ["shift", "ring", "pool"])
-def test_conv_update(emu, dtype, k, s, ntok, form):
-    g = gen("upd", dtype, k, s, ntok, form)
-    b, d = 3, 4
-    x = torch.randn(b, d, ntok, generator=g, dtype=dtype)
-    w = torch.randn(d, k, generator=g, dtype=dtype)
-    bias = torch.randn(d, generator=g, dtype=dtype)
-    slots = b + 2 if form == "pool" else b
-    state = torch.randn(slots, d, s, generator=g, dtype=dtype)
-    cache = torch.tensor([5, -3, 11], dtype=torch.int64) if form == "ring" else None
-    idx = torch.tensor([4, -1, 0], dtype=torch.int64) if form == "pool" else None
-    st_ref, st_got = state.clone(), state.clone()
-    for silu in (False, True):
-        ref = torch.ops.bmojo.causal_conv1d_update(x, st_ref, w, bias, silu, cache, idx)
-        got = cuda_impl(conv.causal_conv1d_update_op)(x, st_got, w, bias, silu, cache, idx)
-        same(got, ref, dtype, "out")
-        same(st_got, st_ref, dtype, "state")
+    def args(st, snaps):
+        return (st, flat(kw["x"], batch, ntok, dim), flat(kw["dt"], batch, ntok, dim),
+                flat(kw["A"], dim, n), flat(kw["B"], batch, ntok, g, n),
+                flat(kw["C"], batch, ntok, g, n), flat(kw["D"], dim),
+                flat(kw["z"], batch, ntok, dim), flat(kw["dt_bias"], dim), kw["dt_softplus"],
+                idx, snaps)  # fmt: skip
 
-
-# ------------------------------------------------------------------------------- companion
-
-
-@pytest.mark.parametrize("dtype", DT)
-@pytest.mark.parametrize("n", [1, 3, 12, 64])
-@pytest.mark.parametrize("form", ["var", "const", "mixed", "bare"])
-def test_companion(emu, dtype, n, form):
-    g = gen("comp", dtype, n, form)
-    b, d, length = 2, 3, {64: 70, 12: 5}.get(n, 9)  # 12: L < n (the final state reaches h0)
-
-    def r(*shape, scale=1.0):
-        return torch.randn(*shape, generator=g, dtype=dtype) * scale
-
-    sc = 0.5 / n
-    if form == "var":
-        alpha, beta, c = r(b, d, length, n, scale=sc), r(b, d, length), r(b, d, length, n)
-    elif form == "const":
-        alpha, beta, c = r(d, n, scale=sc), r(d), r(d, n)
-    elif form == "mixed":
-        alpha, beta, c = r(b, d, length, n, scale=sc), r(d), None
-    else:
-        alpha, beta, c = r(d, n, scale=sc), None, None
-    D = r(d) if form != "bare" else None
-    h0 = r(b, d, n) if form != "const" else None
-    u = r(b, d, length)
-    args = (u, alpha, beta, c, D, h0)
-    ref = torch.ops.bmojo.companion_scan_fwd(*args)
-    got = cuda_impl(companion.companion_scan_fwd)(*args)
-    for rr, o, what in zip(ref, got, ("y", "last", "s"), strict=True):
-        same(o, rr, dtype, what)
-    s = ref[0] if c is None and D is None else ref[2]
-    dy = r(b, d, length)
-    for dlast in (None, r(b, d, n)):
-        bargs = (u, alpha, beta, c, D, h0, s, dy, dlast)
-        ref_g = torch.ops.bmojo.companion_scan_bwd(*bargs)
-        got_g = cuda_impl(companion.companion_scan_bwd)(*bargs)
-        names = ("du", "dalpha", "dbeta", "dc", "dD", "dh0")
-        for rr, o, what in zip(ref_g, got_g, names, strict=True):
-            same(o, rr, dtype, what)
-
-
-@pytest.mark.parametrize("form", ["var", "const"])
-def test_companion_blocks_and_tiles(emu, form):
-    """39 lanes (two blocks of 32, the second partial) × 45 steps (two time tiles)."""
-    g = gen("comp-tiles", form)
-    b, d, length, n = 3, 13, 45, 3
-    f64 = dict(dtype=torch.float64)
-
-    def r(*shape, scale=1.0):
-        return torch.randn(*shape, generator=g, **f64) * scale
-
-    if form == "var":
-        alpha, beta, c = r(b, d, length, n, scale=0.3), r(b, d, length), r(b, d, length, n)
-    else:
-        alpha, beta, c = r(d, n, scale=0.3), r(d), None
-    args = (r(b, d, length), alpha, beta, c, r(d), r(b, d, n))
-    ref = torch.ops.bmojo.companion_scan_fwd(*args)
-    got = cuda_impl(companion.companion_scan_fwd)(*args)
-    for rr, o in zip(ref, got, strict=True):
-        same(o, rr, torch.float64)
-    bargs = (*args, ref[2], r(b, d, length), r(b, d, n))
-    ref_g = torch.ops.bmojo.companion_scan_bwd(*bargs)
-    got_g = cuda_impl(companion.companion_scan_bwd)(*bargs)
-    for rr, o in zip(ref_g, got_g, strict=True):
-        same(o, rr, torch.float64)
-
-
-# -------------------------------------------------------------------------------- bilinear
-
-
-@pytest.mark.parametrize("dtype", DT)
-@pytest.mark.parametrize(("n", "m"), [(1, 1), (5, 0), (5, 2), (64, 1)])
-def test_bilinear_modulated(emu, dtype, n, m):
-    g = gen("bil", dtype, n, m)
-    b, length = 2, 6 if n == 64 else 11
-    scale = 0.5 / n**0.5
-    bb = torch.randn(b, length, n, generator=g, dtype=dtype)
-    A0 = torch.randn(n, n, generator=g, dtype=dtype) * scale
-    N = torch.randn(m, n, n, generator=g, dtype=dtype) * scale
-    v = torch.randn(b, length, m, generator=g, dtype=dtype)
-    h0 = torch.randn(b, n, generator=g, dtype=dtype)
-    args = (bb, A0, N, v, h0, False)
-    ref = torch.ops.bmojo.bilinear_scan_fwd(*args)
-    got = cuda_impl(bilinear.bilinear_scan_fwd)(*args)
-    for rr, o, what in zip(ref, got, ("xs", "last"), strict=True):
-        same(o, rr, dtype, what)
-    dxs = torch.randn(b, length, n, generator=g, dtype=dtype)
-    dlast = torch.randn(b, n, generator=g, dtype=dtype)
-    bargs = (bb, A0, N, v, h0, ref[0], dxs, dlast)
-    ref_g = torch.ops.bmojo.bilinear_scan_bwd(*bargs)
-    got_g = cuda_impl(bilinear.bilinear_scan_bwd)(*bargs)
-    for rr, o, what in zip(ref_g, got_g, ("db", "dA0", "dN", "dv", "dh0"), strict=True):
-        same(o, rr, dtype, what)
-
-
-def test_bilinear_many_chunks(emu, monkeypatch):
-    """dA0 / dN summed over several (batch, time) chunks, in chunk order."""
-    monkeypatch.setattr(bilinear, "_DMAT_CHUNK", 5)
-    g = gen("bil-chunks")
-    b, length, n, m = 3, 7, 4, 2
-    f64 = dict(dtype=torch.float64)
-    bb, h0 = torch.randn(b, length, n, generator=g, **f64), None
-    A0 = torch.randn(n, n, generator=g, **f64) * 0.3
-    N = torch.randn(m, n, n, generator=g, **f64) * 0.3
-    v = torch.randn(b, length, m, generator=g, **f64)
-    xs, _ = torch.ops.bmojo.bilinear_scan_fwd(bb, A0, N, v, h0, False)
-    bargs = (bb, A0, N, v, h0, xs, torch.randn_like(xs), None)
-    ref = torch.ops.bmojo.bilinear_scan_bwd(*bargs)
-    got = cuda_impl(bilinear.bilinear_scan_bwd)(*bargs)
-    for rr, o, what in zip(ref, got, ("db", "dA0", "dN", "dv", "dh0"), strict=True):
-        same(o, rr, torch.float64, what)
-
-
-@pytest.mark.parametrize("dtype", DT)
-@pytest.mark.parametrize("n", [1, 4, 33])
-def test_bilinear_per_step(emu, dtype, n):
-    g = gen("biltv", dtype, n)
-    b, length = 2, 7
-    bb = torch.randn(b, length, n, generator=g, dtype=dtype)
-    A = torch.randn(b, length, n, n, generator=g, dtype=dtype) * (0.5 / n**0.5)
-    for h0 in (None, torch.randn(b, n, generator=g, dtype=dtype)):
-        ref = torch.ops.bmojo.bilinear_tv_scan_fwd(bb, A, h0, False)
-        got = cuda_impl(bilinear.bilinear_tv_scan_fwd)(bb, A, h0, False)
-        for rr, o, what in zip(ref, got, ("xs", "last"), strict=True):
-            same(o, rr, dtype, what)
-        dxs = torch.randn(b, length, n, generator=g, dtype=dtype)
-        bargs = (bb, A, h0, ref[0], dxs, None)
-        ref_g = torch.ops.bmojo.bilinear_tv_scan_bwd(*bargs)
-        got_g = cuda_impl(bilinear.bilinear_tv_scan_bwd)(*bargs)
-        for rr, o, what in zip(ref_g, got_g, ("db", "dA", "dh0"), strict=True):
-            same(o, rr, dtype, what)
-
-
-# --------------------------------------------------------------------------------- eidetic
-
-
-@pytest.mark.parametrize("dtype", DT)
-@pytest.mark.parametrize("k", [1, 4])
-@pytest.mark.parametrize("chi2", [False, True])
-def test_innovation_bitwise_scalar_level(emu, restore_runtime, dtype, k, chi2):
-    """Bitwise equal to the CPU's scalar level (the rule of cuda/eidetic.cu)."""
-    restore_runtime.set_simd_level("scalar")
-    g = gen("innov", dtype, k, chi2)
-    b, length, d = 3, 9, 5
-    y = torch.randn(b, length, d, generator=g, dtype=dtype)
-    w = torch.rand(k, generator=g, dtype=dtype)
-    w[0] = 0.0  # a zero partial sum of the warm-up taps
-    hist = torch.randn(b, k, d, generator=g, dtype=dtype)
-    count = torch.tensor([0, 2, 7], dtype=torch.int64)
-    ema = torch.tensor([[0.0, 0.0], [0.5, 0.3], [1.5, 0.9]], dtype=dtype)
-    args = (y, w, hist, count, ema, chi2, 1.0 / 16.0, 1e-6)
-    ref = torch.ops.bmojo.innovation_scores(*args)
-    got = cuda_impl(eidetic.innovation_scores_op)(*args)
-    for rr, o in zip(ref, got, strict=True):
-        assert torch.equal(o, rr)
-
-
-def _scores(g, b, length, ties):
-    s = torch.rand(b, length, generator=g, dtype=torch.float64)
-    if ties:
-        s = (s * 4).floor()  # many equal scores: the position breaks ties
-    return s
-
-
-@pytest.mark.parametrize("policy", eidetic.POLICIES)
-@pytest.mark.parametrize("ties", [False, True])
-def test_store_bitwise(emu, policy, ties):
-    g = gen("store", policy, ties)
-    b, m, length, chunk, tau = 3, 4, 23, 5, 1.0 if ties else 0.4
-    scores = _scores(g, b, length, ties)
-    pos0 = torch.full((b, m), -1, dtype=torch.int64)
-    sc0 = torch.zeros(b, m, dtype=torch.float64)
-    start = torch.zeros(b, dtype=torch.int64)
-    args = (scores, pos0, sc0, start, chunk, policy, tau)
-    ref = torch.ops.bmojo.eidetic_select(*args)
-    got = cuda_impl(eidetic.eidetic_select_op)(*args)
-    for rr, o in zip(ref, got, strict=True):
-        assert torch.equal(o, rr)
-    # Continue from the built store in pieces with the streaming push: same store.
-    pos, sc, cnt = (t.clone() for t in ref[1:])
-    pos_c, sc_c, cnt_c = pos.clone(), sc.clone(), cnt.clone()
-    more = _scores(g, b, 9, ties)
-    for piece in (more[:, :4], more[:, 4:]):
-        torch.ops.bmojo.eidetic_push(pos, sc, cnt, piece.contiguous(), policy, tau)
-        cuda_impl(eidetic.eidetic_push_op)(pos_c, sc_c, cnt_c, piece.contiguous(), policy, tau)
-        assert torch.equal(pos_c, pos) and torch.equal(sc_c, sc) and torch.equal(cnt_c, cnt)
-
-
-def test_store_errors_write_nothing(emu):
-    b = 2
-    pos = torch.tensor([[0, 1, -1], [2, 0, 1]], dtype=torch.int64)
-    sc = torch.tensor([[0.1, 0.5, 0.0], [0.2, 0.3, 0.4]], dtype=torch.float64)
-    cnt = torch.tensor([2, 3], dtype=torch.int64)
-    push = cuda_impl(eidetic.eidetic_push_op)
-    before = (pos.clone(), sc.clone(), cnt.clone())
-    bad = torch.tensor([[0.3], [float("nan")]], dtype=torch.float64)
-    with pytest.raises(BmojoValueError, match="NaN"):
-        push(pos, sc, cnt, bad, "topk", 0.0)
-    broken = pos.clone()
-    broken[1] = torch.tensor([2, 2, 1])
-    with pytest.raises(BmojoValueError, match="row 1"):
-        push(broken, sc, cnt, torch.zeros(b, 1, dtype=torch.float64), "topk", 0.0)
-    assert all(torch.equal(x, y) for x, y in zip((pos, sc, cnt), before, strict=True))
-    with pytest.raises(BmojoValueError, match="row 1"):
-        cuda_impl(eidetic.eidetic_select_op)(
-            torch.zeros(b, 4, dtype=torch.float64), broken, sc, cnt, 2, "fifo", 0.0
-        )
-
-
-def test_empty_sequences(emu):
-    """L = 0 (and K = 1 / empty batch) edge cases: the same outputs as the CPU ops."""
-    f64 = dict(dtype=torch.float64)
-    x, w, bias = torch.zeros(2, 3, 0, **f64), torch.ones(3, 3, **f64), None
-    h0 = torch.randn(2, 3, 2, **f64)
-    for args, op in (
-        ((x, w, bias, None, h0, True), conv.causal_conv1d_fwd),
-        ((x, w, bias, None, h0, x, torch.randn(2, 3, 2, **f64), True), conv.causal_conv1d_bwd),
-        ((torch.zeros(0, 3, 5, **f64), w, torch.ones(3, **f64), None, None, False),
-         conv.causal_conv1d_fwd),
-        ((torch.zeros(2, 3, 0, **f64), torch.rand(3, 2, **f64), None, None, None,
-          torch.randn(2, 3, 2, **f64)), companion.companion_scan_fwd),
-        ((torch.zeros(0, 3, 4, **f64), torch.rand(3, 2, **f64), torch.rand(3, **f64), None,
-          torch.rand(3, **f64), None), companion.companion_scan_fwd),
-        ((torch.zeros(2, 0, 3, **f64), torch.rand(3, 3, **f64), torch.zeros(0, 3, 3, **f64),
-          torch.zeros(2, 0, 0, **f64), torch.randn(2, 3, **f64), False),
-         bilinear.bilinear_scan_fwd),
-        ((torch.zeros(2, 0, 4, **f64), torch.full((2,), 0.5, **f64), torch.randn(2, 2, 4, **f64),
-          torch.tensor([0, 3]), torch.rand(2, 2, **f64), True, 0.0625, 1e-6),
-         eidetic.innovation_scores_op),
-        ((torch.zeros(2, 0, **f64), torch.full((2, 3), -1), torch.zeros(2, 3, **f64),
-          torch.tensor([4, 0]), 3, "topk", 0.0), eidetic.eidetic_select_op),
-    ):  # fmt: skip
-        ref = getattr(torch.ops.bmojo, op._name.split("::")[-1])(*args)
-        got = cuda_impl(op)(*args)
-        for r, o in zip(ref, got, strict=True):
-            assert o.shape == r.shape and torch.equal(o, r), op._name
-    # Companion backward with L = 0: the final state's gradient is the initial state's.
-    u, a = torch.zeros(2, 3, 0, **f64), torch.rand(3, 2, **f64)
-    dl = torch.randn(2, 3, 2, **f64)
-    bargs = (u, a, None, None, torch.rand(3, **f64), torch.randn(2, 3, 2, **f64), u, u, dl)
-    ref = torch.ops.bmojo.companion_scan_bwd(*bargs)
-    got = cuda_impl(companion.companion_scan_bwd)(*bargs)
-    for r, o in zip(ref, got, strict=True):
-        assert o.shape == r.shape and torch.equal(o, r)
-
-
-def test_size_limits_of_the_kernels(emu):
-    """Orders / state sizes the kernels cannot hold raise before any launch."""
-    u = torch.zeros(1, 2, 3, dtype=torch.float64)
-    with pytest.raises(BmojoValueError, match="order"):
-        cuda_impl(companion.companion_scan_fwd)(u, torch.zeros(2, 65, dtype=torch.float64),
-                                                None, None, None, None)  # fmt: skip
-    b = torch.zeros(1, 3, 65, dtype=torch.float64)
-    with pytest.raises(BmojoValueError, match="state size"):
-        cuda_impl(bilinear.bilinear_tv_scan_fwd)(b, torch.zeros(1, 3, 65, 65), None, False)
-
-
-def test_every_declared_kernel_has_its_entry_points(emu):
-    """Each kernel the four op modules declare exists in its source for every declared
-    dtype (the emulated build's C signatures; the GPU build is the NVRTC compile test)."""
-    build = Path(tempfile.gettempdir()) / "bmojo_cuda_emu"
-    ours = ("conv.cu", "companion.cu", "bilinear.cu", "eidetic.cu")
-    sigs = {src: _Lib(src, build).sigs for src in ours}
-    kernels = [k for k in _cuda.declared() if k.source in ours]
-    assert len(kernels) >= 20
-    for k in kernels:
-        for sfx in k.dtypes:
-            assert k.symbol(sfx) in sigs[k.source], f"{k.source}: no {k.symbol(sfx)}"
-
-
-def test_simd_levels_known():
-    assert "scalar" in bmojo_core.simd_levels()
+    s_want, s_got = state.reshape(slots, dim, n).clone(), state.reshape(slots, dim, n).clone()
+    sn_want = torch.full((batch, ntok, dim, n), 7.0, dtype=dtype)
+    sn_got = sn_want.clone()
+    out_want = torch.ops.bmojo.selective_state_update(*args(s_want, sn_want))
+    out_got = step._step_cuda(*args(s_got, sn_got))
+    close(out_got, out_want, "out")
+    close(s_got, s_want, "state")
+    close(sn_got, sn_want, "intermediate_states")
+    if ntok == 1 and idx is None:  # the decode fast path: same kernel, same results
+        s_fast = state.reshape(slots, dim, n).clone()
+        bc = (batch, g, n) if g > 1 else (batch, n)
+        out_fast = step._cuda_fast(
+            s_fast, flat(kw["x"], batch, dim), flat(kw["dt"], batch, dim), flat(kw["A"], dim, n),
+            flat(kw["B"], *bc), flat(kw["C"], *bc), flat(kw["D"], dim), flat(kw["z"], batch, dim),
+            flat(kw["dt_bias"], dim), kw["dt_softplus"],
+        )  # fmt: skip
+        assert out_fast is not None
+        close(out_fast, out_want.reshape(batch, dim), "fast path out")
+        close(s_fast, s_want, "fast path state")

@@ -4,8 +4,10 @@ Layering: the public functions (`diag_scan`, `selective_scan_fn`) validate and n
 their arguments (dtype, contiguity, B/C layout) and call the ops in the ``bmojo``
 namespace. Each op has a CPU kernel (the Rust core), a fake implementation for tracing
 and `torch.compile`, and, for the forwards, an autograd formula whose backward is itself
-an op. The kernels are registered for CPU only; a CUDA kernel slots in beside them with
-``torch.library.register_kernel(op, "cuda", ...)``.
+an op. Every op has a CPU kernel (Rust) and a CUDA kernel (``cuda/scan.cu``, compiled
+by NVRTC on first use, registered with ``register_kernel(..., "cuda")``) with the same
+outputs. On CUDA the selective scan keeps float16/bfloat16 activations in their dtype
+(the kernels accumulate in float32); parameters and states are float32 there.
 """
 
 from __future__ import annotations
@@ -17,8 +19,66 @@ from torch import Tensor
 
 from . import _core
 from . import _validate as V
+from . import cuda as _cuda
 
 CHUNK: int = _core.CHECKPOINT_CHUNK
+
+# CUDA kernels (cuda/scan.cu): one block of _NT threads per (batch row, channel [block]).
+_K_DIAG = _cuda.declare("scan.cu", "diag_scan")
+_K_SEL_FWD = _cuda.declare("scan.cu", "selective_scan_fwd")
+_K_SEL_BWD = _cuda.declare("scan.cu", "selective_scan_bwd")
+_NT = 128
+_SEL_BWD_CB = 16  # most channels per backward block with a variable B/C
+# Dynamic shared memory available without opting in: 48 KiB less the kernels' static
+# buffers (the forward stages three tiles, about 13 KiB; the backward under 1 KiB).
+_SMEM_FWD = 35 * 1024
+_SMEM = 47 * 1024
+_MAX_GRID_Y = 65535
+_SUFFIX = {
+    torch.float32: "f32",
+    torch.float64: "f64",
+    torch.float16: "f16",
+    torch.bfloat16: "bf16",
+}
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _ptr(t: Tensor | None):
+    return 0 if t is None else t
+
+
+def _tensor(name: str, t: object, *, dtypes=V.FLOATS) -> Tensor:
+    """`_validate.tensor`, but CUDA tensors are accepted too (these ops have CUDA kernels);
+    `_same_device` then checks that every input is on one device."""
+    if isinstance(t, Tensor) and t.device.type == "cuda":
+        if t.dtype not in dtypes:
+            allowed = ", ".join(V.dtype_name(d) for d in dtypes)
+            raise V.BmojoTypeError(f"{name}: expected dtype {allowed}, got {V.dtype_name(t.dtype)}")
+        return t
+    if isinstance(t, Tensor) and t.device.type != "cpu":
+        raise V.BmojoValueError(f"{name}: expected a CPU or CUDA tensor, got device {t.device}")
+    return V.tensor(name, t, dtypes=dtypes)
+
+
+def _same_device(named: dict[str, Tensor | None], anchor: str) -> torch.device:
+    """The anchor's device; every other given tensor must be on it."""
+    dev = named[anchor].device  # type: ignore[union-attr]
+    for name, t in named.items():
+        if t is not None and t.device != dev:
+            raise V.BmojoValueError(
+                f"{name}: expected a tensor on {dev} (the device of {anchor}), got device "
+                f"{t.device}; move all inputs to one device"
+            )
+    return dev
+
+
+def _want(name: str, t: Tensor | None, dtype: torch.dtype) -> None:
+    """Dtype contract of a CUDA op kernel (the public wrappers always satisfy it)."""
+    if t is not None and t.dtype != dtype:
+        raise V.BmojoTypeError(
+            f"{name}: the CUDA kernel expects dtype {V.dtype_name(dtype)}, got "
+            f"{V.dtype_name(t.dtype)}"
+        )
 
 
 def _np(t: Tensor):
@@ -48,6 +108,30 @@ def diag_scan_fwd(
     return h, last
 
 
+def _diag_cuda(a, b, h0, h, last, reverse) -> None:
+    """h, last <- scan of contiguous (lanes, L) a, b on the GPU (one block per lane)."""
+    lanes, length = b.shape
+    for name, t in (("a", a), ("initial_state", h0)):
+        _want(name, t, b.dtype)
+    if lanes == 0:
+        return
+    _K_DIAG.launch(
+        _SUFFIX[b.dtype], grid=(lanes, 1, 1), block=(_NT, 1, 1),
+        args=(a, b, _ptr(h0), h, last, length, int(reverse)), fmt="ppppp" "li",
+        device=b.device,
+    )  # fmt: skip
+
+
+@diag_scan_fwd.register_kernel("cuda")
+def _diag_fwd_cuda(a, b, initial_state, reverse):
+    a, b = a.contiguous(), b.contiguous()
+    h0 = None if initial_state is None else initial_state.contiguous()
+    h = torch.empty_like(b)
+    last = b.new_empty(b.shape[0])
+    _diag_cuda(a, b, h0, h, last, reverse)
+    return h, last
+
+
 @diag_scan_fwd.register_fake
 def _(a, b, initial_state, reverse):
     return torch.empty_like(b), b.new_empty(b.shape[0])
@@ -68,12 +152,17 @@ def diag_scan_bwd(
     with the coefficients shifted by one step (and vice versa for a reverse scan); then
     db = G, da_t = G_t h_prev(t) and dinitial_state = a_first G_first.
     """
+    return _diag_bwd(a, h, initial_state, dh, dlast, reverse, False)
+
+
+def _diag_bwd(a, h, initial_state, dh, dlast, reverse, gpu):
+    """The backward formula; its adjoint scan runs on the CUDA kernel if `gpu`."""
     lanes, length = a.shape
-    h0 = torch.zeros(lanes, dtype=a.dtype) if initial_state is None else initial_state
+    h0 = a.new_zeros(lanes) if initial_state is None else initial_state
     if length == 0:
         g0 = dlast if dlast is not None else torch.zeros_like(h0)
         return torch.empty_like(a), torch.empty_like(a), g0.clone()
-    one = torch.ones(lanes, 1, dtype=a.dtype)
+    one = a.new_ones(lanes, 1)
     dh = dh.contiguous()
     if not reverse:
         shifted = torch.cat([a[:, 1:], one], dim=1)
@@ -85,8 +174,19 @@ def diag_scan_bwd(
         first = length - 1
     g = torch.empty_like(dh)
     g_end = dh.new_empty(lanes)
-    _core.diag_scan(_np(shifted), _np(dh), _np_opt(dlast), g.numpy(), g_end.numpy(), not reverse)
+    if gpu:
+        dl = None if dlast is None else dlast.contiguous()
+        _diag_cuda(shifted.contiguous(), dh, dl, g, g_end, not reverse)
+    else:
+        _core.diag_scan(
+            _np(shifted), _np(dh), _np_opt(dlast), g.numpy(), g_end.numpy(), not reverse
+        )
     return g * prev, g, a[:, first] * g[:, first]
+
+
+@diag_scan_bwd.register_kernel("cuda")
+def _diag_bwd_cuda(a, h, initial_state, dh, dlast, reverse):
+    return _diag_bwd(a.contiguous(), h, initial_state, dh.contiguous(), dlast, reverse, True)
 
 
 @diag_scan_bwd.register_fake
@@ -127,8 +227,8 @@ def diag_scan(
     of ``b``), plus the state after the last step consumed if ``return_last_state``.
     Differentiable in ``a``, ``b`` and ``initial_state``.
     """
-    V.tensor("a", a)
-    V.tensor("b", b)
+    _tensor("a", a)
+    _tensor("b", b)
     if b.dim() < 1:
         raise V.BmojoValueError(
             f"b: expected shape (..., L) with at least 1 dimension, got {tuple(b.shape)}"
@@ -136,8 +236,9 @@ def diag_scan(
     V.shape("a", a, tuple(b.shape), "(the shape of b)")
     lead = tuple(b.shape[:-1])
     if initial_state is not None:
-        V.tensor("initial_state", initial_state)
+        _tensor("initial_state", initial_state)
         V.shape("initial_state", initial_state, lead, "(b's shape without the last axis)")
+    _same_device({"b": b, "a": a, "initial_state": initial_state}, "b")
     cdt = V.compute_dtype({"b": b, "a": a, "initial_state": initial_state}, "b")
     length = b.shape[-1]
     lanes = math.prod(lead)  # explicit: reshape(-1, 0) is ambiguous when L == 0
@@ -171,17 +272,72 @@ def selective_scan_fwd(
     """Normalised selective scan: every float input in one dtype (float32/float64), B and
     C either (dim, N) or (batch, G, N, L), seq_idx int64. Returns (out, last_state,
     checkpoints); the checkpoints (states before every CHUNK-step chunk) feed the
-    backward."""
+    backward. On CUDA, u/delta/z and a variable B/C may also be float16/bfloat16 (one
+    dtype); the rest (A, D, delta_bias, initial_state, a constant B/C) is then float32,
+    the dtype of last_state and the checkpoints."""
     batch, dim, length = u.shape
     n = A.shape[1]
     out = torch.empty_like(u, memory_format=torch.contiguous_format)
-    last = u.new_empty(batch, dim, n)
-    ckpt = u.new_empty(batch, dim, _n_chunks(length), n)
+    last = A.new_empty(batch, dim, n)
+    ckpt = A.new_empty(batch, dim, _n_chunks(length), n)
     _core.selective_scan_fwd(
         _np(u), _np(delta), _np(A), _np(B), _np(C), _np_opt(D), _np_opt(z),
         _np_opt(delta_bias), _np_opt(initial_state), _np_opt(seq_idx), delta_softplus,
         out.numpy(), last.numpy(), ckpt.numpy(),
     )  # fmt: skip
+    return out, last, ckpt
+
+
+def _sel_cuda_check(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, extra=()):
+    """Dtype contract of the CUDA selective-scan kernels: activations (u, delta, z, a
+    variable B/C, `extra`) in u's dtype, the rest in the compute dtype (A's)."""
+    cdt = torch.float64 if u.dtype == torch.float64 else torch.float32
+    for name, t in (("delta", delta), ("z", z), *extra):
+        _want(name, t, u.dtype)
+    for name, t in (
+        ("A", A),
+        ("D", D),
+        ("delta_bias", delta_bias),
+        ("initial_state", initial_state),
+    ):
+        _want(name, t, cdt)
+    for name, t in (("B", B), ("C", C)):
+        _want(name, t, u.dtype if t.dim() == 4 else cdt)
+    if seq_idx is not None:
+        _want("seq_idx", seq_idx, torch.int64)
+    if u.shape[0] > _MAX_GRID_Y:
+        raise V.BmojoValueError(f"u: at most {_MAX_GRID_Y} batch rows on CUDA, got {u.shape[0]}")
+    return cdt
+
+
+def _c(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.contiguous()
+
+
+@selective_scan_fwd.register_kernel("cuda")
+def _sel_fwd_cuda(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, delta_softplus):
+    _sel_cuda_check(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx)
+    u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx = map(
+        _c, (u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx)
+    )
+    batch, dim, length = u.shape
+    n = A.shape[1]
+    nck = _n_chunks(length)
+    out = torch.empty_like(u)
+    last = A.new_empty(batch, dim, n)
+    ckpt = A.new_empty(batch, dim, nck, n)
+    smem = n * A.element_size()
+    if smem > _SMEM_FWD:
+        raise V.BmojoValueError(f"A: N = {n} is too large for the CUDA kernel")
+    if batch and dim:
+        _K_SEL_FWD.launch(
+            _SUFFIX[u.dtype], grid=(dim, batch, 1), block=(_NT, 1, 1),
+            args=(u, delta, A, B, C, _ptr(D), _ptr(z), _ptr(delta_bias), _ptr(initial_state),
+                  _ptr(seq_idx), out, last, ckpt, dim, length, n,
+                  B.shape[1] if B.dim() == 4 else 0, C.shape[1] if C.dim() == 4 else 0,
+                  int(delta_softplus), CHUNK, nck),
+            fmt="p" * 13 + "i" * 8, shared_mem=smem, device=u.device,
+        )  # fmt: skip
     return out, last, ckpt
 
 
@@ -191,8 +347,8 @@ def _(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, delta_softplu
     n = A.shape[1]
     return (
         u.new_empty(batch, dim, length),
-        u.new_empty(batch, dim, n),
-        u.new_empty(batch, dim, _n_chunks(length), n),
+        A.new_empty(batch, dim, n),
+        A.new_empty(batch, dim, _n_chunks(length), n),
     )
 
 
@@ -218,7 +374,7 @@ def selective_scan_bwd(
     n = A.shape[1]
     du, ddelta = torch.empty_like(u), torch.empty_like(u)
     dA, dB, dC = torch.empty_like(A), torch.empty_like(B), torch.empty_like(C)
-    dh0 = u.new_empty(batch, dim, n)
+    dh0 = A.new_empty(batch, dim, n)
     dD = torch.empty_like(D) if D is not None else u.new_empty(0)
     dz = torch.empty_like(z) if z is not None else u.new_empty(0)
     dbias = torch.empty_like(delta_bias) if delta_bias is not None else u.new_empty(0)
@@ -233,6 +389,77 @@ def selective_scan_bwd(
     return du, ddelta, dA, dB, dC, dD, dz, dbias, dh0
 
 
+def _channels_per_block(dim: int, n: int, esize: int, mats) -> int:
+    """Channels per backward block: 1 unless B or C varies (then a block sums its
+    channels' dB/dC partials): the largest divisor of every varying matrix's group size
+    that is <= _SEL_BWD_CB and fits the shared memory."""
+    size = 0
+    for m in mats:
+        if m.dim() == 4:
+            size = math.gcd(size, dim // m.shape[1])
+    best = 1
+    for cb in range(1, min(size, _SEL_BWD_CB) + 1):
+        if size % cb == 0 and (4 * n + 2) * cb * esize <= _SMEM:
+            best = cb
+    return best
+
+
+@selective_scan_bwd.register_kernel("cuda")
+def _sel_bwd_cuda(
+    u, delta, A, B, C, D, z, delta_bias, seq_idx, delta_softplus, checkpoints, dout, dlast
+):
+    cdt = _sel_cuda_check(
+        u, delta, A, B, C, D, z, delta_bias, None, seq_idx,
+        extra=(("dout", dout),),
+    )  # fmt: skip
+    _want("checkpoints", checkpoints, cdt)
+    _want("dlast_state", dlast, cdt)
+    u, delta, A, B, C, D, z, delta_bias, seq_idx, checkpoints, dout, dlast = map(
+        _c, (u, delta, A, B, C, D, z, delta_bias, seq_idx, checkpoints, dout, dlast)
+    )
+    batch, dim, length = u.shape
+    n = A.shape[1]
+    cb = _channels_per_block(dim, n, A.element_size(), (B, C))
+    smem = (4 * n + 2) * cb * A.element_size()
+    if smem > _SMEM:
+        raise V.BmojoValueError(f"A: N = {n} is too large for the CUDA kernel")
+    nblk = dim // cb if dim else 0
+    du, ddelta, dh0 = torch.empty_like(u), torch.empty_like(u), A.new_empty(batch, dim, n)
+    dz = torch.empty_like(z) if z is not None else u.new_empty(0)
+    # Per-block partials in the compute dtype (the kernel writes every entry), summed
+    # below in a fixed order: reproducible, no atomics.
+    pA, pD, pbias = A.new_empty(batch, dim, n), A.new_empty(batch, dim), A.new_empty(batch, dim)
+
+    def part(m):
+        return A.new_empty(batch, nblk, n, length) if m.dim() == 4 else A.new_empty(batch, dim, n)
+
+    pB, pC = part(B), part(C)
+    if batch and dim:
+        _K_SEL_BWD.launch(
+            _SUFFIX[u.dtype], grid=(nblk, batch, 1), block=(_NT, 1, 1),
+            args=(u, delta, A, B, C, _ptr(D), _ptr(z), _ptr(delta_bias), _ptr(seq_idx),
+                  checkpoints, dout, _ptr(dlast), du, ddelta, dz if z is not None else 0, dh0,
+                  pA, pB, pC, pD, pbias, dim, length, n,
+                  B.shape[1] if B.dim() == 4 else 0, C.shape[1] if C.dim() == 4 else 0,
+                  int(delta_softplus), CHUNK, _n_chunks(length), cb),
+            fmt="p" * 21 + "i" * 9, shared_mem=smem, device=u.device,
+        )  # fmt: skip
+    elif dlast is not None:
+        dh0.copy_(dlast)
+    else:
+        dh0.zero_()
+
+    def reduce(p, m):
+        if m.dim() == 4:
+            g = m.shape[1]
+            return p.view(batch, g, nblk // g, n, length).sum(2).to(m.dtype)
+        return p.sum(0)
+
+    dD = pD.sum(0) if D is not None else u.new_empty(0)
+    dbias = pbias.sum(0) if delta_bias is not None else u.new_empty(0)
+    return du, ddelta, pA.sum(0), reduce(pB, B), reduce(pC, C), dD, dz, dbias, dh0
+
+
 @selective_scan_bwd.register_fake
 def _(u, delta, A, B, C, D, z, delta_bias, seq_idx, delta_softplus, checkpoints, dout, dlast):
     batch, dim, _ = u.shape
@@ -245,7 +472,7 @@ def _(u, delta, A, B, C, D, z, delta_bias, seq_idx, delta_softplus, checkpoints,
         u.new_empty(0) if D is None else torch.empty_like(D),
         u.new_empty(0) if z is None else torch.empty_like(z),
         u.new_empty(0) if delta_bias is None else torch.empty_like(delta_bias),
-        u.new_empty(batch, dim, A.shape[1]),
+        A.new_empty(batch, dim, A.shape[1]),
     )
 
 
@@ -330,22 +557,22 @@ def selective_scan_fn(
     ``(batch, dim, N)`` in the compute dtype (float64 for float64 inputs, else float32).
     Differentiable in every tensor input and through ``last_state``.
     """
-    V.tensor("u", u)
+    _tensor("u", u)
     if u.dim() != 3:
         raise V.BmojoValueError(f"u: expected shape (batch, dim, L), got {tuple(u.shape)}")
     batch, dim, length = u.shape
-    V.tensor("delta", delta)
+    _tensor("delta", delta)
     V.shape("delta", delta, (batch, dim, length), "(batch, dim, L) like u")
     if isinstance(A, Tensor) and A.is_complex():
         raise V.BmojoTypeError("A: complex A is not supported yet; pass a real (dim, N) tensor")
-    V.tensor("A", A)
+    _tensor("A", A)
     if A.dim() != 2 or A.shape[0] != dim or A.shape[1] < 1:
         raise V.BmojoValueError(f"A: expected shape ({dim}, N) with N >= 1, got {tuple(A.shape)}")
     n = A.shape[1]
     if isinstance(B, Tensor) and B.is_complex() or isinstance(C, Tensor) and C.is_complex():
         raise V.BmojoTypeError("B/C: complex matrices are not supported")
-    V.tensor("B", B)
-    V.tensor("C", C)
+    _tensor("B", B)
+    _tensor("C", C)
     Bk = _check_bc("B", B, batch, dim, n, length)
     Ck = _check_bc("C", C, batch, dim, n, length)
     for name, t, shp, desc in (
@@ -355,10 +582,10 @@ def selective_scan_fn(
         ("initial_state", initial_state, (batch, dim, n), "(batch, dim, N)"),
     ):
         if t is not None:
-            V.tensor(name, t)
+            _tensor(name, t)
             V.shape(name, t, shp, desc)
     if seq_idx is not None:
-        V.tensor("seq_idx", seq_idx, dtypes=V.INTS)
+        _tensor("seq_idx", seq_idx, dtypes=V.INTS)
         V.shape("seq_idx", seq_idx, (batch, length), "(batch, L)")
     # Activations share u's dtype; parameters and the state may also be float32 (as in
     # mamba_ssm, where they stay float32 under autocast).
@@ -373,11 +600,16 @@ def selective_scan_fn(
             raise V.BmojoTypeError(f"{name}: expected dtype {want} (like u) or float32, got {got}")
     named = {"u": u, "delta": delta, "A": A, "B": B, "C": C, "D": D, "z": z,
              "delta_bias": delta_bias, "initial_state": initial_state}  # fmt: skip
+    _same_device({**named, "seq_idx": seq_idx}, "u")
     cdt = V.compute_dtype(named, "u")
     c = V.as_compute
+    # The CUDA kernels read float16/bfloat16 activations as they are (half the traffic);
+    # the CPU kernels take everything in the compute dtype.
+    act = u.dtype if u.is_cuda and u.dtype in _HALF else cdt
     out, last, _ = torch.ops.bmojo.selective_scan_fwd(
-        c(u, cdt), c(delta, cdt), c(A, cdt), c(Bk, cdt), c(Ck, cdt), c(D, cdt), c(z, cdt),
-        c(delta_bias, cdt), c(initial_state, cdt),
+        c(u, act), c(delta, act), c(A, cdt), c(Bk, act if Bk.dim() == 4 else cdt),
+        c(Ck, act if Ck.dim() == 4 else cdt), c(D, cdt), c(z, act), c(delta_bias, cdt),
+        c(initial_state, cdt),
         None if seq_idx is None else seq_idx.to(torch.int64).contiguous(),
         bool(delta_softplus),
     )  # fmt: skip

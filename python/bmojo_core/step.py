@@ -7,6 +7,10 @@ call, more than the step itself at decode sizes. Under ``torch.compile`` or anot
 tracing mode it goes through the registered op ``bmojo::selective_state_update``
 instead. The step is inference-only (it updates ``state`` in place); train with
 ``selective_scan_fn``.
+
+CUDA tensors run the kernel of ``cuda/step.cu`` (same semantics), with the same kind of
+fast path: plain contiguous tensors in the state's dtype (float32/float64) and the
+``(slots, dim, N)`` layout go straight to the launcher after a few shape checks.
 """
 
 from __future__ import annotations
@@ -16,6 +20,11 @@ from torch import Tensor
 
 from . import _core
 from . import _validate as V
+from . import cuda as _cuda
+from .scan import _MAX_GRID_Y, _SUFFIX, _ptr, _same_device, _tensor
+
+_K_STEP = _cuda.declare("step.cu", "selective_state_update")
+_STEP_NT = 128  # threads per block: one per channel
 
 
 def _np(t: Tensor):
@@ -67,6 +76,104 @@ def selective_state_update_op(
     return out
 
 
+def _launch(state, x, dt, A, B, C, D, z, dt_bias, softplus, slots, snaps, out, ntok, groups):
+    """The kernel launch on contiguous tensors of one dtype whose shapes the caller has
+    checked (x/dt/z/out hold (batch, ntok, dim) values, B/C (batch, ntok, groups, N))."""
+    nslot, dim, n = state.shape
+    batch = x.shape[0]
+    if batch > _MAX_GRID_Y:
+        raise V.BmojoValueError(f"x: at most {_MAX_GRID_Y} batch rows on CUDA, got {batch}")
+    if batch == 0 or ntok == 0 or dim == 0:
+        return
+    _K_STEP.launch(
+        _SUFFIX[state.dtype], ((dim + _STEP_NT - 1) // _STEP_NT, batch, 1), (_STEP_NT, 1, 1),
+        (state, x, dt, A, B, C, D, z, dt_bias, slots, out, snaps, batch, ntok, dim, n, groups,
+         softplus, nslot),
+        "pppppppppppp" "iiiiii" "l", 0, state.device,
+    )  # fmt: skip
+
+
+def _run_cuda(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, slots, snaps, out) -> None:
+    """CUDA kernel call on normalised contiguous tensors of one dtype (shapes checked by
+    the caller). Slots past the pool are never dereferenced (their output is NaN)."""
+    _launch(state, x, dt, A, B, C, _ptr(D), _ptr(z), _ptr(dt_bias), int(dt_softplus),
+            _ptr(slots), _ptr(snaps), out, x.shape[1], B.shape[2])  # fmt: skip
+
+
+@selective_state_update_op.register_kernel("cuda")
+def _step_cuda(
+    state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices, intermediate_states
+):
+    named = {"x": x, "dt": dt, "A": A, "B": B, "C": C, "D": D, "z": z, "dt_bias": dt_bias,
+             "intermediate_states": intermediate_states}  # fmt: skip
+    for name, t in named.items():
+        if t is not None and t.dtype != state.dtype:
+            raise V.BmojoTypeError(
+                f"{name}: the CUDA kernel expects dtype {V.dtype_name(state.dtype)} like state, "
+                f"got {V.dtype_name(t.dtype)}"
+            )
+    if not state.is_contiguous() or (
+        intermediate_states is not None and not intermediate_states.is_contiguous()
+    ):
+        raise V.BmojoValueError(
+            "state/intermediate_states: the CUDA kernel updates contiguous tensors"
+        )
+    x, dt, A, B, C, D, z, dt_bias = (
+        None if t is None else t.contiguous() for t in (x, dt, A, B, C, D, z, dt_bias)
+    )
+    slots = (
+        None if state_batch_indices is None else state_batch_indices.to(torch.int64).contiguous()
+    )
+    out = x.new_empty(x.shape)
+    _run_cuda(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, slots, intermediate_states, out)
+    return out
+
+
+def _cuda_fast(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
+    """The CUDA decode path: plain contiguous tensors of the state's dtype on its device,
+    in the (batch, dim, N) layout, one token, no state_batch_indices. Returns None (the
+    validating path takes over) on anything else. Shapes, dtypes and devices are checked
+    exactly here, as cheaply as possible (the launch takes raw pointers; the call must
+    stay within a few microseconds)."""
+    if type(state) is not Tensor or state.dim() != 3 or type(x) is not Tensor or x.dim() != 2:
+        return None
+    nslot, dim, n = state.shape
+    batch = x.shape[0]
+    dtype = state.dtype
+    if nslot != batch or (dtype is not torch.float32 and dtype is not torch.float64):
+        return None
+    if type(B) is not Tensor:
+        return None
+    if B.dim() == 2:
+        groups, bc = 1, (batch, n)
+    else:
+        groups = B.shape[1] if B.dim() == 3 else 0
+        if groups == 0 or dim % groups:
+            return None
+        bc = (batch, groups, n)
+    dev = state.get_device()
+    xs = (batch, dim)
+    for t, shp in ((x, xs), (dt, xs), (A, (dim, n)), (B, bc), (C, bc)):
+        if (
+            type(t) is not Tensor or t.dtype is not dtype or t.shape != shp
+            or t.get_device() != dev or not t.is_contiguous()
+        ):  # fmt: skip
+            return None
+    for t, shp in ((z, xs), (D, (dim,)), (dt_bias, (dim,))):  # optional
+        if t is not None and (
+            type(t) is not Tensor or t.dtype is not dtype or t.shape != shp
+            or t.get_device() != dev or not t.is_contiguous()
+        ):  # fmt: skip
+            return None
+    if not state.is_contiguous():
+        return None
+    out = torch.empty(xs, dtype=dtype, device=state.device)
+    _launch(state, x, dt, A, B, C, 0 if D is None else D, 0 if z is None else z,
+            0 if dt_bias is None else dt_bias, 1 if dt_softplus else 0, 0, 0, out, 1,
+            groups)  # fmt: skip
+    return out
+
+
 @selective_state_update_op.register_fake
 def _(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices, intermediate_states):
     return x.new_empty(x.shape)
@@ -107,7 +214,17 @@ def selective_state_update(
     index marks a padding row (output zero, nothing written). Bad input raises a
     ``BmojoError`` before anything is written, so a failed call leaves ``state`` as it was.
     """
-    if intermediate_states is None and not torch.compiler.is_compiling():
+    if (
+        intermediate_states is None
+        and state_batch_indices is None  # indices are checked (a host sync) on the slow path
+        and isinstance(state, Tensor)
+        and state.is_cuda
+        and not torch.compiler.is_compiling()
+    ):
+        out = _cuda_fast(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+        if out is not None:
+            return out
+    elif intermediate_states is None and not torch.compiler.is_compiling():
         # The decode path: plain contiguous CPU tensors already in the state's dtype, in
         # the (slots, dim, N) layout. The kernel checks every shape exactly and validates
         # everything before writing; on any mismatch (or a tensor NumPy cannot view) the
@@ -123,8 +240,8 @@ def selective_state_update(
             return torch.from_numpy(out)
         except (TypeError, ValueError, RuntimeError, AttributeError):
             pass
-    V.tensor("state", state)
-    V.tensor("x", x)
+    _tensor("state", state)
+    _tensor("x", x)
     heads = state.dim() == 4
     if state.dim() not in (3, 4):
         raise V.BmojoValueError(
@@ -140,12 +257,12 @@ def selective_state_update(
     ntok = x.shape[1] if multi else 1
     lead = (batch, ntok) if multi else (batch,)
     xs = (*lead, *inner)
-    V.tensor("dt", dt)
+    _tensor("dt", dt)
     V.shape("dt", dt, xs, "like x")
-    V.tensor("A", A)
+    _tensor("A", A)
     V.shape("A", A, (*inner, n), "(" + ("H, P" if heads else "dim") + ", N)")
     for name, m in (("B", B), ("C", C)):
-        V.tensor(name, m)
+        _tensor(name, m)
         if m.dim() == len(lead) + 1:
             V.shape(name, m, (*lead, n), desc_t + "N)")
         else:
@@ -163,7 +280,7 @@ def selective_state_update(
         )
     for name, t, shp in (("D", D, inner), ("z", z, xs), ("dt_bias", dt_bias, inner)):
         if t is not None:
-            V.tensor(name, t)
+            _tensor(name, t)
             V.shape(name, t, shp, "like x" if name == "z" else str(inner))
     slots = state_batch_indices
     if slots is None and state.shape[0] != batch:
@@ -172,11 +289,15 @@ def selective_state_update(
             f"got {state.shape[0]}"
         )
     if slots is not None:
-        V.tensor("state_batch_indices", slots, dtypes=V.INTS)
+        _tensor("state_batch_indices", slots, dtypes=V.INTS)
         V.shape("state_batch_indices", slots, (batch,), "(batch,)")
-    if slots is not None and not torch.compiler.is_compiling():
-        # Checked again by the kernel; here for the clear message (data-dependent, so not
-        # while tracing).
+    if (
+        slots is not None
+        and not torch.compiler.is_compiling()
+        and not (state.is_cuda and torch.cuda.is_current_stream_capturing())
+    ):
+        # Checked again by the CPU kernel; here for the clear message (data-dependent, so
+        # not while tracing or capturing a CUDA graph).
         used = slots[slots >= 0]
         if used.numel() and int(used.max()) >= state.shape[0]:
             raise V.BmojoValueError(
@@ -188,13 +309,14 @@ def selective_state_update(
                 "state_batch_indices: a slot appears twice (rows would overwrite each other)"
             )
     if intermediate_states is not None:
-        V.tensor("intermediate_states", intermediate_states)
+        _tensor("intermediate_states", intermediate_states)
         V.shape(
             "intermediate_states", intermediate_states, (batch, ntok, *state.shape[1:]),
             "(batch, T, *state.shape[1:])",
         )  # fmt: skip
     named = {"state": state, "x": x, "dt": dt, "A": A, "B": B, "C": C, "D": D, "z": z,
              "dt_bias": dt_bias, "intermediate_states": intermediate_states}  # fmt: skip
+    _same_device({**named, "state_batch_indices": slots}, "state")
     cdt = V.compute_dtype(named, "state")
 
     def flat(t: Tensor | None, shp) -> Tensor | None:
@@ -227,7 +349,8 @@ def selective_state_update(
     if not torch.compiler.is_compiling() and _plain((st, snaps, *args[:8], args[9])):
         out = xk.new_empty(xk.shape)
         with torch.no_grad():
-            _run(st, *args[:8], args[8], args[9], snaps, out)
+            run = _run_cuda if st.is_cuda else _run
+            run(st, *args[:8], args[8], args[9], snaps, out)
     else:
         out = torch.ops.bmojo.selective_state_update(st, *args, snaps)
     if not direct:

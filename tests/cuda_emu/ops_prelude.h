@@ -1,7 +1,9 @@
-// Host emulation of the CUDA built-ins used by cuda/*.cu, so that the kernel sources can be
-// compiled as plain C++ (g++ -std=c++20 -include cuda_emu.h) and run on the CPU by
-// tests/test_cuda_emulated.py: the kernels' logic and their launch arguments are checked
-// against the CPU ops on machines without a GPU. One block runs at a time: its threads are
+// Host emulation of the CUDA built-ins used by the op kernels (conv, companion, bilinear,
+// eidetic), so that their sources compile as plain C++ (g++ -std=c++20 -include this file)
+// into a shared library driven through ctypes by tests/test_cuda_emulated_ops.py (the scan
+// kernels have their own harness, prelude.hpp): the kernels' logic and their launch
+// arguments are checked against the CPU ops on machines without a GPU. One block runs at a
+// time: its threads are
 // either called one after another (kernels without block cooperation) or run as OS threads
 // (kernels with __shared__ / __syncthreads / warp shuffles), synchronised by a barrier.
 // Only the f32 / f64 instantiations are exercised (the 16-bit conversions use PTX).
