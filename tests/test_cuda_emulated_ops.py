@@ -88,7 +88,7 @@ class _Lib:
         src = (CUDA_DIR / source).read_text() + (CUDA_DIR / "common.cuh").read_text()
         key = hashlib.sha256((src + EMU_H.read_text()).encode()).hexdigest()[:16]
         so = build / f"{source}.{key}.so"
-        cmd = [GXX, "-std=c++20", "-O1", "-ffp-contract=off", f"-I{CUDA_DIR}",
+        cmd = [GXX, "-std=c++20", "-O1", "-pthread", "-ffp-contract=off", f"-I{CUDA_DIR}",
                "-include", str(EMU_H), "-x", "c++", str(CUDA_DIR / source)]  # fmt: skip
         if not so.exists():
             # Built under a private name, then renamed: parallel workers never see half a file.
