@@ -3,8 +3,10 @@
 // and converted here, so the same sources compile with any NVRTC >= 12.
 #pragma once
 
-typedef unsigned short bm_half;  // IEEE binary16 bits
-typedef unsigned short bm_bf16;  // bfloat16 bits
+// Distinct wrapper types (two typedefs of unsigned short would make bm_io<bm_half> and
+// bm_io<bm_bf16> the same specialisation); same size and layout as torch's 16-bit floats.
+struct bm_half { unsigned short bits; };  // IEEE binary16 bits
+struct bm_bf16 { unsigned short bits; };  // bfloat16 bits
 typedef long long bm_i64;
 
 // ---- conversions: load any storage type as the compute type, store back rounded ----
@@ -12,23 +14,28 @@ __device__ __forceinline__ float bm_to_float(float x) { return x; }
 __device__ __forceinline__ double bm_to_double(double x) { return x; }
 __device__ __forceinline__ float bm_half_to_float(bm_half h) {
     float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h.bits));
     return f;
 }
 __device__ __forceinline__ bm_half bm_float_to_half(float f) {
     bm_half h;
-    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h.bits) : "f"(f));
     return h;
 }
 __device__ __forceinline__ float bm_bf16_to_float(bm_bf16 b) {
-    return __uint_as_float(((unsigned int)b) << 16);
+    return __uint_as_float(((unsigned int)b.bits) << 16);
 }
 __device__ __forceinline__ bm_bf16 bm_float_to_bf16(float f) {
     // Round to nearest even; NaN stays NaN (quiet bit set).
     unsigned int u = __float_as_uint(f);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (bm_bf16)((u >> 16) | 0x40u);
+    bm_bf16 b;
+    if ((u & 0x7fffffffu) > 0x7f800000u) {
+        b.bits = (unsigned short)((u >> 16) | 0x40u);
+        return b;
+    }
     u += 0x7fffu + ((u >> 16) & 1u);
-    return (bm_bf16)(u >> 16);
+    b.bits = (unsigned short)(u >> 16);
+    return b;
 }
 
 // Storage type S, compute type C (float for f32/f16/bf16, double for f64).
