@@ -69,7 +69,15 @@ pub(crate) unsafe fn symbol<T: Copy>(lib: &libloading::Library, name: &str) -> R
     // SAFETY: forwarded to the caller (see above).
     unsafe { lib.get::<T>(name) }
         .map(|s| *s)
-        .map_err(|e| format!("symbol {name} not found: {e}"))
+        .map_err(|e| format!("symbol {name} not found: {}", describe(&e)))
+}
+
+/// libloading's message with the system's reason (`dlerror`), which it keeps as the source.
+fn describe(e: &libloading::Error) -> String {
+    match std::error::Error::source(e) {
+        Some(s) => s.to_string(),
+        None => e.to_string(),
+    }
 }
 
 /// Loads the first of `candidates` that opens, reporting every failure otherwise.
@@ -81,7 +89,14 @@ pub(crate) fn open_library(candidates: &[String]) -> Result<(libloading::Library
         // in any process.
         match unsafe { libloading::Library::new(c.as_str()) } {
             Ok(l) => return Ok((l, c.clone())),
-            Err(e) => errors.push(format!("{c}: {e}")),
+            Err(e) => {
+                let d = describe(&e);
+                errors.push(if d.contains(c.as_str()) {
+                    d
+                } else {
+                    format!("{c}: {d}")
+                });
+            }
         }
     }
     Err(errors.join("; "))
