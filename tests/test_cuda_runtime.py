@@ -125,33 +125,46 @@ def test_declared_kernels_name_embedded_sources():
 # --------------------------------------------------------------------------- compile test
 
 
-@pytest.fixture(scope="module")
-def cubins():
-    """CUBIN of every (source, arch), compiled once for the module (through the runtime's
-    caches; two threads, NVRTC releases the GIL)."""
-    if not HAS_NVRTC:
-        pytest.skip("NVRTC library not found")
-    jobs = [(s, a) for s in sorted(cuda.sources()) for a in cuda.ARCHS]
-    with ThreadPoolExecutor(max_workers=2) as ex:
-        out = list(ex.map(lambda j: cuda.compile_source(*j), jobs))
-    return dict(zip(jobs, out, strict=True))
+_CUBINS: dict[str, dict[str, bytes]] = {}
+
+
+def _cubins(arch: str) -> dict[str, bytes]:
+    """CUBIN of every embedded source for ``arch``, compiled once per test process through
+    the runtime's caches (two threads: NVRTC releases the GIL). One arch per test, so that
+    pytest-xdist workers share the work instead of repeating it."""
+    got = _CUBINS.get(arch)
+    if got is None:
+        names = sorted(n for n, _ in _core.cuda_sources())
+        with ThreadPoolExecutor(max_workers=2) as ex:
+            out = ex.map(lambda n: cuda.compile_source(n, arch), names)
+            got = _CUBINS[arch] = dict(zip(names, out, strict=True))
+    return got
 
 
 @needs_nvrtc
 @pytest.mark.parametrize("arch", cuda.ARCHS)
-def test_every_source_compiles_with_every_declared_entry_point(cubins, arch):
-    embedded = {n for n, _ in _core.cuda_sources()}
-    for name in embedded:
-        cubin = cubins[(name, arch)]
+def test_every_source_compiles_with_every_declared_entry_point(arch):
+    for name, cubin in _cubins(arch).items():
         assert cubin[:4] == b"\x7fELF", name
-    missing = [
+    missing = _missing(arch)
+    assert not missing, f"entry points missing from the {arch} CUBINs: {missing}"
+
+
+def _missing(arch: str) -> list[str]:
+    cubins = _cubins(arch)
+    return [
         f"{k.source}:{k.symbol(s)}"
         for k in cuda.declared()
-        if k.source in embedded
+        if k.source in cubins
         for s in k.dtypes
-        if not _has_symbol(cubins[(k.source, arch)], k.symbol(s))
+        if not _has_symbol(cubins[k.source], k.symbol(s))
     ]
-    assert not missing, f"entry points missing from the {arch} CUBINs: {missing}"
+
+
+@needs_nvrtc
+def test_compile_check_catches_a_missing_entry_point(registry):
+    cuda.declare("step.cu", "bm_test_absent", dtypes=("f32", "bf16"))
+    assert _missing("sm_90")[-2:] == ["step.cu:bm_test_absent_f32", "step.cu:bm_test_absent_bf16"]
 
 
 @needs_nvrtc
