@@ -50,6 +50,7 @@ __all__ = [
     "declare",
     "declared",
     "info",
+    "nvrtc_available",
     "prepare",
     "sources",
 ]

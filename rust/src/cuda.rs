@@ -9,6 +9,7 @@
 use bmojo_cuda::args::{parse_fmt, Code, Params, Value};
 use bmojo_cuda::{driver, nvrtc};
 use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyInt};
 
@@ -136,11 +137,11 @@ fn pack(fmt: &str, args: &[Bound<'_, PyAny>]) -> PyResult<Params> {
                     Value::Ptr(0)
                 } else if a.is_instance_of::<PyInt>() {
                     Value::Ptr(a.extract::<u64>().map_err(|_| range("pointer (uint64)"))?)
-                } else if let Ok(m) = a.getattr("data_ptr") {
-                    let p = m.call0()?;
-                    Value::Ptr(p.extract::<u64>().map_err(|_| range("pointer (uint64)"))?)
                 } else {
-                    return Err(wrong("a tensor, an int address or None"));
+                    let p = a
+                        .call_method0(intern!(a.py(), "data_ptr"))
+                        .map_err(|_| wrong("a tensor, an int address or None"))?;
+                    Value::Ptr(p.extract::<u64>().map_err(|_| range("pointer (uint64)"))?)
                 }
             }
             Code::I32 | Code::I64 => {
