@@ -574,3 +574,16 @@ def test_zero_grid_is_rejected(tiny_kernel):
     with pytest.raises(BmojoValueError, match="positive"):
         k.launch("f32", (0, 1, 1), (1, 1, 1), (y, y, None, 1.0, 4), "pppfl", device=y.device)
     assert math.isfinite(y.sum().item())
+
+
+@needs_gpu
+def test_fmt_is_checked_against_the_kernel_signature(tiny_kernel):
+    if _core.cuda_driver_version(None) < 12040:
+        pytest.skip("the driver reports kernel parameter sizes from CUDA 12.4 on")
+    k, _ = tiny_kernel
+    y = torch.zeros(4, device="cuda")
+    _axpy(k, "f32", y, y, None, 1.0)  # resolves the kernel
+    with pytest.raises(BmojoValueError, match="takes 5 parameters"):
+        k.launch("f32", (1, 1, 1), (4, 1, 1), (y, y, None, 1.0), "pppf", device=y.device)
+    with pytest.raises(BmojoValueError, match="sizes"):
+        k.launch("f32", (1, 1, 1), (4, 1, 1), (y, y, None, 1.0, 4), "pppfi", device=y.device)

@@ -187,6 +187,8 @@ fn cuda_launch(
         )));
     }
     let d = drv()?;
+    d.check_params(func, &params)
+        .map_err(PyValueError::new_err)?;
     py.detach(|| {
         d.launch(
             func,

@@ -27,6 +27,14 @@ impl Code {
         })
     }
 
+    /// Size of the C type in bytes (the kernel's parameter layout).
+    pub fn size(self) -> usize {
+        match self {
+            Code::I32 | Code::F32 => 4,
+            Code::Ptr | Code::I64 | Code::F64 => 8,
+        }
+    }
+
     pub fn as_char(self) -> char {
         match self {
             Code::Ptr => 'p',
@@ -73,6 +81,7 @@ pub enum Value {
 /// native bytes at the start of the slot.
 #[derive(Clone, Debug, Default)]
 pub struct Params {
+    codes: Vec<Code>,
     slots: Vec<u64>,
 }
 
@@ -113,7 +122,10 @@ impl Params {
                 (_, v) => return Err(bad(&format!("got {v:?}"))),
             });
         }
-        Ok(Params { slots })
+        Ok(Params {
+            codes: codes.to_vec(),
+            slots,
+        })
     }
 
     pub fn len(&self) -> usize {
@@ -122,6 +134,28 @@ impl Params {
 
     pub fn is_empty(&self) -> bool {
         self.slots.is_empty()
+    }
+
+    /// The codes the values were packed for.
+    pub fn codes(&self) -> &[Code] {
+        &self.codes
+    }
+
+    /// Checks the packed parameters against a kernel's parameter sizes (from the driver):
+    /// the driver reads one pointer per kernel parameter, so a short list would make it
+    /// read past the array.
+    pub fn check_sizes(&self, kernel: &str, sizes: &[usize]) -> Result<(), String> {
+        let ours: Vec<usize> = self.codes.iter().map(|c| c.size()).collect();
+        if ours == sizes {
+            return Ok(());
+        }
+        let fmt: String = self.codes.iter().map(|c| c.as_char()).collect();
+        Err(format!(
+            "{kernel} takes {} parameters of sizes {sizes:?} bytes, but fmt {fmt:?} gives {} of \
+             sizes {ours:?}",
+            sizes.len(),
+            ours.len()
+        ))
     }
 
     /// The slot bytes (for tests).

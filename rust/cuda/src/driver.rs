@@ -49,6 +49,9 @@ type LaunchFn = unsafe extern "C" fn(
     *mut *mut c_void,
 ) -> CuResult;
 type ErrStrFn = unsafe extern "C" fn(CuResult, *mut *const c_char) -> CuResult;
+type ParamInfoFn = unsafe extern "C" fn(Handle, usize, *mut usize, *mut usize) -> CuResult;
+/// `CUDA_ERROR_INVALID_VALUE`: what cuFuncGetParamInfo returns past the last parameter.
+const ERROR_INVALID_VALUE: CuResult = 1;
 
 /// What the runtime needs to know about a device.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -71,8 +74,11 @@ struct Module {
 }
 
 struct Function {
+    name: String,
     ctx: Handle,
     handle: Handle,
+    /// Parameter sizes in bytes (None: the driver cannot tell, before CUDA 12.4).
+    param_sizes: Option<Vec<usize>>,
     /// Dynamic shared memory limit set so far (0: the default 48 KB).
     shared_limit: AtomicU32,
 }
@@ -95,6 +101,8 @@ pub struct Driver {
     launch_fn: LaunchFn,
     err_name: ErrStrFn,
     err_string: ErrStrFn,
+    /// cuFuncGetParamInfo (CUDA >= 12.4), used to check launches against the kernel.
+    param_info: Option<ParamInfoFn>,
     /// Retained primary contexts by device ordinal (never released: torch keeps them too).
     contexts: Mutex<Vec<(i32, Handle)>>,
     modules: Mutex<Vec<Module>>,
@@ -170,6 +178,7 @@ impl Driver {
                 launch_fn: symbol(&lib, "cuLaunchKernel")?,
                 err_name: symbol(&lib, "cuGetErrorName")?,
                 err_string: symbol(&lib, "cuGetErrorString")?,
+                param_info: symbol(&lib, "cuFuncGetParamInfo").ok(),
                 version: 0,
                 contexts: Mutex::new(Vec::new()),
                 modules: Mutex::new(Vec::new()),
@@ -356,13 +365,47 @@ impl Driver {
         self.check(&format!("cuModuleGetFunction({name})"), unsafe {
             (self.get_function)(&mut f, mh, cname.as_ptr())
         })?;
+        let param_sizes = self.param_sizes(f);
         let mut funcs = self.functions.write().unwrap_or_else(|e| e.into_inner());
         funcs.push(Function {
+            name: name.to_string(),
             ctx,
             handle: f,
+            param_sizes,
             shared_limit: AtomicU32::new(0),
         });
         Ok(funcs.len() - 1)
+    }
+
+    /// Sizes of the parameters of `f`, when the driver can tell.
+    fn param_sizes(&self, f: Handle) -> Option<Vec<usize>> {
+        let info = self.param_info?;
+        let mut sizes = Vec::new();
+        // Kernel parameters are limited to 32 KB, so at most 32768 one-byte parameters.
+        for i in 0..=32768usize {
+            let (mut offset, mut size) = (0usize, 0usize);
+            // SAFETY: valid function handle and out-pointers; an index past the last
+            // parameter is reported as CUDA_ERROR_INVALID_VALUE.
+            match unsafe { info(f, i, &mut offset, &mut size) } {
+                SUCCESS => sizes.push(size),
+                ERROR_INVALID_VALUE => return Some(sizes),
+                _ => return None,
+            }
+        }
+        None
+    }
+
+    /// Checks `params` against the parameter sizes of `func` where the driver reports
+    /// them (CUDA >= 12.4; otherwise only the caller's format string vouches for them).
+    pub fn check_params(&self, func: FunctionId, params: &Params) -> Result<(), String> {
+        let funcs = self.functions.read().unwrap_or_else(|e| e.into_inner());
+        let f = funcs
+            .get(func)
+            .ok_or_else(|| format!("no kernel function with id {func}"))?;
+        match &f.param_sizes {
+            Some(sizes) => params.check_sizes(&f.name, sizes),
+            None => Ok(()),
+        }
     }
 
     /// Launches `func` on `stream` (a raw `CUstream`; 0 is the legacy default stream) with
@@ -386,6 +429,9 @@ impl Driver {
         let f = funcs
             .get(func)
             .ok_or_else(|| format!("no kernel function with id {func}"))?;
+        if let Some(sizes) = &f.param_sizes {
+            params.check_sizes(&f.name, sizes)?;
+        }
         let _g = self.enter(f.ctx)?;
         if shared_mem > DEFAULT_SHARED_LIMIT && shared_mem > f.shared_limit.load(Ordering::Relaxed)
         {
@@ -411,7 +457,9 @@ impl Driver {
         // SAFETY: `f.handle` is a function of a module loaded in `f.ctx`, which is current;
         // `kernel_params` points to one pointer per parameter, each to an 8-byte slot whose
         // leading bytes hold the parameter's C value (`Params::pack` checked kinds and
-        // ranges; the caller's format string fixes the kernel's signature). The slots
+        // ranges). Where the driver reports the kernel's parameter sizes they were checked
+        // against the format above, so the driver reads exactly our array; with older
+        // drivers the caller's format string must match the kernel's signature. The slots
         // and the array outlive the call (the driver copies them before returning).
         // `stream` is the raw handle torch reports for the current stream of this device.
         let r = unsafe {

@@ -217,3 +217,18 @@ fn params_are_range_checked_and_packed() {
     assert!(one("d", Value::Ptr(3)).is_err());
     assert!(Params::pack(&codes, &vals[..4]).is_err());
 }
+
+#[test]
+fn params_are_checked_against_the_kernel_signature() {
+    let p = Params::pack(
+        &parse_fmt("pif", 3).unwrap(),
+        &[Value::Ptr(0), Value::Int(1), Value::Float(2.0)],
+    )
+    .unwrap();
+    assert_eq!(p.codes(), &[Code::Ptr, Code::I32, Code::F32]);
+    assert!(p.check_sizes("k_f32", &[8, 4, 4]).is_ok());
+    let e = p.check_sizes("k_f32", &[8, 4, 4, 8]).unwrap_err();
+    assert!(e.contains("k_f32 takes 4 parameters"), "{e}");
+    assert!(e.contains("\"pif\" gives 3"), "{e}");
+    assert!(p.check_sizes("k_f32", &[8, 8, 4]).is_err());
+}
