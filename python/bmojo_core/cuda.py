@@ -118,7 +118,9 @@ class Kernel:
             f = self._funcs.get((idx, suffix))
             if f is not None:
                 return f
-            if _capturing():
+            # Looking up an entry point of a loaded module is no stream work; compiling
+            # and loading a module are never done while a graph is being captured.
+            if (idx, self.source) not in _MODULES and _capturing():
                 raise BmojoCudaError(
                     f"{self.symbol(suffix)} is not loaded on cuda:{idx} and kernels are never "
                     "compiled or loaded during CUDA-graph capture: call "
