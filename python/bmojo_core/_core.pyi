@@ -2,6 +2,8 @@
 tensors, all float32 or all float64 (seq_idx and slots int64); outputs are written in
 place. The public, validated API is in the Python package."""
 
+from collections.abc import Sequence
+
 import numpy as np
 import numpy.typing as npt
 
@@ -211,4 +213,31 @@ def eidetic_select(
     positions_out: _I,
     scores_out: _D,
     count_out: _I,
+) -> None: ...
+
+# --- CUDA runtime (issue 5): private; bmojo_core.cuda wraps these and maps their errors
+def cuda_sources() -> list[tuple[str, str]]: ...
+def cuda_loaded() -> tuple[bool, bool]: ...
+def cuda_nvrtc_version(path: str | None) -> tuple[int, int, str]: ...
+def cuda_nvrtc_compile(
+    path: str | None,
+    source: str,
+    name: str,
+    headers: list[tuple[str, str]],
+    options: list[str],
+) -> tuple[bytes | None, str]: ...
+def cuda_driver_version(path: str | None) -> int: ...
+def cuda_device_count() -> int: ...
+def cuda_device(ordinal: int) -> tuple[str, int, int, int, int]: ...
+def cuda_module_load(ordinal: int, image: bytes) -> int: ...
+def cuda_module_function(module: int, name: str) -> int: ...
+def cuda_check_args(fmt: str, args: Sequence[object]) -> None: ...
+def cuda_launch(
+    func: int,
+    grid: tuple[int, int, int],
+    block: tuple[int, int, int],
+    shared_mem: int,
+    stream: int,
+    fmt: str,
+    args: Sequence[object],
 ) -> None: ...

@@ -15,6 +15,27 @@ import sys
 from collections.abc import Sequence
 
 
+def _cuda_rows() -> list[tuple[str, str]]:
+    """CUDA runtime facts: device, driver, NVRTC, kernel cache (or why not available)."""
+    from bmojo_core import cuda
+
+    c = cuda.info()
+    if c["cuda"]:
+        device = f"{c['device']} (compute {c['capability']}, {c['arch']}; {c['devices']} visible)"
+    else:
+        device = f"not available ({c['reason']})"
+    if c["nvrtc_version"]:
+        nvrtc = f"{c['nvrtc_version']} ({c['nvrtc_path']})"
+    else:
+        nvrtc = f"not available ({c['nvrtc_error']})"
+    return [
+        ("CUDA device", device),
+        ("CUDA driver", c["driver_version"] or "not available"),
+        ("NVRTC", nvrtc),
+        ("kernel cache", c["cache_dir"]),
+    ]
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     from bmojo_core import bench
 
@@ -44,6 +65,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
             else "unknown",
         ),
         ("CUDA usable", "yes" if info["cuda_available"] else "no"),
+        *_cuda_rows(),
     ]
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
