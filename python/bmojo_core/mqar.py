@@ -26,12 +26,22 @@ Layout of one row (``N = num_kv``, ``L = seq_len``, ``V = vocab``)::
 Everything is drawn with an explicit ``torch.Generator`` (never the global RNG), fully
 vectorised over the batch, so a batch costs a few tensor ops per training step.
 
-**The experiment** (``bmojo mqar``, :func:`run_experiment`): for every model of
-:func:`model_specs` and every number of pairs ``N``, a :class:`~bmojo_core.layers.BMojoLM`
-is trained on fresh batches each step (:func:`bmojo_core.train.train`) and scored on a fixed
-seeded test set; the results hold the per-query correctness, the accuracy table and the
-negative flip rate B'MOJO-F → B'MOJO per ``N`` (:func:`format_table`, :func:`summarize`;
-:func:`save_results` writes ``results.json`` and ``accuracy.png``).
+**The experiment** (``bmojo mqar``, :func:`run_experiment`): every model of
+:func:`model_specs` (a :class:`~bmojo_core.layers.BMojoLM`) is trained once on fresh
+batches that mix every number of pairs ``N`` (:func:`make_mixed_batch`, as Zoology trains
+on a mixture of kv counts; :func:`bmojo_core.train.train`) and scored at every ``N`` on a
+fixed seeded test set; the results hold the per-query correctness, the accuracy table and
+the negative flip rate B'MOJO-F → B'MOJO per ``N`` (:func:`format_table`,
+:func:`summarize`; :func:`save_results` writes ``results.json`` and ``accuracy.png``).
+``--per-n`` trains one model per (model, N) instead. ``--eidetic-sweep 0,4,8,16,32``
+trains B'MOJO at the default window and fading tokens with each number of eidetic tokens
+(0 = B'MOJO-F with the same window and fading tokens; :func:`sweep_specs`) and reports
+accuracy vs ``n_eidetic`` per ``N`` (table, summary, ``eidetic_sweep.png``).
+
+Why one training per model on the mixture: the same recall circuit serves every ``N``, so
+the four trainings of the default run (instead of sixteen, one per (model, N)) each get
+four times the steps for the same time; with 350 steps per (model, N) every model but
+B'MOJO stayed near chance.
 
 Conventions of the experiment:
 
@@ -39,11 +49,16 @@ Conventions of the experiment:
   attends to a window of ``w``, ``f`` fading (SSM output) tokens and ``e`` eidetic tokens;
   B'MOJO-F to the same window and ``f + e`` fading tokens; SWA to a window of ``w + f + e``.
   The pure SSM attends to nothing (same depth and width; its memory is its state).
-* Seeds: a run's training stream depends on (seed, N) only, so every model of one N sees
-  the same batches; the initialisation on (seed, N, model); the test set of each N on
-  (seed, N) and differs from the training streams. Results do not depend on ``workers``.
+* Seeds: the training stream and the initialisation depend on (seed, N) (N = 0 for the
+  mixture) only, so every model of one training sees the same batches, and B'MOJO-F and
+  B'MOJO (same parameter shapes) start from the same weights; the test set of each N
+  depends on (seed, N) and differs from the training streams. Results do not depend on
+  ``workers``.
 * Accuracy: argmax over the whole vocabulary at each query position (chance 1/(V/2) for a
   model that has learnt that values lie in the upper half).
+* Training runs on one torch and one kernel thread per worker process (two workers on the
+  two cores); each run records its wall time and its CPU time (``cpu_s``, what the wall
+  time would be on an idle machine).
 """
 
 from __future__ import annotations
@@ -391,7 +406,7 @@ class ExperimentConfig:
     mixture: bool = True
     steps: int = 1400
     batch_size: int = 16
-    lr: float = 3e-3
+    lr: float = 2e-3
     weight_decay: float = 0.1
     schedule: str = "cosine"
     warmup_frac: float = 0.05

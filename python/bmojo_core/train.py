@@ -4,7 +4,11 @@ rate).
 
 The model interface: a ``torch.nn.Module`` mapping token ids ``(B, L)`` int64 to logits
 ``(B, L, V)``. Labels are ``(B, L)`` int64 with ``-100`` at ignored positions (next-token
-convention: ``labels[:, t]`` is the target of the logits at position ``t``).
+convention: ``labels[:, t]`` is the target of the logits at position ``t``). A model whose
+``forward`` also takes ``label_mask`` (``(B, L)`` bool, e.g.
+:class:`~bmojo_core.layers.BMojoLM`) is called with the labelled positions and returns their
+logits only, ``(n, V)`` in row-major order: with a few labels per row (MQAR) the head and
+the softmax then run on those rows alone.
 """
 
 from __future__ import annotations
