@@ -643,8 +643,10 @@ def run_experiment(
     if not isinstance(cfg, ExperimentConfig):
         raise BmojoTypeError(f"cfg: expected an ExperimentConfig, got {type(cfg).__name__}")
     specs = cfg.specs()
-    # costliest first, so that two workers finish together (B'MOJO > B'MOJO-F > SWA > SSM)
-    order = sorted(specs, key=lambda m: -(specs[m].n_eidetic * 4 + specs[m].attention_budget))
+    # costliest first, so that two workers finish close together (CPU time per step of the
+    # default run: B'MOJO > B'MOJO-F > SSM > SWA; sweep variants by n_eidetic)
+    cost = {"bmojo": 3, "bmojo-f": 2, "ssm": 1, "swa": 0}
+    order = sorted(specs, key=lambda m: (-cost.get(m, 4), -specs[m].n_eidetic))
     if cfg.mixture:
         jobs: list[tuple[str, int | None]] = [(m, None) for m in order]
     else:
