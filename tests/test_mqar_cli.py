@@ -29,11 +29,14 @@ def quick(tmp_path_factory):
     import contextlib
     import io
 
+    import bmojo_core
+
     buf = io.StringIO()
-    n = torch.get_num_threads()
+    n = torch.get_num_threads(), bmojo_core.get_num_threads()
     with contextlib.redirect_stdout(buf):
         rc = main(["mqar", "--quick", "--out", str(out), "--no-progress", "--workers", "1"])
-    assert torch.get_num_threads() == n  # the run restores the thread count
+    # the run (on 1 thread) restores both thread counts
+    assert (torch.get_num_threads(), bmojo_core.get_num_threads()) == n
     assert rc == 0
     with open(out / "results.json", encoding="utf-8") as f:
         return json.load(f), buf.getvalue(), out
@@ -85,14 +88,15 @@ def test_attention_models_learn(quick):
 
 def test_subprocess_worker_reproduces_in_process_runs(quick, tmp_path):
     """The console entry point (``python -m bmojo_core.cli``) with 2 spawned workers gives
-    the same per-query correctness as the in-process runs of the same (model, N)."""
+    the same per-query correctness as the in-process trainings of the same models (every
+    training is seeded on its own)."""
     res, _, _ = quick
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(
         [os.path.dirname(os.path.dirname(mqar.__file__)), env.get("PYTHONPATH", "")]
     )
     cmd = [sys.executable, "-m", "bmojo_core.cli", "mqar", "--quick", "--out", str(tmp_path)]
-    cmd += ["--models", "swa", "bmojo", "--num-kv", "2", "--workers", "2", "--no-progress"]
+    cmd += ["--models", "ssm", "swa", "--workers", "2", "--no-progress"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "accuracy (%)" in proc.stdout and "neg. flip" not in proc.stdout
@@ -100,10 +104,110 @@ def test_subprocess_worker_reproduces_in_process_runs(quick, tmp_path):
         sub = json.load(f)
     assert "flip_rate" not in sub
     ref = {(r["model"], r["num_kv"]): r for r in res["runs"]}
-    assert [(r["model"], r["num_kv"]) for r in sub["runs"]] == [("swa", 2), ("bmojo", 2)]
+    assert [(r["model"], r["num_kv"]) for r in sub["runs"]] == [
+        ("ssm", 2), ("swa", 2), ("ssm", 4), ("swa", 4)
+    ]  # fmt: skip
     for r in sub["runs"]:
         assert r["correct"] == ref[(r["model"], r["num_kv"])]["correct"]
         assert r["accuracy"] == ref[(r["model"], r["num_kv"])]["accuracy"]
+
+
+def test_mixture_shares_one_training_per_model(quick):
+    """One training per model: every N of a model reports the same training (time, final
+    training loss), B'MOJO-F and B'MOJO (same parameter shapes) start from the same
+    weights, and the quick config mixes both N in each batch."""
+    res, _, _ = quick
+    assert res["config"]["mixture"] is True
+    for m in mqar.MODELS:
+        runs = [r for r in res["runs"] if r["model"] == m]
+        assert len({r["time_s"] for r in runs}) == 1
+        assert len({r["train_loss"] for r in runs}) == 1
+    cfg = mqar.ExperimentConfig.quick()
+    inits = []
+    for m in ("bmojo-f", "bmojo"):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(mqar._seed(cfg, 2, 0))
+            inits.append(cfg.build(cfg.specs()[m]).state_dict())
+    assert all(torch.equal(inits[0][k], inits[1][k]) for k in inits[0])
+
+
+def test_per_n_mode_trains_each_n_alone(tmp_path, capsys):
+    """``--per-n``: one training per (model, N), seeded by N alone, so the N=2 training of a
+    run over N in {2, 4} equals the one of a run asked for N=2 only."""
+    args = ["mqar", "--quick", "--models", "swa", "--steps", "20", "--no-progress", "--per-n"]
+    assert main([*args, "--workers", "1", "--out", str(tmp_path / "a")]) == 0
+    assert main([*args, "--num-kv", "2", "--workers", "1", "--out", str(tmp_path / "b")]) == 0
+    assert "one training per N" in capsys.readouterr().out
+    runs = {}
+    for d in ("a", "b"):
+        with open(tmp_path / d / "results.json", encoding="utf-8") as f:
+            runs[d] = json.load(f)["runs"]
+    assert [r["num_kv"] for r in runs["a"]] == [2, 4]
+    assert runs["a"][0]["time_s"] != runs["a"][1]["time_s"]
+    assert runs["a"][0]["correct"] == runs["b"][0]["correct"]
+    assert runs["a"][0]["train_loss"] == runs["b"][0]["train_loss"]
+
+
+def test_eidetic_sweep(tmp_path, capsys):
+    """``--eidetic-sweep``: B'MOJO at the config's window/fading for each n_eidetic (0 =
+    B'MOJO-F), a table row per value, a PNG of accuracy vs n_eidetic and a summary whose
+    best value matches the accuracies."""
+    out = tmp_path / "sweep"
+    argv = ["mqar", "--quick", "--eidetic-sweep", "8,0,4", "--steps", "30", "--workers", "1"]
+    assert main([*argv, "--no-progress", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert (out / "eidetic_sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with open(out / "results.json", encoding="utf-8") as f:
+        res = json.load(f)
+    cfg = mqar.ExperimentConfig.quick()
+    assert res["sweep"] == {"window": cfg.window, "n_fading": cfg.n_fading, "n_eidetic": [0, 4, 8]}
+    specs = res["models"]
+    assert list(specs) == ["e0", "e4", "e8"] and "flip_rate" not in res
+    for k, e in zip(specs, (0, 4, 8), strict=True):
+        assert (specs[k]["window"], specs[k]["n_fading"], specs[k]["n_eidetic"]) == (
+            cfg.window, cfg.n_fading, e
+        )  # fmt: skip
+    for label in ("B'MOJO-F (e=0, f=4)", "B'MOJO e=4", "B'MOJO e=8"):
+        assert any(line.startswith(label) for line in text.splitlines())
+    for n in cfg.num_kv:
+        acc = [res["accuracy"][k][str(n)] for k in specs]
+        line = next(x for x in text.splitlines() if x.startswith(f"N={n}: accuracy vs n_eidetic"))
+        assert f"best e={(0, 4, 8)[acc.index(max(acc))]}," in line
+    # the e=0 variant is B'MOJO-F with the same window/fading: the same model as a main run
+    # with n_eidetic=0 would build (same parameter shapes as B'MOJO)
+    lm = cfg.build(mqar.ModelSpec("e0", "x", cfg.window, cfg.n_fading, 0))
+    assert all(b.mixer.n_eidetic == 0 and b.mixer.n_fading == cfg.n_fading for b in lm.blocks)
+
+
+def test_label_mask_logits_match_full_forward():
+    """BMojoLM's ``label_mask`` path (used by the trainer) gives the full forward's logits at
+    the masked positions, and evaluate() agrees with a wrapper that hides the option."""
+    from bmojo_core.train import evaluate
+
+    cfg = mqar.ExperimentConfig.quick()
+    torch.manual_seed(0)
+    lm = cfg.build(cfg.specs()["bmojo"])
+    x, y = mqar.make_mixed_batch([cfg.task(n) for n in cfg.num_kv], 6, 1)
+    mask = y != mqar.IGNORE_INDEX
+    with torch.no_grad():
+        full = lm(x)
+        part = lm(x, label_mask=mask)
+    torch.testing.assert_close(part, full[mask], rtol=1e-5, atol=1e-5)
+
+    class Plain(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, tokens):
+            return self.m(tokens)
+
+    a, b = evaluate(lm, x, y), evaluate(Plain(lm), x, y)
+    assert a[0] == pytest.approx(b[0], rel=1e-5) and torch.equal(a[2], b[2])
+    with pytest.raises(BmojoTypeError, match="label_mask"):
+        lm(x, label_mask=mask.long())
+    with pytest.raises(BmojoValueError, match="label_mask"):
+        lm(x, label_mask=mask[:, 1:])
 
 
 @pytest.mark.parametrize(
@@ -117,6 +221,10 @@ def test_subprocess_worker_reproduces_in_process_runs(quick, tmp_path):
         (["--seed", "-1"], "seed"),
         (["--threads", "0"], "threads"),
         (["--workers", "0"], "workers"),
+        (["--eidetic-sweep", "4,4"], "eidetic_sweep"),
+        (["--eidetic-sweep=-1,4"], "eidetic_sweep"),
+        (["--batch-size", "1"], "batch_size"),
+        (["--lr", "0"], "lr"),
     ],
 )
 def test_bad_arguments(args, needle, capsys, tmp_path):
@@ -126,11 +234,15 @@ def test_bad_arguments(args, needle, capsys, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-def test_bad_schedule_is_rejected_by_argparse(capsys):
+@pytest.mark.parametrize(
+    "args, needle",
+    [(["--schedule", "linear"], "--schedule"), (["--eidetic-sweep", "4,x"], "--eidetic-sweep")],
+)
+def test_bad_option_values_are_rejected_by_argparse(args, needle, capsys):
     with pytest.raises(SystemExit) as e:
-        main(["mqar", "--schedule", "linear"])
+        main(["mqar", *args])
     assert e.value.code == 2
-    assert "--schedule" in capsys.readouterr().err
+    assert needle in capsys.readouterr().err
 
 
 def test_config_validation():
@@ -142,6 +254,14 @@ def test_config_validation():
         mqar.ExperimentConfig(models="bmojo")
     with pytest.raises(BmojoValueError, match="vocab"):
         mqar.ExperimentConfig(vocab=511)
+    with pytest.raises(BmojoValueError, match="weight_decay"):
+        mqar.ExperimentConfig(weight_decay=-0.1)
+    with pytest.raises(BmojoTypeError, match="mixture"):
+        mqar.ExperimentConfig(mixture=1)
+    with pytest.raises(BmojoValueError, match="batch_size"):
+        mqar.ExperimentConfig(batch_size=3)  # fewer rows than values of N
+    mqar.ExperimentConfig(batch_size=3, mixture=False)
+    assert mqar.ExperimentConfig(eidetic_sweep=[8, 0]).eidetic_sweep == (0, 8)
     # models are kept in the canonical order whatever the order asked
     assert mqar.ExperimentConfig(models=("bmojo", "ssm")).models == ("ssm", "bmojo")
 

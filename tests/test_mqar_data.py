@@ -80,6 +80,31 @@ def test_layout_property(cfg, batch, seed):
         check_row(cfg, xr, yr)
 
 
+def test_mixed_batch_layout_and_split():
+    """Rows split as evenly as possible over the settings, in order; each block laid out as
+    its own setting says and equal to make_batch drawn from the same generator."""
+    cfgs = [MQARConfig(64, 48, n, random_fill=rf) for n, rf in ((2, False), (5, True), (8, False))]
+    x, y = mqar.make_mixed_batch(cfgs, 11, 4)
+    assert x.shape == y.shape == (11, 48)
+    sizes = [4, 4, 3]
+    g = torch.Generator().manual_seed(4)
+    row = 0
+    for cfg, k in zip(cfgs, sizes, strict=True):
+        xb, yb = make_batch(cfg, k, g)
+        assert torch.equal(x[row : row + k], xb) and torch.equal(y[row : row + k], yb)
+        for xr, yr in zip(x[row : row + k].tolist(), y[row : row + k].tolist(), strict=True):
+            check_row(cfg, xr, yr)
+        row += k
+    with pytest.raises(BmojoValueError, match="batch"):
+        mqar.make_mixed_batch(cfgs, 2, 0)
+    with pytest.raises(BmojoValueError, match="same vocab and seq_len"):
+        mqar.make_mixed_batch([cfgs[0], MQARConfig(64, 40, 2)], 4, 0)
+    with pytest.raises(BmojoTypeError, match="configs"):
+        mqar.make_mixed_batch(cfgs[0], 4, 0)
+    with pytest.raises(BmojoTypeError, match="configs"):
+        mqar.make_mixed_batch([], 4, 0)
+
+
 def test_next_token_convention_with_causal_lookup_model():
     """A causal model that looks up the current token among the keys seen so far and
     predicts its value reaches accuracy 1 exactly when labels sit at the query position;

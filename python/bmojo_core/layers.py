@@ -716,13 +716,19 @@ class BMojoLM(nn.Module):
     def head(self, h: Tensor) -> Tensor:
         return F.linear(self.norm_f(h), self.embedding.weight)
 
-    def forward(self, tokens: Tensor) -> Tensor:
+    def forward(self, tokens: Tensor, label_mask: Tensor | None = None) -> Tensor:
+        """Logits ``(batch, L, vocab)``; with ``label_mask (batch, L)`` bool only those of
+        the masked positions, ``(n, vocab)`` in row-major order (training on a few labelled
+        positions then skips the head and its softmax everywhere else)."""
         tokens = self.check_tokens("tokens", tokens)
         V.shape("tokens", tokens, (None, None), "(batch, L)")
+        if label_mask is not None:
+            V.tensor("label_mask", label_mask, dtypes=(torch.bool,))
+            V.shape("label_mask", label_mask, tuple(tokens.shape), "(batch, L) like tokens")
         h = self.embedding(tokens)
         for blk in self.blocks:
             h = blk(h)
-        return self.head(h)
+        return self.head(h if label_mask is None else h[label_mask])
 
     def stream(self, batch_size: int = 1):
         """A streaming decoder of ``batch_size`` independent slots (see

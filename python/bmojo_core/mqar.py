@@ -26,12 +26,22 @@ Layout of one row (``N = num_kv``, ``L = seq_len``, ``V = vocab``)::
 Everything is drawn with an explicit ``torch.Generator`` (never the global RNG), fully
 vectorised over the batch, so a batch costs a few tensor ops per training step.
 
-**The experiment** (``bmojo mqar``, :func:`run_experiment`): for every model of
-:func:`model_specs` and every number of pairs ``N``, a :class:`~bmojo_core.layers.BMojoLM`
-is trained on fresh batches each step (:func:`bmojo_core.train.train`) and scored on a fixed
-seeded test set; the results hold the per-query correctness, the accuracy table and the
-negative flip rate B'MOJO-F → B'MOJO per ``N`` (:func:`format_table`, :func:`summarize`;
-:func:`save_results` writes ``results.json`` and ``accuracy.png``).
+**The experiment** (``bmojo mqar``, :func:`run_experiment`): every model of
+:func:`model_specs` (a :class:`~bmojo_core.layers.BMojoLM`) is trained once on fresh
+batches that mix every number of pairs ``N`` (:func:`make_mixed_batch`, as Zoology trains
+on a mixture of kv counts; :func:`bmojo_core.train.train`) and scored at every ``N`` on a
+fixed seeded test set; the results hold the per-query correctness, the accuracy table and
+the negative flip rate B'MOJO-F → B'MOJO per ``N`` (:func:`format_table`,
+:func:`summarize`; :func:`save_results` writes ``results.json`` and ``accuracy.png``).
+``--per-n`` trains one model per (model, N) instead. ``--eidetic-sweep 0,4,8,16,32``
+trains B'MOJO at the default window and fading tokens with each number of eidetic tokens
+(0 = B'MOJO-F with the same window and fading tokens; :func:`sweep_specs`) and reports
+accuracy vs ``n_eidetic`` per ``N`` (table, summary, ``eidetic_sweep.png``).
+
+Why one training per model on the mixture: the same recall circuit serves every ``N``, so
+the four trainings of the default run (instead of sixteen, one per (model, N)) each get
+four times the steps for the same time; with 350 steps per (model, N) every model but
+B'MOJO stayed near chance.
 
 Conventions of the experiment:
 
@@ -39,11 +49,16 @@ Conventions of the experiment:
   attends to a window of ``w``, ``f`` fading (SSM output) tokens and ``e`` eidetic tokens;
   B'MOJO-F to the same window and ``f + e`` fading tokens; SWA to a window of ``w + f + e``.
   The pure SSM attends to nothing (same depth and width; its memory is its state).
-* Seeds: a run's training stream depends on (seed, N) only, so every model of one N sees
-  the same batches; the initialisation on (seed, N, model); the test set of each N on
-  (seed, N) and differs from the training streams. Results do not depend on ``workers``.
+* Seeds: the training stream and the initialisation depend on (seed, N) (N = 0 for the
+  mixture) only, so every model of one training sees the same batches, and B'MOJO-F and
+  B'MOJO (same parameter shapes) start from the same weights; the test set of each N
+  depends on (seed, N) and differs from the training streams. Results do not depend on
+  ``workers``.
 * Accuracy: argmax over the whole vocabulary at each query position (chance 1/(V/2) for a
   model that has learnt that values lie in the upper half).
+* Training runs on one torch and one kernel thread per worker process (two workers on the
+  two cores); each run records its wall time and its CPU time (``cpu_s``, what the wall
+  time would be on an idle machine).
 """
 
 from __future__ import annotations
@@ -70,13 +85,16 @@ __all__ = [
     "ModelSpec",
     "format_table",
     "make_batch",
+    "make_mixed_batch",
     "make_test_set",
     "model_specs",
     "plot_accuracy",
+    "plot_sweep",
     "query_positions",
     "run_experiment",
     "save_results",
     "summarize",
+    "sweep_specs",
 ]
 
 IGNORE_INDEX: int = -100
@@ -235,6 +253,33 @@ def make_test_set(config: MQARConfig, n: int, seed: int) -> tuple[Tensor, Tensor
     return make_batch(config, n, seed)
 
 
+def make_mixed_batch(
+    configs: Sequence[MQARConfig],
+    batch: int,
+    generator: torch.Generator | int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """A batch mixing several settings (as Zoology trains on a mixture of ``num_kv``):
+    ``batch`` rows split as evenly as possible over ``configs`` in order (the first
+    ``batch % len(configs)`` settings get one row more), each block drawn by
+    :func:`make_batch` from the same generator. All settings must share ``vocab`` and
+    ``seq_len``; rows then differ in their number of labelled queries."""
+    if isinstance(configs, MQARConfig) or not isinstance(configs, Sequence) or not configs:
+        raise BmojoTypeError("configs: expected a non-empty sequence of MQARConfig")
+    for c in configs:
+        if not isinstance(c, MQARConfig):
+            raise BmojoTypeError(f"configs: expected MQARConfig items, got {type(c).__name__}")
+        if (c.vocab, c.seq_len) != (configs[0].vocab, configs[0].seq_len):
+            raise BmojoValueError(
+                "configs: every setting must have the same vocab and seq_len, got "
+                f"{(configs[0].vocab, configs[0].seq_len)} and {(c.vocab, c.seq_len)}"
+            )
+    B = _int("batch", batch, len(configs))
+    g = _generator(generator)
+    q, r = divmod(B, len(configs))
+    parts = [make_batch(c, q + (k < r), g) for k, c in enumerate(configs)]
+    return torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts])
+
+
 def query_positions(labels: Tensor) -> Tensor:
     """``(batch, num_queries)`` positions of the labelled queries, ascending per row
     (every row must have the same number of labels, as MQAR rows do)."""
@@ -290,26 +335,58 @@ def model_specs(window: int = 32, n_fading: int = 8, n_eidetic: int = 16) -> dic
     }
 
 
+def sweep_specs(window: int, n_fading: int, n_eidetic: Sequence[int]) -> dict[str, ModelSpec]:
+    """The eidetic sweep: B'MOJO with a fixed ``window`` and ``n_fading`` and each value of
+    ``n_eidetic`` (0 = B'MOJO-F with the same window and fading tokens). Keys ``e<n>``.
+    The attention budget grows with ``n_eidetic`` (that is the point of the sweep)."""
+    w, f = _int("window", window, 1), _int("n_fading", n_fading, 0)
+    out = {}
+    for e in n_eidetic:
+        e = _int("eidetic_sweep", e, 0)
+        label = f"B'MOJO-F (e=0, f={f})" if e == 0 else f"B'MOJO e={e}"
+        out[f"e{e}"] = ModelSpec(f"e{e}", label, w, f, e)
+    return out
+
+
 SCHEDULES: tuple[str, ...] = ("cosine", "greedy")
+
+
+def _ints(name: str, v: object, lo: int) -> tuple[int, ...]:
+    if isinstance(v, numbers.Integral) and not isinstance(v, bool):
+        v = (v,)
+    if not isinstance(v, (tuple, list)):
+        raise BmojoTypeError(f"{name}: expected a sequence of ints, got {v!r}")
+    out = tuple(_int(name, n, lo) for n in v)
+    if len(set(out)) != len(out):
+        raise BmojoValueError(f"{name}: values must be distinct, got {list(out)}")
+    return out
 
 
 @dataclass(frozen=True)
 class ExperimentConfig:
-    """Settings of ``bmojo mqar`` (defaults: the default experiment, about 6.5 minutes on 2
-    cores; :meth:`quick`: the smoke version).
+    """Settings of ``bmojo mqar`` (defaults: the default experiment, under 8 minutes on 2
+    quiet cores; :meth:`quick`: the smoke version).
 
-    Task: ``vocab``, ``seq_len``, ``num_kv`` (one run per value), ``power_a`` (1 = uniform
+    Task: ``vocab``, ``seq_len``, ``num_kv`` (the values of N), ``power_a`` (1 = uniform
     query placement), ``random_fill`` (False = zero fill). Models (:func:`model_specs`):
     ``models``, ``d_model``, ``n_layers``, ``d_state``, ``n_heads``, ``window``,
-    ``n_fading``, ``n_eidetic``. Training (:func:`bmojo_core.train.train`, AdamW, fresh
-    batches every step): ``steps``, ``batch_size``, ``lr``, ``schedule`` ("cosine" with
+    ``n_fading``, ``n_eidetic``; a non-empty ``eidetic_sweep`` replaces them by the
+    variants of :func:`sweep_specs` (B'MOJO at ``window``/``n_fading`` with each
+    ``n_eidetic`` of the sweep).
+
+    Training (:func:`bmojo_core.train.train`, AdamW, fresh batches every step):
+    ``mixture=True`` (default) trains each model once on batches that mix every N
+    (:func:`make_mixed_batch`, ``batch_size`` rows split evenly over N, as Zoology does)
+    and scores it at every N; ``mixture=False`` trains one model per (model, N). ``steps``,
+    ``batch_size``, ``lr``, ``weight_decay`` (matrices only), ``schedule`` ("cosine" with
     ``warmup_frac`` of linear warm-up, or "greedy": GreedyLR driven by the training loss
-    averaged over ``steps // 20`` steps). ``test_size`` rows in the fixed test set of each
-    ``N``; ``seed`` fixes data, initialisation and test sets. ``workers`` runs at a time,
-    each in its own process (1: in this process) on ``threads`` torch (and kernel) threads
-    (None: leave as is). One thread per process is the default because these small tensors
-    run far slower on 2 threads in one process than on 1 (measured on the 2-core machine:
-    26 ms vs 1 s per step of the quick SSM), and two one-thread runs use both cores.
+    averaged over ``steps // 20`` steps, after the same warm-up). ``test_size`` rows in the
+    fixed test set of each N; ``seed`` fixes data, initialisation and test sets.
+    ``workers`` trainings at a time, each in its own process (1: in this process) on
+    ``threads`` torch (and kernel) threads (None: leave as is). One thread per process is
+    the default because these small tensors run far slower on 2 threads in one process
+    than on 1 (measured on the 2-core machine: 26 ms vs 1 s per step of the quick SSM), and
+    two one-thread runs use both cores.
     """
 
     vocab: int = 512
@@ -325,11 +402,14 @@ class ExperimentConfig:
     window: int = 32
     n_fading: int = 8
     n_eidetic: int = 16
-    steps: int = 350
+    eidetic_sweep: tuple[int, ...] = ()
+    mixture: bool = True
+    steps: int = 1400
     batch_size: int = 16
-    lr: float = 3e-3
+    lr: float = 2e-3
+    weight_decay: float = 0.1
     schedule: str = "cosine"
-    warmup_frac: float = 0.1
+    warmup_frac: float = 0.05
     test_size: int = 256
     seed: int = 0
     workers: int = 2
@@ -337,14 +417,13 @@ class ExperimentConfig:
 
     def __post_init__(self) -> None:
         nkv = self.num_kv
-        if isinstance(nkv, numbers.Integral):
-            nkv = (nkv,)
-        if not isinstance(nkv, (tuple, list)) or not nkv:
+        if (
+            not isinstance(nkv, (tuple, list, numbers.Integral))
+            or isinstance(nkv, bool)
+            or (isinstance(nkv, (tuple, list)) and not nkv)
+        ):
             raise BmojoTypeError(f"num_kv: expected a non-empty sequence of ints, got {nkv!r}")
-        nkv = tuple(_int("num_kv", n, 1) for n in nkv)
-        if len(set(nkv)) != len(nkv):
-            raise BmojoValueError(f"num_kv: values must be distinct, got {list(nkv)}")
-        object.__setattr__(self, "num_kv", nkv)
+        object.__setattr__(self, "num_kv", _ints("num_kv", nkv, 1))
         models = self.models
         if isinstance(models, str) or not isinstance(models, (tuple, list)) or not models:
             raise BmojoTypeError(f"models: expected a non-empty sequence of names, got {models!r}")
@@ -354,23 +433,35 @@ class ExperimentConfig:
         if len(set(models)) != len(models):
             raise BmojoValueError(f"models: names must be distinct, got {list(models)}")
         object.__setattr__(self, "models", tuple(m for m in MODELS if m in models))
-        for n in nkv:  # MQARConfig checks vocab, seq_len, power_a, random_fill and each N
+        object.__setattr__(
+            self, "eidetic_sweep", tuple(sorted(_ints("eidetic_sweep", self.eidetic_sweep, 0)))
+        )
+        if not isinstance(self.mixture, bool):
+            raise BmojoTypeError(f"mixture: expected a bool, got {type(self.mixture).__name__}")
+        for n in self.num_kv:  # MQARConfig checks vocab, seq_len, power_a, random_fill and N
             self.task(n)
         for name, lo in (("d_model", 1), ("n_layers", 1), ("d_state", 1), ("n_heads", 1),
                          ("window", 1), ("n_fading", 0), ("n_eidetic", 0), ("steps", 1),
                          ("batch_size", 1), ("test_size", 1), ("seed", 0)):  # fmt: skip
             _int(name, getattr(self, name), lo)
+        if self.mixture and self.batch_size < len(self.num_kv):
+            raise BmojoValueError(
+                f"batch_size: a mixed batch needs at least one row per N ({len(self.num_kv)}), "
+                f"got {self.batch_size}"
+            )
         if self.d_model % self.n_heads:
             raise BmojoValueError(
                 f"n_heads: must divide d_model {self.d_model}, got {self.n_heads}"
             )
-        lr = self.lr
-        if (
-            isinstance(lr, bool)
-            or not isinstance(lr, numbers.Real)
-            or not (math.isfinite(lr) and lr > 0)
-        ):
-            raise BmojoValueError(f"lr: expected a finite number > 0, got {lr!r}")
+        for name in ("lr", "weight_decay"):
+            v = getattr(self, name)
+            if (
+                isinstance(v, bool)
+                or not isinstance(v, numbers.Real)
+                or not (math.isfinite(v) and (v > 0 if name == "lr" else v >= 0))
+            ):
+                want = "> 0" if name == "lr" else ">= 0"
+                raise BmojoValueError(f"{name}: expected a finite number {want}, got {v!r}")
         wf = self.warmup_frac
         if isinstance(wf, bool) or not isinstance(wf, numbers.Real) or not 0 <= wf < 1:
             raise BmojoValueError(f"warmup_frac: expected a number in [0, 1), got {wf!r}")
@@ -387,7 +478,7 @@ class ExperimentConfig:
         minute on 2 cores, and the attention-bearing models still learn above chance."""
         kw: dict[str, Any] = dict(
             vocab=128, seq_len=64, num_kv=(2, 4), window=16, n_fading=4, n_eidetic=8,
-            steps=150, batch_size=16, lr=3e-3, test_size=128,
+            steps=200, batch_size=16, lr=3e-3, warmup_frac=0.1, test_size=128,
         )  # fmt: skip
         kw.update(overrides)
         return cls(**kw)
@@ -396,6 +487,9 @@ class ExperimentConfig:
         return MQARConfig(self.vocab, self.seq_len, num_kv, self.power_a, self.random_fill)
 
     def specs(self) -> dict[str, ModelSpec]:
+        """The models run: the sweep variants if ``eidetic_sweep``, else ``models``."""
+        if self.eidetic_sweep:
+            return sweep_specs(self.window, self.n_fading, self.eidetic_sweep)
         allspecs = model_specs(self.window, self.n_fading, self.n_eidetic)
         return {m: allspecs[m] for m in self.models}
 
@@ -409,10 +503,13 @@ class ExperimentConfig:
         )  # fmt: skip
 
 
-def _seed(cfg: ExperimentConfig, kind: int, num_kv: int, model: int = 0) -> int:
-    """Distinct, reproducible seeds: data streams are shared by all models of one N (so
-    their flips compare like with like); test sets differ from every training stream."""
-    return ((cfg.seed * 7 + kind) * 1_000_003 + num_kv) * 101 + model
+def _seed(cfg: ExperimentConfig, kind: int, num_kv: int) -> int:
+    """Distinct, reproducible seeds of kind 0 (training stream), 1 (test set), 2 (init):
+    training streams and initialisations are shared by all models of one training (so
+    B'MOJO-F and B'MOJO, whose parameters have the same shapes, start from the same weights
+    and see the same batches: their flips compare like with like); ``num_kv`` 0 stands for
+    the mixture; test sets differ from every training stream."""
+    return ((cfg.seed * 7 + kind) * 1_000_003 + num_kv) * 101
 
 
 def _tqdm(total: int, enabled: bool, desc: str):
@@ -434,20 +531,24 @@ def _init_worker(queue: Any) -> None:
     _QUEUE = queue
 
 
-def _run_one(cfg: ExperimentConfig, name: str, n: int) -> dict[str, Any]:
-    """Trains and scores one (model, N); reports progress every ``_TICK`` steps to the
+def _run_one(cfg: ExperimentConfig, name: str, n: int | None) -> list[dict[str, Any]]:
+    """Trains one model (``n``: on that N alone; None: on the mixture of every N) and
+    scores it at every N it was trained on; reports progress every ``_TICK`` steps to the
     queue of this process (if any). Runs on ``cfg.threads`` torch threads."""
+    from . import get_num_threads, set_num_threads
     from .train import evaluate, train
 
-    old_threads = torch.get_num_threads()
-    if cfg.threads is not None:
+    old_threads = torch.get_num_threads(), get_num_threads()
+    if cfg.threads is not None:  # torch's and the kernels' pools
         torch.set_num_threads(cfg.threads)
+        set_num_threads(cfg.threads)
     try:
         spec = cfg.specs()[name]
-        task = cfg.task(n)
-        test = make_test_set(task, cfg.test_size, _seed(cfg, 1, n))
+        nkv = cfg.num_kv if n is None else (n,)
+        tasks = [cfg.task(k) for k in nkv]
+        key = 0 if n is None else n
         with torch.random.fork_rng(devices=[]):  # init seeded, global RNG untouched
-            torch.manual_seed(_seed(cfg, 2, n, MODELS.index(name)))
+            torch.manual_seed(_seed(cfg, 2, key))
             model = cfg.build(spec)
         count = [0]
 
@@ -456,38 +557,59 @@ def _run_one(cfg: ExperimentConfig, name: str, n: int) -> dict[str, Any]:
             count[0] += 1
             if _QUEUE is not None and count[0] % _TICK == 0:
                 _QUEUE.put(_TICK)
-            return make_batch(task, cfg.batch_size, g)
+            if len(tasks) == 1:
+                return make_batch(tasks[0], cfg.batch_size, g)
+            return make_mixed_batch(tasks, cfg.batch_size, g)
 
         greedy = cfg.schedule == "greedy"
+        warmup = int(cfg.warmup_frac * cfg.steps)
+        cpu0 = time.process_time()
         hist = train(
             model,
             batch,
             steps=cfg.steps,
             lr=cfg.lr,
+            weight_decay=cfg.weight_decay,
             schedule=cfg.schedule,
             eval_every=max(1, cfg.steps // 20) if greedy else None,
-            seed=_seed(cfg, 0, n),
+            seed=_seed(cfg, 0, key),
             progress=False,
-            warmup_steps=int(cfg.warmup_frac * cfg.steps),
-            greedy_kwargs={"factor": 0.8, "patience": 1, "smooth": 2,
-                           "min_lr": cfg.lr / 50, "max_lr": cfg.lr * 3} if greedy else None,
-        )  # fmt: skip
+            warmup_steps=warmup,
+            greedy_kwargs=_greedy_kwargs(cfg) if greedy else None,
+        )
         if _QUEUE is not None and count[0] % _TICK:
             _QUEUE.put(count[0] % _TICK)
-        loss, acc, ok = evaluate(model, *test, batch_size=64)
+        cpu_s = time.process_time() - cpu0  # this process's CPU time: robust to load
         tail = hist["train_loss"][-max(1, cfg.steps // 10) :]
-        return {
-            "model": name,
-            "num_kv": n,
-            "accuracy": acc,
-            "test_loss": loss,
-            "train_loss": math.fsum(tail) / len(tail),
-            "params": sum(p.numel() for p in model.parameters()),
-            "time_s": hist["time_s"],
-            "correct": ok.view(cfg.test_size, n).to(torch.int8).tolist(),
-        }
+        out = []
+        for task in tasks:
+            test = make_test_set(task, cfg.test_size, _seed(cfg, 1, task.num_kv))
+            loss, acc, ok = evaluate(model, *test, batch_size=64)
+            out.append({
+                "model": name,
+                "num_kv": task.num_kv,
+                "accuracy": acc,
+                "test_loss": loss,
+                "train_loss": math.fsum(tail) / len(tail),
+                "params": sum(p.numel() for p in model.parameters()),
+                "time_s": hist["time_s"],
+                "cpu_s": cpu_s,
+                "correct": ok.view(cfg.test_size, task.num_kv).to(torch.int8).tolist(),
+            })  # fmt: skip
+        return out
     finally:
-        torch.set_num_threads(old_threads)
+        torch.set_num_threads(old_threads[0])
+        set_num_threads(old_threads[1])
+
+
+def _greedy_kwargs(cfg: ExperimentConfig) -> dict[str, Any]:
+    """GreedyLR for this task, fed every ``steps // 20`` steps with the mean training loss:
+    up to 2x the base rate while the loss improves, down by 0.7 after more than two stalled
+    evaluations (the MQAR loss sits on a plateau near log(V/2) before the recall circuit
+    forms, so one or two stalled evaluations must not cut the rate), never below 1/30 of
+    the base rate."""
+    return {"factor": 0.7, "patience": 2, "smooth": 2, "cooldown": 1,
+            "min_lr": cfg.lr / 30, "max_lr": cfg.lr * 2}  # fmt: skip
 
 
 def run_experiment(
@@ -496,20 +618,24 @@ def run_experiment(
     progress: bool = True,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Trains and scores every (model, N) of ``cfg`` (default: the default experiment),
-    ``cfg.workers`` runs at a time in spawned processes (1: in this process), each on
-    ``cfg.threads`` torch threads. Every run is seeded on its own, so the results do not
-    depend on ``workers``. With ``workers > 1`` the runs start in spawned processes: call
-    it from a script under ``if __name__ == "__main__":`` (as for any multiprocessing).
+    """Trains and scores every model of ``cfg`` (default: the default experiment): one
+    training per model on the mixture of N (``cfg.mixture``) or one per (model, N),
+    ``cfg.workers`` trainings at a time in spawned processes (1: in this process), each on
+    ``cfg.threads`` torch threads. Every training is seeded on its own, so the results do
+    not depend on ``workers``. With ``workers > 1`` the trainings start in spawned
+    processes: call it from a script under ``if __name__ == "__main__":``.
 
     Returns a JSON-ready dict: ``config``, ``models`` (the specs), ``chance`` (2 / V),
     ``runs`` (one per (model, N), N-major: ``model``, ``num_kv``, ``accuracy``,
-    ``test_loss``, ``train_loss`` (mean over the last 10% of steps), ``params``, ``time_s``,
-    and ``correct``: the per-query correctness, ``test_size`` rows of ``N`` 0/1 entries,
-    the queries of a row in order of position), ``accuracy`` (model → {str(N): accuracy}),
-    ``flip_rate`` ({str(N): share of the test queries that B'MOJO-F answers correctly and
-    B'MOJO does not}, when both are run) and ``time_s``. ``log`` receives one line per
-    finished run.
+    ``test_loss``, ``train_loss`` (mean over the last 10% of steps), ``params``, ``time_s``
+    (wall time of the training, shared by every N of a mixture), ``cpu_s`` (CPU time of
+    the training process over it: the wall time on an idle machine), and ``correct``: the per-query
+    correctness, ``test_size`` rows of ``N`` 0/1 entries, the queries of a row in order of
+    position), ``accuracy`` (model → {str(N): accuracy}), ``flip_rate`` ({str(N): share
+    of the test queries that B'MOJO-F answers correctly and B'MOJO does not}, when both
+    are run), ``sweep`` (with ``eidetic_sweep``: ``window``, ``n_fading`` and the
+    ``n_eidetic`` values, in the order of the model keys) and ``time_s``. ``log``
+    receives one line per scored (model, N).
     """
     from .train import negative_flip_rate
 
@@ -517,27 +643,35 @@ def run_experiment(
     if not isinstance(cfg, ExperimentConfig):
         raise BmojoTypeError(f"cfg: expected an ExperimentConfig, got {type(cfg).__name__}")
     specs = cfg.specs()
-    jobs = [(name, n) for n in cfg.num_kv for name in specs]
+    # costliest first, so that two workers finish close together (CPU time per step of the
+    # default run: B'MOJO > B'MOJO-F > SSM > SWA; sweep variants by n_eidetic)
+    cost = {"bmojo": 3, "bmojo-f": 2, "ssm": 1, "swa": 0}
+    order = sorted(specs, key=lambda m: (-cost.get(m, 4), -specs[m].n_eidetic))
+    if cfg.mixture:
+        jobs: list[tuple[str, int | None]] = [(m, None) for m in order]
+    else:
+        jobs = [(m, n) for n in cfg.num_kv for m in order]
     done: dict[tuple[str, int], dict[str, Any]] = {}
     bar = _tqdm(len(jobs) * cfg.steps, progress, "mqar")
     t0 = time.perf_counter()
 
-    def finish(run: dict[str, Any]) -> None:
-        done[(run["model"], run["num_kv"])] = run
-        if log is not None:
-            label = specs[run["model"]].label
-            log(
-                f"{label:<14} N={run['num_kv']:<3} accuracy {run['accuracy']:6.1%}  "
-                f"test loss {run['test_loss']:.3f}  ({run['time_s']:.1f} s)"
-            )
+    def finish(runs: list[dict[str, Any]]) -> None:
+        for run in runs:
+            done[(run["model"], run["num_kv"])] = run
+            if log is not None:
+                label = specs[run["model"]].label
+                log(
+                    f"{label:<20} N={run['num_kv']:<3} accuracy {run['accuracy']:6.1%}  "
+                    f"test loss {run['test_loss']:.3f}  ({run['time_s']:.1f} s)"
+                )
         if bar is not None:
-            bar.set_postfix_str(f"{len(done)}/{len(jobs)} runs done")
+            bar.set_postfix_str(f"{len(done)}/{len(specs) * len(cfg.num_kv)} scored")
 
     try:
         if cfg.workers == 1:
             for name, n in jobs:
                 if bar is not None:
-                    bar.set_description(f"{specs[name].label} N={n}")
+                    bar.set_description(specs[name].label + ("" if n is None else f" N={n}"))
                 steps0 = bar.n if bar is not None else 0
                 finish(_run_one(cfg, name, n))
                 if bar is not None:
@@ -547,7 +681,7 @@ def run_experiment(
     finally:
         if bar is not None:
             bar.close()
-    runs = [done[j] for j in jobs]
+    runs = [done[(m, n)] for n in cfg.num_kv for m in specs]
     res: dict[str, Any] = {
         "config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()},
         "models": {
@@ -568,14 +702,20 @@ def run_experiment(
             str(n): negative_flip_rate(correct[("bmojo-f", n)], correct[("bmojo", n)])
             for n in cfg.num_kv
         }
+    if cfg.eidetic_sweep:
+        res["sweep"] = {
+            "window": cfg.window,
+            "n_fading": cfg.n_fading,
+            "n_eidetic": [specs[m].n_eidetic for m in specs],
+        }
     return res
 
 
 def _run_parallel(
     cfg: ExperimentConfig,
-    jobs: list[tuple[str, int]],
+    jobs: list[tuple[str, int | None]],
     bar: Any,
-    finish: Callable[[dict[str, Any]], None],
+    finish: Callable[[list[dict[str, Any]]], None],
 ) -> None:
     """Runs the jobs in ``cfg.workers`` spawned processes (spawn: no fork of a process whose
     OpenMP/kernel threads are live); progress comes back through a queue."""
@@ -610,8 +750,9 @@ def _run_parallel(
 
 
 def format_table(results: dict[str, Any]) -> str:
-    """The accuracy table: rows = models, columns = N (test accuracy in %), then the
-    negative flip rate B'MOJO-F → B'MOJO (% of test queries) when both were run."""
+    """The accuracy table: rows = models (or sweep variants), columns = N (test accuracy
+    in %), then the negative flip rate B'MOJO-F → B'MOJO (% of test queries) when both
+    were run."""
     nkv = [str(n) for n in results["config"]["num_kv"]]
     rows = [[results["models"][m]["label"]] + [f"{100 * acc[n]:.1f}" for n in nkv]
             for m, acc in results["accuracy"].items()]  # fmt: skip
@@ -631,11 +772,27 @@ def format_table(results: dict[str, Any]) -> str:
 
 
 def summarize(results: dict[str, Any]) -> str:
-    """A few lines stating what the table shows (best model per N, eidetic vs fading)."""
+    """A few lines stating what the table shows: best model per N, B'MOJO vs B'MOJO-F;
+    for the eidetic sweep, the best ``n_eidetic`` per N and where accuracy stops rising."""
     acc = results["accuracy"]
     labels = {m: results["models"][m]["label"] for m in acc}
+    nkv = [str(n) for n in results["config"]["num_kv"]]
     lines = []
-    for n in (str(n) for n in results["config"]["num_kv"]):
+    if "sweep" in results:
+        es = results["sweep"]["n_eidetic"]
+        keys = list(acc)
+        for n in nkv:
+            a = [acc[k][n] for k in keys]
+            best = max(range(len(a)), key=lambda i: a[i])
+            # saturation: the smallest n_eidetic within 1 point (absolute) of the best
+            sat = next(i for i in range(len(a)) if a[i] >= a[best] - 0.01)
+            lines.append(
+                f"N={n}: accuracy vs n_eidetic "
+                + ", ".join(f"{e}: {100 * x:.1f}%" for e, x in zip(es, a, strict=True))
+                + f"; best e={es[best]}, within 1 point of it from e={es[sat]}"
+            )
+        return "\n".join(lines)
+    for n in nkv:
         best = max(acc, key=lambda m: acc[m][n])
         lines.append(f"N={n}: best {labels[best]} ({100 * acc[best][n]:.1f}%)")
     if "flip_rate" in results:
@@ -650,6 +807,12 @@ def summarize(results: dict[str, Any]) -> str:
     best_all = max(acc, key=lambda m: sum(acc[m].values()))
     lines.append(f"highest mean accuracy over N: {labels[best_all]}")
     return "\n".join(lines)
+
+
+def _title(results: dict[str, Any]) -> str:
+    c = results["config"]
+    how = "mixture of N" if c["mixture"] else "one training per N"
+    return f"MQAR, V={c['vocab']}, L={c['seq_len']}, {c['steps']} steps x {c['batch_size']}, {how}"
 
 
 def plot_accuracy(results: dict[str, Any], path: str | os.PathLike) -> None:
@@ -671,9 +834,34 @@ def plot_accuracy(results: dict[str, Any], path: str | os.PathLike) -> None:
     ax.set_ylabel("test accuracy")
     c = results["config"]
     budget = c["window"] + c["n_fading"] + c["n_eidetic"]
+    ax.set_title(f"{_title(results)}\nattention budget {budget}", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.fspath(path))
+
+
+def plot_sweep(results: dict[str, Any], path: str | os.PathLike) -> None:
+    """Writes a PNG of test accuracy vs ``n_eidetic`` per N (the eidetic sweep)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 4), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    sw = results["sweep"]
+    es = sw["n_eidetic"]
+    keys = list(results["accuracy"])
+    for n in results["config"]["num_kv"]:
+        ax.plot(es, [results["accuracy"][k][str(n)] for k in keys], marker="o", label=f"N={n}")
+    ax.axhline(results["chance"], color="gray", ls=":", lw=1, label="chance")
+    ax.set_xticks(es, [str(e) for e in es])
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("n_eidetic (0 = B'MOJO-F)")
+    ax.set_ylabel("test accuracy")
     ax.set_title(
-        f"MQAR, V={c['vocab']}, L={c['seq_len']}, attention budget {budget}, {c['steps']} steps",
-        fontsize=10,
+        f"{_title(results)}\nB'MOJO, window {sw['window']}, {sw['n_fading']} fading tokens",
+        fontsize=9,
     )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -682,8 +870,9 @@ def plot_accuracy(results: dict[str, Any], path: str | os.PathLike) -> None:
 
 
 def save_results(results: dict[str, Any], out_dir: str | os.PathLike) -> dict[str, str]:
-    """Writes ``results.json`` and ``accuracy.png`` (skipped, with a ``None`` path, when
-    matplotlib is missing) into ``out_dir`` (created). Returns the paths written."""
+    """Writes ``results.json`` and ``accuracy.png`` (the sweep: ``eidetic_sweep.png``;
+    skipped when matplotlib is missing) into ``out_dir`` (created). Returns the paths
+    written."""
     os.makedirs(out_dir, exist_ok=True)
     paths: dict[str, str] = {"json": os.path.join(out_dir, "results.json")}
     with open(paths["json"], "w", encoding="utf-8") as f:
@@ -692,6 +881,10 @@ def save_results(results: dict[str, Any], out_dir: str | os.PathLike) -> dict[st
         import matplotlib  # noqa: F401
     except ImportError:
         return paths
-    paths["png"] = os.path.join(out_dir, "accuracy.png")
-    plot_accuracy(results, paths["png"])
+    if "sweep" in results:
+        paths["png"] = os.path.join(out_dir, "eidetic_sweep.png")
+        plot_sweep(results, paths["png"])
+    else:
+        paths["png"] = os.path.join(out_dir, "accuracy.png")
+        plot_accuracy(results, paths["png"])
     return paths

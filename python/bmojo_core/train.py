@@ -4,11 +4,16 @@ rate).
 
 The model interface: a ``torch.nn.Module`` mapping token ids ``(B, L)`` int64 to logits
 ``(B, L, V)``. Labels are ``(B, L)`` int64 with ``-100`` at ignored positions (next-token
-convention: ``labels[:, t]`` is the target of the logits at position ``t``).
+convention: ``labels[:, t]`` is the target of the logits at position ``t``). A model whose
+``forward`` also takes ``label_mask`` (``(B, L)`` bool, e.g.
+:class:`~bmojo_core.layers.BMojoLM`) is called with the labelled positions and returns their
+logits only, ``(n, V)`` in row-major order: with a few labels per row (MQAR) the head and
+the softmax then run on those rows alone.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 import sys
@@ -294,29 +299,48 @@ def _check_tokens(inputs: object, labels: object) -> tuple[Tensor, Tensor]:
     return inputs.long(), labels.long()
 
 
-def _logits(model: torch.nn.Module, inputs: Tensor, labels: Tensor) -> Tensor:
-    out = model(inputs)
-    if not isinstance(out, Tensor) or out.dim() != 3 or out.shape[:2] != inputs.shape:
-        got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-        raise BmojoValueError(
-            f"model: expected logits of shape ({inputs.shape[0]}, {inputs.shape[1]}, V), got {got}"
-        )
-    lab = labels[labels != IGNORE_INDEX]
+def _takes_label_mask(model: torch.nn.Module) -> bool:
+    try:
+        return "label_mask" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _logits(model: torch.nn.Module, inputs: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Logits ``(n, V)`` and targets ``(n,)`` of the labelled positions, row-major. A model
+    whose ``forward`` takes ``label_mask`` (e.g. :class:`~bmojo_core.layers.BMojoLM`)
+    computes only those logits; otherwise the full ``(B, L, V)`` output is indexed (either
+    way the softmax runs on labelled positions only)."""
+    mask = labels != IGNORE_INDEX
+    if _takes_label_mask(model):
+        out = model(inputs, label_mask=mask)
+        want = (int(mask.sum()),)
+        if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[:1] != want:
+            got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise BmojoValueError(
+                f"model: expected logits of shape ({want[0]}, V) with label_mask, got {got}"
+            )
+    else:
+        out = model(inputs)
+        if not isinstance(out, Tensor) or out.dim() != 3 or out.shape[:2] != inputs.shape:
+            got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise BmojoValueError(
+                f"model: expected logits of shape ({inputs.shape[0]}, {inputs.shape[1]}, V), "
+                f"got {got}"
+            )
+        out = out[mask]
+    lab = labels[mask]
     if lab.numel() and (int(lab.min()) < 0 or int(lab.max()) >= out.shape[-1]):
         raise BmojoValueError(
             f"labels: expected -100 or token ids in [0, {out.shape[-1]}) (the model's "
             f"vocabulary), got values in [{int(lab.min())}, {int(lab.max())}]"
         )
-    return out
+    return out, lab
 
 
 def _loss(logits: Tensor, labels: Tensor, reduction: str = "mean") -> Tensor:
-    return F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]).float(),
-        labels.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction=reduction,
-    )
+    """Cross-entropy of ``_logits``' output (labelled positions only)."""
+    return F.cross_entropy(logits.float(), labels, reduction=reduction)
 
 
 @torch.no_grad()
@@ -342,10 +366,11 @@ def evaluate(
     try:
         for i in range(0, inputs.shape[0], bs):
             x, y = inputs[i : i + bs].to(dev), labels[i : i + bs].to(dev)
-            logits = _logits(model, x, y)
-            total += float(_loss(logits, y, "sum"))
-            mask = y != IGNORE_INDEX
-            correct.append((logits.argmax(-1) == y)[mask].cpu())
+            if not bool((y != IGNORE_INDEX).any()):
+                continue
+            logits, lab = _logits(model, x, y)
+            total += float(_loss(logits, lab, "sum"))
+            correct.append((logits.argmax(-1) == lab).cpu())
     finally:
         model.train(was_training)
     ok = torch.cat(correct)
@@ -505,7 +530,7 @@ def train(
             x, y = _check_tokens(x, y)
             x, y = x.to(dev), y.to(dev)
             hist["lr"].append(float(opt.param_groups[0]["lr"]))
-            loss = _loss(_logits(model, x, y), y)
+            loss = _loss(*_logits(model, x, y))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if grad_clip is not None:
