@@ -34,6 +34,7 @@ from torch import Tensor
 
 from . import _core
 from . import _validate as V
+from . import decode as _decode
 
 __all__ = ["FORMAT_VERSION", "MAGIC", "Stream"]
 
@@ -67,6 +68,9 @@ class Stream:
             raise V.BmojoValueError(f"batch_size: expected an int >= 1, got {batch_size}")
         self.model = model
         self.batch_size = batch_size
+        self.fused_decode: bool | None = None
+        """One-token feeds use the fused native step (:mod:`bmojo_core.decode`): None
+        follows ``BMOJO_FUSED_DECODE`` (default on), False forces the Python step path."""
         self.state = self._fresh(model, batch_size)
 
     @property
@@ -143,6 +147,10 @@ class Stream:
         t = tok.shape[1]
         if t == 0:
             return self.state["logits"].new_zeros(self.batch_size, 0, model.vocab_size)
+        if t == 1 and _decode.enabled(self):
+            plan = _decode.plan_for(self)
+            if plan is not None:
+                return _decode.step(self, plan, tok)
         pos = self.state["position"].clone()
         h = model.embedding(tok)
         for i, blk in enumerate(model.blocks):

@@ -107,3 +107,30 @@ pub fn split_lengths<'a, T>(mut data: &'a mut [T], lens: &[usize]) -> Vec<&'a mu
     }
     out
 }
+
+/// Serialises teams: two teams sharing the pool's threads could each hold one thread at
+/// a barrier waiting for a thread the other holds.
+static TEAM: Mutex<()> = Mutex::new(());
+
+/// Runs `f(index, n)` for `index` in `0..n` on `n` threads at the same time (the caller is
+/// member 0, the pool's threads the others), for work whose members meet at barriers. `n`
+/// is capped by the pool's size; `n == 1` (or no pool) runs `f(0, 1)` on the caller.
+pub fn team<F: Fn(usize, usize) + Sync>(n: usize, f: F) {
+    let pool = if n > 1 { pool() } else { None };
+    let Some(p) = pool else {
+        f(0, 1);
+        return;
+    };
+    let n = n.min(p.current_num_threads() + 1).max(1);
+    let _guard = TEAM.lock().unwrap_or_else(|e| e.into_inner());
+    // Members 1.. are spawned jobs: each pool thread that picks one up spins at the
+    // barriers until the others arrive, so no thread runs two members of one team and,
+    // with teams serialised, the others always get a thread.
+    p.in_place_scope(|s| {
+        for i in 1..n {
+            let f = &f;
+            s.spawn(move |_| f(i, n));
+        }
+        f(0, n);
+    });
+}
