@@ -332,7 +332,7 @@ impl Barrier {
         } else {
             let mut spins = 0u32;
             while self.gen.load(Ordering::Acquire) == g {
-                if spins < 20_000 {
+                if spins < 4_000 {
                     std::hint::spin_loop();
                     spins += 1;
                 } else {
