@@ -212,3 +212,17 @@ def eidetic_select(
     scores_out: _D,
     count_out: _I,
 ) -> None: ...
+
+# --- fused decode step (bmojo_core.decode)
+
+class DecodePlan:
+    """A BMojoLM's parameters copied for the fused decode step (built by bmojo_core.decode)."""
+
+    def __init__(
+        self, vocab: int, d_model: int, top: dict, layers: list[dict], f64: bool
+    ) -> None: ...
+    @staticmethod
+    def state_names() -> list[str]: ...
+    def step(self, tokens: _I, state: list[npt.NDArray]) -> None: ...
+
+def decode_gemv(w: _F, bias: _F | None, x: _F, out: _F, gelu: bool) -> None: ...

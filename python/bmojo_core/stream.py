@@ -121,6 +121,17 @@ class Stream:
         (T ≥ 0 per slot; int tensor or nested lists) and returns their logits
         ``(batch_size, vocab)`` or ``(batch_size, T, vocab)``. Everything is checked before
         the state changes: a failed call leaves the stream as it was."""
+        if (
+            isinstance(tokens, Tensor)
+            and tokens.dtype == torch.int64
+            and tokens.shape == (self.batch_size,)
+            and tokens.device.type == "cpu"
+            and _decode.enabled(self)
+        ):
+            # Decode fast path: the native step checks the token ids before writing.
+            plan = _decode.plan_for(self)
+            if plan is not None:
+                return _decode.step(self, plan, tokens)
         if not isinstance(tokens, Tensor):
             try:
                 tokens = torch.as_tensor(tokens, dtype=torch.int64)
@@ -150,7 +161,7 @@ class Stream:
         if t == 1 and _decode.enabled(self):
             plan = _decode.plan_for(self)
             if plan is not None:
-                return _decode.step(self, plan, tok)
+                return _decode.step(self, plan, tok[:, 0])[:, None]
         pos = self.state["position"].clone()
         h = model.embedding(tok)
         for i, blk in enumerate(model.blocks):

@@ -10,7 +10,7 @@ use bmojo_kernels::decode::{
     self, Attn, DecodeElem, Layer, LayerState, Linear, Model, Norm, Ssm, State,
 };
 use bmojo_kernels::eidetic::Policy;
-use numpy::{Element, PyArrayDyn, PyArrayMethods, PyReadwriteArrayDyn};
+use numpy::{Element, PyArrayDyn, PyReadwriteArrayDyn};
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};

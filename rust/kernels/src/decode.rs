@@ -369,33 +369,118 @@ struct Job<'s, 'a, T> {
     act: Act,
 }
 
-/// Rows `r0..r0 + rows` of a job for every input row (4 weight rows at a time, all input
-/// rows while they are in L1: each weight is read from memory once).
+/// Bias and activation of one finished output slice (rows `r0..` of one input row).
+#[inline(always)]
+fn finish_rows<V: Vector>(out: &mut [V::E], bias: Option<&[V::E]>, r0: usize, act: Act)
+where
+    V::E: DecodeElem,
+{
+    if let Some(bias) = bias {
+        for (o, &bb) in out.iter_mut().zip(&bias[r0..]) {
+            *o = *o + bb;
+        }
+    }
+    if act == Act::Gelu {
+        V::E::gelu::<V>(out);
+    }
+}
+
+/// Sums of 4 weight rows times `x`: vector accumulators, horizontal sums, scalar tail.
+/// Every output is accumulated in the same order whatever the grouping below, so results
+/// do not depend on how rows and inputs are paired.
+#[inline(always)]
+fn tail4<T: Elem>(w: [&[T]; 4], x: &[T], from: usize, s: &mut [T; 4]) {
+    for (i, &xi) in x.iter().enumerate().skip(from) {
+        for (sk, wk) in s.iter_mut().zip(w) {
+            *sk = wk[i] * xi + *sk;
+        }
+    }
+}
+
+/// Rows `r0..r0 + rows` of a job for every input row: 4 weight rows × 2 input rows per
+/// register block, all input rows while the weight rows are in L1 (each weight is read
+/// from memory once per call).
 #[inline(always)]
 fn gemv_block<V: Vector>(j: &Job<'_, '_, V::E>, r0: usize, rows: usize)
 where
     V::E: DecodeElem,
 {
     let (n, w) = (j.n_in, V::W);
-    for b in 0..j.nx {
+    let t0 = n / w * w;
+    let mut b = 0;
+    while b + 2 <= j.nx {
+        let x0 = &j.x[b * n..(b + 1) * n];
+        let x1 = &j.x[(b + 1) * n..(b + 2) * n];
+        let (o0, o1) = (b * j.n_out + r0, (b + 1) * j.n_out + r0);
+        // SAFETY: team protocol: rows r0..r0+rows of this job's output belong to this
+        // task, run by exactly one thread in this phase; the two ranges are disjoint.
+        let (out0, out1) = unsafe { (j.out.part(o0..o0 + rows), j.out.part(o1..o1 + rows)) };
+        let mut r = 0;
+        while r + 4 <= rows {
+            let base = (r0 + r) * n;
+            let wr = [
+                &j.w[base..base + n],
+                &j.w[base + n..base + 2 * n],
+                &j.w[base + 2 * n..base + 3 * n],
+                &j.w[base + 3 * n..base + 4 * n],
+            ];
+            let mut a = [V::zero(); 8];
+            let it = wr[0]
+                .chunks_exact(w)
+                .zip(wr[1].chunks_exact(w))
+                .zip(wr[2].chunks_exact(w))
+                .zip(wr[3].chunks_exact(w))
+                .zip(x0.chunks_exact(w).zip(x1.chunks_exact(w)));
+            for ((((c0, c1), c2), c3), (xa, xb)) in it {
+                let (xa, xb) = (V::load(xa), V::load(xb));
+                let (v0, v1, v2, v3) = (V::load(c0), V::load(c1), V::load(c2), V::load(c3));
+                a[0] = v0.fma(xa, a[0]);
+                a[1] = v1.fma(xa, a[1]);
+                a[2] = v2.fma(xa, a[2]);
+                a[3] = v3.fma(xa, a[3]);
+                a[4] = v0.fma(xb, a[4]);
+                a[5] = v1.fma(xb, a[5]);
+                a[6] = v2.fma(xb, a[6]);
+                a[7] = v3.fma(xb, a[7]);
+            }
+            let mut s0 = [a[0].hsum(), a[1].hsum(), a[2].hsum(), a[3].hsum()];
+            let mut s1 = [a[4].hsum(), a[5].hsum(), a[6].hsum(), a[7].hsum()];
+            tail4(wr, x0, t0, &mut s0);
+            tail4(wr, x1, t0, &mut s1);
+            out0[r..r + 4].copy_from_slice(&s0);
+            out1[r..r + 4].copy_from_slice(&s1);
+            r += 4;
+        }
+        while r < rows {
+            let base = (r0 + r) * n;
+            out0[r] = dot::<V>(&j.w[base..base + n], x0);
+            out1[r] = dot::<V>(&j.w[base..base + n], x1);
+            r += 1;
+        }
+        finish_rows::<V>(out0, j.bias, r0, j.act);
+        finish_rows::<V>(out1, j.bias, r0, j.act);
+        b += 2;
+    }
+    if b < j.nx {
         let x = &j.x[b * n..(b + 1) * n];
         let o0 = b * j.n_out + r0;
-        // SAFETY: team protocol: rows r0..r0+rows of this job's output belong to this
-        // task, run by exactly one thread in this phase.
+        // SAFETY: as above.
         let out = unsafe { j.out.part(o0..o0 + rows) };
         let mut r = 0;
         while r + 4 <= rows {
             let base = (r0 + r) * n;
-            let w0 = &j.w[base..base + n];
-            let w1 = &j.w[base + n..base + 2 * n];
-            let w2 = &j.w[base + 2 * n..base + 3 * n];
-            let w3 = &j.w[base + 3 * n..base + 4 * n];
+            let wr = [
+                &j.w[base..base + n],
+                &j.w[base + n..base + 2 * n],
+                &j.w[base + 2 * n..base + 3 * n],
+                &j.w[base + 3 * n..base + 4 * n],
+            ];
             let (mut a0, mut a1, mut a2, mut a3) = (V::zero(), V::zero(), V::zero(), V::zero());
-            let it = w0
+            let it = wr[0]
                 .chunks_exact(w)
-                .zip(w1.chunks_exact(w))
-                .zip(w2.chunks_exact(w))
-                .zip(w3.chunks_exact(w))
+                .zip(wr[1].chunks_exact(w))
+                .zip(wr[2].chunks_exact(w))
+                .zip(wr[3].chunks_exact(w))
                 .zip(x.chunks_exact(w));
             for ((((c0, c1), c2), c3), xc) in it {
                 let xv = V::load(xc);
@@ -405,13 +490,7 @@ where
                 a3 = V::load(c3).fma(xv, a3);
             }
             let mut s = [a0.hsum(), a1.hsum(), a2.hsum(), a3.hsum()];
-            let t0 = n / w * w;
-            for i in t0..n {
-                s[0] = w0[i] * x[i] + s[0];
-                s[1] = w1[i] * x[i] + s[1];
-                s[2] = w2[i] * x[i] + s[2];
-                s[3] = w3[i] * x[i] + s[3];
-            }
+            tail4(wr, x, t0, &mut s);
             out[r..r + 4].copy_from_slice(&s);
             r += 4;
         }
@@ -420,14 +499,7 @@ where
             out[r] = dot::<V>(&j.w[base..base + n], x);
             r += 1;
         }
-        if let Some(bias) = j.bias {
-            for (o, &bb) in out.iter_mut().zip(&bias[r0..r0 + rows]) {
-                *o = *o + bb;
-            }
-        }
-        if j.act == Act::Gelu {
-            V::E::gelu::<V>(out);
-        }
+        finish_rows::<V>(out, j.bias, r0, j.act);
     }
 }
 
