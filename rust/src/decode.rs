@@ -232,8 +232,7 @@ fn step_with<T: Element + DecodeElem>(
         let (innov_ema, ring_k, ring_v, mem_k, mem_v, fading_y) =
             (f()?, f()?, f()?, f()?, f()?, f()?);
         let mut i = || ii.next().map(|a| a.as_slice_mut()).transpose();
-        let (innov_count, store_positions, store_count, mem_positions) =
-            (i()?, i()?, i()?, i()?);
+        let (innov_count, store_positions, store_count, mem_positions) = (i()?, i()?, i()?, i()?);
         let store_scores = di.next().map(|a| a.as_slice_mut()).transpose()?;
         let mem_mask = bi.next().map(|a| a.as_slice_mut()).transpose()?;
         let e = || PyValueError::new_err("state: missing arrays");
@@ -295,7 +294,12 @@ impl DecodePlan {
     }
 
     /// One token per row: `tokens (batch,)` int64, `state` the arrays (see the module doc).
-    fn step(&self, py: Python<'_>, tokens: Bound<'_, PyAny>, state: Bound<'_, PyList>) -> PyResult<()> {
+    fn step(
+        &self,
+        py: Python<'_>,
+        tokens: Bound<'_, PyAny>,
+        state: Bound<'_, PyList>,
+    ) -> PyResult<()> {
         match &self.inner {
             Inner::F32(m) => step_with::<f32>(py, m, self.n_layers, &tokens, &state),
             Inner::F64(m) => step_with::<f64>(py, m, self.n_layers, &tokens, &state),
@@ -324,7 +328,11 @@ fn decode_gemv(
         gelu: bool,
     ) -> PyResult<()> {
         let sh = crate::shape(w, "w", 2)?;
-        let (rw_, rb, rx) = (ro::<T>(w, "w")?, crate::opt_ro::<T>(bias, "bias")?, ro::<T>(x, "x")?);
+        let (rw_, rb, rx) = (
+            ro::<T>(w, "w")?,
+            crate::opt_ro::<T>(bias, "bias")?,
+            ro::<T>(x, "x")?,
+        );
         let mut ro_ = rw::<T>(out, "out")?;
         let o = ro_.as_slice_mut()?;
         let (ws, bs, xs) = (slice(&rw_), rb.as_ref().map(slice), slice(&rx));

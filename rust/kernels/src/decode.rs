@@ -30,6 +30,31 @@ use crate::eidetic::{self, InnovArgs, InnovOut, Policy};
 use crate::pool;
 use crate::simd::{sigmoid, softplus, Elem, Vector};
 
+/// `map_buf!(V, buf, |v| expr)`: replaces every element of `buf` by `expr`, a vector at a
+/// time (the tail padded). A macro rather than a function taking a closure: a closure (or
+/// a fn item called through `Fn`) is compiled without the level's target features, which
+/// leaves the intrinsics as out-of-line calls (see `dispatch`).
+macro_rules! map_buf {
+    ($V:ty, $buf:expr, |$v:ident| $body:expr) => {{
+        let buf = $buf;
+        let w = <$V as Vector>::W;
+        let mut chunks = buf.chunks_exact_mut(w);
+        for c in &mut chunks {
+            let $v = <$V as Vector>::load(c);
+            ($body).store(c);
+        }
+        let rest = chunks.into_remainder();
+        if !rest.is_empty() {
+            let n = rest.len();
+            let mut tmp = [<<$V as Vector>::E as Elem>::ZERO; 16];
+            tmp[..n].copy_from_slice(rest);
+            let $v = <$V as Vector>::load(&tmp);
+            ($body).store(&mut tmp);
+            rest.copy_from_slice(&tmp[..n]);
+        }
+    }};
+}
+
 /// Weight rows per GEMV task.
 pub const ROWS: usize = 16;
 /// Channels per SSM task.
@@ -55,7 +80,7 @@ impl DecodeElem for f32 {
     }
     #[inline(always)]
     fn gelu<V: Vector<E = Self>>(buf: &mut [Self]) {
-        map_vectors::<V>(buf, gelu_f32::<V>);
+        map_buf!(V, buf, |v| gelu_f32::<V>(v));
     }
 }
 
@@ -124,7 +149,9 @@ fn gelu_f32<V: Vector<E = f32>>(x: V) -> V {
         -1.265_512_23,
     ];
     let zero = V::zero();
-    let z = x.max(zero.sub(x)).mul(V::splat(core::f32::consts::FRAC_1_SQRT_2));
+    let z = x
+        .max(zero.sub(x))
+        .mul(V::splat(core::f32::consts::FRAC_1_SQRT_2));
     let t = V::splat(1.0).div(V::splat(0.5).fma(z, V::splat(1.0)));
     let mut p = V::splat(P[0]);
     for &c in &P[1..] {
@@ -134,24 +161,6 @@ fn gelu_f32<V: Vector<E = f32>>(x: V) -> V {
     // x ≥ 0: x (1 - erfc/2); x < 0: x erfc/2.
     let half = V::splat(0.5).mul(erfc);
     V::select(x.lt(zero), x.mul(half), x.sub(x.mul(half)))
-}
-
-/// Applies `f` to every element of `buf`, a vector at a time (the tail padded).
-#[inline(always)]
-fn map_vectors<V: Vector>(buf: &mut [V::E], f: impl Fn(V) -> V) {
-    let w = V::W;
-    let mut chunks = buf.chunks_exact_mut(w);
-    for c in &mut chunks {
-        f(V::load(c)).store(c);
-    }
-    let rest = chunks.into_remainder();
-    if !rest.is_empty() {
-        let mut tmp = [V::E::ZERO; 16];
-        tmp[..rest.len()].copy_from_slice(rest);
-        f(V::load(&tmp)).store(&mut tmp);
-        let n = rest.len();
-        rest.copy_from_slice(&tmp[..n]);
-    }
 }
 
 #[inline(always)]
@@ -282,7 +291,10 @@ impl<'a, T> TeamBuf<'a, T> {
     /// holds no other reference to them.
     #[allow(clippy::mut_from_ref)]
     unsafe fn part(&self, r: Range<usize>) -> &mut [T] {
-        assert!(r.start <= r.end && r.end <= self.len, "TeamBuf range out of bounds");
+        assert!(
+            r.start <= r.end && r.end <= self.len,
+            "TeamBuf range out of bounds"
+        );
         // SAFETY: in bounds (checked); exclusive by the caller's contract.
         unsafe { std::slice::from_raw_parts_mut(self.ptr.add(r.start), r.end - r.start) }
     }
@@ -292,7 +304,10 @@ impl<'a, T> TeamBuf<'a, T> {
     /// # Safety
     /// In the current phase no thread writes any element of `r`.
     unsafe fn view(&self, r: Range<usize>) -> &[T] {
-        assert!(r.start <= r.end && r.end <= self.len, "TeamBuf range out of bounds");
+        assert!(
+            r.start <= r.end && r.end <= self.len,
+            "TeamBuf range out of bounds"
+        );
         // SAFETY: in bounds (checked); not written concurrently by the caller's contract.
         unsafe { std::slice::from_raw_parts(self.ptr.add(r.start), r.end - r.start) }
     }
@@ -568,7 +583,13 @@ pub struct Linear<T> {
 }
 
 impl<T: Copy> Linear<T> {
-    pub fn new(name: &str, w: &[T], b: Option<&[T]>, n_out: usize, n_in: usize) -> Result<Self, String> {
+    pub fn new(
+        name: &str,
+        w: &[T],
+        b: Option<&[T]>,
+        n_out: usize,
+        n_in: usize,
+    ) -> Result<Self, String> {
         if w.len() != n_out * n_in {
             return Err(format!(
                 "{name}: expected a ({n_out}, {n_in}) weight, got {} elements",
@@ -577,7 +598,10 @@ impl<T: Copy> Linear<T> {
         }
         if let Some(b) = b {
             if b.len() != n_out {
-                return Err(format!("{name}: expected a bias of {n_out}, got {}", b.len()));
+                return Err(format!(
+                    "{name}: expected a bias of {n_out}, got {}",
+                    b.len()
+                ));
             }
         }
         Ok(Linear {
@@ -685,7 +709,9 @@ impl<T: DecodeElem> Model<T> {
                 return Err(p("attn: present exactly when window > 0"));
             }
             if (w == 0 || mf > 0 || me > 0) != l.ssm.is_some() {
-                return Err(p("ssm: present exactly when window == 0 or memory tokens are used"));
+                return Err(p(
+                    "ssm: present exactly when window == 0 or memory tokens are used",
+                ));
             }
             if w == 0 && (mf > 0 || me > 0) {
                 return Err(p("memory tokens need a window > 0"));
@@ -716,7 +742,9 @@ impl<T: DecodeElem> Model<T> {
                     return Err(p("ssm.dt_proj: expected a bias"));
                 }
                 if s.conv_w.len() != di * k || s.conv_b.as_ref().is_some_and(|b| b.len() != di) {
-                    return Err(p("ssm.conv: expected a (d_inner, d_conv) weight and (d_inner,) bias"));
+                    return Err(p(
+                        "ssm.conv: expected a (d_inner, d_conv) weight and (d_inner,) bias",
+                    ));
                 }
                 if s.a.len() != di * n || s.d.len() != di {
                     return Err(p("ssm: expected A (d_inner, d_state) and D (d_inner,)"));
@@ -971,7 +999,14 @@ where
             if let Some(s) = &l.ssm {
                 for c in 0..nchan {
                     if acc >= lo && acc < hi {
-                        conv_block::<V>(s, sc, st, bsz, c * CHANNELS, CHANNELS.min(s.d_inner - c * CHANNELS));
+                        conv_block::<V>(
+                            s,
+                            sc,
+                            st,
+                            bsz,
+                            c * CHANNELS,
+                            CHANNELS.min(s.d_inner - c * CHANNELS),
+                        );
                     }
                     acc += ccost;
                 }
@@ -1028,7 +1063,14 @@ where
             // Phase D: Δ, the state update and the gate (channel blocks).
             let nchan = s.d_inner.div_ceil(CHANNELS);
             for c in share(nchan, tid, nt) {
-                ssm_block::<V>(s, sc, st, bsz, c * CHANNELS, CHANNELS.min(s.d_inner - c * CHANNELS));
+                ssm_block::<V>(
+                    s,
+                    sc,
+                    st,
+                    bsz,
+                    c * CHANNELS,
+                    CHANNELS.min(s.d_inner - c * CHANNELS),
+                );
             }
             mb.bar.wait();
         }
@@ -1078,7 +1120,11 @@ where
                 out: &sc.f2,
                 act: Act::None,
             }];
-            let rows = if l.attn.is_some() && (me > 0 || mf > 0) { bsz } else { 0 };
+            let rows = if l.attn.is_some() && (me > 0 || mf > 0) {
+                bsz
+            } else {
+                0
+            };
             for b in gemv_phase::<V>(&jobs, rows, d * (l.taps.len() + 2) + 64, tid, nt) {
                 memory_row::<V>(l, mb, st, b);
             }
@@ -1102,7 +1148,12 @@ where
     gemv_phase::<V>(&jobs, 0, 0, tid, nt);
 }
 
-fn fc1_job<'s, 'a, T>(l: &'s Layer<T>, xn: &'s [T], bsz: usize, sc: &'s Scratch<'a, T>) -> Job<'s, 'a, T> {
+fn fc1_job<'s, 'a, T>(
+    l: &'s Layer<T>,
+    xn: &'s [T],
+    bsz: usize,
+    sc: &'s Scratch<'a, T>,
+) -> Job<'s, 'a, T> {
     Job {
         w: &l.fc1.w,
         bias: l.fc1.b.as_deref(),
@@ -1148,13 +1199,16 @@ fn conv_block<V: Vector>(
                 acc = wk * v + acc;
             }
             acc = wr[km] * x + acc;
+            // A manual shift: `copy_within` is a memmove call per channel.
+            for q in 1..km {
+                srow[q - 1] = srow[q];
+            }
             if km > 0 {
-                srow.copy_within(1.., 0);
                 srow[km - 1] = x;
             }
             *o = acc;
         }
-        map_vectors::<V>(out, silu::<V>);
+        map_buf!(V, &mut *out, |v| silu::<V>(v));
     }
 }
 
@@ -1196,7 +1250,7 @@ fn ssm_block<V: Vector>(
             let c = c0 + i;
             *o = dot::<V>(&s.dt_proj.w[c * r..(c + 1) * r], dtr) + dtb[c];
         }
-        map_vectors::<V>(&mut dt, softplus::<V>);
+        map_buf!(V, &mut dt[..], |v| softplus::<V>(v));
         for i in 0..n {
             let c = c0 + i;
             let x = xc[c];
@@ -1303,7 +1357,10 @@ fn attention_row<V: Vector>(
             let old_k = mem_k[..me * d].to_vec();
             let old_v = mem_v[..me * d].to_vec();
             for (i, &p) in held.iter().enumerate() {
-                let (dk, dv) = (&mut mem_k[i * d..(i + 1) * d], &mut mem_v[i * d..(i + 1) * d]);
+                let (dk, dv) = (
+                    &mut mem_k[i * d..(i + 1) * d],
+                    &mut mem_v[i * d..(i + 1) * d],
+                );
                 if p < 0 {
                     dk.fill(V::E::ZERO);
                     dv.fill(V::E::ZERO);
@@ -1400,7 +1457,7 @@ fn attend<V: Vector>(
             }
         }
         let mv = V::splat(mx);
-        map_vectors::<V>(&mut s, |x| x.sub(mv).exp());
+        map_buf!(V, &mut s[..], |x| x.sub(mv).exp());
         let mut tot = V::E::ZERO;
         for &p in &s {
             tot = tot + p;
@@ -1429,8 +1486,12 @@ fn attend<V: Vector>(
 /// Innovation score, store push and fading ring write of row `b` (after the attention
 /// read this token's memory).
 #[inline(always)]
-fn memory_row<V: Vector>(l: &Layer<V::E>, mb: &Member<'_, '_, V::E>, st: &LayerBufs<'_, V::E>, b: usize)
-where
+fn memory_row<V: Vector>(
+    l: &Layer<V::E>,
+    mb: &Member<'_, '_, V::E>,
+    st: &LayerBufs<'_, V::E>,
+    b: usize,
+) where
     V::E: DecodeElem,
 {
     let d = mb.m.d_model;
@@ -1485,7 +1546,10 @@ where
     if mf > 0 {
         let slot = (pos as usize) % mf;
         // SAFETY: as above.
-        let f = unsafe { st.fading_y.part((b * mf + slot) * d..(b * mf + slot + 1) * d) };
+        let f = unsafe {
+            st.fading_y
+                .part((b * mf + slot) * d..(b * mf + slot + 1) * d)
+        };
         f.copy_from_slice(y);
     }
 }
@@ -1515,14 +1579,23 @@ pub fn decode_step<T: DecodeElem>(
             st.layers.len()
         ));
     }
-    if let Some(t) = tokens.iter().find(|&&t| t < 0 || t as u64 >= m.vocab as u64) {
+    if let Some(t) = tokens
+        .iter()
+        .find(|&&t| t < 0 || t as u64 >= m.vocab as u64)
+    {
         return Err(format!(
             "tokens: token id {t} is outside the vocabulary [0, {})",
             m.vocab
         ));
     }
-    if let Some(p) = st.position.iter().find(|&&p| !(0..i64::MAX - 1).contains(&p)) {
-        return Err(format!("position: expected values in [0, 2^63 - 2), got {p}"));
+    if let Some(p) = st
+        .position
+        .iter()
+        .find(|&&p| !(0..i64::MAX - 1).contains(&p))
+    {
+        return Err(format!(
+            "position: expected values in [0, 2^63 - 2), got {p}"
+        ));
     }
     for (i, (l, ls)) in m.layers.iter().zip(&st.layers).enumerate() {
         for ((name, want), got) in layer_sizes(l, d, bsz).iter().zip(layer_lens(ls)) {
@@ -1543,7 +1616,11 @@ pub fn decode_step<T: DecodeElem>(
                 ls.store_count,
             )
             .map_err(|e| format!("layers.{i}: invalid eidetic store ({e})"))?;
-            if let Some(c) = ls.innov_count.iter().find(|&&c| !(0..i64::MAX - 1).contains(&c)) {
+            if let Some(c) = ls
+                .innov_count
+                .iter()
+                .find(|&&c| !(0..i64::MAX - 1).contains(&c))
+            {
                 return Err(format!("layers.{i}.innov_count: invalid count {c}"));
             }
             if let Some(p) = ls.mem_positions.iter().find(|&&p| p < -1) {
@@ -1555,10 +1632,17 @@ pub fn decode_step<T: DecodeElem>(
     let max_mem = m.layers.iter().map(|l| l.n_fading).max().unwrap_or(0);
     // Rows at a chunk boundary: the same for every layer with memory tokens (one window).
     let brows_for = |w: usize| -> Vec<usize> {
-        (0..bsz).filter(|&b| w > 0 && pos[b] % w as i64 == 0).collect()
+        (0..bsz)
+            .filter(|&b| w > 0 && pos[b] % w as i64 == 0)
+            .collect()
     };
     // Windows may differ per layer only through the model config, which is shared.
-    let win = m.layers.iter().map(|l| l.window).find(|&w| w > 0).unwrap_or(0);
+    let win = m
+        .layers
+        .iter()
+        .map(|l| l.window)
+        .find(|&w| w > 0)
+        .unwrap_or(0);
     if m.layers.iter().any(|l| l.window != 0 && l.window != win) {
         return Err("layers: every layer must have the same window".into());
     }
@@ -1617,7 +1701,11 @@ pub fn decode_step<T: DecodeElem>(
     let lbufs: Vec<LayerBufs<'_, T>> = layers.into_iter().map(LayerBufs::new).collect();
     let err = Mutex::new(None);
     let work = m.layers.iter().map(|l| l.fc1.w.len() * 3).sum::<usize>() * bsz;
-    let nt = if work >= 1 << 16 { pool::num_threads() } else { 1 };
+    let nt = if work >= 1 << 16 {
+        pool::num_threads()
+    } else {
+        1
+    };
     let bar = Barrier::new(nt);
     pool::team(nt, |tid, nt| {
         dispatch(
@@ -1773,8 +1861,15 @@ impl<T: DecodeElem> Kernel<T> for AttnK<'_, T> {
     #[inline(always)]
     fn run<V: Vector<E = T>>(self) {
         attend::<V>(
-            self.q, self.mem_k, self.mem_v, self.mem_mask, self.ring_k, self.ring_v, self.nring,
-            self.heads, self.out,
+            self.q,
+            self.mem_k,
+            self.mem_v,
+            self.mem_mask,
+            self.ring_k,
+            self.ring_v,
+            self.nring,
+            self.heads,
+            self.out,
         );
     }
 }
