@@ -22,12 +22,11 @@
 
 use std::marker::PhantomData;
 use std::ops::Range;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use crate::dispatch::{dispatch, Kernel, Level, SimdElem};
 use crate::eidetic::{self, InnovArgs, InnovOut, Policy};
-use crate::pool;
+use crate::pool::{self, Barrier};
 use crate::simd::{sigmoid, softplus, Elem, Vector};
 
 /// `map_buf!(V, buf, |v| expr)`: replaces every element of `buf` by `expr`, a vector at a
@@ -316,45 +315,6 @@ impl<'a, T> TeamBuf<'a, T> {
     unsafe fn all(&self) -> &[T] {
         // SAFETY: forwarded contract.
         unsafe { self.view(0..self.len) }
-    }
-}
-
-/// Sense-counting spin barrier for the team (spins briefly, then yields: on a loaded
-/// machine a team member may be descheduled).
-pub struct Barrier {
-    n: usize,
-    count: AtomicUsize,
-    gen: AtomicUsize,
-}
-
-impl Barrier {
-    pub fn new(n: usize) -> Self {
-        Barrier {
-            n,
-            count: AtomicUsize::new(0),
-            gen: AtomicUsize::new(0),
-        }
-    }
-
-    pub fn wait(&self) {
-        if self.n <= 1 {
-            return;
-        }
-        let g = self.gen.load(Ordering::Acquire);
-        if self.count.fetch_add(1, Ordering::AcqRel) + 1 == self.n {
-            self.count.store(0, Ordering::Relaxed);
-            self.gen.fetch_add(1, Ordering::Release);
-        } else {
-            let mut spins = 0u32;
-            while self.gen.load(Ordering::Acquire) == g {
-                if spins < 4_000 {
-                    std::hint::spin_loop();
-                    spins += 1;
-                } else {
-                    std::thread::yield_now();
-                }
-            }
-        }
     }
 }
 
@@ -1706,8 +1666,7 @@ pub fn decode_step<T: DecodeElem>(
     } else {
         1
     };
-    let bar = Barrier::new(nt);
-    pool::team(nt, |tid, nt| {
+    pool::team(nt, |tid, nt, bar| {
         dispatch(
             level,
             Member {
@@ -1717,7 +1676,7 @@ pub fn decode_step<T: DecodeElem>(
                 brows: &brows,
                 layers: &lbufs,
                 sc: &sc,
-                bar: &bar,
+                bar,
                 err: &err,
                 level,
                 tid,
@@ -1759,7 +1718,6 @@ pub fn gemv<T: DecodeElem>(
     }
     let ob = TeamBuf::new(out);
     let nt = pool::num_threads();
-    let bar = Barrier::new(nt);
     struct G<'s, 'a, T> {
         j: Job<'s, 'a, T>,
         tid: usize,
@@ -1774,7 +1732,7 @@ pub fn gemv<T: DecodeElem>(
             self.bar.wait();
         }
     }
-    pool::team(nt, |tid, nt| {
+    pool::team(nt, |tid, nt, bar| {
         dispatch(
             level,
             G {
@@ -1790,7 +1748,7 @@ pub fn gemv<T: DecodeElem>(
                 },
                 tid,
                 nt,
-                bar: &bar,
+                bar,
             },
         )
     });
