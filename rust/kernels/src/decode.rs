@@ -135,6 +135,8 @@ pub fn erf(x: f64) -> f64 {
 /// < 1.2e-7 everywhere).
 #[inline(always)]
 fn gelu_f32<V: Vector<E = f32>>(x: V) -> V {
+    // The published coefficients, kept verbatim (rounded to f32 when compiled).
+    #[allow(clippy::excessive_precision)]
     const P: [f32; 10] = [
         0.170_872_77,
         -0.822_152_23,
@@ -683,7 +685,7 @@ impl<T: DecodeElem> Model<T> {
                 return Err(p("innovation rate must be in (0, 1] and floor > 0"));
             }
             if let Some(a) = &l.attn {
-                if a.n_heads == 0 || d % a.n_heads != 0 {
+                if a.n_heads == 0 || !d.is_multiple_of(a.n_heads) {
                     return Err(p("attn: n_heads must divide d_model"));
                 }
                 lin(&p("attn.qkv"), &a.qkv, 3 * d, d)?;
@@ -1850,7 +1852,7 @@ pub fn attention<T: DecodeElem>(
     let d = q.len();
     let m = mem_mask.len();
     if heads == 0
-        || d % heads != 0
+        || !d.is_multiple_of(heads)
         || out.len() != d
         || mem_k.len() != m * d
         || mem_v.len() != m * d
