@@ -44,7 +44,7 @@ def toks(b, length, vocab=40, seed=0):
 
 def pair(model, b):
     fused, ref = model.stream(b), model.stream(b)
-    ref.fused_decode = False
+    fused.fused_decode, ref.fused_decode = True, False
     return fused, ref
 
 
@@ -193,6 +193,13 @@ def test_other_dtypes_fall_back_and_escape_hatch(monkeypatch):
     monkeypatch.setenv(D.ENV, "1")
     s.feed(toks(1, 3)[:, 1])
     assert_fused_used(s)
+    # Large batches take the Python path unless forced.
+    big = model.stream(D.AUTO_MAX_BATCH + 1)
+    big.feed(toks(D.AUTO_MAX_BATCH + 1, 1)[:, 0])
+    assert getattr(big, "_decode_plan", None) is None
+    big.fused_decode = True
+    big.feed(toks(D.AUTO_MAX_BATCH + 1, 1)[:, 0])
+    assert_fused_used(big)
 
 
 def test_bad_inputs_leave_stream_unchanged():

@@ -735,7 +735,7 @@ def make_lm_decode_inputs(batch: int, warm: int = 300) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(1)
     prompt = torch.randint(0, 512, (batch, warm), generator=gen)
     fused, ref = model.stream(batch), model.stream(batch)
-    ref.fused_decode = False
+    fused.fused_decode, ref.fused_decode = True, False
     fused.feed(prompt)
     ref.feed(prompt)
     tok = torch.randint(0, 512, (batch,), generator=gen)

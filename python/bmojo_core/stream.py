@@ -70,7 +70,8 @@ class Stream:
         self.batch_size = batch_size
         self.fused_decode: bool | None = None
         """One-token feeds use the fused native step (:mod:`bmojo_core.decode`): None
-        follows ``BMOJO_FUSED_DECODE`` (default on), False forces the Python step path."""
+        decides automatically (``BMOJO_FUSED_DECODE``, batch size), True forces it, False
+        forces the Python step path."""
         self.state = self._fresh(model, batch_size)
 
     @property
