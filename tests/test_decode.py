@@ -193,13 +193,12 @@ def test_other_dtypes_fall_back_and_escape_hatch(monkeypatch):
     monkeypatch.setenv(D.ENV, "1")
     s.feed(toks(1, 3)[:, 1])
     assert_fused_used(s)
-    # Large batches take the Python path unless forced.
-    big = model.stream(D.AUTO_MAX_BATCH + 1)
-    big.feed(toks(D.AUTO_MAX_BATCH + 1, 1)[:, 0])
-    assert getattr(big, "_decode_plan", None) is None
-    big.fused_decode = True
-    big.feed(toks(D.AUTO_MAX_BATCH + 1, 1)[:, 0])
-    assert_fused_used(big)
+    # The attribute wins over the environment.
+    monkeypatch.setenv(D.ENV, "0")
+    forced = model.stream(1)
+    forced.fused_decode = True
+    forced.feed(toks(1, 1)[:, 0])
+    assert_fused_used(forced)
 
 
 def test_bad_inputs_leave_stream_unchanged():

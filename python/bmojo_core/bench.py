@@ -19,7 +19,7 @@ Groups of cases (``--quick`` uses smaller shapes everywhere):
 * ``lm_decode``: streaming decode of a 4-layer d_model=256 ``BMojoLM`` (vocab 512, window
   128, 4 fading and 32 eidetic tokens) at batch 1 and 32, one and two threads: tokens per
   second of ``Stream.feed`` through the fused native step (:mod:`bmojo_core.decode`), against
-  the Python step path (``stream.fused_decode = False``; torch at its own thread setting).
+  the Python step path (``stream.fused_decode = False``, one torch thread).
 * ``throughput``: state updates per second and GFLOP/s of the forward, one thread and all
   threads, against the machine's peak (see :func:`machine_peak`).
 * ``companion``: :func:`bmojo_core.companion_scan` forward and forward+backward
@@ -742,6 +742,17 @@ def make_lm_decode_inputs(batch: int, warm: int = 300) -> dict[str, Any]:
     return {"model": model, "fused": fused, "ref": ref, "tok": tok}
 
 
+def _python_lm_step(inp: dict[str, Any]) -> Any:
+    """The Python step path on one torch thread (its small matmuls lose to OpenMP start-up
+    and, on a busy machine, to spinning)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return inp["ref"].feed(inp["tok"])
+    finally:
+        torch.set_num_threads(n)
+
+
 def _finish_lm_decode(case: Case, inputs: dict, res: Result, out: Any, ref_out: Any) -> None:
     b = case.params["batch"]
     parts = []
@@ -766,8 +777,8 @@ def _lm_decode_cases(quick: bool) -> list[Case]:
                     description="BMojoLM d=256 x4 streaming decode, one token per slot",
                     setup=lambda b=batch: make_lm_decode_inputs(b),
                     bmojo=lambda inp: inp["fused"].feed(inp["tok"]),
-                    reference=lambda inp: inp["ref"].feed(inp["tok"]),
-                    reference_label="Python step path",
+                    reference=_python_lm_step,
+                    reference_label="Python step path (1 torch thread)",
                     repeat=5,
                     warmup=10,
                     inner=20 if quick else 100,

@@ -15,9 +15,9 @@ rebuilt when a parameter changes: an in-place update (optimizer step,
 state views are rebuilt when ``stream.state`` is replaced (``Stream.load``); ``reset``
 writes the same tensors in place.
 
-**Choice.** By default the fused path serves batches up to :data:`AUTO_MAX_BATCH`;
-``BMOJO_FUSED_DECODE=0`` in the environment, or ``stream.fused_decode = False`` on a
-stream, selects the Python step path; ``stream.fused_decode = True`` forces the fused one.
+**Choice.** The fused path is on by default; ``BMOJO_FUSED_DECODE=0`` in the environment,
+or ``stream.fused_decode = False`` on a stream, selects the Python step path;
+``stream.fused_decode = True`` forces the fused one whatever the environment.
 """
 
 from __future__ import annotations
@@ -39,20 +39,13 @@ _VERSION = operator.attrgetter("_version")
 _PTR = Tensor.data_ptr
 
 
-AUTO_MAX_BATCH = 8
-"""Largest batch routed to the fused step by default: it is built for small-batch decode
-(weight-bandwidth bound); at larger batches torch's GEMMs and batched attention win (see
-the ``lm_decode`` benchmark). ``stream.fused_decode = True`` forces it at any batch."""
-
-
 def enabled(stream) -> bool:
     """Whether ``stream``'s one-token feeds take the fused path: ``stream.fused_decode``
-    if set (True/False), else ``BMOJO_FUSED_DECODE`` (default on) and a batch of at most
-    :data:`AUTO_MAX_BATCH`."""
+    if set (True/False), else ``BMOJO_FUSED_DECODE`` (default on)."""
     flag = getattr(stream, "fused_decode", None)
     if flag is not None:
         return bool(flag)
-    return stream.batch_size <= AUTO_MAX_BATCH and os.environ.get(ENV, "1") != "0"
+    return os.environ.get(ENV, "1") != "0"
 
 
 def _arr(t: Tensor | None):

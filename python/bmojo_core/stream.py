@@ -70,8 +70,8 @@ class Stream:
         self.batch_size = batch_size
         self.fused_decode: bool | None = None
         """One-token feeds use the fused native step (:mod:`bmojo_core.decode`): None
-        decides automatically (``BMOJO_FUSED_DECODE``, batch size), True forces it, False
-        forces the Python step path."""
+        follows ``BMOJO_FUSED_DECODE`` (default on), True forces it, False forces the
+        Python step path."""
         self.state = self._fresh(model, batch_size)
 
     @property
