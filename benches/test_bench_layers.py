@@ -8,7 +8,8 @@ Cases (issue shapes): ``BMojoLayer`` forward and forward+backward at (B=8, L=204
 d_model=256, window=128, n_fading=4, n_eidetic=32), float32, against
 ``reference.bmojo_layer_ref`` (dense L×3L masked attention + reference scan); streaming
 decode of a 4-layer d_model=256 ``BMojoLM`` at batch 1 and 32 (one token per slot per
-call; ``extra_info['tokens_per_call']`` gives tokens/s = tokens_per_call / mean); peak
+call, fused native step and Python step path, 1 and 2 kernel threads;
+``extra_info['tokens_per_call']`` gives tokens/s = tokens_per_call / mean); peak
 resident memory over a 100k-token stream (``extra_info``). Decode runs with one torch
 thread (small matmuls lose to OpenMP start-up and, on a busy machine, to spinning).
 """
@@ -84,16 +85,29 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("path", ["fused", "python"])
 @pytest.mark.parametrize("batch", [1, 32])
-def test_decode(benchmark, batch, one_thread):
+def test_decode(benchmark, batch, path, threads, one_thread):
+    """``fused``: the native one-call step (bmojo_core.decode) on ``threads`` kernel threads;
+    ``python``: the per-op Python step path (``stream.fused_decode = False``)."""
+    import bmojo_core
+
     torch.manual_seed(0)
     lm = BMojoLM(**LM)
     stream = lm.stream(batch)
+    stream.fused_decode = path == "fused"
     stream.feed(torch.randint(0, 256, (batch, 300)))  # past the first chunks
     tok = torch.randint(0, 256, (batch,))
-    _info(benchmark, "decode", batch)
-    benchmark.extra_info["batch"] = batch
-    benchmark.pedantic(stream.feed, args=(tok,), rounds=50, iterations=4, warmup_rounds=5)
+    _info(benchmark, f"decode-{path}", batch)
+    benchmark.extra_info.update(batch=batch, path=path, threads=threads)
+    before = bmojo_core.get_num_threads()
+    bmojo_core.set_num_threads(threads)
+    try:
+        rounds = 50 if path == "fused" else 10
+        benchmark.pedantic(stream.feed, args=(tok,), rounds=rounds, iterations=4, warmup_rounds=5)
+    finally:
+        bmojo_core.set_num_threads(before)
 
 
 def _rss() -> int:

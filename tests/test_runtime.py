@@ -178,6 +178,8 @@ def test_core_stubs_match_the_extension():
     for node in stub.body:
         if isinstance(node, ast.FunctionDef):
             declared[node.name] = [a.arg for a in node.args.args]
+        elif isinstance(node, ast.ClassDef):
+            declared[node.name] = None
         elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
             if not node.target.id.startswith("_"):
                 declared[node.target.id] = None

@@ -34,6 +34,7 @@ from torch import Tensor
 
 from . import _core
 from . import _validate as V
+from . import decode as _decode
 
 __all__ = ["FORMAT_VERSION", "MAGIC", "Stream"]
 
@@ -67,6 +68,10 @@ class Stream:
             raise V.BmojoValueError(f"batch_size: expected an int >= 1, got {batch_size}")
         self.model = model
         self.batch_size = batch_size
+        self.fused_decode: bool | None = None
+        """One-token feeds use the fused native step (:mod:`bmojo_core.decode`): None
+        follows ``BMOJO_FUSED_DECODE`` (default on), True forces it, False forces the
+        Python step path."""
         self.state = self._fresh(model, batch_size)
 
     @property
@@ -117,6 +122,17 @@ class Stream:
         (T ≥ 0 per slot; int tensor or nested lists) and returns their logits
         ``(batch_size, vocab)`` or ``(batch_size, T, vocab)``. Everything is checked before
         the state changes: a failed call leaves the stream as it was."""
+        if (
+            isinstance(tokens, Tensor)
+            and tokens.dtype == torch.int64
+            and tokens.shape == (self.batch_size,)
+            and tokens.device.type == "cpu"
+            and _decode.enabled(self)
+        ):
+            # Decode fast path: the native step checks the token ids before writing.
+            plan = _decode.plan_for(self)
+            if plan is not None:
+                return _decode.step(self, plan, tokens)
         if not isinstance(tokens, Tensor):
             try:
                 tokens = torch.as_tensor(tokens, dtype=torch.int64)
@@ -143,6 +159,10 @@ class Stream:
         t = tok.shape[1]
         if t == 0:
             return self.state["logits"].new_zeros(self.batch_size, 0, model.vocab_size)
+        if t == 1 and _decode.enabled(self):
+            plan = _decode.plan_for(self)
+            if plan is not None:
+                return _decode.step(self, plan, tok[:, 0])[:, None]
         pos = self.state["position"].clone()
         h = model.embedding(tok)
         for i, blk in enumerate(model.blocks):

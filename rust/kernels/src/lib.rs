@@ -12,6 +12,7 @@
 pub mod bilinear;
 pub mod companion;
 pub mod conv;
+pub mod decode;
 pub mod diag;
 pub mod dispatch;
 pub mod eidetic;
