@@ -459,17 +459,9 @@ __device__ __forceinline__ void sel_bwd_impl(
                     qb = pa[k] * qb + pa[k] * cv[k] * dy[k];
                     qa = pa[k] * qa;
                 }
-                bm_scan_up(la, lb, lane);
                 bm_scan_down(qa, qb, lane);
-                C ea = __shfl_up_sync(BM_FULL, la, 1), eb = __shfl_up_sync(BM_FULL, lb, 1);
                 C xa = __shfl_down_sync(BM_FULL, qa, 1), xb = __shfl_down_sync(BM_FULL, qb, 1);
-                if (lane == 0) {
-                    ea = C(1);
-                    eb = C(0);
-                }
                 if (lane == 31) {
-                    wa[warp] = la;
-                    wb[warp] = lb;
                     xa = C(1);
                     xb = C(0);
                 }
@@ -477,10 +469,8 @@ __device__ __forceinline__ void sel_bwd_impl(
                     ra[warp] = qa;
                     rb[warp] = qb;
                 }
-                __syncthreads();
-                C h = ck[n];
-                for (int j = 0; j < warp; j++) h = wa[j] * h + wb[j];
-                h = ea * h + eb;
+                // The barrier inside bm_block_enter also publishes ra/rb.
+                C h = bm_block_enter(la, lb, lane, warp, wa, wb, ck + n);
                 const C oc = ocarry[c * N + n];
                 C o = oc;
                 for (int j = BM_NW - 1; j > warp; j--) o = ra[j] * o + rb[j];

@@ -128,6 +128,13 @@ def _kernel(fn, *args):
         raise V.BmojoValueError(str(e)) from None
 
 
+def _innovation_outputs(y: Tensor, weights: Tensor, count: Tensor):
+    """Uninitialised (scores, history, count, ema) of an innovation_scores call."""
+    b, length, d = y.shape
+    k = weights.shape[0]
+    return y.new_empty(b, length), y.new_empty(b, k, d), count.new_empty(b), y.new_empty(b, 2)
+
+
 # ----------------------------------------------------------------------------- ops
 
 
@@ -145,12 +152,7 @@ def innovation_scores_op(
     """Normalised form: y (B, L, d), weights (k,), history (B, k, d), ema (B, 2) in one
     float dtype (float32/float64); count (B,) int64. Returns (scores (B, L), history,
     count, ema) after y."""
-    b, length, d = y.shape
-    k = weights.shape[0]
-    scores = y.new_empty(b, length)
-    hist = y.new_empty(b, k, d)
-    cnt = count.new_empty(b)
-    em = y.new_empty(b, 2)
+    scores, hist, cnt, em = _innovation_outputs(y, weights, count)
     _kernel(
         _core.innovation_scores, _np(y), _np(weights), _np(history), _np(count), _np(ema),
         chi2, rate, floor, scores.numpy(), hist.numpy(), cnt.numpy(), em.numpy(),
@@ -162,10 +164,7 @@ def innovation_scores_op(
 def _(y, weights, history, count, ema, chi2, rate, floor):
     b, length, d = y.shape
     k = weights.shape[0]
-    scores = y.new_empty(b, length)
-    hist = y.new_empty(b, k, d)
-    cnt = count.new_empty(b)
-    em = y.new_empty(b, 2)
+    scores, hist, cnt, em = _innovation_outputs(y, weights, count)
     sfx, dev, blk = CU.suffix(y), y.device, (CU.BLOCK, 1, 1)
     real = "d" if y.dtype == torch.float64 else "f"
     if b * length:
