@@ -128,12 +128,16 @@ template <class... A, size_t... I>
 inline void bm_emu_call(void (*k)(A...), void** args, std::index_sequence<I...>) {
     k(*static_cast<std::remove_reference_t<A>*>(args[I])...);
 }
+template <class... A> inline void bm_emu_call(void (*k)(A...), void** args) {
+    bm_emu_call(k, args, std::index_sequence_for<A...>{});
+}
 
-template <class... A> inline void bm_emu_launch(void (*k)(A...), void** args, const bm_emu_cfg& c) {
+// Runs one launch; `call(args)` runs the kernel as the current thread. Not a template:
+// compiled once per library, not once per entry point.
+inline void bm_emu_launch(void (*call)(void**), void** args, const bm_emu_cfg& c) {
     gridDim = {c.grid[0], c.grid[1], c.grid[2]};
     blockDim = {c.block[0], c.block[1], c.block[2]};
     const unsigned nt = c.block[0] * c.block[1] * c.block[2], nw = (nt + 31) / 32;
-    const auto seq = std::index_sequence_for<A...>{};
     bm_emu_threaded = c.threaded;
     for (unsigned bz = 0; bz < c.grid[2]; bz++)
         for (unsigned by = 0; by < c.grid[1]; by++)
@@ -145,7 +149,7 @@ template <class... A> inline void bm_emu_launch(void (*k)(A...), void** args, co
                     for (unsigned t = 0; t < nt; t++) {
                         threadIdx = {t % c.block[0], t / c.block[0] % c.block[1],
                                      t / (c.block[0] * c.block[1])};
-                        bm_emu_call(k, args, seq);
+                        call(args);
                     }
                     continue;
                 }
@@ -163,7 +167,7 @@ template <class... A> inline void bm_emu_launch(void (*k)(A...), void** args, co
                         threadIdx = {t % c.block[0], t / c.block[0] % c.block[1],
                                      t / (c.block[0] * c.block[1])};
                         blockIdx = b;
-                        bm_emu_call(k, args, seq);
+                        call(args);
                         // An exited thread no longer takes part in the barriers.
                         bar.arrive_and_drop();
                         bm_emu_wbar[t / 32]->arrive_and_drop();
@@ -203,12 +207,12 @@ template <class... A> inline std::string bm_emu_sig(void (*)(A...)) {
 struct bm_emu_entry {
     const char* name;
     std::string (*sig)();
-    void (*run)(void**, const bm_emu_cfg&);
+    void (*call)(void**);
 };
 // One table row per entry point (the harness generates the table after the source).
 #define BM_EMU_ENTRY(k)                                                             \
     {#k, +[]() { return bm_emu_sig(&k); },                                          \
-     +[](void** a, const bm_emu_cfg& c) { bm_emu_launch(&k, a, c); }}
+     +[](void** a) { bm_emu_call(&k, a); }}
 
 #define BM_EMU_API extern "C" __attribute__((visibility("default"), used))
 #define BM_EMU_EXPORTS(table)                                                       \
@@ -225,7 +229,7 @@ struct bm_emu_entry {
         bm_emu_cfg c = {{dims[0], dims[1], dims[2]}, {dims[3], dims[4], dims[5]},   \
                         smem, threaded};                                            \
         try {                                                                       \
-            table[i].run(args, c);                                                  \
+            bm_emu_launch(table[i].call, args, c);                                                  \
         } catch (const bm_emu_not_cooperative& e) {                                 \
             snprintf(err, (size_t)errlen, "%s", e.what);                            \
             return 1;                                                               \
