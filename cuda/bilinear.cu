@@ -12,7 +12,6 @@
 // over the chunks in order. No atomics: deterministic.
 #include "common.cuh"
 
-#define BMC_DTYPES(M) M(f32, float) M(f64, double) M(f16, bm_half) M(bf16, bm_bf16)
 #define BIL_THREADS 64  // = MAX_STATE
 
 __device__ __forceinline__ float bmc_fma(float a, float b, float c) { return fmaf(a, b, c); }
@@ -113,8 +112,7 @@ template <typename S>
 __device__ void bil_dA_step(const S* xs, const S* h0, const S* lam, S* dA, int B, int L, int n) {
     const long long nn = (long long)n * n;
     const long long total = (long long)B * L * nn;
-    for (long long e = blockIdx.x * (long long)blockDim.x + threadIdx.x; e < total;
-         e += (long long)gridDim.x * blockDim.x) {
+    for (long long e = bm_grid_start(); e < total; e += bm_grid_step()) {
         const long long rt = e / nn;
         const int i = (int)((e - rt * nn) / n), k = (int)(e - rt * nn - (long long)i * n);
         const long long r = rt / L;
@@ -130,8 +128,7 @@ __device__ void bil_dv(const S* N, const S* xs, const S* h0, const S* lam, S* dv
     typedef typename bm_io<S>::C C;
     const long long nn = (long long)n * n;
     const long long total = (long long)B * L * m;
-    for (long long e = blockIdx.x * (long long)blockDim.x + threadIdx.x; e < total;
-         e += (long long)gridDim.x * blockDim.x) {
+    for (long long e = bm_grid_start(); e < total; e += bm_grid_step()) {
         const long long rt = e / m;
         const int j = (int)(e - rt * m);
         const long long r = rt / L;
@@ -158,7 +155,7 @@ __device__ void bil_dmat_part(const S* v, const S* xs, const S* h0, const S* lam
     typedef typename bm_io<S>::C C;
     const long long nn = (long long)n * n;
     const long long per = (long long)(m + 1) * nn;
-    const long long e = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    const long long e = bm_grid_start();
     if (e >= per) return;
     const int j = (int)(e / nn);
     const int i = (int)((e - j * nn) / n), k = (int)(e - j * nn - (long long)i * n);
@@ -174,19 +171,6 @@ __device__ void bil_dmat_part(const S* v, const S* xs, const S* h0, const S* lam
         acc = bmc_fma(sl, bil_xprev<S>(xs, h0, r, t, L, n, k), acc);
     }
     part[c * per + e] = acc;
-}
-
-// out[i] = Σ_b part[b·stride + off + i] for i < per, batch in order.
-template <typename S>
-__device__ void bil_reduce(const typename bm_io<S>::C* part, S* out, int B, long long stride,
-                           long long off, long long per) {
-    typedef typename bm_io<S>::C C;
-    for (long long e = blockIdx.x * (long long)blockDim.x + threadIdx.x; e < per;
-         e += (long long)gridDim.x * blockDim.x) {
-        C acc = C(0);
-        for (int b = 0; b < B; ++b) acc += part[b * stride + off + e];
-        bm_io<S>::store(out + e, acc);
-    }
 }
 
 // ---- entry points ---------------------------------------------------------------------------
@@ -219,7 +203,7 @@ __device__ void bil_reduce(const typename bm_io<S>::C* part, S* out, int B, long
     extern "C" __global__ void bilinear_reduce_##sfx(const typename bm_io<S>::C* part, S* out,   \
                                                      int B, long long stride, long long off,     \
                                                      long long per) {                            \
-        bil_reduce<S>(part, out, B, stride, off, per);                                           \
+        bm_batch_reduce<S>(part, out, B, stride, off, per);                                      \
     }
 
-BMC_DTYPES(BIL_ENTRIES)
+BM_DTYPES(BIL_ENTRIES)

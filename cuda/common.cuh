@@ -9,6 +9,9 @@ struct bm_half { unsigned short bits; };  // IEEE binary16 bits
 struct bm_bf16 { unsigned short bits; };  // bfloat16 bits
 typedef long long bm_i64;
 
+// Instantiates M(suffix, storage type) for every dtype of the entry points.
+#define BM_DTYPES(M) M(f32, float) M(f64, double) M(f16, bm_half) M(bf16, bm_bf16)
+
 // ---- conversions: load any storage type as the compute type, store back rounded ----
 __device__ __forceinline__ float bm_to_float(float x) { return x; }
 __device__ __forceinline__ double bm_to_double(double x) { return x; }
@@ -80,4 +83,23 @@ template <typename C> __device__ __forceinline__ C bm_warp_sum(C v) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     return v;
+}
+
+// ---- grid-stride loops over a flat index: for (e = bm_grid_start(); e < n; e += bm_grid_step())
+__device__ __forceinline__ long long bm_grid_start() {
+    return blockIdx.x * (long long)blockDim.x + threadIdx.x;
+}
+__device__ __forceinline__ long long bm_grid_step() { return (long long)gridDim.x * blockDim.x; }
+
+// out[i] = sum over b < B of part[b * stride + off + i] (i < per), summed in batch order so
+// that the result does not depend on the launch (the per-batch partials of a weight gradient).
+template <typename S>
+__device__ void bm_batch_reduce(const typename bm_io<S>::C* part, S* out, int B, long long stride,
+                                long long off, long long per) {
+    typedef typename bm_io<S>::C C;
+    for (long long i = bm_grid_start(); i < per; i += bm_grid_step()) {
+        C acc = C(0);
+        for (int b = 0; b < B; ++b) acc += part[b * stride + off + i];
+        bm_io<S>::store(out + i, acc);
+    }
 }

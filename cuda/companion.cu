@@ -17,7 +17,6 @@
 // (s_0, s_{-1}, …, s_{1-n}) = initial_state[0..n].
 #include "common.cuh"
 
-#define BMC_DTYPES(M) M(f32, float) M(f64, double) M(f16, bm_half) M(bf16, bm_bf16)
 #define COMP_RING 64  // >= the largest order (MAX_ORDER = 64)
 #define COMP_LN 32    // lanes per block (one warp; the launch's block size)
 #define COMP_TT 32    // time steps per staged tile
@@ -235,18 +234,6 @@ __device__ void comp_bwd(const S* u, const S* alpha, int a_var, const S* beta, i
     if (Dv != nullptr) pd[lane] = qd;
 }
 
-// out[i] = Σ_b part[b·per + i], batch in order (time-invariant gradients).
-template <typename S>
-__device__ void comp_reduce(const typename bm_io<S>::C* part, S* out, int B, long long per) {
-    typedef typename bm_io<S>::C C;
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < per;
-         i += (long long)gridDim.x * blockDim.x) {
-        C acc = C(0);
-        for (int b = 0; b < B; ++b) acc += part[b * per + i];
-        bm_io<S>::store(out + i, acc);
-    }
-}
-
 // ---- entry points ---------------------------------------------------------------------------
 #define COMP_ENTRIES(sfx, S)                                                                     \
     extern "C" __global__ void __launch_bounds__(COMP_LN) companion_scan_fwd_##sfx(                                         \
@@ -265,7 +252,7 @@ __device__ void comp_reduce(const typename bm_io<S>::C* part, S* out, int B, lon
     }                                                                                            \
     extern "C" __global__ void companion_reduce_##sfx(const typename bm_io<S>::C* part, S* out,  \
                                                       int B, long long per) {                    \
-        comp_reduce<S>(part, out, B, per);                                                       \
+        bm_batch_reduce<S>(part, out, B, per, 0, per);                                           \
     }
 
-BMC_DTYPES(COMP_ENTRIES)
+BM_DTYPES(COMP_ENTRIES)

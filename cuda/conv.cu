@@ -9,7 +9,6 @@
 // order by a second kernel: no float atomics, results independent of the launch shape.
 #include "common.cuh"
 
-#define BMC_DTYPES(M) M(f32, float) M(f64, double) M(f16, bm_half) M(bf16, bm_bf16)
 
 __device__ __forceinline__ float bmc_fma(float a, float b, float c) { return fmaf(a, b, c); }
 __device__ __forceinline__ double bmc_fma(double a, double b, double c) { return fma(a, b, c); }
@@ -66,8 +65,7 @@ __device__ void conv_fwd(const S* x, const S* w, const S* bias, const long long*
                          const S* init, S* out, int B, int D, int L, int K, int silu) {
     typedef typename bm_io<S>::C C;
     const long long total = (long long)B * D * L;
-    for (long long e = blockIdx.x * (long long)blockDim.x + threadIdx.x; e < total;
-         e += (long long)gridDim.x * blockDim.x) {
+    for (long long e = bm_grid_start(); e < total; e += bm_grid_step()) {
         const long long r = e / L, t = e - r * L;
         const int d = (int)(r % D);
         const long long* sr = seq != nullptr ? seq + (r / D) * L : nullptr;
@@ -83,8 +81,7 @@ __device__ void conv_final(const S* x, const S* init, S* fin, int B, int D, int 
     typedef typename bm_io<S>::C C;
     const int km = K - 1;
     const long long total = (long long)B * D * km;
-    for (long long e = blockIdx.x * (long long)blockDim.x + threadIdx.x; e < total;
-         e += (long long)gridDim.x * blockDim.x) {
+    for (long long e = bm_grid_start(); e < total; e += bm_grid_step()) {
         const long long r = e / km;
         const int i = (int)(e - r * km);
         const long long j = (long long)L - km + i;
@@ -100,8 +97,7 @@ __device__ void conv_dpre(const S* x, const S* w, const S* bias, const long long
                           const S* init, const S* dout, S* dpre, int B, int D, int L, int K) {
     typedef typename bm_io<S>::C C;
     const long long total = (long long)B * D * L;
-    for (long long e = blockIdx.x * (long long)blockDim.x + threadIdx.x; e < total;
-         e += (long long)gridDim.x * blockDim.x) {
+    for (long long e = bm_grid_start(); e < total; e += bm_grid_step()) {
         const long long r = e / L, t = e - r * L;
         const int d = (int)(r % D);
         const long long* sr = seq != nullptr ? seq + (r / D) * L : nullptr;
@@ -117,8 +113,7 @@ __device__ void conv_dx(const S* w, const long long* seq, const S* dpre, const S
     typedef typename bm_io<S>::C C;
     const int km = K - 1;
     const long long total = (long long)B * D * L;
-    for (long long e = blockIdx.x * (long long)blockDim.x + threadIdx.x; e < total;
-         e += (long long)gridDim.x * blockDim.x) {
+    for (long long e = bm_grid_start(); e < total; e += bm_grid_step()) {
         const long long r = e / L, j = e - r * L;
         const int d = (int)(r % D);
         // Highest output reading input j: j+km, cut at L-1 and at the end of j's run.
@@ -150,8 +145,7 @@ __device__ void conv_dinit(const S* w, const S* dpre, const S* dfinal, S* dinit,
     typedef typename bm_io<S>::C C;
     const int km = K - 1;
     const long long total = (long long)B * D * km;
-    for (long long e = blockIdx.x * (long long)blockDim.x + threadIdx.x; e < total;
-         e += (long long)gridDim.x * blockDim.x) {
+    for (long long e = bm_grid_start(); e < total; e += bm_grid_step()) {
         const long long r = e / km;
         const int q = (int)(e - r * km);
         const int d = (int)(r % D);
@@ -217,8 +211,7 @@ __device__ void conv_dw_reduce(const typename bm_io<S>::C* part, S* dw, S* db, i
                                int nchunks) {
     typedef typename bm_io<S>::C C;
     const long long total = (long long)D * (K + 1);
-    for (long long e = blockIdx.x * (long long)blockDim.x + threadIdx.x; e < total;
-         e += (long long)gridDim.x * blockDim.x) {
+    for (long long e = bm_grid_start(); e < total; e += bm_grid_step()) {
         const long long d = e / (K + 1);
         const int k = (int)(e - d * (K + 1));
         C s = C(0);
@@ -239,8 +232,7 @@ __device__ void conv_update(const S* x, S* state, const S* w, const S* bias, int
     typedef typename bm_io<S>::C C;
     const long long total = (long long)B * D;
     const int km = K - 1;
-    for (long long e = blockIdx.x * (long long)blockDim.x + threadIdx.x; e < total;
-         e += (long long)gridDim.x * blockDim.x) {
+    for (long long e = bm_grid_start(); e < total; e += bm_grid_step()) {
         const long long b = e / D;
         const int d = (int)(e - b * D);
         const long long slot = slots != nullptr ? slots[b] : b;
@@ -329,4 +321,4 @@ __device__ void conv_update(const S* x, S* state, const S* w, const S* bias, int
         conv_update<S>(x, state, w, bias, silu, cache, slots, out, B, D, T, K, SL, nslots);      \
     }
 
-BMC_DTYPES(CONV_ENTRIES)
+BM_DTYPES(CONV_ENTRIES)

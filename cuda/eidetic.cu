@@ -15,7 +15,6 @@
 // CPU, which validates everything before writing), and the host raises from the status.
 #include "common.cuh"
 
-#define BMC_DTYPES(M) M(f32, float) M(f64, double) M(f16, bm_half) M(bf16, bm_bf16)
 
 // Unfused arithmetic in the compute type.
 __device__ __forceinline__ float ei_add(float a, float b) { return __fadd_rn(a, b); }
@@ -34,8 +33,7 @@ __device__ void innov_eps(const S* y, const S* w, const S* hist, const long long
                           int B, int L, int d, int k) {
     typedef typename bm_io<S>::C C;
     const long long total = (long long)B * L;
-    for (long long e = blockIdx.x * (long long)blockDim.x + threadIdx.x; e < total;
-         e += (long long)gridDim.x * blockDim.x) {
+    for (long long e = bm_grid_start(); e < total; e += bm_grid_step()) {
         const long long b = e / L;
         const int t = (int)(e - b * L);
         const long long have = count[b] + t;
@@ -75,7 +73,7 @@ __device__ void innov_finish(S* scores, const long long* count, const S* ema, lo
                              S* ema_out, int B, int L, int chi2, typename bm_io<S>::C rate,
                              typename bm_io<S>::C floor) {
     typedef typename bm_io<S>::C C;
-    const long long b = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    const long long b = bm_grid_start();
     if (b >= B) return;
     C m = bm_io<S>::load(ema + 2 * b), z = bm_io<S>::load(ema + 2 * b + 1);
     const C one_minus = ei_sub(C(1), rate);
@@ -99,8 +97,7 @@ __device__ void innov_finish(S* scores, const long long* count, const S* ema, lo
 template <typename S>
 __device__ void innov_history(const S* y, const S* hist, S* hist_out, int B, int L, int d, int k) {
     const long long total = (long long)B * k * d;
-    for (long long e = blockIdx.x * (long long)blockDim.x + threadIdx.x; e < total;
-         e += (long long)gridDim.x * blockDim.x) {
+    for (long long e = bm_grid_start(); e < total; e += bm_grid_step()) {
         const long long r = e / d;
         const int i = (int)(e - r * d);
         const long long b = r / k;
@@ -137,7 +134,7 @@ __device__ __forceinline__ bool ei_finite(double x) { return x - x == 0.0; }
 __device__ void ei_check(const long long* pos, const double* sc, const long long* count,
                          const double* news, int* status, int B, int m, long long T,
                          int policy) {
-    const long long b = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    const long long b = bm_grid_start();
     if (b >= B) return;
     const long long* p = pos + b * m;
     const double* s = sc + b * m;
@@ -253,7 +250,7 @@ __device__ __forceinline__ int ei_size(const long long* p, int m) {
 // Streaming push of news (B, T) into the store in place (only when every row is valid).
 __device__ void ei_push(long long* pos, double* sc, long long* count, const double* news,
                         const int* status, int B, int m, long long T, int policy, double tau) {
-    const long long b = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    const long long b = bm_grid_start();
     if (b >= B || !ei_all_ok(status, B)) return;
     EiHeap h{pos + b * m, sc + b * m, ei_size(pos + b * m, m), m, policy, tau};
     const long long c = count[b];
@@ -267,7 +264,7 @@ __device__ void ei_select(const double* scores, const long long* pos0, const dou
                           const long long* start, const int* status, long long* held,
                           long long* pos_out, double* sc_out, long long* count_out, int B, int m,
                           long long L, long long chunk, int policy, double tau) {
-    const long long b = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    const long long b = bm_grid_start();
     if (b >= B || !ei_all_ok(status, B)) return;
     long long* p = pos_out + b * m;
     double* s = sc_out + b * m;
@@ -302,7 +299,7 @@ __device__ void ei_select(const double* scores, const long long* pos0, const dou
         innov_history<S>(y, hist, hist_out, B, L, d, k);                                         \
     }
 
-BMC_DTYPES(EI_ENTRIES)
+BM_DTYPES(EI_ENTRIES)
 
 // The store is f64 scores / i64 positions only: entry points with the f64 suffix.
 extern "C" __global__ void eidetic_check_f64(const long long* pos, const double* sc,

@@ -64,6 +64,29 @@ template <typename C> __device__ __forceinline__ void bm_scan_down(C& a, C& b, i
     }
 }
 
+// The state before this thread's first step of a tile: `la`, `lb` are the affine map of
+// its own steps; the maps of the earlier lanes and warps (exchanged through the shared
+// `wa`, `wb`) are composed onto the state `*h0` entering the tile, read after the barrier
+// (so it may be written just before the call). Contains one __syncthreads.
+template <typename C>
+__device__ __forceinline__ C bm_block_enter(C la, C lb, int lane, int warp, C* wa, C* wb,
+                                            const C* h0) {
+    bm_scan_up(la, lb, lane);
+    C ea = __shfl_up_sync(BM_FULL, la, 1), eb = __shfl_up_sync(BM_FULL, lb, 1);
+    if (lane == 0) {
+        ea = C(1);
+        eb = C(0);
+    }
+    if (lane == 31) {
+        wa[warp] = la;
+        wb[warp] = lb;
+    }
+    __syncthreads();
+    C h = *h0;
+    for (int j = 0; j < warp; j++) h = wa[j] * h + wb[j];
+    return ea * h + eb;
+}
+
 // Coalesced load of one tile (times t0 + j, j < NT*IT, through `map`) into registers:
 // thread `tid` gets the IT consecutive positions tid*IT + k. Positions past L get `fill`.
 template <typename S, int IT, typename C>
@@ -142,20 +165,7 @@ __device__ __forceinline__ void diag_scan_impl(const S* a, const S* b, const typ
             lb = pa[k] * lb + pb[k];
             la = pa[k] * la;
         }
-        bm_scan_up(la, lb, lane);
-        C ea = __shfl_up_sync(BM_FULL, la, 1), eb = __shfl_up_sync(BM_FULL, lb, 1);
-        if (lane == 0) {
-            ea = C(1);
-            eb = C(0);
-        }
-        if (lane == 31) {
-            wa[warp] = la;
-            wb[warp] = lb;
-        }
-        __syncthreads();
-        C x = carry;
-        for (int j = 0; j < warp; j++) x = wa[j] * x + wb[j];
-        x = ea * x + eb;
+        C x = bm_block_enter(la, lb, lane, warp, wa, wb, &carry);
         C hv[IT];
 #pragma unroll
         for (int k = 0; k < IT; k++) {
@@ -273,20 +283,8 @@ __device__ __forceinline__ void sel_fwd_impl(const S* u, const S* delta, const t
                 lb = pa[k] * lb + pb[k];
                 la = pa[k] * la;
             }
-            bm_scan_up(la, lb, lane);
-            C ea = __shfl_up_sync(BM_FULL, la, 1), eb = __shfl_up_sync(BM_FULL, lb, 1);
-            if (lane == 0) {
-                ea = C(1);
-                eb = C(0);
-            }
-            if (lane == 31) {
-                wa[warp] = la;
-                wb[warp] = lb;
-            }
-            __syncthreads();
-            C h = carry[n];
-            for (int j = 0; j < warp; j++) h = wa[j] * h + wb[j];
-            h = ea * h + eb;  // the state before this thread's first step
+            // The state before this thread's first step.
+            C h = bm_block_enter(la, lb, lane, warp, wa, wb, carry + n);
             if (tb < L && tb % s.chunk == 0) ckpt[(bd * s.nck + tb / s.chunk) * N + n] = h;
 #pragma unroll
             for (int k = 0; k < IT; k++) {
@@ -407,20 +405,7 @@ __device__ __forceinline__ void sel_bwd_impl(
                         lb = pa[k] * lb + pb[k];
                         la = pa[k] * la;
                     }
-                    bm_scan_up(la, lb, lane);
-                    C ea = __shfl_up_sync(BM_FULL, la, 1), eb = __shfl_up_sync(BM_FULL, lb, 1);
-                    if (lane == 0) {
-                        ea = C(1);
-                        eb = C(0);
-                    }
-                    if (lane == 31) {
-                        wa[warp] = la;
-                        wb[warp] = lb;
-                    }
-                    __syncthreads();
-                    C h = ck[n];
-                    for (int j = 0; j < warp; j++) h = wa[j] * h + wb[j];
-                    h = ea * h + eb;
+                    C h = bm_block_enter(la, lb, lane, warp, wa, wb, ck + n);
 #pragma unroll
                     for (int k = 0; k < IT; k++) {
                         h = pa[k] * h + pb[k];
@@ -474,17 +459,9 @@ __device__ __forceinline__ void sel_bwd_impl(
                     qb = pa[k] * qb + pa[k] * cv[k] * dy[k];
                     qa = pa[k] * qa;
                 }
-                bm_scan_up(la, lb, lane);
                 bm_scan_down(qa, qb, lane);
-                C ea = __shfl_up_sync(BM_FULL, la, 1), eb = __shfl_up_sync(BM_FULL, lb, 1);
                 C xa = __shfl_down_sync(BM_FULL, qa, 1), xb = __shfl_down_sync(BM_FULL, qb, 1);
-                if (lane == 0) {
-                    ea = C(1);
-                    eb = C(0);
-                }
                 if (lane == 31) {
-                    wa[warp] = la;
-                    wb[warp] = lb;
                     xa = C(1);
                     xb = C(0);
                 }
@@ -492,10 +469,8 @@ __device__ __forceinline__ void sel_bwd_impl(
                     ra[warp] = qa;
                     rb[warp] = qb;
                 }
-                __syncthreads();
-                C h = ck[n];
-                for (int j = 0; j < warp; j++) h = wa[j] * h + wb[j];
-                h = ea * h + eb;
+                // The barrier inside bm_block_enter also publishes ra/rb.
+                C h = bm_block_enter(la, lb, lane, warp, wa, wb, ck + n);
                 const C oc = ocarry[c * N + n];
                 C o = oc;
                 for (int j = BM_NW - 1; j > warp; j--) o = ra[j] * o + rb[j];

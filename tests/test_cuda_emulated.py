@@ -1,121 +1,32 @@
 """The CUDA kernels of cuda/scan.cu and cuda/step.cu executed on the CPU, without a GPU.
 
-The sources are compiled as C++20 behind an emulation prelude (tests/cuda_emu/prelude.hpp:
-every block runs as OS threads with real barriers for __syncthreads and the warp
-shuffles); the launcher is replaced by a call into that library, so the ops' CUDA
-implementations (scan._sel_fwd_cuda, ...) run end to end on CPU tensors and are compared
-with the CPU ops (themselves verified against the fp64 references). float32 and float64
-kernels only (the half conversions are PTX). Skipped without a C++20 compiler.
+The harness (tests/cuda_emu/harness.py, shared with test_cuda_emulated_ops.py) compiles
+the sources as C++20 behind an emulation prelude (cooperative blocks run as OS threads
+with real barriers for __syncthreads and the warp shuffles) and replaces the launcher, so
+the ops' CUDA implementations (scan._sel_fwd_cuda, ...) run end to end on CPU tensors and
+are compared with the CPU ops (themselves verified against the fp64 references); every
+launch is checked against the entry point's C signature. float16/bfloat16 activations
+included. Skipped without a C++20 compiler with _Float16.
 """
 
 from __future__ import annotations
 
-import ctypes
-import re
-import shutil
-import subprocess
-from pathlib import Path
-
 import pytest
 import torch
-from bmojo_core import cuda as _cuda
 from bmojo_core import scan, step
 from conftest import make_scan_inputs, make_step_inputs, stable_seed
+from cuda_emu import harness as H
 
-ROOT = Path(__file__).resolve().parent.parent
-SOURCES = ("scan.cu", "step.cu")
-
-
-def _translate(text: str) -> str:
-    text = text.replace('#include "common.cuh"', "")
-    return re.sub(
-        r"extern __shared__ (?:__align__\(\d+\) )?unsigned char (\w+)\[\];",
-        r"static unsigned char* const \1 = bm_emu_dyn_smem;",
-        text,
-    )
-
-
-def _header() -> str:
-    """common.cuh with its PTX half conversions replaced by the prelude's."""
-    text = (ROOT / "cuda" / "common.cuh").read_text().replace("#pragma once", "")
-    text = re.sub(
-        r'asm\("cvt\.f32\.f16 %0, %1;"\s*:\s*"=f"\(([\w.]+)\)\s*:\s*"h"\(([\w.]+)\)\);',
-        r"\1 = bm_emu_h2f(\2);", text,
-    )  # fmt: skip
-    text = re.sub(
-        r'asm\("cvt\.rn\.f16\.f32 %0, %1;"\s*:\s*"=h"\(([\w.]+)\)\s*:\s*"f"\(([\w.]+)\)\);',
-        r"\1 = bm_emu_f2h(\2);", text,
-    )  # fmt: skip
-    assert "asm(" not in text, "common.cuh has PTX the emulation does not know"
-    return text
+pytestmark = pytest.mark.skipif(
+    H.compiler() is None, reason="needs g++ with C++20 <barrier> and _Float16"
+)
 
 
 @pytest.fixture(scope="module")
-def emu_lib(tmp_path_factory):
-    cxx = shutil.which("g++") or shutil.which("c++")
-    if cxx is None:
-        pytest.skip("no C++ compiler")
-    work = tmp_path_factory.mktemp("cuda_emu")
-    probe = work / "probe.cpp"
-    probe.write_text(
-        "#include <barrier>\n"
-        "int main() { std::barrier<> b(1); b.arrive_and_wait(); _Float16 h = 1;\n"
-        "             return (int)h - 1; }\n"
-    )
-    if subprocess.run([cxx, "-std=c++20", "-pthread", str(probe), "-o", str(work / "probe")],
-                      capture_output=True).returncode:  # fmt: skip
-        pytest.skip("the C++ compiler lacks C++20 <barrier> or _Float16")
-    kernels = [k for k in _cuda.declared() if k.source in SOURCES]
-    dispatch = "".join(
-        f'    if (n == "{k.name}_{s}") {{\n'
-        f"        bm_emu_launch({k.name}_{s}, args, gx, gy, bx);\n"
-        "        return 0;\n    }\n"
-        for k in kernels
-        for s in _cuda.DTYPES
-    )
-    src = (
-        (ROOT / "tests" / "cuda_emu" / "prelude.hpp").read_text()
-        + _header()
-        + "".join(_translate((ROOT / "cuda" / s).read_text()) for s in SOURCES)
-        + 'extern "C" int bm_emu_run(const char* cname, void** args, int gx, int gy, int bx) {\n'
-        + "    std::string n(cname);\n"
-        + dispatch
-        + "    return 1;\n}\n"
-    )
-    (work / "emu.cpp").write_text(src)
-    lib = work / "emu.so"
-    r = subprocess.run(
-        [cxx, "-std=c++20", "-O1", "-fPIC", "-shared", "-pthread", "-w", str(work / "emu.cpp"),
-         "-o", str(lib)],
-        capture_output=True, text=True,
-    )  # fmt: skip
-    assert r.returncode == 0, r.stderr[-4000:]
-    dll = ctypes.CDLL(str(lib))
-    dll.bm_emu_run.restype = ctypes.c_int
-    return dll
-
-
-@pytest.fixture
-def emulated(emu_lib, monkeypatch):
+def emulated():
     """Kernel.launch runs the emulated kernel on CPU tensors."""
-
-    def launch(self, suffix, grid, block, args, fmt, shared_mem=0, device=None):
-        objs = []
-        for a, code in zip(args, fmt, strict=True):
-            if code == "p":
-                objs.append(ctypes.c_void_p(0 if isinstance(a, int) else a.data_ptr()))
-            elif code == "i":
-                objs.append(ctypes.c_int32(a))
-            elif code == "l":
-                objs.append(ctypes.c_int64(a))
-            else:
-                raise AssertionError(f"unexpected argument code {code}")
-        arr = (ctypes.c_void_p * len(objs))(*[ctypes.addressof(o) for o in objs])
-        assert grid[2] == 1 and block[1] == block[2] == 1 and block[0] % 32 == 0
-        rc = emu_lib.bm_emu_run(f"{self.name}_{suffix}".encode(), arr, grid[0], grid[1], block[0])
-        assert rc == 0, f"{self.name}_{suffix} is not emulated"
-
-    monkeypatch.setattr(_cuda.Kernel, "launch", launch)
+    with H.emulate() as emu:
+        yield emu
 
 
 def close(got: torch.Tensor, want: torch.Tensor, name: str, tol: float | None = None) -> None:

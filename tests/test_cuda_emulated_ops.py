@@ -1,26 +1,18 @@
 """The CUDA kernels of the conv, companion, bilinear and eidetic ops, run without a GPU.
 
-``cuda/*.cu`` is compiled as host C++ (g++, with ``tests/cuda_emu/ops_prelude.h`` for the
-CUDA built-ins) and ``bmojo_core.cuda.Kernel.launch`` is replaced by an emulated launch
-that runs every thread of the grid on the CPU. The ops' registered CUDA implementations are
-then called with CPU tensors and compared with the CPU ops (already verified against fp64
-oracles). Each launch also checks its ``fmt`` and every pointer's dtype against the entry
-point's C signature (the runtime packs arguments by ``fmt``: a mismatch would be silent on
-a GPU). Skipped without g++. What this cannot check: real GPU concurrency and memory
-ordering (threads of a block run truly concurrently here only for the kernels that
-cooperate), the 16-bit conversions (PTX), performance.
+The shared harness (``tests/cuda_emu/harness.py``, also used by test_cuda_emulated.py)
+compiles ``cuda/*.cu`` as host C++ behind an emulation prelude and replaces
+``bmojo_core.cuda.Kernel.launch`` by an emulated launch that runs every thread of the grid
+on the CPU. The ops' registered CUDA implementations are then called with CPU tensors and
+compared with the CPU ops (already verified against fp64 oracles). Each launch also checks
+its ``fmt`` and every pointer's dtype against the entry point's C signature (the runtime
+packs arguments by ``fmt``: a mismatch would be silent on a GPU) and the grid, block and
+shared-memory limits. Skipped without a C++20 g++. What this cannot check: real GPU
+concurrency and memory ordering (threads of a block run truly concurrently here only for
+the kernels that cooperate), performance.
 """
 
 from __future__ import annotations
-
-import ctypes
-import hashlib
-import re
-import shutil
-import subprocess
-import tempfile
-import threading
-from pathlib import Path
 
 import bmojo_core
 import pytest
@@ -29,160 +21,20 @@ from bmojo_core import bilinear, companion, conv, eidetic
 from bmojo_core import cuda as _cuda
 from bmojo_core.errors import BmojoValueError
 from conftest import stable_seed
-
-ROOT = Path(__file__).resolve().parents[1]
-CUDA_DIR = ROOT / "cuda"
-EMU_H = Path(__file__).resolve().parent / "cuda_emu" / "ops_prelude.h"
-GXX = shutil.which("g++")
+from cuda_emu import harness as H
 
 pytestmark = pytest.mark.skipif(
-    GXX is None or not CUDA_DIR.is_dir(), reason="needs g++ and the cuda/ sources"
+    H.compiler() is None or not H.CUDA_DIR.is_dir(),
+    reason="needs g++ with C++20 <barrier> and _Float16, and the cuda/ sources",
 )
-
-# Kernels whose threads cooperate (shared memory, barriers, warp shuffles): run as threads.
-COOP = {
-    "causal_conv1d_dw_part",
-    "bilinear_scan_fwd",
-    "bilinear_scan_bwd",
-    "companion_scan_fwd",
-    "companion_scan_bwd",
-}
-
-_PTR_DTYPES = {
-    "float": torch.float32,
-    "double": torch.float64,
-    "long long": torch.int64,
-    "int": torch.int32,
-    "bm_half": torch.float16,
-    "bm_bf16": torch.bfloat16,
-    "typename bm_io<float>::C": torch.float32,
-    "typename bm_io<double>::C": torch.float64,
-    "typename bm_io<bm_half>::C": torch.float32,
-    "typename bm_io<bm_bf16>::C": torch.float32,
-}
-_SCALAR_CODES = {
-    "int": "i",
-    "long long": "l",
-    "float": "f",
-    "double": "d",
-    "typename bm_io<float>::C": "f",
-    "typename bm_io<double>::C": "d",
-    "typename bm_io<bm_half>::C": "f",
-    "typename bm_io<bm_bf16>::C": "f",
-}
-_CTYPES = {"i": ctypes.c_int, "l": ctypes.c_longlong, "f": ctypes.c_float, "d": ctypes.c_double}
-
-
-def _param(p: str):
-    """(code, pointer dtype or None) of one C parameter declaration."""
-    p = re.sub(r"\bconst\b", "", p).strip()
-    if "*" in p:
-        base = p[: p.rindex("*")].strip()
-        return "p", _PTR_DTYPES[" ".join(base.split())]
-    base = " ".join(p.split()[:-1])
-    return _SCALAR_CODES[base], None
-
-
-class _Lib:
-    def __init__(self, source: str, build: Path):
-        src = (CUDA_DIR / source).read_text() + (CUDA_DIR / "common.cuh").read_text()
-        key = hashlib.sha256((src + EMU_H.read_text()).encode()).hexdigest()[:16]
-        so = build / f"{source}.{key}.so"
-        cmd = [GXX, "-std=c++20", "-O1", "-pthread", "-ffp-contract=off", f"-I{CUDA_DIR}",
-               "-include", str(EMU_H), "-x", "c++", str(CUDA_DIR / source)]  # fmt: skip
-        if not so.exists():
-            # Built under a private name, then renamed: parallel workers never see half a file.
-            tmp = so.with_suffix(f".{threading.get_ident()}.{id(self)}.tmp")
-            subprocess.run([*cmd, "-shared", "-fPIC", "-o", str(tmp)], check=True)
-            tmp.replace(so)
-        pre = subprocess.run([*cmd, "-E", "-P"], check=True, capture_output=True, text=True)
-        self.sigs = {}
-        for name, params in re.findall(r'extern "C"\s+void\s+(\w+)\s*\(([^)]*)\)', pre.stdout):
-            if name.startswith("emu_"):
-                continue
-            self.sigs[name] = [_param(p) for p in params.split(",")]
-        self.lib = ctypes.CDLL(str(so))
+cuda_impl = H.cuda_impl
 
 
 @pytest.fixture(scope="module")
 def emu():
     """Replaces Kernel.launch by the emulated launch for the module's tests."""
-    build = Path(tempfile.gettempdir()) / "bmojo_cuda_emu"
-    build.mkdir(exist_ok=True)
-    libs: dict[str, _Lib] = {}
-    launches: list[str] = []
-
-    def launch(self, suffix, grid, block, args, fmt, shared_mem=0, device=None):
-        lib = libs.get(self.source) or libs.setdefault(self.source, _Lib(self.source, build))
-        name = self.symbol(suffix)
-        assert suffix in self.dtypes, f"{name}: suffix not declared"
-        sig = lib.sigs[name]
-        assert fmt == "".join(c for c, _ in sig), f"{name}: fmt {fmt} != signature"
-        assert len(args) == len(fmt), f"{name}: {len(args)} args for fmt {fmt}"
-        cargs, types = [], []
-        for a, (code, dt) in zip(args, sig, strict=True):
-            if code == "p":
-                if isinstance(a, torch.Tensor):
-                    assert a.dtype == dt, f"{name}: pointer of {dt} given {a.dtype}"
-                    assert a.is_contiguous(), f"{name}: non-contiguous tensor"
-                    cargs.append(a.data_ptr() or None)
-                else:
-                    assert a == 0, f"{name}: a pointer must be a tensor or 0"
-                    cargs.append(None)
-                types.append(ctypes.c_void_p)
-            else:
-                assert not isinstance(a, torch.Tensor), f"{name}: tensor for a scalar"
-                if code in "il":
-                    assert isinstance(a, int), f"{name}: {a!r} for an integer"
-                    bits = 32 if code == "i" else 64
-                    assert -(2 ** (bits - 1)) <= a < 2 ** (bits - 1), f"{name}: {a} overflows"
-                cargs.append(a)
-                types.append(_CTYPES[code])
-        fn = getattr(lib.lib, name)
-        fn.argtypes, fn.restype = types, None
-        gx, gy, gz = grid
-        bx, by, bz = block
-        assert gx * gy * gz > 0 and 0 < bx * by * bz <= 1024, f"{name}: bad launch shape"
-        lib.lib.emu_dims(gx, gy, gz, bx, by, bz)
-        launches.append(self.name)
-        threads = [(x, y, z) for z in range(bz) for y in range(by) for x in range(bx)]
-        for b in [(x, y, z) for z in range(gz) for y in range(gy) for x in range(gx)]:
-            if self.name in COOP:
-                lib.lib.emu_block_begin(len(threads))
-
-                def run(t, b=b):
-                    lib.lib.emu_set(*t, *b)
-                    fn(*cargs)
-
-                ts = [threading.Thread(target=run, args=(t,)) for t in threads]
-                for t in ts:
-                    t.start()
-                for t in ts:
-                    t.join()
-                lib.lib.emu_block_end()
-            else:
-                for t in threads:
-                    lib.lib.emu_set(*t, *b)
-                    fn(*cargs)
-
-    # Patch the class of the declared handles (whatever the runtime makes of Kernel).
-    classes = {type(k) for k in _cuda.declared()}
-    saved = {c: c.__dict__.get("launch") for c in classes}
-    for c in classes:
-        c.launch = launch
-    try:
-        yield launches
-    finally:
-        for c, f in saved.items():
-            if f is None:
-                del c.launch
-            else:
-                c.launch = f
-
-
-def cuda_impl(op):
-    """The CUDA implementation registered for a custom op (called here with CPU tensors)."""
-    return op._backend_fns["cuda"]
+    with H.emulate() as emulator:
+        yield emulator.launches
 
 
 def same(got, ref, dtype, what=""):
@@ -527,16 +379,16 @@ def test_size_limits_of_the_kernels(emu):
 
 
 def test_every_declared_kernel_has_its_entry_points(emu):
-    """Each kernel the four op modules declare exists in its source for every declared
-    dtype (the emulated build's C signatures; the GPU build is the NVRTC compile test)."""
-    build = Path(tempfile.gettempdir()) / "bmojo_cuda_emu"
-    ours = ("conv.cu", "companion.cu", "bilinear.cu", "eidetic.cu")
-    sigs = {src: _Lib(src, build).sigs for src in ours}
-    kernels = [k for k in _cuda.declared() if k.source in ours]
-    assert len(kernels) >= 20
-    for k in kernels:
-        for sfx in k.dtypes:
-            assert k.symbol(sfx) in sigs[k.source], f"{k.source}: no {k.symbol(sfx)}"
+    """Each kernel the op modules declare exists in its source for every declared dtype
+    (the emulated build's entry points; the GPU build is the NVRTC compile test)."""
+    emulator = H.Emulator()
+    kernels = _cuda.declared()
+    assert len(kernels) >= 23
+    for src in {k.source for k in kernels}:
+        sigs = emulator.signatures(src)
+        for k in (k for k in kernels if k.source == src):
+            for sfx in k.dtypes:
+                assert k.symbol(sfx) in sigs, f"{src}: no {k.symbol(sfx)}"
 
 
 def test_simd_levels_known():

@@ -30,6 +30,31 @@ def tensor(name: str, t: object, *, dtypes: Sequence[torch.dtype] = FLOATS) -> t
     return t
 
 
+def device_tensor(name: str, t: object, *, dtypes: Sequence[torch.dtype] = FLOATS) -> torch.Tensor:
+    """Like `tensor`, for an op with a CUDA kernel: CPU and CUDA tensors are both accepted;
+    `same_device` then checks that all inputs share one device."""
+    if not isinstance(t, torch.Tensor):
+        raise BmojoTypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in dtypes:
+        allowed = ", ".join(dtype_name(d) for d in dtypes)
+        raise BmojoTypeError(f"{name}: expected dtype {allowed}, got {dtype_name(t.dtype)}")
+    if t.device.type not in ("cpu", "cuda"):
+        raise BmojoValueError(f"{name}: expected a CPU or CUDA tensor, got device {t.device}")
+    return t
+
+
+def same_device(named: dict[str, torch.Tensor | None], anchor: str) -> torch.device:
+    """The anchor's device; every other given tensor must be on it."""
+    dev = named[anchor].device  # type: ignore[union-attr]
+    for name, t in named.items():
+        if t is not None and t.device != dev:
+            raise BmojoValueError(
+                f"{name}: expected a tensor on {dev} (the device of {anchor}), got device "
+                f"{t.device}; move all inputs to one device"
+            )
+    return dev
+
+
 def shape(name: str, t: torch.Tensor, expected: Sequence[int | None], desc: str) -> None:
     """Checks the shape; `None` entries match any size."""
     ok = t.dim() == len(expected) and all(

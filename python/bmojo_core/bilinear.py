@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from . import _core
-from . import _cudaops as CU
+from . import _cuda_launch as CU
 from . import _validate as V
 from . import cuda as _cuda
 
@@ -361,11 +361,11 @@ def bilinear_scan(
     backward is sequential either way) or ``"auto"``
     (:func:`use_parallel`).
     """
-    CU.tensor("u", u)
+    V.device_tensor("u", u)
     if u.dim() != 3:
         raise V.BmojoValueError(f"u: expected shape (batch, L, p), got {tuple(u.shape)}")
     batch, length, p = u.shape
-    CU.tensor("A", A)
+    V.device_tensor("A", A)
     if A.dim() == 2:
         per_step = False
         n = A.shape[0]
@@ -380,7 +380,7 @@ def bilinear_scan(
         )
     if not 1 <= n <= MAX_STATE:
         raise V.BmojoValueError(f"A: state size n must be in 1..{MAX_STATE}, got {n}")
-    CU.tensor("B", B)
+    V.device_tensor("B", B)
     V.shape("B", B, (n, p), "(n, p)")
     if N is not None:
         if per_step:
@@ -388,7 +388,7 @@ def bilinear_scan(
                 "N: only allowed with a constant A (n, n); with a per-step A (batch, L, n, n) "
                 "fold the modulation into A"
             )
-        CU.tensor("N", N)
+        V.device_tensor("N", N)
         V.shape("N", N, (None, n, n), "(m, n, n)")
         m = N.shape[0]
         if v is None:
@@ -398,26 +398,26 @@ def bilinear_scan(
                     "(v defaults to u only when m == p)"
                 )
         else:
-            CU.tensor("v", v)
+            V.device_tensor("v", v)
             V.shape("v", v, (batch, length, m), "(batch, L, m)")
     elif v is not None:
         raise V.BmojoValueError("v: given without N (v modulates A through N)")
     if C is not None:
-        CU.tensor("C", C)
+        V.device_tensor("C", C)
         V.shape("C", C, (None, n), "(q, n)")
     if D is not None:
         if C is None:
             raise V.BmojoValueError("D: needs C (y = C x + D u); pass C as well")
-        CU.tensor("D", D)
+        V.device_tensor("D", D)
         V.shape("D", D, (C.shape[0], p), "(q, p)")
     if initial_state is not None:
-        CU.tensor("initial_state", initial_state)
+        V.device_tensor("initial_state", initial_state)
         V.shape("initial_state", initial_state, (batch, n), "(batch, n)")
     if not isinstance(method, str) or method not in METHODS:
         raise V.BmojoValueError(f"method: expected one of {METHODS}, got {method!r}")
     named = {"u": u, "A": A, "B": B, "C": C, "D": D, "N": N, "v": v,
              "initial_state": initial_state}  # fmt: skip
-    CU.same_device(named, "u")
+    V.same_device(named, "u")
     cdt = V.compute_dtype(named, "u")
     c = V.as_compute
     uc = c(u, cdt)

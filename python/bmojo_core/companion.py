@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from . import _core
-from . import _cudaops as CU
+from . import _cuda_launch as CU
 from . import _validate as V
 from . import cuda as _cuda
 
@@ -229,7 +229,7 @@ companion_scan_fwd.register_autograd(_backward, setup_context=_setup)
 
 def _check_coef(name, t, batch, dim, length, n):
     """alpha / c: (B, D, L, n) per step or (D, n) per channel."""
-    CU.tensor(name, t)
+    V.device_tensor(name, t)
     if t.dim() == 4:
         V.shape(name, t, (batch, dim, length, n), "(batch, dim, L, n) for per-step coefficients")
     elif t.dim() == 2:
@@ -266,11 +266,11 @@ def companion_scan(
     float64 inputs, else float32). Differentiable in every tensor input, also through the
     final state alone.
     """
-    CU.tensor("u", u)
+    V.device_tensor("u", u)
     if u.dim() != 3:
         raise V.BmojoValueError(f"u: expected shape (batch, dim, L), got {tuple(u.shape)}")
     batch, dim, length = u.shape
-    CU.tensor("alpha", alpha)
+    V.device_tensor("alpha", alpha)
     if alpha.dim() not in (2, 4):
         raise V.BmojoValueError(
             f"alpha: expected shape (batch, dim, L, n) or (dim, n), got {tuple(alpha.shape)}"
@@ -282,7 +282,7 @@ def companion_scan(
         )
     _check_coef("alpha", alpha, batch, dim, length, n)
     if beta is not None:
-        CU.tensor("beta", beta)
+        V.device_tensor("beta", beta)
         if beta.dim() == 3:
             V.shape("beta", beta, (batch, dim, length), "(batch, dim, L) for per-step gains")
         else:
@@ -290,14 +290,14 @@ def companion_scan(
     if c is not None:
         _check_coef("c", c, batch, dim, length, n)
     if D is not None:
-        CU.tensor("D", D)
+        V.device_tensor("D", D)
         V.shape("D", D, (dim,), "(dim,)")
     if initial_state is not None:
-        CU.tensor("initial_state", initial_state)
+        V.device_tensor("initial_state", initial_state)
         V.shape("initial_state", initial_state, (batch, dim, n), "(batch, dim, n)")
     named = {"u": u, "alpha": alpha, "beta": beta, "c": c, "D": D,
              "initial_state": initial_state}  # fmt: skip
-    CU.same_device(named, "u")
+    V.same_device(named, "u")
     cdt = V.compute_dtype(named, "u")
     cv = V.as_compute
     y, last, _ = torch.ops.bmojo.companion_scan_fwd(

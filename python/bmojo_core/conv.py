@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from . import _core
-from . import _cudaops as CU
+from . import _cuda_launch as CU
 from . import _validate as V
 from . import cuda as _cuda
 
@@ -294,22 +294,22 @@ def causal_conv1d_fn(
     ``weight``, ``bias`` and ``initial_states``, also through ``final_states``.
     """
     silu = _silu(activation)
-    CU.tensor("x", x)
+    V.device_tensor("x", x)
     V.shape("x", x, (None, None, None), "(batch, dim, L)")
     b, d, length = x.shape
-    CU.tensor("weight", weight)
+    V.device_tensor("weight", weight)
     V.shape("weight", weight, (d, None), "(dim, K)")
     k = weight.shape[1]
     if k < 1:
         raise V.BmojoValueError("weight: the width K must be >= 1, got 0")
     if bias is not None:
-        CU.tensor("bias", bias)
+        V.device_tensor("bias", bias)
         V.shape("bias", bias, (d,), "(dim,)")
     if seq_idx is not None:
-        CU.tensor("seq_idx", seq_idx, dtypes=V.INTS)
+        V.device_tensor("seq_idx", seq_idx, dtypes=V.INTS)
         V.shape("seq_idx", seq_idx, (b, length), "(batch, L)")
     if initial_states is not None:
-        CU.tensor("initial_states", initial_states)
+        V.device_tensor("initial_states", initial_states)
         V.shape("initial_states", initial_states, (b, d, k - 1), "(batch, dim, K-1)")
     if seq_idx is not None and initial_states is not None:
         raise V.BmojoValueError(
@@ -318,9 +318,9 @@ def causal_conv1d_fn(
     if final_states_out is not None:
         if not return_final_states:
             raise V.BmojoValueError("final_states_out: only valid with return_final_states=True")
-        CU.tensor("final_states_out", final_states_out)
+        V.device_tensor("final_states_out", final_states_out)
         V.shape("final_states_out", final_states_out, (b, d, k - 1), "(batch, dim, K-1)")
-    CU.same_device(
+    V.same_device(
         {"x": x, "weight": weight, "bias": bias, "seq_idx": seq_idx,
          "initial_states": initial_states, "final_states_out": final_states_out}, "x",
     )  # fmt: skip
@@ -383,16 +383,16 @@ def causal_conv1d_update(
             return torch.from_numpy(out)
         except (TypeError, ValueError, RuntimeError, AttributeError):
             pass
-    CU.tensor("x", x)
+    V.device_tensor("x", x)
     if x.dim() not in (2, 3):
         raise V.BmojoValueError(
             f"x: expected shape (batch, dim) or (batch, dim, T), got {tuple(x.shape)}"
         )
     b, d = x.shape[:2]
     ntok = x.shape[2] if x.dim() == 3 else 1
-    CU.tensor("conv_state", conv_state)
+    V.device_tensor("conv_state", conv_state)
     V.shape("conv_state", conv_state, (None, d, None), "(batch, dim, state_len)")
-    CU.tensor("weight", weight)
+    V.device_tensor("weight", weight)
     V.shape("weight", weight, (d, None), "(dim, K)")
     k = weight.shape[1]
     if k < 1:
@@ -401,11 +401,11 @@ def causal_conv1d_update(
     if s < k - 1:
         raise V.BmojoValueError(f"conv_state: the state length {s} must be >= K-1 = {k - 1}")
     if bias is not None:
-        CU.tensor("bias", bias)
+        V.device_tensor("bias", bias)
         V.shape("bias", bias, (d,), "(dim,)")
     for name, t in (("cache_seqlens", cache_seqlens), ("conv_state_indices", conv_state_indices)):
         if t is not None:
-            CU.tensor(name, t, dtypes=V.INTS)
+            V.device_tensor(name, t, dtypes=V.INTS)
             V.shape(name, t, (b,), "(batch,)")
     if conv_state_indices is None and conv_state.shape[0] != b:
         raise V.BmojoValueError(
@@ -414,7 +414,7 @@ def causal_conv1d_update(
         )
     if not conv_state.is_contiguous():
         raise V.BmojoValueError("conv_state: expected a contiguous tensor (it is updated in place)")
-    CU.same_device(
+    V.same_device(
         {"x": x, "conv_state": conv_state, "weight": weight, "bias": bias,
          "cache_seqlens": cache_seqlens, "conv_state_indices": conv_state_indices}, "x",
     )  # fmt: skip

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from . import _core
-from . import _cudaops as CU
+from . import _cuda_launch as CU
 from . import _validate as V
 from . import cuda as _cuda
 
@@ -128,6 +128,13 @@ def _kernel(fn, *args):
         raise V.BmojoValueError(str(e)) from None
 
 
+def _innovation_outputs(y: Tensor, weights: Tensor, count: Tensor):
+    """Uninitialised (scores, history, count, ema) of an innovation_scores call."""
+    b, length, d = y.shape
+    k = weights.shape[0]
+    return y.new_empty(b, length), y.new_empty(b, k, d), count.new_empty(b), y.new_empty(b, 2)
+
+
 # ----------------------------------------------------------------------------- ops
 
 
@@ -145,12 +152,7 @@ def innovation_scores_op(
     """Normalised form: y (B, L, d), weights (k,), history (B, k, d), ema (B, 2) in one
     float dtype (float32/float64); count (B,) int64. Returns (scores (B, L), history,
     count, ema) after y."""
-    b, length, d = y.shape
-    k = weights.shape[0]
-    scores = y.new_empty(b, length)
-    hist = y.new_empty(b, k, d)
-    cnt = count.new_empty(b)
-    em = y.new_empty(b, 2)
+    scores, hist, cnt, em = _innovation_outputs(y, weights, count)
     _kernel(
         _core.innovation_scores, _np(y), _np(weights), _np(history), _np(count), _np(ema),
         chi2, rate, floor, scores.numpy(), hist.numpy(), cnt.numpy(), em.numpy(),
@@ -162,10 +164,7 @@ def innovation_scores_op(
 def _(y, weights, history, count, ema, chi2, rate, floor):
     b, length, d = y.shape
     k = weights.shape[0]
-    scores = y.new_empty(b, length)
-    hist = y.new_empty(b, k, d)
-    cnt = count.new_empty(b)
-    em = y.new_empty(b, 2)
+    scores, hist, cnt, em = _innovation_outputs(y, weights, count)
     sfx, dev, blk = CU.suffix(y), y.device, (CU.BLOCK, 1, 1)
     real = "d" if y.dtype == torch.float64 else "f"
     if b * length:
@@ -327,7 +326,7 @@ def _policy(policy: object, threshold: object) -> tuple[str, float]:
 
 
 def _scores_f64(name: str, t: object, batch: int | None) -> Tensor:
-    CU.tensor(name, t)
+    V.device_tensor(name, t)
     V.shape(name, t, (batch, None), "(batch, T)")
     # NaN is rejected by the kernel (before anything is written).
     return t.detach().to(torch.float64).contiguous()
@@ -349,12 +348,12 @@ def _store_tensors(name: str, store: object, batch: int, capacity: int):
     if unknown:
         raise V.BmojoValueError(f"{name}: unexpected keys {sorted(unknown)}")
     pos, sc, cnt = store["positions"], store["scores"], store.get("count")
-    CU.tensor(f"{name}['positions']", pos, dtypes=(torch.int64,))
+    V.device_tensor(f"{name}['positions']", pos, dtypes=(torch.int64,))
     V.shape(f"{name}['positions']", pos, (batch, capacity), "(batch, capacity)")
-    CU.tensor(f"{name}['scores']", sc)
+    V.device_tensor(f"{name}['scores']", sc)
     V.shape(f"{name}['scores']", sc, (batch, capacity), "(batch, capacity)")
     if cnt is not None:
-        CU.tensor(f"{name}['count']", cnt, dtypes=(torch.int64,))
+        V.device_tensor(f"{name}['count']", cnt, dtypes=(torch.int64,))
         V.shape(f"{name}['count']", cnt, (batch,), "(batch,)")
     return pos, sc, cnt
 
@@ -388,11 +387,11 @@ def innovation_scores(
     Returns ``scores`` in y's dtype (float16/bfloat16 are computed in float32), or
     ``(scores, state)``; ``state`` tensors are in the compute dtype. Not differentiable.
     """
-    CU.tensor("y", y)
+    V.device_tensor("y", y)
     V.shape("y", y, (None, None, None), "(batch, L, d)")
     b, length, d = y.shape
     if weights is not None:
-        CU.tensor("weights", weights)
+        V.device_tensor("weights", weights)
         V.shape("weights", weights, (None,), "(taps,)")
         k = weights.shape[0]
         if k < 1:
@@ -414,7 +413,7 @@ def innovation_scores(
         raise V.BmojoValueError("history: pass either history or state, not both")
     named = {"y": y, "weights": weights}
     if history is not None:
-        CU.tensor("history", history)
+        V.device_tensor("history", history)
         V.shape("history", history, (b, None, d), "(batch, h, d)")
         if history.shape[1] > k:
             raise V.BmojoValueError(
@@ -427,17 +426,15 @@ def innovation_scores(
         for key in ("history", "count", "ema"):
             if key not in state:
                 raise V.BmojoValueError(f"state: missing key {key!r}")
-        CU.tensor("state['history']", state["history"])
+        V.device_tensor("state['history']", state["history"])
         V.shape("state['history']", state["history"], (b, k, d), "(batch, taps, d)")
-        CU.tensor("state['count']", state["count"], dtypes=(torch.int64,))
+        V.device_tensor("state['count']", state["count"], dtypes=(torch.int64,))
         V.shape("state['count']", state["count"], (b,), "(batch,)")
-        CU.tensor("state['ema']", state["ema"])
+        V.device_tensor("state['ema']", state["ema"])
         V.shape("state['ema']", state["ema"], (b, 2), "(batch, 2)")
         named["state['history']"] = state["history"]
         named["state['ema']"] = state["ema"]
-    dev = CU.same_device(
-        {**named, "state['count']": None if state is None else state["count"]}, "y"
-    )
+    dev = V.same_device({**named, "state['count']": None if state is None else state["count"]}, "y")
     cdt = V.compute_dtype(named, "y")
     with torch.no_grad():
         c = (
@@ -494,7 +491,7 @@ def eidetic_select(
     ``return_store=True`` returns ``(positions, store)``, ``store`` the dict after the last
     position. Not differentiable (gather payloads with :func:`gather_positions`).
     """
-    CU.tensor("scores", scores)
+    V.device_tensor("scores", scores)
     V.shape("scores", scores, (None, None), "(batch, L)")
     b = scores.shape[0]
     capacity = _int("capacity", capacity, 1)
@@ -504,7 +501,7 @@ def eidetic_select(
     dev = scores.device
     if store is not None:
         pos0, sc0, cnt0 = _store_tensors("store", store, b, capacity)
-        CU.same_device(
+        V.same_device(
             {"scores": scores, "store['positions']": pos0, "store['scores']": sc0,
              "store['count']": cnt0}, "scores",
         )  # fmt: skip
@@ -582,7 +579,7 @@ class EideticStore:
         count+T-1`` of each row). A failed call changes nothing."""
         new = _scores_f64("scores", scores, self.batch)
         if new.device != self.positions.device:
-            CU.same_device({"store": self.positions, "scores": new}, "store")  # raises
+            V.same_device({"store": self.positions, "scores": new}, "store")  # raises
         if torch.compiler.is_compiling() or self.positions.is_cuda:
             torch.ops.bmojo.eidetic_push(
                 self.positions, self.scores, self.count, new, self.policy, self.threshold
@@ -675,11 +672,11 @@ def gather_positions(x: Tensor, positions: Tensor, offset: int = 0) -> tuple[Ten
     int (e.g. ``(batch, n_chunks, m)`` from :func:`eidetic_select`; -1 = empty) give
     ``(out (batch, ..., d), mask (batch, ...) bool)`` with ``out = x[b, p - offset]`` where
     ``mask`` and zeros elsewhere. Differentiable w.r.t. ``x`` (plain torch indexing)."""
-    CU.tensor("x", x)
+    V.device_tensor("x", x)
     V.shape("x", x, (None, None, None), "(batch, L, d)")
     b, length, d = x.shape
-    CU.tensor("positions", positions, dtypes=V.INTS)
-    CU.same_device({"x": x, "positions": positions}, "x")
+    V.device_tensor("positions", positions, dtypes=V.INTS)
+    V.same_device({"x": x, "positions": positions}, "x")
     if positions.dim() < 1 or positions.shape[0] != b:
         raise V.BmojoValueError(
             f"positions: expected shape (batch={b}, ...), got {tuple(positions.shape)}"

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from . import _core
+from . import _cuda_launch as CU
 from . import _validate as V
 from . import cuda as _cuda
 
@@ -33,43 +34,7 @@ _SEL_BWD_CB = 16  # most channels per backward block with a variable B/C
 # buffers (the forward stages three tiles, about 13 KiB; the backward under 1 KiB).
 _SMEM_FWD = 35 * 1024
 _SMEM = 47 * 1024
-_MAX_GRID_Y = 65535
-_SUFFIX = {
-    torch.float32: "f32",
-    torch.float64: "f64",
-    torch.float16: "f16",
-    torch.bfloat16: "bf16",
-}
 _HALF = (torch.float16, torch.bfloat16)
-
-
-def _ptr(t: Tensor | None):
-    return 0 if t is None else t
-
-
-def _tensor(name: str, t: object, *, dtypes=V.FLOATS) -> Tensor:
-    """`_validate.tensor`, but CUDA tensors are accepted too (these ops have CUDA kernels);
-    `_same_device` then checks that every input is on one device."""
-    if isinstance(t, Tensor) and t.device.type == "cuda":
-        if t.dtype not in dtypes:
-            allowed = ", ".join(V.dtype_name(d) for d in dtypes)
-            raise V.BmojoTypeError(f"{name}: expected dtype {allowed}, got {V.dtype_name(t.dtype)}")
-        return t
-    if isinstance(t, Tensor) and t.device.type != "cpu":
-        raise V.BmojoValueError(f"{name}: expected a CPU or CUDA tensor, got device {t.device}")
-    return V.tensor(name, t, dtypes=dtypes)
-
-
-def _same_device(named: dict[str, Tensor | None], anchor: str) -> torch.device:
-    """The anchor's device; every other given tensor must be on it."""
-    dev = named[anchor].device  # type: ignore[union-attr]
-    for name, t in named.items():
-        if t is not None and t.device != dev:
-            raise V.BmojoValueError(
-                f"{name}: expected a tensor on {dev} (the device of {anchor}), got device "
-                f"{t.device}; move all inputs to one device"
-            )
-    return dev
 
 
 def _want(name: str, t: Tensor | None, dtype: torch.dtype) -> None:
@@ -116,8 +81,8 @@ def _diag_cuda(a, b, h0, h, last, reverse) -> None:
     if lanes == 0:
         return
     _K_DIAG.launch(
-        _SUFFIX[b.dtype], grid=(lanes, 1, 1), block=(_NT, 1, 1),
-        args=(a, b, _ptr(h0), h, last, length, int(reverse)), fmt="ppppp" "li",
+        CU.suffix(b), grid=(lanes, 1, 1), block=(_NT, 1, 1),
+        args=(a, b, CU.ptr(h0), h, last, length, int(reverse)), fmt="ppppp" "li",
         device=b.device,
     )  # fmt: skip
 
@@ -227,8 +192,8 @@ def diag_scan(
     of ``b``), plus the state after the last step consumed if ``return_last_state``.
     Differentiable in ``a``, ``b`` and ``initial_state``.
     """
-    _tensor("a", a)
-    _tensor("b", b)
+    V.device_tensor("a", a)
+    V.device_tensor("b", b)
     if b.dim() < 1:
         raise V.BmojoValueError(
             f"b: expected shape (..., L) with at least 1 dimension, got {tuple(b.shape)}"
@@ -236,9 +201,9 @@ def diag_scan(
     V.shape("a", a, tuple(b.shape), "(the shape of b)")
     lead = tuple(b.shape[:-1])
     if initial_state is not None:
-        _tensor("initial_state", initial_state)
+        V.device_tensor("initial_state", initial_state)
         V.shape("initial_state", initial_state, lead, "(b's shape without the last axis)")
-    _same_device({"b": b, "a": a, "initial_state": initial_state}, "b")
+    V.same_device({"b": b, "a": a, "initial_state": initial_state}, "b")
     cdt = V.compute_dtype({"b": b, "a": a, "initial_state": initial_state}, "b")
     length = b.shape[-1]
     lanes = math.prod(lead)  # explicit: reshape(-1, 0) is ambiguous when L == 0
@@ -305,8 +270,8 @@ def _sel_cuda_check(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx,
         _want(name, t, u.dtype if t.dim() == 4 else cdt)
     if seq_idx is not None:
         _want("seq_idx", seq_idx, torch.int64)
-    if u.shape[0] > _MAX_GRID_Y:
-        raise V.BmojoValueError(f"u: at most {_MAX_GRID_Y} batch rows on CUDA, got {u.shape[0]}")
+    if u.shape[0] > CU.MAX_GRID_Y:
+        raise V.BmojoValueError(f"u: at most {CU.MAX_GRID_Y} batch rows on CUDA, got {u.shape[0]}")
     return cdt
 
 
@@ -331,9 +296,9 @@ def _sel_fwd_cuda(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, d
         raise V.BmojoValueError(f"A: N = {n} is too large for the CUDA kernel")
     if batch and dim:
         _K_SEL_FWD.launch(
-            _SUFFIX[u.dtype], grid=(dim, batch, 1), block=(_NT, 1, 1),
-            args=(u, delta, A, B, C, _ptr(D), _ptr(z), _ptr(delta_bias), _ptr(initial_state),
-                  _ptr(seq_idx), out, last, ckpt, dim, length, n,
+            CU.suffix(u), grid=(dim, batch, 1), block=(_NT, 1, 1),
+            args=(u, delta, A, B, C, CU.ptr(D), CU.ptr(z), CU.ptr(delta_bias),
+                  CU.ptr(initial_state), CU.ptr(seq_idx), out, last, ckpt, dim, length, n,
                   B.shape[1] if B.dim() == 4 else 0, C.shape[1] if C.dim() == 4 else 0,
                   int(delta_softplus), CHUNK, nck),
             fmt="p" * 13 + "i" * 8, shared_mem=smem, device=u.device,
@@ -436,9 +401,9 @@ def _sel_bwd_cuda(
     pB, pC = part(B), part(C)
     if batch and dim:
         _K_SEL_BWD.launch(
-            _SUFFIX[u.dtype], grid=(nblk, batch, 1), block=(_NT, 1, 1),
-            args=(u, delta, A, B, C, _ptr(D), _ptr(z), _ptr(delta_bias), _ptr(seq_idx),
-                  checkpoints, dout, _ptr(dlast), du, ddelta, dz if z is not None else 0, dh0,
+            CU.suffix(u), grid=(nblk, batch, 1), block=(_NT, 1, 1),
+            args=(u, delta, A, B, C, CU.ptr(D), CU.ptr(z), CU.ptr(delta_bias), CU.ptr(seq_idx),
+                  checkpoints, dout, CU.ptr(dlast), du, ddelta, dz if z is not None else 0, dh0,
                   pA, pB, pC, pD, pbias, dim, length, n,
                   B.shape[1] if B.dim() == 4 else 0, C.shape[1] if C.dim() == 4 else 0,
                   int(delta_softplus), CHUNK, _n_chunks(length), cb),
@@ -557,22 +522,22 @@ def selective_scan_fn(
     ``(batch, dim, N)`` in the compute dtype (float64 for float64 inputs, else float32).
     Differentiable in every tensor input and through ``last_state``.
     """
-    _tensor("u", u)
+    V.device_tensor("u", u)
     if u.dim() != 3:
         raise V.BmojoValueError(f"u: expected shape (batch, dim, L), got {tuple(u.shape)}")
     batch, dim, length = u.shape
-    _tensor("delta", delta)
+    V.device_tensor("delta", delta)
     V.shape("delta", delta, (batch, dim, length), "(batch, dim, L) like u")
     if isinstance(A, Tensor) and A.is_complex():
         raise V.BmojoTypeError("A: complex A is not supported yet; pass a real (dim, N) tensor")
-    _tensor("A", A)
+    V.device_tensor("A", A)
     if A.dim() != 2 or A.shape[0] != dim or A.shape[1] < 1:
         raise V.BmojoValueError(f"A: expected shape ({dim}, N) with N >= 1, got {tuple(A.shape)}")
     n = A.shape[1]
     if isinstance(B, Tensor) and B.is_complex() or isinstance(C, Tensor) and C.is_complex():
         raise V.BmojoTypeError("B/C: complex matrices are not supported")
-    _tensor("B", B)
-    _tensor("C", C)
+    V.device_tensor("B", B)
+    V.device_tensor("C", C)
     Bk = _check_bc("B", B, batch, dim, n, length)
     Ck = _check_bc("C", C, batch, dim, n, length)
     for name, t, shp, desc in (
@@ -582,10 +547,10 @@ def selective_scan_fn(
         ("initial_state", initial_state, (batch, dim, n), "(batch, dim, N)"),
     ):
         if t is not None:
-            _tensor(name, t)
+            V.device_tensor(name, t)
             V.shape(name, t, shp, desc)
     if seq_idx is not None:
-        _tensor("seq_idx", seq_idx, dtypes=V.INTS)
+        V.device_tensor("seq_idx", seq_idx, dtypes=V.INTS)
         V.shape("seq_idx", seq_idx, (batch, length), "(batch, L)")
     # Activations share u's dtype; parameters and the state may also be float32 (as in
     # mamba_ssm, where they stay float32 under autocast).
@@ -600,7 +565,7 @@ def selective_scan_fn(
             raise V.BmojoTypeError(f"{name}: expected dtype {want} (like u) or float32, got {got}")
     named = {"u": u, "delta": delta, "A": A, "B": B, "C": C, "D": D, "z": z,
              "delta_bias": delta_bias, "initial_state": initial_state}  # fmt: skip
-    _same_device({**named, "seq_idx": seq_idx}, "u")
+    V.same_device({**named, "seq_idx": seq_idx}, "u")
     cdt = V.compute_dtype(named, "u")
     c = V.as_compute
     # The CUDA kernels read float16/bfloat16 activations as they are (half the traffic);

@@ -19,9 +19,9 @@ import torch
 from torch import Tensor
 
 from . import _core
+from . import _cuda_launch as CU
 from . import _validate as V
 from . import cuda as _cuda
-from .scan import _MAX_GRID_Y, _SUFFIX, _ptr, _same_device, _tensor
 
 _K_STEP = _cuda.declare("step.cu", "selective_state_update")
 _STEP_NT = 128  # threads per block: one per channel
@@ -81,12 +81,12 @@ def _launch(state, x, dt, A, B, C, D, z, dt_bias, softplus, slots, snaps, out, n
     checked (x/dt/z/out hold (batch, ntok, dim) values, B/C (batch, ntok, groups, N))."""
     nslot, dim, n = state.shape
     batch = x.shape[0]
-    if batch > _MAX_GRID_Y:
-        raise V.BmojoValueError(f"x: at most {_MAX_GRID_Y} batch rows on CUDA, got {batch}")
+    if batch > CU.MAX_GRID_Y:
+        raise V.BmojoValueError(f"x: at most {CU.MAX_GRID_Y} batch rows on CUDA, got {batch}")
     if batch == 0 or ntok == 0 or dim == 0:
         return
     _K_STEP.launch(
-        _SUFFIX[state.dtype], ((dim + _STEP_NT - 1) // _STEP_NT, batch, 1), (_STEP_NT, 1, 1),
+        CU.suffix(state), ((dim + _STEP_NT - 1) // _STEP_NT, batch, 1), (_STEP_NT, 1, 1),
         (state, x, dt, A, B, C, D, z, dt_bias, slots, out, snaps, batch, ntok, dim, n, groups,
          softplus, nslot),
         "pppppppppppp" "iiiiii" "l", 0, state.device,
@@ -96,8 +96,8 @@ def _launch(state, x, dt, A, B, C, D, z, dt_bias, softplus, slots, snaps, out, n
 def _run_cuda(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, slots, snaps, out) -> None:
     """CUDA kernel call on normalised contiguous tensors of one dtype (shapes checked by
     the caller). Slots past the pool are never dereferenced (their output is NaN)."""
-    _launch(state, x, dt, A, B, C, _ptr(D), _ptr(z), _ptr(dt_bias), int(dt_softplus),
-            _ptr(slots), _ptr(snaps), out, x.shape[1], B.shape[2])  # fmt: skip
+    _launch(state, x, dt, A, B, C, CU.ptr(D), CU.ptr(z), CU.ptr(dt_bias), int(dt_softplus),
+            CU.ptr(slots), CU.ptr(snaps), out, x.shape[1], B.shape[2])  # fmt: skip
 
 
 @selective_state_update_op.register_kernel("cuda")
@@ -240,8 +240,8 @@ def selective_state_update(
             return torch.from_numpy(out)
         except (TypeError, ValueError, RuntimeError, AttributeError):
             pass
-    _tensor("state", state)
-    _tensor("x", x)
+    V.device_tensor("state", state)
+    V.device_tensor("x", x)
     heads = state.dim() == 4
     if state.dim() not in (3, 4):
         raise V.BmojoValueError(
@@ -257,12 +257,12 @@ def selective_state_update(
     ntok = x.shape[1] if multi else 1
     lead = (batch, ntok) if multi else (batch,)
     xs = (*lead, *inner)
-    _tensor("dt", dt)
+    V.device_tensor("dt", dt)
     V.shape("dt", dt, xs, "like x")
-    _tensor("A", A)
+    V.device_tensor("A", A)
     V.shape("A", A, (*inner, n), "(" + ("H, P" if heads else "dim") + ", N)")
     for name, m in (("B", B), ("C", C)):
-        _tensor(name, m)
+        V.device_tensor(name, m)
         if m.dim() == len(lead) + 1:
             V.shape(name, m, (*lead, n), desc_t + "N)")
         else:
@@ -280,7 +280,7 @@ def selective_state_update(
         )
     for name, t, shp in (("D", D, inner), ("z", z, xs), ("dt_bias", dt_bias, inner)):
         if t is not None:
-            _tensor(name, t)
+            V.device_tensor(name, t)
             V.shape(name, t, shp, "like x" if name == "z" else str(inner))
     slots = state_batch_indices
     if slots is None and state.shape[0] != batch:
@@ -289,7 +289,7 @@ def selective_state_update(
             f"got {state.shape[0]}"
         )
     if slots is not None:
-        _tensor("state_batch_indices", slots, dtypes=V.INTS)
+        V.device_tensor("state_batch_indices", slots, dtypes=V.INTS)
         V.shape("state_batch_indices", slots, (batch,), "(batch,)")
     if (
         slots is not None
@@ -309,14 +309,14 @@ def selective_state_update(
                 "state_batch_indices: a slot appears twice (rows would overwrite each other)"
             )
     if intermediate_states is not None:
-        _tensor("intermediate_states", intermediate_states)
+        V.device_tensor("intermediate_states", intermediate_states)
         V.shape(
             "intermediate_states", intermediate_states, (batch, ntok, *state.shape[1:]),
             "(batch, T, *state.shape[1:])",
         )  # fmt: skip
     named = {"state": state, "x": x, "dt": dt, "A": A, "B": B, "C": C, "D": D, "z": z,
              "dt_bias": dt_bias, "intermediate_states": intermediate_states}  # fmt: skip
-    _same_device({**named, "state_batch_indices": slots}, "state")
+    V.same_device({**named, "state_batch_indices": slots}, "state")
     cdt = V.compute_dtype(named, "state")
 
     def flat(t: Tensor | None, shp) -> Tensor | None:
