@@ -137,11 +137,10 @@ fn companion_scan_fwd(
             .map_err(kernel_err)
     }
     let outs = (&y, &s, &last);
-    if is_f64(&u, "u")? {
-        go::<f64>(py, &u, &alpha, &beta, &c, &d, &h0, outs)
-    } else {
-        go::<f32>(py, &u, &alpha, &beta, &c, &d, &h0, outs)
-    }
+    by_float!(
+        is_f64(&u, "u")?,
+        go(py, &u, &alpha, &beta, &c, &d, &h0, outs)
+    )
 }
 
 /// Backward: from the saved `s`, `dy` and `dlast`, writes every gradient in its input's
@@ -207,11 +206,7 @@ fn companion_scan_bwd(
     let opts = [&beta, &c, &d, &h0, &dlast];
     let outs = [&du, &dalpha, &dh0];
     let oouts = [&dbeta, &dc, &dd];
-    if is_f64(&u, "u")? {
-        go::<f64>(py, ins, opts, outs, oouts)
-    } else {
-        go::<f32>(py, ins, opts, outs, oouts)
-    }
+    by_float!(is_f64(&u, "u")?, go(py, ins, opts, outs, oouts))
 }
 
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {

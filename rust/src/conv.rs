@@ -159,8 +159,9 @@ fn causal_conv1d_fwd(
         py.detach(|| conv::conv_fwd(lv, &s, o, f))
             .map_err(kernel_err)
     }
-    if is_f64(&x, "x")? {
-        go::<f64>(
+    by_float!(
+        is_f64(&x, "x")?,
+        go(
             py,
             &x,
             &weight,
@@ -171,19 +172,7 @@ fn causal_conv1d_fwd(
             &out,
             &final_states,
         )
-    } else {
-        go::<f32>(
-            py,
-            &x,
-            &weight,
-            &bias,
-            &seq_idx,
-            &initial_states,
-            silu,
-            &out,
-            &final_states,
-        )
-    }
+    )
 }
 
 /// `causal_conv1d_bwd(x, weight, bias, seq_idx, initial_states, dout, dfinal_states, silu,
@@ -254,8 +243,9 @@ fn causal_conv1d_bwd(
         py.detach(|| conv::conv_bwd(lv, &s, go_, gf, g))
             .map_err(kernel_err)
     }
-    if is_f64(&x, "x")? {
-        go::<f64>(
+    by_float!(
+        is_f64(&x, "x")?,
+        go(
             py,
             &x,
             &weight,
@@ -270,23 +260,7 @@ fn causal_conv1d_bwd(
             &dbias,
             &dinitial_states,
         )
-    } else {
-        go::<f32>(
-            py,
-            &x,
-            &weight,
-            &bias,
-            &seq_idx,
-            &initial_states,
-            &dout,
-            &dfinal_states,
-            silu,
-            &dx,
-            &dweight,
-            &dbias,
-            &dinitial_states,
-        )
-    }
+    )
 }
 
 /// In-place update: `x` `(B, D)` or `(B, D, T)`, `conv_state (slots, D, S)`, `weight
@@ -377,8 +351,9 @@ fn causal_conv1d_update<'py>(
         drop(rout);
         Ok(new_out.map(|o| o.into_any()))
     }
-    if is_f64(&conv_state, "conv_state")? {
-        go::<f64>(
+    by_float!(
+        is_f64(&conv_state, "conv_state")?,
+        go(
             py,
             &x,
             &conv_state,
@@ -389,19 +364,7 @@ fn causal_conv1d_update<'py>(
             &conv_state_indices,
             &out,
         )
-    } else {
-        go::<f32>(
-            py,
-            &x,
-            &conv_state,
-            &weight,
-            &bias,
-            silu,
-            &cache_seqlens,
-            &conv_state_indices,
-            &out,
-        )
-    }
+    )
 }
 
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {

@@ -114,8 +114,9 @@ fn innovation_scores(
         py.detach(|| eidetic::innovation(lv, &s, out))
             .map_err(kernel_err)
     }
-    if is_f64(&y, "y")? {
-        go::<f64>(
+    by_float!(
+        is_f64(&y, "y")?,
+        go(
             py,
             &y,
             &weights,
@@ -130,23 +131,7 @@ fn innovation_scores(
             &count_out,
             &ema_out,
         )
-    } else {
-        go::<f32>(
-            py,
-            &y,
-            &weights,
-            &history,
-            &count,
-            &ema,
-            chi2,
-            rate,
-            floor,
-            &scores,
-            &history_out,
-            &count_out,
-            &ema_out,
-        )
-    }
+    )
 }
 
 fn policy(name: &str, threshold: f64) -> PyResult<Policy> {

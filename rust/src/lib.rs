@@ -6,6 +6,18 @@
 //! `ValueError`/`TypeError` instead of reading or writing the wrong memory. The GIL is
 //! released while a kernel runs.
 
+/// `by_float!(is_f64(..)?, go(args))`: calls the binding's generic `go::<f64>` or
+/// `go::<f32>` with the same arguments (the one place the float dtype is dispatched).
+macro_rules! by_float {
+    ($f64:expr, $go:ident($($a:expr),* $(,)?)) => {
+        if $f64 {
+            $go::<f64>($($a),*)
+        } else {
+            $go::<f32>($($a),*)
+        }
+    };
+}
+
 mod bilinear;
 mod companion;
 mod conv;
@@ -201,11 +213,7 @@ fn diag_scan(
         py.detach(|| diag::diag_scan(lv, &s, o, l))
             .map_err(kernel_err)
     }
-    if is_f64(&a, "a")? {
-        go::<f64>(py, &a, &b, &h0, &out, &last, reverse)
-    } else {
-        go::<f32>(py, &a, &b, &h0, &out, &last, reverse)
-    }
+    by_float!(is_f64(&a, "a")?, go(py, &a, &b, &h0, &out, &last, reverse))
 }
 
 // ------------------------------------------------------------------ selective scan
@@ -640,15 +648,10 @@ fn selective_state_update<'py>(
         drop(rout);
         Ok(new_out.map(|o| o.into_any()))
     }
-    if is_f64(&state, "state")? {
-        go::<f64>(
-            py, &state, &x, &dt, &a, &b, &c, &d, &z, &dt_bias, softplus, &slots, &out, &snaps,
-        )
-    } else {
-        go::<f32>(
-            py, &state, &x, &dt, &a, &b, &c, &d, &z, &dt_bias, softplus, &slots, &out, &snaps,
-        )
-    }
+    by_float!(
+        is_f64(&state, "state")?,
+        go(py, &state, &x, &dt, &a, &b, &c, &d, &z, &dt_bias, softplus, &slots, &out, &snaps,)
+    )
 }
 
 #[pymodule]
