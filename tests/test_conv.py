@@ -232,7 +232,7 @@ def test_chunked_equals_whole(k, cuts, silu, seed):
     ((out_c * g_out).sum() + (state * g_fin).sum()).backward()
     tol = TOL[torch.float64]
     torch.testing.assert_close(out_c, out, **tol)
-    torch.testing.assert_close(state, fin, rtol=0, atol=0)
+    torch.testing.assert_close(state, fin, rtol=0, atol=0)  # both: the raw last inputs
     for n in kw:
         torch.testing.assert_close(c[n].grad, a[n].grad, **tol, msg=n)
 

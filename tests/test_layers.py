@@ -62,7 +62,10 @@ def test_memory_tokens_matter():
     swa = make_layer(4, 0, 0)
     swa.attn.load_state_dict(full.attn.state_dict())
     assert (full(u) - swa(u))[:, 4:].abs().max() > 1e-3
-    assert torch.equal(full(u)[:, :4], swa(u)[:, :4])  # first chunk: no memory yet
+    # First chunk: no memory yet (every memory key is masked). Not bitwise: the SDPA call
+    # with the extra (masked) memory keys is a different computation (other key count, so
+    # other blocking/reduction order), equal only up to rounding.
+    torch.testing.assert_close(full(u)[:, :4], swa(u)[:, :4], rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("variant", [(4, 2, 3), (0, 0, 0), (8, 4, 8)], ids=str)
@@ -192,6 +195,8 @@ def test_variant_structure():
     assert make_layer(0, 0, 0).attn is None  # pure SSM: no attention
     u = rand_u(1, 9, 8, torch.float64, 0)
     ssm_only = make_layer(0, 0, 0)
+    # Bitwise: the pure-SSM layer returns its SSM's output, the very same call on the same
+    # input (no other arithmetic).
     assert torch.equal(ssm_only(u), ssm_only.ssm(u))
 
 
@@ -229,6 +234,8 @@ def test_thread_count_bitwise(restore_runtime):
     for n in (1, 2, 3):
         bmojo_core.set_num_threads(n)
         outs.append(layer(u))
+    # Bitwise: the same computation (set_num_threads sizes only bmojo_core's pool, whose
+    # kernels are thread-count invariant; torch's ops run unchanged).
     assert all(torch.equal(outs[0], o) for o in outs[1:])
 
 

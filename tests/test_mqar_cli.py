@@ -203,7 +203,14 @@ def test_label_mask_logits_match_full_forward():
             return self.m(tokens)
 
     a, b = evaluate(lm, x, y), evaluate(Plain(lm), x, y)
-    assert a[0] == pytest.approx(b[0], rel=1e-5) and torch.equal(a[2], b[2])
+    assert a[0] == pytest.approx(b[0], rel=1e-5)
+    # The two paths run the head on different shapes (label_mask: the labelled rows only),
+    # so their logits agree to rounding, not bitwise: compare the per-query correctness
+    # (an argmax) where the top-2 gap is far above rounding (every query with this seed).
+    top2 = full[mask].topk(2, dim=-1).values
+    clear = top2[:, 0] - top2[:, 1] > 1e-4
+    assert clear.float().mean() >= 0.9
+    assert torch.equal(a[2][clear], b[2][clear])
     with pytest.raises(BmojoTypeError, match="label_mask"):
         lm(x, label_mask=mask.long())
     with pytest.raises(BmojoValueError, match="label_mask"):

@@ -138,8 +138,12 @@ def test_generate_greedy_matches_parallel_argmax():
     s.feed(prompt)
     gen = s.generate(7, temperature=0.0)
     seq = torch.cat([prompt, gen], dim=1)
-    pred = lm(seq).argmax(-1)[:, 4:-1]
-    assert torch.equal(gen, pred)
+    logits = lm(seq)[:, 4:-1]
+    # The stream and the parallel forward round differently, so their argmaxes could differ
+    # on a near-tie: each generated token must be a maximiser of the parallel forward's
+    # logits up to rounding (here every runner-up is >= 4e-4 below the maximum).
+    chosen = logits.gather(-1, gen[..., None])[..., 0]
+    torch.testing.assert_close(chosen, logits.max(-1).values, rtol=1e-12, atol=1e-12)
     assert s.positions.tolist() == [12, 12]
 
 
@@ -151,7 +155,7 @@ def test_generate_seeded_and_top_k():
         s = lm.stream(2)
         s.feed(prompt)
         outs.append(s.generate(6, temperature=0.8, top_k=5, seed=123))
-    assert torch.equal(outs[0], outs[1])
+    assert torch.equal(outs[0], outs[1])  # bitwise: the same computation and seed
     s = lm.stream(2)
     s.feed(prompt)
     greedy = s.generate(4, temperature=0.0)
