@@ -2,7 +2,7 @@
 
 These files are not part of the normal test run (``pytest tests``). Run them with::
 
-    python -m pytest benches --benchmark-only                 # full shapes of the issue
+    python -m pytest benches --benchmark-only                 # full shapes
     BMOJO_BENCH_QUICK=1 python -m pytest benches --benchmark-only   # small shapes
     BMOJO_BENCH_REFERENCE=1 python -m pytest benches --benchmark-only  # also time the
                                                               # (slow) reference, once
@@ -18,13 +18,15 @@ import pytest
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
-    from bmojo_core import bench
+    from bmojo_core.bench import FLOP_PER_UPDATE
+    from bmojo_core.runtime.info import describe_peak, machine_info, machine_peak
 
-    info = bench.machine_info()
+    info = machine_info()
     quick = os.environ.get("BMOJO_BENCH_QUICK", "") not in ("", "0")
     return [
         f"bmojo_core {info['bmojo_core']}: SIMD {info['simd_level']}, "
         f"{info['bmojo_threads']} threads; torch {info['torch']} "
         f"({info['torch_threads']} threads); shapes: {'quick' if quick else 'full'}",
-        bench.describe_peak(bench.machine_peak()),
+        f"{describe_peak(machine_peak())}; the scan forward is counted as {FLOP_PER_UPDATE} "
+        "flop per state update",
     ]

@@ -1,12 +1,12 @@
-"""GPU benchmarks of the CUDA selective scan (forward, forward + backward) at the issue's
-shape (B=8, D=1536, N=16, L=2048) and of the decode step (B=1, D=1536, N=16); skipped
+"""GPU benchmarks of the CUDA selective scan (forward, forward + backward) at
+(B=8, D=1536, N=16, L=2048) and of the decode step (B=1, D=1536, N=16); skipped
 without a CUDA device. Run with::
 
     python -m pytest benches/test_bench_cuda_scan.py --benchmark-only
 
 Each scan case records the achieved bandwidth (``extra_info["GB/s"]``: the bytes the
 kernels must move at least, over the median time) next to the pure-torch reference
-(``bmojo_core.reference.selective_scan``) on the same GPU; the decode case records the
+(``bmojo_core.ops.reference.selective_scan``) on the same GPU; the decode case records the
 latency of one call (``extra_info["us_per_call"]``, averaged over a burst of calls).
 ``BMOJO_BENCH_QUICK=1`` shrinks the shapes.
 """
@@ -78,7 +78,7 @@ def _time(fn, rounds: int = 10) -> float:
 
 def _run(impl: str, kw: dict, backward: bool):
     import bmojo_core as bm
-    from bmojo_core import reference as ref
+    from bmojo_core.ops import reference as ref
 
     f = bm.selective_scan_fn if impl == "bmojo" else ref.selective_scan
     if not backward:

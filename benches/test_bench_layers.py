@@ -4,9 +4,10 @@
     BMOJO_BENCH_QUICK=1 ...        # small shapes
     BMOJO_BENCH_REFERENCE=1 ...    # also time the dense pure-torch reference (slow, 1 round)
 
-Cases (issue shapes): ``BMojoLayer`` forward and forward+backward at (B=8, L=2048,
-d_model=256, window=128, n_fading=4, n_eidetic=32), float32, against
-``reference.bmojo_layer_ref`` (dense L×3L masked attention + reference scan); streaming
+Cases: ``BMojoLayer`` forward and forward+backward at (B=8, L=2048, d_model=256,
+window=128, n_fading=4, n_eidetic=32), float32, against
+``bmojo_core.layers.reference.bmojo_layer_ref`` (dense L×3L masked attention + reference
+scan); streaming
 decode of a 4-layer d_model=256 ``BMojoLM`` at batch 1 and 32 (one token per slot per
 call, fused native step and Python step path, 1 and 2 kernel threads;
 ``extra_info['tokens_per_call']`` gives tokens/s = tokens_per_call / mean); peak
@@ -20,8 +21,8 @@ import os
 
 import pytest
 import torch
-from bmojo_core import reference as R
 from bmojo_core.layers import BMojoLayer, BMojoLM
+from bmojo_core.layers import reference as R
 
 QUICK = os.environ.get("BMOJO_BENCH_QUICK", "") not in ("", "0")
 WITH_REFERENCE = os.environ.get("BMOJO_BENCH_REFERENCE", "") not in ("", "0")
@@ -89,7 +90,7 @@ def one_thread():
 @pytest.mark.parametrize("path", ["fused", "python"])
 @pytest.mark.parametrize("batch", [1, 32])
 def test_decode(benchmark, batch, path, threads, one_thread):
-    """``fused``: the native one-call step (bmojo_core.decode) on ``threads`` kernel threads;
+    """``fused``: the native one-call step (bmojo_core.ops.decode) on ``threads`` kernel threads;
     ``python``: the per-op Python step path (``stream.fused_decode = False``)."""
     import bmojo_core
 

@@ -1,5 +1,6 @@
-"""pytest-benchmark versions of every ``bmojo bench`` case (bmojo_core.bench): selective
-scan, decode, throughput, companion, causal conv and bilinear groups.
+"""pytest-benchmark versions of every ``bmojo bench`` case (bmojo_core.bench): the scan,
+scaling, decode, lm_decode, throughput, companion, conv and bilinear groups, and the peer
+cases when their library is installed.
 
 Not collected by the normal test run (``pytest tests``). Run with::
 
@@ -40,7 +41,7 @@ def _extra_info(benchmark, case: bench.Case) -> None:
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_bmojo(benchmark, case: bench.Case) -> None:
     _extra_info(benchmark, case)
-    with bench._threads(case.threads):
+    with bench.kernel_threads(case.threads):
         inputs = case.setup()
         with _grad_ctx(case):
             benchmark.pedantic(

@@ -53,7 +53,7 @@ step "cargo clippy" cargo clippy --workspace --all-targets -- -D warnings
 step "cargo test" cargo test --workspace --release
 step "ruff check" ruff check python tests benches
 step "ruff format" ruff format --check python tests benches
-step "pytest" python -m pytest -q -n "${BMOJO_TEST_WORKERS:-2}" tests
+step "pytest" env BMOJO_TEST_STRICT=1 python -m pytest -q -n "${BMOJO_TEST_WORKERS:-2}" tests
 
 echo
 if [ "${#failed[@]}" -ne 0 ]; then

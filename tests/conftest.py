@@ -35,7 +35,23 @@ settings.register_profile(
 settings.load_profile("bmojo-ci" if os.environ.get("CI") else "bmojo-dev")
 
 # ---------------------------------------------------------------------------------------
-# tolerances (SPEC §1; measured against an fp64 reference)
+# tools the machine may lack
+# ---------------------------------------------------------------------------------------
+
+STRICT = os.environ.get("BMOJO_TEST_STRICT") == "1"
+"""Set by scripts/test.sh (and so by CI): a missing tool fails the tests that need it
+instead of skipping them, so a broken look-up (of NVRTC, the emulator's compiler...) cannot
+pass as a skip. Only the lack of a GPU stays a skip."""
+
+
+def needs(available: bool, what: str):
+    """Skip marker for a test that needs ``what`` (a tool, not a GPU); under
+    ``BMOJO_TEST_STRICT=1`` the test runs anyway and fails where the tool is missing."""
+    return pytest.mark.skipif(not available and not STRICT, reason=f"needs {what}")
+
+
+# ---------------------------------------------------------------------------------------
+# tolerances (design §1; measured against an fp64 reference)
 # ---------------------------------------------------------------------------------------
 
 TOL = {

@@ -1,7 +1,9 @@
-"""Argument checks shared by the public wrappers: each error names the argument."""
+"""Argument checks shared by every layer of the package: each error names the argument and
+says what was expected."""
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -16,8 +18,24 @@ def dtype_name(d: torch.dtype) -> str:
     return str(d).replace("torch.", "")
 
 
+def int_arg(name: str, v: object, lo: int) -> int:
+    """An integer (Python or NumPy, not bool) >= `lo`, as a Python int."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        raise BmojoTypeError(f"{name}: expected an int >= {lo}, got {v!r}")
+    if v < lo:
+        raise BmojoValueError(f"{name}: expected an int >= {lo}, got {v}")
+    return int(v)
+
+
+def number_arg(name: str, v: object) -> float:
+    """A real number (not bool), as a float."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise BmojoTypeError(f"{name}: expected a number, got {type(v).__name__}")
+    return float(v)
+
+
 def tensor(name: str, t: object, *, dtypes: Sequence[torch.dtype] = FLOATS) -> torch.Tensor:
-    """Checks that `t` is a CPU tensor of one of `dtypes`."""
+    """Checks that `t` is a CPU tensor of one of `dtypes` (for code with no CUDA path)."""
     if not isinstance(t, torch.Tensor):
         raise BmojoTypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in dtypes:
@@ -25,8 +43,7 @@ def tensor(name: str, t: object, *, dtypes: Sequence[torch.dtype] = FLOATS) -> t
         got = str(t.dtype).replace("torch.", "")
         raise BmojoTypeError(f"{name}: expected dtype {allowed}, got {got}")
     if t.device.type != "cpu":
-        what = "no CUDA kernel yet" if t.device.type == "cuda" else "only CPU is supported"
-        raise BmojoValueError(f"{name}: expected a CPU tensor ({what}), got device {t.device}")
+        raise BmojoValueError(f"{name}: expected a CPU tensor, got device {t.device}")
     return t
 
 

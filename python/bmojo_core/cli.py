@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 def _cuda_rows() -> list[tuple[str, str]]:
     """CUDA runtime facts: device, driver, NVRTC, kernel cache (or why not available)."""
-    from bmojo_core import cuda
+    from .runtime import cuda
 
     c = cuda.info()
     if c["cuda"]:
@@ -39,10 +39,10 @@ def _cuda_rows() -> list[tuple[str, str]]:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from bmojo_core import bench
+    from .runtime.info import machine_info, machine_peak
 
-    info = bench.machine_info()
-    peak = bench.machine_peak()
+    info = machine_info()
+    peak = machine_peak()
     levels = ", ".join(info["simd_levels"]) or "unknown"
     rows = [
         ("bmojo_core", info["bmojo_core"]),
@@ -76,14 +76,14 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    import bmojo_core
-    from bmojo_core import bench
+    from . import bench
+    from .runtime import set_num_threads, set_simd_level
 
     try:
         if args.threads is not None:
-            bmojo_core.set_num_threads(args.threads)
+            set_num_threads(args.threads)
         if args.simd is not None:
-            bmojo_core.set_simd_level(args.simd)
+            set_simd_level(args.simd)
     except (ValueError, TypeError) as exc:
         print(f"bmojo bench: error: {exc}", file=sys.stderr)
         return 2
@@ -115,7 +115,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_mqar(args: argparse.Namespace) -> int:
-    from bmojo_core import mqar
+    from . import mqar
 
     kw = {
         k: v
@@ -185,12 +185,12 @@ def _int_list(text: str) -> tuple[int, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from bmojo_core import __version__
+    from .runtime.info import package_version
 
     parser = argparse.ArgumentParser(
         prog="bmojo", description="bmojo_core: fast, differentiable CPU state-space scans."
     )
-    parser.add_argument("--version", action="version", version=f"bmojo_core {__version__}")
+    parser.add_argument("--version", action="version", version=f"bmojo_core {package_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p_info = sub.add_parser("info", help="print versions, SIMD level, threads and CUDA status")
@@ -200,9 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
         "bench",
         help="run the benchmark suite against the reference",
         description="Run the benchmark suite (selective scan forward and forward+backward vs "
-        "bmojo_core.reference, scaling in L, decode step, throughput vs peak; companion scan vs "
-        "the reference and scipy.signal.lfilter; causal conv vs torch F.conv1d; bilinear "
-        "sequential and parallel paths).",
+        "bmojo_core.reference, scaling in L, decode step, language-model streaming decode "
+        "(fused vs Python step), throughput vs peak; companion scan vs the reference and "
+        "scipy.signal.lfilter; causal conv vs torch F.conv1d; bilinear sequential and "
+        "parallel paths).",
     )
     p_bench.add_argument("--quick", action="store_true", help="smaller shapes (a smoke run)")
     p_bench.add_argument("--json", metavar="PATH", help="also write the results as JSON")
@@ -211,7 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME",
         action="append",
         help="run only cases whose name contains NAME or whose group is NAME "
-        "(scan, scaling, decode, throughput, companion, conv, bilinear, peer); may be repeated",
+        "(scan, scaling, decode, lm_decode, throughput, companion, conv, bilinear, peer); "
+        "may be repeated",
     )
     p_bench.add_argument("--threads", type=int, metavar="N", help="bmojo_core threads")
     p_bench.add_argument("--simd", metavar="LEVEL", help="force a SIMD level (see bmojo info)")

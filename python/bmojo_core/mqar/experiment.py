@@ -1,0 +1,513 @@
+"""The MQAR experiment of ``bmojo mqar``.
+
+**The experiment** (``bmojo mqar``, :func:`run_experiment`): every model of
+:func:`model_specs` (a :class:`~bmojo_core.layers.BMojoLM`) is trained once on fresh
+batches that mix every number of pairs ``N`` (:func:`make_mixed_batch`, as Zoology trains
+on a mixture of kv counts; :func:`bmojo_core.train.train`) and scored at every ``N`` on a
+fixed seeded test set; the results hold the per-query correctness, the accuracy table and
+the negative flip rate B'MOJO-F → B'MOJO per ``N`` (:func:`format_table`,
+:func:`summarize`; :func:`save_results` writes ``results.json`` and ``accuracy.png``).
+``--per-n`` trains one model per (model, N) instead. ``--eidetic-sweep 0,4,8,16,32``
+trains B'MOJO at the default window and fading tokens with each number of eidetic tokens
+(0 = B'MOJO-F with the same window and fading tokens; :func:`sweep_specs`) and reports
+accuracy vs ``n_eidetic`` per ``N`` (table, summary, ``eidetic_sweep.png``).
+
+Why one training per model on the mixture: the same recall circuit serves every ``N``, so
+the four trainings of the default run (instead of sixteen, one per (model, N)) each get
+four times the steps for the same time; with 350 steps per (model, N) every model but
+B'MOJO stayed near chance.
+
+Conventions of the experiment:
+
+* Equal attention budget ``w + f + e`` (default 32 + 8 + 16 = 56 tokens per query): B'MOJO
+  attends to a window of ``w``, ``f`` fading (SSM output) tokens and ``e`` eidetic tokens;
+  B'MOJO-F to the same window and ``f + e`` fading tokens; SWA to a window of ``w + f + e``.
+  The pure SSM attends to nothing (same depth and width; its memory is its state).
+* Seeds: the training stream and the initialisation depend on (seed, N) (N = 0 for the
+  mixture) only, so every model of one training sees the same batches, and B'MOJO-F and
+  B'MOJO (same parameter shapes) start from the same weights; the test set of each N
+  depends on (seed, N) and differs from the training streams. Results do not depend on
+  ``workers``.
+* Accuracy: argmax over the whole vocabulary at each query position (chance 1/(V/2) for a
+  model that has learnt that values lie in the upper half).
+* Training runs on one torch and one kernel thread per worker process (two workers on the
+  two cores); each run records its wall time and its CPU time (``cpu_s``, what the wall
+  time would be on an idle machine).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .._validate import int_arg
+from ..errors import BmojoTypeError, BmojoValueError
+from ..layers import BMojoLM
+from ..runtime import get_num_threads, set_num_threads
+from ..train import evaluate, negative_flip_rate, train
+from .data import MQARConfig, make_batch, make_mixed_batch, make_test_set
+
+__all__ = [
+    "MODELS",
+    "ExperimentConfig",
+    "ModelSpec",
+    "model_specs",
+    "run_experiment",
+    "sweep_specs",
+]
+
+# ----------------------------------------------------------------------------- experiment
+
+MODELS: tuple[str, ...] = ("ssm", "swa", "bmojo-f", "bmojo")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model of the experiment: a :class:`~bmojo_core.layers.BMojoLM` whose layers have
+    this ``window`` / ``n_fading`` / ``n_eidetic`` (``window = 0``: pure SSM)."""
+
+    name: str
+    label: str
+    window: int
+    n_fading: int
+    n_eidetic: int
+
+    @property
+    def attention_budget(self) -> int:
+        """Tokens each query attends to: window + fading + eidetic (0 for the pure SSM)."""
+        return self.window + self.n_fading + self.n_eidetic
+
+
+def model_specs(window: int = 32, n_fading: int = 8, n_eidetic: int = 16) -> dict[str, ModelSpec]:
+    """The four models at an equal attention budget ``window + n_fading + n_eidetic``:
+
+    * ``ssm``: pure SSM (Mamba mixer, no attention; its budget is its state instead);
+    * ``swa``: sliding-window attention over ``window + n_fading + n_eidetic`` tokens;
+    * ``bmojo-f``: B'MOJO-F, window ``window`` plus ``n_fading + n_eidetic`` fading tokens;
+    * ``bmojo``: B'MOJO, window ``window``, ``n_fading`` fading and ``n_eidetic`` eidetic tokens.
+    """
+    w, f, e = (
+        int_arg("window", window, 1),
+        int_arg("n_fading", n_fading, 0),
+        int_arg("n_eidetic", n_eidetic, 0),
+    )
+    return {
+        "ssm": ModelSpec("ssm", "SSM", 0, 0, 0),
+        "swa": ModelSpec("swa", f"SWA (w={w + f + e})", w + f + e, 0, 0),
+        "bmojo-f": ModelSpec("bmojo-f", "B'MOJO-F", w, f + e, 0),
+        "bmojo": ModelSpec("bmojo", "B'MOJO", w, f, e),
+    }
+
+
+def sweep_specs(window: int, n_fading: int, n_eidetic: Sequence[int]) -> dict[str, ModelSpec]:
+    """The eidetic sweep: B'MOJO with a fixed ``window`` and ``n_fading`` and each value of
+    ``n_eidetic`` (0 = B'MOJO-F with the same window and fading tokens). Keys ``e<n>``.
+    The attention budget grows with ``n_eidetic`` (that is the point of the sweep)."""
+    w, f = int_arg("window", window, 1), int_arg("n_fading", n_fading, 0)
+    out = {}
+    for e in n_eidetic:
+        e = int_arg("eidetic_sweep", e, 0)
+        label = f"B'MOJO-F (e=0, f={f})" if e == 0 else f"B'MOJO e={e}"
+        out[f"e{e}"] = ModelSpec(f"e{e}", label, w, f, e)
+    return out
+
+
+SCHEDULES: tuple[str, ...] = ("cosine", "greedy")
+
+
+def _ints(name: str, v: object, lo: int) -> tuple[int, ...]:
+    if isinstance(v, numbers.Integral) and not isinstance(v, bool):
+        v = (v,)
+    if not isinstance(v, (tuple, list)):
+        raise BmojoTypeError(f"{name}: expected a sequence of ints, got {v!r}")
+    out = tuple(int_arg(name, n, lo) for n in v)
+    if len(set(out)) != len(out):
+        raise BmojoValueError(f"{name}: values must be distinct, got {list(out)}")
+    return out
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """Settings of ``bmojo mqar`` (defaults: the default experiment, under 8 minutes on 2
+    quiet cores; :meth:`quick`: the smoke version).
+
+    Task: ``vocab``, ``seq_len``, ``num_kv`` (the values of N), ``power_a`` (1 = uniform
+    query placement), ``random_fill`` (False = zero fill). Models (:func:`model_specs`):
+    ``models``, ``d_model``, ``n_layers``, ``d_state``, ``n_heads``, ``window``,
+    ``n_fading``, ``n_eidetic``; a non-empty ``eidetic_sweep`` replaces them by the
+    variants of :func:`sweep_specs` (B'MOJO at ``window``/``n_fading`` with each
+    ``n_eidetic`` of the sweep).
+
+    Training (:func:`bmojo_core.train.train`, AdamW, fresh batches every step):
+    ``mixture=True`` (default) trains each model once on batches that mix every N
+    (:func:`make_mixed_batch`, ``batch_size`` rows split evenly over N, as Zoology does)
+    and scores it at every N; ``mixture=False`` trains one model per (model, N). ``steps``,
+    ``batch_size``, ``lr``, ``weight_decay`` (matrices only), ``schedule`` ("cosine" with
+    ``warmup_frac`` of linear warm-up, or "greedy": GreedyLR driven by the training loss
+    averaged over ``steps // 20`` steps, after the same warm-up). ``test_size`` rows in the
+    fixed test set of each N; ``seed`` fixes data, initialisation and test sets.
+    ``workers`` trainings at a time, each in its own process (1: in this process) on
+    ``threads`` torch (and kernel) threads (None: leave as is). One thread per process is
+    the default because these small tensors run far slower on 2 threads in one process
+    than on 1 (measured on the 2-core machine: 26 ms vs 1 s per step of the quick SSM), and
+    two one-thread runs use both cores.
+    """
+
+    vocab: int = 512
+    seq_len: int = 256
+    num_kv: tuple[int, ...] = (4, 8, 16, 32)
+    power_a: float = 1.0
+    random_fill: bool = False
+    models: tuple[str, ...] = MODELS
+    d_model: int = 64
+    n_layers: int = 2
+    d_state: int = 16
+    n_heads: int = 4
+    window: int = 32
+    n_fading: int = 8
+    n_eidetic: int = 16
+    eidetic_sweep: tuple[int, ...] = ()
+    mixture: bool = True
+    steps: int = 1400
+    batch_size: int = 16
+    lr: float = 2e-3
+    weight_decay: float = 0.1
+    schedule: str = "cosine"
+    warmup_frac: float = 0.05
+    test_size: int = 256
+    seed: int = 0
+    workers: int = 2
+    threads: int | None = 1
+
+    def __post_init__(self) -> None:
+        nkv = self.num_kv
+        if (
+            not isinstance(nkv, (tuple, list, numbers.Integral))
+            or isinstance(nkv, bool)
+            or (isinstance(nkv, (tuple, list)) and not nkv)
+        ):
+            raise BmojoTypeError(f"num_kv: expected a non-empty sequence of ints, got {nkv!r}")
+        object.__setattr__(self, "num_kv", _ints("num_kv", nkv, 1))
+        models = self.models
+        if isinstance(models, str) or not isinstance(models, (tuple, list)) or not models:
+            raise BmojoTypeError(f"models: expected a non-empty sequence of names, got {models!r}")
+        for m in models:
+            if m not in MODELS:
+                raise BmojoValueError(f"models: unknown model {m!r}; expected some of {MODELS}")
+        if len(set(models)) != len(models):
+            raise BmojoValueError(f"models: names must be distinct, got {list(models)}")
+        object.__setattr__(self, "models", tuple(m for m in MODELS if m in models))
+        object.__setattr__(
+            self, "eidetic_sweep", tuple(sorted(_ints("eidetic_sweep", self.eidetic_sweep, 0)))
+        )
+        if not isinstance(self.mixture, bool):
+            raise BmojoTypeError(f"mixture: expected a bool, got {type(self.mixture).__name__}")
+        for n in self.num_kv:  # MQARConfig checks vocab, seq_len, power_a, random_fill and N
+            self.task(n)
+        for name, lo in (("d_model", 1), ("n_layers", 1), ("d_state", 1), ("n_heads", 1),
+                         ("window", 1), ("n_fading", 0), ("n_eidetic", 0), ("steps", 1),
+                         ("batch_size", 1), ("test_size", 1), ("seed", 0)):  # fmt: skip
+            int_arg(name, getattr(self, name), lo)
+        if self.mixture and self.batch_size < len(self.num_kv):
+            raise BmojoValueError(
+                f"batch_size: a mixed batch needs at least one row per N ({len(self.num_kv)}), "
+                f"got {self.batch_size}"
+            )
+        if self.d_model % self.n_heads:
+            raise BmojoValueError(
+                f"n_heads: must divide d_model {self.d_model}, got {self.n_heads}"
+            )
+        for name in ("lr", "weight_decay"):
+            v = getattr(self, name)
+            if (
+                isinstance(v, bool)
+                or not isinstance(v, numbers.Real)
+                or not (math.isfinite(v) and (v > 0 if name == "lr" else v >= 0))
+            ):
+                want = "> 0" if name == "lr" else ">= 0"
+                raise BmojoValueError(f"{name}: expected a finite number {want}, got {v!r}")
+        wf = self.warmup_frac
+        if isinstance(wf, bool) or not isinstance(wf, numbers.Real) or not 0 <= wf < 1:
+            raise BmojoValueError(f"warmup_frac: expected a number in [0, 1), got {wf!r}")
+        if self.schedule not in SCHEDULES:
+            raise BmojoValueError(f"schedule: expected one of {SCHEDULES}, got {self.schedule!r}")
+        int_arg("workers", self.workers, 1)
+        if self.threads is not None:
+            int_arg("threads", self.threads, 1)
+
+    @classmethod
+    def quick(cls, **overrides: Any) -> ExperimentConfig:
+        """The smoke version (``bmojo mqar --quick``): a shorter task (V = 128, L = 64,
+        N in {2, 4}), window 16 + 4 fading + 8 eidetic, a short training; well under a
+        minute on 2 cores, and the attention-bearing models still learn above chance."""
+        kw: dict[str, Any] = dict(
+            vocab=128, seq_len=64, num_kv=(2, 4), window=16, n_fading=4, n_eidetic=8,
+            steps=200, batch_size=16, lr=3e-3, warmup_frac=0.1, test_size=128,
+        )  # fmt: skip
+        kw.update(overrides)
+        return cls(**kw)
+
+    def task(self, num_kv: int) -> MQARConfig:
+        return MQARConfig(self.vocab, self.seq_len, num_kv, self.power_a, self.random_fill)
+
+    def specs(self) -> dict[str, ModelSpec]:
+        """The models run: the sweep variants if ``eidetic_sweep``, else ``models``."""
+        if self.eidetic_sweep:
+            return sweep_specs(self.window, self.n_fading, self.eidetic_sweep)
+        allspecs = model_specs(self.window, self.n_fading, self.n_eidetic)
+        return {m: allspecs[m] for m in self.models}
+
+    def build(self, spec: ModelSpec):
+        return BMojoLM(
+            self.vocab, self.d_model, self.n_layers, spec.window, spec.n_fading,
+            spec.n_eidetic, d_state=self.d_state,
+            n_heads=self.n_heads if spec.window else None,
+        )  # fmt: skip
+
+
+def _seed(cfg: ExperimentConfig, kind: int, num_kv: int) -> int:
+    """Distinct, reproducible seeds of kind 0 (training stream), 1 (test set), 2 (init):
+    training streams and initialisations are shared by all models of one training (so
+    B'MOJO-F and B'MOJO, whose parameters have the same shapes, start from the same weights
+    and see the same batches: their flips compare like with like); ``num_kv`` 0 stands for
+    the mixture; test sets differ from every training stream."""
+    return ((cfg.seed * 7 + kind) * 1_000_003 + num_kv) * 101
+
+
+def _tqdm(total: int, enabled: bool, desc: str):
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc=desc, dynamic_ncols=True, unit="step")
+
+
+_QUEUE: Any = None  # a worker's progress queue (set by _init_worker)
+_TICK = 10  # steps per progress message
+
+
+def _init_worker(queue: Any) -> None:
+    global _QUEUE
+    _QUEUE = queue
+
+
+def _run_one(cfg: ExperimentConfig, name: str, n: int | None) -> list[dict[str, Any]]:
+    """Trains one model (``n``: on that N alone; None: on the mixture of every N) and
+    scores it at every N it was trained on; reports progress every ``_TICK`` steps to the
+    queue of this process (if any). Runs on ``cfg.threads`` torch threads."""
+    old_threads = torch.get_num_threads(), get_num_threads()
+    if cfg.threads is not None:  # torch's and the kernels' pools
+        torch.set_num_threads(cfg.threads)
+        set_num_threads(cfg.threads)
+    try:
+        spec = cfg.specs()[name]
+        nkv = cfg.num_kv if n is None else (n,)
+        tasks = [cfg.task(k) for k in nkv]
+        key = 0 if n is None else n
+        with torch.random.fork_rng(devices=[]):  # init seeded, global RNG untouched
+            torch.manual_seed(_seed(cfg, 2, key))
+            model = cfg.build(spec)
+        count = [0]
+
+        def batch(g: torch.Generator) -> tuple[Tensor, Tensor]:
+            # called once per step: the hook for progress
+            count[0] += 1
+            if _QUEUE is not None and count[0] % _TICK == 0:
+                _QUEUE.put(_TICK)
+            if len(tasks) == 1:
+                return make_batch(tasks[0], cfg.batch_size, g)
+            return make_mixed_batch(tasks, cfg.batch_size, g)
+
+        greedy = cfg.schedule == "greedy"
+        warmup = int(cfg.warmup_frac * cfg.steps)
+        cpu0 = time.process_time()
+        hist = train(
+            model,
+            batch,
+            steps=cfg.steps,
+            lr=cfg.lr,
+            weight_decay=cfg.weight_decay,
+            schedule=cfg.schedule,
+            eval_every=max(1, cfg.steps // 20) if greedy else None,
+            seed=_seed(cfg, 0, key),
+            progress=False,
+            warmup_steps=warmup,
+            greedy_kwargs=_greedy_kwargs(cfg) if greedy else None,
+        )
+        if _QUEUE is not None and count[0] % _TICK:
+            _QUEUE.put(count[0] % _TICK)
+        cpu_s = time.process_time() - cpu0  # this process's CPU time: robust to load
+        tail = hist["train_loss"][-max(1, cfg.steps // 10) :]
+        out = []
+        for task in tasks:
+            test = make_test_set(task, cfg.test_size, _seed(cfg, 1, task.num_kv))
+            loss, acc, ok = evaluate(model, *test, batch_size=64)
+            out.append({
+                "model": name,
+                "num_kv": task.num_kv,
+                "accuracy": acc,
+                "test_loss": loss,
+                "train_loss": math.fsum(tail) / len(tail),
+                "params": sum(p.numel() for p in model.parameters()),
+                "time_s": hist["time_s"],
+                "cpu_s": cpu_s,
+                "correct": ok.view(cfg.test_size, task.num_kv).to(torch.int8).tolist(),
+            })  # fmt: skip
+        return out
+    finally:
+        torch.set_num_threads(old_threads[0])
+        set_num_threads(old_threads[1])
+
+
+def _greedy_kwargs(cfg: ExperimentConfig) -> dict[str, Any]:
+    """GreedyLR for this task, fed every ``steps // 20`` steps with the mean training loss:
+    up to 2x the base rate while the loss improves, down by 0.7 after more than two stalled
+    evaluations (the MQAR loss sits on a plateau near log(V/2) before the recall circuit
+    forms, so one or two stalled evaluations must not cut the rate), never below 1/30 of
+    the base rate."""
+    return {"factor": 0.7, "patience": 2, "smooth": 2, "cooldown": 1,
+            "min_lr": cfg.lr / 30, "max_lr": cfg.lr * 2}  # fmt: skip
+
+
+def run_experiment(
+    cfg: ExperimentConfig | None = None,
+    *,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Trains and scores every model of ``cfg`` (default: the default experiment): one
+    training per model on the mixture of N (``cfg.mixture``) or one per (model, N),
+    ``cfg.workers`` trainings at a time in spawned processes (1: in this process), each on
+    ``cfg.threads`` torch threads. Every training is seeded on its own, so the results do
+    not depend on ``workers``. With ``workers > 1`` the trainings start in spawned
+    processes: call it from a script under ``if __name__ == "__main__":``.
+
+    Returns a JSON-ready dict: ``config``, ``models`` (the specs), ``chance`` (2 / V),
+    ``runs`` (one per (model, N), N-major: ``model``, ``num_kv``, ``accuracy``,
+    ``test_loss``, ``train_loss`` (mean over the last 10% of steps), ``params``, ``time_s``
+    (wall time of the training, shared by every N of a mixture), ``cpu_s`` (CPU time of
+    the training process over it: the wall time on an idle machine), and ``correct``: the per-query
+    correctness, ``test_size`` rows of ``N`` 0/1 entries, the queries of a row in order of
+    position), ``accuracy`` (model → {str(N): accuracy}), ``flip_rate`` ({str(N): share
+    of the test queries that B'MOJO-F answers correctly and B'MOJO does not}, when both
+    are run), ``sweep`` (with ``eidetic_sweep``: ``window``, ``n_fading`` and the
+    ``n_eidetic`` values, in the order of the model keys) and ``time_s``. ``log``
+    receives one line per scored (model, N).
+    """
+    cfg = ExperimentConfig() if cfg is None else cfg
+    if not isinstance(cfg, ExperimentConfig):
+        raise BmojoTypeError(f"cfg: expected an ExperimentConfig, got {type(cfg).__name__}")
+    specs = cfg.specs()
+    # costliest first, so that two workers finish close together (CPU time per step of the
+    # default run: B'MOJO > B'MOJO-F > SSM > SWA; sweep variants by n_eidetic)
+    cost = {"bmojo": 3, "bmojo-f": 2, "ssm": 1, "swa": 0}
+    order = sorted(specs, key=lambda m: (-cost.get(m, 4), -specs[m].n_eidetic))
+    if cfg.mixture:
+        jobs: list[tuple[str, int | None]] = [(m, None) for m in order]
+    else:
+        jobs = [(m, n) for n in cfg.num_kv for m in order]
+    done: dict[tuple[str, int], dict[str, Any]] = {}
+    bar = _tqdm(len(jobs) * cfg.steps, progress, "mqar")
+    t0 = time.perf_counter()
+
+    def finish(runs: list[dict[str, Any]]) -> None:
+        for run in runs:
+            done[(run["model"], run["num_kv"])] = run
+            if log is not None:
+                label = specs[run["model"]].label
+                log(
+                    f"{label:<20} N={run['num_kv']:<3} accuracy {run['accuracy']:6.1%}  "
+                    f"test loss {run['test_loss']:.3f}  ({run['time_s']:.1f} s)"
+                )
+        if bar is not None:
+            bar.set_postfix_str(f"{len(done)}/{len(specs) * len(cfg.num_kv)} scored")
+
+    try:
+        if cfg.workers == 1:
+            for name, n in jobs:
+                if bar is not None:
+                    bar.set_description(specs[name].label + ("" if n is None else f" N={n}"))
+                steps0 = bar.n if bar is not None else 0
+                finish(_run_one(cfg, name, n))
+                if bar is not None:
+                    bar.update(steps0 + cfg.steps - bar.n)
+        else:
+            _run_parallel(cfg, jobs, bar, finish)
+    finally:
+        if bar is not None:
+            bar.close()
+    runs = [done[(m, n)] for n in cfg.num_kv for m in specs]
+    res: dict[str, Any] = {
+        "config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()},
+        "models": {
+            k: {**asdict(s), "attention_budget": s.attention_budget} for k, s in specs.items()
+        },
+        "chance": 2 / cfg.vocab,
+        "runs": runs,
+        "accuracy": {
+            m: {str(r["num_kv"]): r["accuracy"] for r in runs if r["model"] == m} for m in specs
+        },
+        "time_s": time.perf_counter() - t0,
+        "torch": torch.__version__,
+    }
+    if "bmojo-f" in specs and "bmojo" in specs:
+        correct = {(r["model"], r["num_kv"]): torch.tensor(r["correct"], dtype=torch.bool)
+                   for r in runs}  # fmt: skip
+        res["flip_rate"] = {
+            str(n): negative_flip_rate(correct[("bmojo-f", n)], correct[("bmojo", n)])
+            for n in cfg.num_kv
+        }
+    if cfg.eidetic_sweep:
+        res["sweep"] = {
+            "window": cfg.window,
+            "n_fading": cfg.n_fading,
+            "n_eidetic": [specs[m].n_eidetic for m in specs],
+        }
+    return res
+
+
+def _run_parallel(
+    cfg: ExperimentConfig,
+    jobs: list[tuple[str, int | None]],
+    bar: Any,
+    finish: Callable[[list[dict[str, Any]]], None],
+) -> None:
+    """Runs the jobs in ``cfg.workers`` spawned processes (spawn: no fork of a process whose
+    OpenMP/kernel threads are live); progress comes back through a queue."""
+    import multiprocessing as mp
+    import queue as queue_mod
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue() if bar is not None else None
+    with ProcessPoolExecutor(
+        max_workers=min(cfg.workers, len(jobs)),
+        mp_context=ctx,
+        initializer=_init_worker,
+        initargs=(q,),
+    ) as pool:
+        pending = {pool.submit(_run_one, cfg, name, n) for name, n in jobs}
+        try:
+            while pending:
+                ready, pending = wait(pending, timeout=0.25, return_when=FIRST_COMPLETED)
+                if q is not None:
+                    while True:
+                        try:
+                            bar.update(q.get_nowait())
+                        except queue_mod.Empty:
+                            break
+                for fut in ready:
+                    finish(fut.result())
+        except BaseException:
+            for fut in pending:  # a failed run stops the experiment: drop the queued ones
+                fut.cancel()
+            raise

@@ -1,0 +1,220 @@
+"""The CUDA implementations of the scan and step ops against the kernels' C signatures,
+without a GPU: the launcher is replaced by a recorder, the ops' CUDA functions run on CPU
+tensors, and every launch is checked against the `extern "C"` parameter list parsed from
+cuda/scan.cu and cuda/step.cu (argument count, codes, pointer dtypes, contiguity), and
+every result against the op's fake implementation (shapes, dtypes)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from bmojo_core import cuda as _cuda
+from bmojo_core.ops import scan, step
+from conftest import make_scan_inputs, make_step_inputs
+
+CUDA_DIR = Path(__file__).resolve().parents[2] / "cuda"
+COMPUTE = {"f32": torch.float32, "f64": torch.float64, "f16": torch.float32, "bf16": torch.float32}
+STORAGE = {"f32": torch.float32, "f64": torch.float64, "f16": torch.float16, "bf16": torch.bfloat16}
+
+
+def signatures(source: str) -> dict[str, list[str]]:
+    """Kernel name -> C parameter types, from the instantiation macros of a source."""
+    text = (CUDA_DIR / source).read_text()
+    out = {}
+    for name, params in re.findall(r"(\w+)_##SUF\s*\((.*?)\)\s*\{", text, re.S):
+        params = re.sub(r"\\\s*\n", " ", params)
+        out[name] = [" ".join(p.split()[:-1]) for p in params.split(",")]
+    return out
+
+
+def code_of(ctype: str) -> str:
+    if "*" in ctype:
+        return "p"
+    return {"int": "i", "long long": "l", "float": "f", "double": "d"}[ctype]
+
+
+def dtype_of(ctype: str, suffix: str):
+    """Expected dtype of a pointer argument (None: any, e.g. void*)."""
+    base = ctype.replace("const", "").replace("*", "").strip()
+    return {"S": STORAGE[suffix], "bm_io<S>::C": COMPUTE[suffix], "bm_i64": torch.int64}.get(base)
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Records and checks every Kernel.launch."""
+    sigs = {**signatures("scan.cu"), **signatures("step.cu")}
+    calls = []
+
+    def fake(self, suffix, grid, block, args, fmt, shared_mem=0, device=None):
+        sig = sigs[self.name]
+        assert suffix in self.dtypes
+        assert len(args) == len(fmt) == len(sig), (self.name, len(args), len(fmt), len(sig))
+        for k, (a, code, ctype) in enumerate(zip(args, fmt, sig, strict=True)):
+            assert code == code_of(ctype), (self.name, k, code, ctype)
+            if code == "p":
+                assert isinstance(a, torch.Tensor) or a == 0, (self.name, k)
+                want = dtype_of(ctype, suffix)
+                if isinstance(a, torch.Tensor):
+                    assert a.is_contiguous(), (self.name, k)
+                    assert want is None or a.dtype == want, (self.name, k, a.dtype, want)
+            elif code == "i":
+                assert isinstance(a, int) and -(2**31) <= a < 2**31, (self.name, k, a)
+            elif code == "l":
+                assert isinstance(a, int), (self.name, k, a)
+        assert all(g >= 1 for g in grid) and grid[1] <= 65535 and grid[2] <= 65535
+        assert block[0] * block[1] * block[2] <= 1024
+        assert 0 <= shared_mem <= 48 * 1024
+        calls.append((self.name, suffix, grid, block))
+
+    monkeypatch.setattr(_cuda.Kernel, "launch", fake)
+    return calls
+
+
+def same_meta(got, want):
+    for g, w in zip(got, want, strict=True):
+        assert g.shape == w.shape and g.dtype == w.dtype, (g.shape, w.shape, g.dtype, w.dtype)
+
+
+def normalised(kw, act, cdt):
+    """The op arguments the public wrapper passes on CUDA."""
+
+    def bc(m):
+        m = m if m.dim() != 3 else m.unsqueeze(1)
+        return m.to(act if m.dim() == 4 else cdt).contiguous()
+
+    seq = kw["seq_idx"]
+    return (
+        kw["u"].to(act), kw["delta"].to(act), kw["A"].to(cdt), bc(kw["B"]), bc(kw["C"]),
+        None if kw["D"] is None else kw["D"].to(cdt), None if kw["z"] is None else kw["z"].to(act),
+        None if kw["delta_bias"] is None else kw["delta_bias"].to(cdt),
+        None if kw["initial_state"] is None else kw["initial_state"].to(cdt),
+        None if seq is None else seq.long(), kw["delta_softplus"],
+    )  # fmt: skip
+
+
+CASES = [
+    # dtype, bc, optional inputs on
+    (torch.float32, "var", True),
+    (torch.float64, "const", False),
+    (torch.float16, "group", True),
+    (torch.bfloat16, "const/var", True),
+    (torch.float32, "group/const", False),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_selective_scan_launches(case, launches):
+    dtype, bc, opts = case
+    cdt = torch.float64 if dtype == torch.float64 else torch.float32
+    kw = make_scan_inputs(
+        2, 12, 5, 130, bc=bc, G=3, dtype=dtype, D=opts, z=opts, delta_bias=opts,
+        initial_state=opts, seq_idx=2 if opts else 0,
+    )  # fmt: skip
+    args = normalised(kw, dtype, cdt)
+    res = scan._sel_fwd_cuda(*args)
+    same_meta(res, _fake_fwd(args))
+    out, last, ckpt = res
+    bargs = (*args[:8], args[9], args[10], ckpt, torch.randn(out.shape).to(dtype),
+             torch.randn(last.shape, dtype=cdt) if opts else None)  # fmt: skip
+    grads = scan._sel_bwd_cuda(*bargs)
+    same_meta(grads, _fake_bwd(bargs))
+    assert [c[0] for c in launches] == ["selective_scan_fwd", "selective_scan_bwd"]
+    # Backward blocks of several channels only with a variable B/C, never across a group
+    # (12 channels, 3 groups of 4 for "group").
+    blocks = {"var": 1, "const": 12, "group": 3, "const/var": 1, "group/const": 3}[bc]
+    assert launches[1][2] == (blocks, 2, 1)
+
+
+def _fake_fwd(args):
+    u, A = args[0], args[2]
+    batch, dim, length = u.shape
+    n = A.shape[1]
+    nck = (length + scan.CHUNK - 1) // scan.CHUNK
+    return (u.new_empty(u.shape), A.new_empty(batch, dim, n), A.new_empty(batch, dim, nck, n))
+
+
+def _fake_bwd(bargs):
+    u, delta, A, B, C, D, z, bias = bargs[:8]
+    batch, dim, _ = u.shape
+    e = u.new_empty(0)
+    return (
+        torch.empty_like(u), torch.empty_like(u), torch.empty_like(A), torch.empty_like(B),
+        torch.empty_like(C), e if D is None else torch.empty_like(D),
+        e if z is None else torch.empty_like(z), e if bias is None else torch.empty_like(bias),
+        A.new_empty(batch, dim, A.shape[1]),
+    )  # fmt: skip
+
+
+def test_channels_per_block():
+    A = torch.zeros(1)
+    g4 = torch.zeros(1, 4, 1, 1)
+    const = torch.zeros(2, 2)
+    assert scan._channels_per_block(64, 16, 4, (const, const)) == 1
+    assert scan._channels_per_block(64, 16, 4, (g4, const)) == 16
+    assert scan._channels_per_block(28, 16, 4, (g4, g4)) == 7  # 7 channels per group
+    assert scan._channels_per_block(26, 16, 4, (torch.zeros(1, 2, 1, 1), g4[:, :1])) == 13
+    # shared memory: (4N + 2) * cb * 8 bytes must fit in 47 KiB
+    assert scan._channels_per_block(64, 512, 8, (g4, const)) == 2
+    assert scan._channels_per_block(64, 1024, 8, (g4, const)) == 1
+    del A
+
+
+@pytest.mark.parametrize("cdt", [torch.float32, torch.float64])
+def test_diag_scan_launches(cdt, launches):
+    a, b = torch.rand(5, 40, dtype=cdt), torch.randn(5, 40, dtype=cdt)
+    h, last = scan._diag_fwd_cuda(a, b, torch.zeros(5, dtype=cdt), True)
+    assert h.shape == b.shape and last.shape == (5,)
+    da, db, dh0 = scan._diag_bwd_cuda(
+        a, h, None, torch.randn_like(h), torch.randn(5, dtype=cdt), True
+    )
+    assert da.shape == db.shape == a.shape and dh0.shape == (5,)
+    assert [c[0] for c in launches] == ["diag_scan", "diag_scan"]
+
+
+@pytest.mark.parametrize("multi", [False, True])
+def test_state_update_launches(multi, launches):
+    kw = make_step_inputs(3, heads=True, H=2, P=3, N=4, T=2 if multi else None, G=2, slots=5,
+                          dtype=torch.float32, seed=1)  # fmt: skip
+    batch, ntok, dim, n = 3, 2 if multi else 1, 6, 4
+    state = kw["state"].reshape(5, dim, n)
+
+    def tok(t):
+        return t.reshape(batch, ntok, dim)
+
+    snaps = torch.zeros(batch, ntok, dim, n) if multi else None
+    out = step._step_cuda(
+        state, tok(kw["x"]), tok(kw["dt"]), kw["A"].reshape(dim, n),
+        kw["B"].reshape(batch, ntok, 2, n), kw["C"].reshape(batch, ntok, 2, n),
+        kw["D"].reshape(dim), tok(kw["z"]), kw["dt_bias"].reshape(dim), True,
+        torch.tensor([4, -1, 0]), snaps,
+    )  # fmt: skip
+    assert out.shape == (batch, ntok, dim)
+    assert launches == [("selective_state_update", "f32", (1, batch, 1), (128, 1, 1))]
+
+
+def test_state_update_fast_path_launch(launches):
+    kw = make_step_inputs(2, dim=300, N=16, dtype=torch.float32, seed=2)
+    out = step._cuda_fast(*(kw[k] for k in ("state", "x", "dt", "A", "B", "C", "D", "z")),
+                          kw["dt_bias"], True)  # fmt: skip
+    assert out is not None and out.shape == (2, 300)
+    assert launches == [("selective_state_update", "f32", (3, 2, 1), (128, 1, 1))]
+    # Anything off the decode layout falls back to the validating path.
+    assert step._cuda_fast(kw["state"], kw["x"][:1], kw["dt"], kw["A"], kw["B"], kw["C"],
+                           None, None, None, True) is None  # fmt: skip
+    assert step._cuda_fast(kw["state"].double(), kw["x"], kw["dt"], kw["A"], kw["B"], kw["C"],
+                           None, None, None, True) is None  # fmt: skip
+
+
+def test_declared_kernels():
+    names = {(k.source, k.name) for k in _cuda.declared()}
+    want = [("scan.cu", "diag_scan"), ("scan.cu", "selective_scan_fwd"),
+            ("scan.cu", "selective_scan_bwd"), ("step.cu", "selective_state_update")]  # fmt: skip
+    for src, name in want:
+        assert (src, name) in names
+        assert name in signatures(src)
+        text = (CUDA_DIR / src).read_text()
+        for suffix in _cuda.DTYPES:  # every declared entry point is instantiated
+            assert re.search(rf"^\w+\({suffix},", text, re.M), (name, suffix)

@@ -1,0 +1,292 @@
+"""``bmojo mqar``: the experiment end to end (quick version), its files, table and flip rate.
+
+Oracles: chance level 1/(V/2) for "the models learn"; the negative flip rate and the
+accuracies recomputed from the saved per-query correctness; the same (model, N) trained
+in a spawned worker of a separate ``python -m bmojo_core.cli`` process and in this process
+give the same correctness (every run is seeded on its own).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from bmojo_core import mqar
+from bmojo_core.cli import main
+from bmojo_core.errors import BmojoTypeError, BmojoValueError
+from bmojo_core.mqar import experiment
+
+ATTENTION = ("swa", "bmojo-f", "bmojo")
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    """One in-process ``bmojo mqar --quick`` (workers=1): (results, stdout, out dir)."""
+    out = tmp_path_factory.mktemp("mqar")
+    import contextlib
+    import io
+
+    import bmojo_core
+
+    buf = io.StringIO()
+    n = torch.get_num_threads(), bmojo_core.get_num_threads()
+    with contextlib.redirect_stdout(buf):
+        rc = main(["mqar", "--quick", "--out", str(out), "--no-progress", "--workers", "1"])
+    # the run (on 1 thread) restores both thread counts
+    assert (torch.get_num_threads(), bmojo_core.get_num_threads()) == n
+    assert rc == 0
+    with open(out / "results.json", encoding="utf-8") as f:
+        return json.load(f), buf.getvalue(), out
+
+
+def test_files_and_table(quick):
+    res, text, out = quick
+    assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    cfg = mqar.ExperimentConfig.quick()
+    assert res["config"]["num_kv"] == list(cfg.num_kv)
+    assert [r["model"] for r in res["runs"]] == list(mqar.MODELS) * len(cfg.num_kv)
+    header = next(line for line in text.splitlines() if line.startswith("accuracy (%)"))
+    assert header.split()[2:] == [f"N={n}" for n in cfg.num_kv]
+    for label in ("SSM", "SWA (w=28)", "B'MOJO-F", "B'MOJO", "neg. flip"):
+        row = next(line for line in text.splitlines() if line.startswith(label))
+        assert len(row.split()) >= len(cfg.num_kv) + 1
+    assert "results written to" in text
+
+
+def test_accuracy_and_flip_rate_match_saved_correctness(quick):
+    res, text, _ = quick
+    ok = {(r["model"], r["num_kv"]): torch.tensor(r["correct"], dtype=torch.bool)
+          for r in res["runs"]}  # fmt: skip
+    for (m, n), c in ok.items():
+        assert c.shape == (res["config"]["test_size"], n)
+        assert res["accuracy"][m][str(n)] == pytest.approx(c.float().mean().item(), abs=1e-12)
+    for n in res["config"]["num_kv"]:
+        f, b = ok[("bmojo-f", n)], ok[("bmojo", n)]
+        by_hand = sum(
+            bool(x) and not bool(y) for x, y in zip(f.flatten(), b.flatten(), strict=True)
+        )
+        rate = res["flip_rate"][str(n)]
+        assert 0.0 <= rate <= 1.0
+        assert rate == pytest.approx(by_hand / f.numel(), abs=1e-12)
+        row = next(line for line in text.splitlines() if line.startswith("neg. flip"))
+        assert f"{100 * rate:.1f}" in row.split()
+
+
+def test_attention_models_learn(quick):
+    res, _, _ = quick
+    chance = 2 / res["config"]["vocab"]
+    assert res["chance"] == chance
+    best = {m: max(res["accuracy"][m].values()) for m in ATTENTION}
+    # every attention-bearing model well above chance at some N, and clearly so on average
+    for m, acc in best.items():
+        assert acc > 4 * chance, (m, acc, chance)
+    assert sum(best.values()) / len(best) > 10 * chance, best
+
+
+def test_subprocess_worker_reproduces_in_process_runs(quick, tmp_path):
+    """The console entry point (``python -m bmojo_core.cli``) with 2 spawned workers gives
+    the same per-query correctness as the in-process trainings of the same models (every
+    training is seeded on its own)."""
+    res, _, _ = quick
+    env = dict(os.environ)
+    src = os.path.dirname(os.path.dirname(os.path.dirname(mqar.__file__)))  # python/
+    env["PYTHONPATH"] = os.pathsep.join([src, env.get("PYTHONPATH", "")])
+    cmd = [sys.executable, "-m", "bmojo_core.cli", "mqar", "--quick", "--out", str(tmp_path)]
+    cmd += ["--models", "ssm", "swa", "--workers", "2", "--no-progress"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "accuracy (%)" in proc.stdout and "neg. flip" not in proc.stdout
+    with open(tmp_path / "results.json", encoding="utf-8") as f:
+        sub = json.load(f)
+    assert "flip_rate" not in sub
+    ref = {(r["model"], r["num_kv"]): r for r in res["runs"]}
+    assert [(r["model"], r["num_kv"]) for r in sub["runs"]] == [
+        ("ssm", 2), ("swa", 2), ("ssm", 4), ("swa", 4)
+    ]  # fmt: skip
+    for r in sub["runs"]:
+        assert r["correct"] == ref[(r["model"], r["num_kv"])]["correct"]
+        assert r["accuracy"] == ref[(r["model"], r["num_kv"])]["accuracy"]
+
+
+def test_mixture_shares_one_training_per_model(quick):
+    """One training per model: every N of a model reports the same training (time, final
+    training loss), B'MOJO-F and B'MOJO (same parameter shapes) start from the same
+    weights, and the quick config mixes both N in each batch."""
+    res, _, _ = quick
+    assert res["config"]["mixture"] is True
+    for m in mqar.MODELS:
+        runs = [r for r in res["runs"] if r["model"] == m]
+        assert len({r["time_s"] for r in runs}) == 1
+        assert len({r["train_loss"] for r in runs}) == 1
+    cfg = mqar.ExperimentConfig.quick()
+    inits = []
+    for m in ("bmojo-f", "bmojo"):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(experiment._seed(cfg, 2, 0))
+            inits.append(cfg.build(cfg.specs()[m]).state_dict())
+    assert all(torch.equal(inits[0][k], inits[1][k]) for k in inits[0])
+
+
+def test_per_n_mode_trains_each_n_alone(tmp_path, capsys):
+    """``--per-n``: one training per (model, N), seeded by N alone, so the N=2 training of a
+    run over N in {2, 4} equals the one of a run asked for N=2 only."""
+    args = ["mqar", "--quick", "--models", "swa", "--steps", "20", "--no-progress", "--per-n"]
+    assert main([*args, "--workers", "1", "--out", str(tmp_path / "a")]) == 0
+    assert main([*args, "--num-kv", "2", "--workers", "1", "--out", str(tmp_path / "b")]) == 0
+    assert "one training per N" in capsys.readouterr().out
+    runs = {}
+    for d in ("a", "b"):
+        with open(tmp_path / d / "results.json", encoding="utf-8") as f:
+            runs[d] = json.load(f)["runs"]
+    assert [r["num_kv"] for r in runs["a"]] == [2, 4]
+    assert runs["a"][0]["time_s"] != runs["a"][1]["time_s"]
+    assert runs["a"][0]["correct"] == runs["b"][0]["correct"]
+    assert runs["a"][0]["train_loss"] == runs["b"][0]["train_loss"]
+
+
+def test_eidetic_sweep(tmp_path, capsys):
+    """``--eidetic-sweep``: B'MOJO at the config's window/fading for each n_eidetic (0 =
+    B'MOJO-F), a table row per value, a PNG of accuracy vs n_eidetic and a summary whose
+    best value matches the accuracies."""
+    out = tmp_path / "sweep"
+    argv = ["mqar", "--quick", "--eidetic-sweep", "8,0,4", "--steps", "30", "--workers", "1"]
+    assert main([*argv, "--no-progress", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert (out / "eidetic_sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with open(out / "results.json", encoding="utf-8") as f:
+        res = json.load(f)
+    cfg = mqar.ExperimentConfig.quick()
+    assert res["sweep"] == {"window": cfg.window, "n_fading": cfg.n_fading, "n_eidetic": [0, 4, 8]}
+    specs = res["models"]
+    assert list(specs) == ["e0", "e4", "e8"] and "flip_rate" not in res
+    for k, e in zip(specs, (0, 4, 8), strict=True):
+        assert (specs[k]["window"], specs[k]["n_fading"], specs[k]["n_eidetic"]) == (
+            cfg.window, cfg.n_fading, e
+        )  # fmt: skip
+    for label in ("B'MOJO-F (e=0, f=4)", "B'MOJO e=4", "B'MOJO e=8"):
+        assert any(line.startswith(label) for line in text.splitlines())
+    for n in cfg.num_kv:
+        acc = [res["accuracy"][k][str(n)] for k in specs]
+        line = next(x for x in text.splitlines() if x.startswith(f"N={n}: accuracy vs n_eidetic"))
+        assert f"best e={(0, 4, 8)[acc.index(max(acc))]}," in line
+    # the e=0 variant is B'MOJO-F with the same window/fading: the same model as a main run
+    # with n_eidetic=0 would build (same parameter shapes as B'MOJO)
+    lm = cfg.build(mqar.ModelSpec("e0", "x", cfg.window, cfg.n_fading, 0))
+    assert all(b.mixer.n_eidetic == 0 and b.mixer.n_fading == cfg.n_fading for b in lm.blocks)
+
+
+def test_label_mask_logits_match_full_forward():
+    """BMojoLM's ``label_mask`` path (used by the trainer) gives the full forward's logits at
+    the masked positions, and evaluate() agrees with a wrapper that hides the option."""
+    from bmojo_core.train import evaluate
+
+    cfg = mqar.ExperimentConfig.quick()
+    torch.manual_seed(0)
+    lm = cfg.build(cfg.specs()["bmojo"])
+    x, y = mqar.make_mixed_batch([cfg.task(n) for n in cfg.num_kv], 6, 1)
+    mask = y != mqar.IGNORE_INDEX
+    with torch.no_grad():
+        full = lm(x)
+        part = lm(x, label_mask=mask)
+    torch.testing.assert_close(part, full[mask], rtol=1e-5, atol=1e-5)
+
+    class Plain(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, tokens):
+            return self.m(tokens)
+
+    a, b = evaluate(lm, x, y), evaluate(Plain(lm), x, y)
+    assert a[0] == pytest.approx(b[0], rel=1e-5)
+    # The two paths run the head on different shapes (label_mask: the labelled rows only),
+    # so their logits agree to rounding, not bitwise: compare the per-query correctness
+    # (an argmax) where the top-2 gap is far above rounding (every query with this seed).
+    top2 = full[mask].topk(2, dim=-1).values
+    clear = top2[:, 0] - top2[:, 1] > 1e-4
+    assert clear.float().mean() >= 0.9
+    assert torch.equal(a[2][clear], b[2][clear])
+    with pytest.raises(BmojoTypeError, match="label_mask"):
+        lm(x, label_mask=mask.long())
+    with pytest.raises(BmojoValueError, match="label_mask"):
+        lm(x, label_mask=mask[:, 1:])
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--num-kv", "0"], "num_kv"),
+        (["--num-kv", "4", "4"], "num_kv"),
+        (["--num-kv", "200"], "num_kv"),
+        (["--models", "mamba"], "models"),
+        (["--steps", "0"], "steps"),
+        (["--seed", "-1"], "seed"),
+        (["--threads", "0"], "threads"),
+        (["--workers", "0"], "workers"),
+        (["--eidetic-sweep", "4,4"], "eidetic_sweep"),
+        (["--eidetic-sweep=-1,4"], "eidetic_sweep"),
+        (["--batch-size", "1"], "batch_size"),
+        (["--lr", "0"], "lr"),
+    ],
+)
+def test_bad_arguments(args, needle, capsys, tmp_path):
+    assert main(["mqar", "--out", str(tmp_path / "x"), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("bmojo mqar: error:") and needle in err
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [(["--schedule", "linear"], "--schedule"), (["--eidetic-sweep", "4,x"], "--eidetic-sweep")],
+)
+def test_bad_option_values_are_rejected_by_argparse(args, needle, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["mqar", *args])
+    assert e.value.code == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_config_validation():
+    with pytest.raises(BmojoValueError, match="n_heads"):
+        mqar.ExperimentConfig(n_heads=5)
+    with pytest.raises(BmojoValueError, match="lr"):
+        mqar.ExperimentConfig(lr=0.0)
+    with pytest.raises(BmojoTypeError, match="models"):
+        mqar.ExperimentConfig(models="bmojo")
+    with pytest.raises(BmojoValueError, match="vocab"):
+        mqar.ExperimentConfig(vocab=511)
+    with pytest.raises(BmojoValueError, match="weight_decay"):
+        mqar.ExperimentConfig(weight_decay=-0.1)
+    with pytest.raises(BmojoTypeError, match="mixture"):
+        mqar.ExperimentConfig(mixture=1)
+    with pytest.raises(BmojoValueError, match="batch_size"):
+        mqar.ExperimentConfig(batch_size=3)  # fewer rows than values of N
+    mqar.ExperimentConfig(batch_size=3, mixture=False)
+    assert mqar.ExperimentConfig(eidetic_sweep=[8, 0]).eidetic_sweep == (0, 8)
+    # models are kept in the canonical order whatever the order asked
+    assert mqar.ExperimentConfig(models=("bmojo", "ssm")).models == ("ssm", "bmojo")
+
+
+def test_model_specs_equal_budget():
+    specs = mqar.model_specs(32, 8, 16)
+    assert {s.attention_budget for k, s in specs.items() if k != "ssm"} == {56}
+    assert (specs["bmojo"].n_fading, specs["bmojo"].n_eidetic) == (8, 16)
+    assert (specs["bmojo-f"].n_fading, specs["bmojo-f"].n_eidetic) == (24, 0)
+    assert (specs["swa"].window, specs["ssm"].window) == (56, 0)
+
+
+def test_greedy_schedule_runs():
+    """The GreedyLR path end to end on a tiny run (5 steps, 2 models, N=2)."""
+    cfg = mqar.ExperimentConfig.quick(
+        models=("bmojo-f", "bmojo"), num_kv=(2,), steps=5, schedule="greedy", workers=1,
+        test_size=8,
+    )  # fmt: skip
+    res = mqar.run_experiment(cfg, progress=False)
+    assert set(res["flip_rate"]) == {"2"} and 0 <= res["flip_rate"]["2"] <= 1
+    assert len(res["runs"]) == 2 and all(len(r["correct"]) == 8 for r in res["runs"])
