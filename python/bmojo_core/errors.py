@@ -1,4 +1,13 @@
-"""Exception classes: every bad-input error of bmojo_core derives from BmojoError."""
+"""Exception classes: every bad-input error of bmojo_core derives from BmojoError. The
+extension raises these classes itself (its one error conversion imports this module)."""
+
+__all__ = [
+    "BmojoCompileError",
+    "BmojoCudaError",
+    "BmojoError",
+    "BmojoTypeError",
+    "BmojoValueError",
+]
 
 
 class BmojoError(Exception):

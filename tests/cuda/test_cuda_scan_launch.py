@@ -1,72 +1,31 @@
 """The CUDA implementations of the scan and step ops against the kernels' C signatures,
 without a GPU: the launcher is replaced by a recorder, the ops' CUDA functions run on CPU
-tensors, and every launch is checked against the `extern "C"` parameter list parsed from
-cuda/scan.cu and cuda/step.cu (argument count, codes, pointer dtypes, contiguity), and
-every result against the op's fake implementation (shapes, dtypes)."""
+tensors, and every launch is checked against the `extern "C"` parameter lists of
+cuda/scan.cu and cuda/step.cu as the emulator reads them from the compiled sources
+(argument count, codes, pointer dtypes, contiguity, launch limits), and every result
+against the op's fake implementation (shapes, dtypes)."""
 
 from __future__ import annotations
-
-import re
-from pathlib import Path
 
 import pytest
 import torch
 from bmojo_core import cuda as _cuda
 from bmojo_core.ops import scan, step
-from conftest import make_scan_inputs, make_step_inputs
+from conftest import make_scan_inputs, make_step_inputs, needs
+from cuda_emu import harness as H
 
-CUDA_DIR = Path(__file__).resolve().parents[2] / "cuda"
-COMPUTE = {"f32": torch.float32, "f64": torch.float64, "f16": torch.float32, "bf16": torch.float32}
-STORAGE = {"f32": torch.float32, "f64": torch.float64, "f16": torch.float16, "bf16": torch.bfloat16}
-
-
-def signatures(source: str) -> dict[str, list[str]]:
-    """Kernel name -> C parameter types, from the instantiation macros of a source."""
-    text = (CUDA_DIR / source).read_text()
-    out = {}
-    for name, params in re.findall(r"(\w+)_##SUF\s*\((.*?)\)\s*\{", text, re.S):
-        params = re.sub(r"\\\s*\n", " ", params)
-        out[name] = [" ".join(p.split()[:-1]) for p in params.split(",")]
-    return out
-
-
-def code_of(ctype: str) -> str:
-    if "*" in ctype:
-        return "p"
-    return {"int": "i", "long long": "l", "float": "f", "double": "d"}[ctype]
-
-
-def dtype_of(ctype: str, suffix: str):
-    """Expected dtype of a pointer argument (None: any, e.g. void*)."""
-    base = ctype.replace("const", "").replace("*", "").strip()
-    return {"S": STORAGE[suffix], "bm_io<S>::C": COMPUTE[suffix], "bm_i64": torch.int64}.get(base)
+pytestmark = needs(H.compiler() is not None, "g++ with C++20 <barrier> and _Float16")
 
 
 @pytest.fixture
 def launches(monkeypatch):
-    """Records and checks every Kernel.launch."""
-    sigs = {**signatures("scan.cu"), **signatures("step.cu")}
+    """Records every Kernel.launch after checking it against the entry point's C signature
+    (the emulator's table, read from the compiled sources) and the launch limits."""
+    emu = H.Emulator()
     calls = []
 
     def fake(self, suffix, grid, block, args, fmt, shared_mem=0, device=None):
-        sig = sigs[self.name]
-        assert suffix in self.dtypes
-        assert len(args) == len(fmt) == len(sig), (self.name, len(args), len(fmt), len(sig))
-        for k, (a, code, ctype) in enumerate(zip(args, fmt, sig, strict=True)):
-            assert code == code_of(ctype), (self.name, k, code, ctype)
-            if code == "p":
-                assert isinstance(a, torch.Tensor) or a == 0, (self.name, k)
-                want = dtype_of(ctype, suffix)
-                if isinstance(a, torch.Tensor):
-                    assert a.is_contiguous(), (self.name, k)
-                    assert want is None or a.dtype == want, (self.name, k, a.dtype, want)
-            elif code == "i":
-                assert isinstance(a, int) and -(2**31) <= a < 2**31, (self.name, k, a)
-            elif code == "l":
-                assert isinstance(a, int), (self.name, k, a)
-        assert all(g >= 1 for g in grid) and grid[1] <= 65535 and grid[2] <= 65535
-        assert block[0] * block[1] * block[2] <= 1024
-        assert 0 <= shared_mem <= 48 * 1024
+        emu.check(self, suffix, grid, block, args, fmt, shared_mem)
         calls.append((self.name, suffix, grid, block))
 
     monkeypatch.setattr(_cuda.Kernel, "launch", fake)
@@ -212,9 +171,8 @@ def test_declared_kernels():
     names = {(k.source, k.name) for k in _cuda.declared()}
     want = [("scan.cu", "diag_scan"), ("scan.cu", "selective_scan_fwd"),
             ("scan.cu", "selective_scan_bwd"), ("step.cu", "selective_state_update")]  # fmt: skip
+    emu = H.Emulator()
     for src, name in want:
         assert (src, name) in names
-        assert name in signatures(src)
-        text = (CUDA_DIR / src).read_text()
         for suffix in _cuda.DTYPES:  # every declared entry point is instantiated
-            assert re.search(rf"^\w+\({suffix},", text, re.M), (name, suffix)
+            assert f"{name}_{suffix}" in emu.lib(src).sigs, (name, suffix)

@@ -25,9 +25,10 @@ from .. import _validate as V
 from ..ops.eidetic import check_store
 from . import decode as _decode
 from . import format as _format
+from .format import FORMAT_VERSION, MAGIC
 from .state import Piece, allocate, layer_name, stream_pieces
 
-__all__ = ["Stream", "StreamingLM"]
+__all__ = ["FORMAT_VERSION", "MAGIC", "Stream", "StreamingLM"]
 
 
 class StreamingLM:

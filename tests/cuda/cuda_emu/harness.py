@@ -199,7 +199,10 @@ class Emulator:
         """Entry point -> fmt of its C signature."""
         return {n: "".join(c for c, _ in p) for n, (_, p) in self.lib(source).sigs.items()}
 
-    def launch(self, kernel, suffix, grid, block, args, fmt, shared_mem=0, device=None):
+    def check(self, kernel, suffix, grid, block, args, fmt, shared_mem=0):
+        """Checks a launch against the entry point's C signature (one format code and,
+        for pointers, one dtype per parameter) and the launch limits; returns the library,
+        the entry point's index and the arguments as ctypes objects."""
         name = kernel.symbol(suffix)
         assert suffix in kernel.dtypes, f"{name}: suffix not declared"
         lib = self.lib(kernel.source)
@@ -230,9 +233,17 @@ class Emulator:
         assert 0 < bx <= 1024 and 0 < by <= 1024 and 0 < bz <= 64, f"{name}: block {block}"
         assert bx * by * bz <= 1024, f"{name}: {bx * by * bz} threads per block"
         assert 0 <= shared_mem <= SMEM_LIMIT, f"{name}: {shared_mem} B of dynamic shared memory"
-        coop = kernel.name in COOPERATIVE
-        if coop:
+        if kernel.name in COOPERATIVE:
             assert (bx * by * bz) % 32 == 0, f"{name}: cooperative block of partial warps"
+        return lib, index, objs
+
+    def launch(self, kernel, suffix, grid, block, args, fmt, shared_mem=0, device=None):
+        """Runs the launch on CPU tensors (after :meth:`check`)."""
+        lib, index, objs = self.check(kernel, suffix, grid, block, args, fmt, shared_mem)
+        name = kernel.symbol(suffix)
+        coop = kernel.name in COOPERATIVE
+        gx, gy, gz = grid
+        bx, by, bz = block
         ptrs = (ctypes.c_void_p * len(objs))(*[ctypes.addressof(o) for o in objs])
         dims = (ctypes.c_uint * 6)(gx, gy, gz, bx, by, bz)
         err = ctypes.create_string_buffer(200)
@@ -240,7 +251,7 @@ class Emulator:
         rc = lib.dll.bm_emu_run(index, ptrs, dims, int(shared_mem), int(coop), err, len(err))
         assert rc == 0, (
             f"{name} uses {err.value.decode()} but is run sequentially: "
-            "add it to COOPERATIVE in tests/cuda_emu/harness.py"
+            "add it to COOPERATIVE in tests/cuda/cuda_emu/harness.py"
         )
 
 
