@@ -1,4 +1,4 @@
-// bmojo_core CUDA kernels: bilinear / time-varying dense scan, SPEC §5, with the semantics
+// bmojo_core CUDA kernels: bilinear / time-varying dense scan, design §5, with the semantics
 // of rust/kernels/src/bilinear.rs.
 //
 //   X_t = A_t X_{t-1} + b_t,   A_t = A0 + Σ_j v_{t,j} N_j  (modulated)  or  A (batch, L, n, n)

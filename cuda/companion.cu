@@ -1,4 +1,4 @@
-// bmojo_core CUDA kernels: companion (canonical-form) scan, SPEC §4, forward and backward,
+// bmojo_core CUDA kernels: companion (canonical-form) scan, design §4, forward and backward,
 // with the semantics of rust/kernels/src/companion.rs.
 //
 //   s_t = Σ_{i=1..n} α_{t,i} s_{t-i} + β_t u_t        y_t = Σ_{i=0..n-1} c_{t,i} s_{t-i} + D u_t

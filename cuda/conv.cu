@@ -1,4 +1,4 @@
-// bmojo_core CUDA kernels: causal depthwise convolution (SPEC §3), forward, backward and
+// bmojo_core CUDA kernels: causal depthwise convolution (design §3), forward, backward and
 // the streaming update, with the semantics of rust/kernels/src/conv.rs.
 //
 // Layout: x, out, dx (batch, dim, L); weight (dim, K); bias (dim,); initial / final states

@@ -1,4 +1,4 @@
-// bmojo_core CUDA kernels: eidetic token retention (SPEC §6.1, §6.2), with the semantics of
+// bmojo_core CUDA kernels: eidetic token retention (design §6.1, §6.2), with the semantics of
 // rust/kernels/src/eidetic.rs.
 //
 // Innovation scores. One thread per (row, position) computes ε_t with the operation order of

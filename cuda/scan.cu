@@ -1,5 +1,5 @@
 // bmojo_core CUDA kernels: the first-order diagonal scan and the Mamba-1 selective scan,
-// forward and backward (SPEC §2.1-2.2), with the semantics of the CPU ops in scan.py.
+// forward and backward (design §2.1-2.2), with the semantics of the CPU ops in scan.py.
 //
 // Design: one thread block per (batch row, channel) walks time in tiles of NT * IT steps.
 // Each thread owns IT consecutive steps of a tile: it composes them into one affine map

@@ -1,4 +1,4 @@
-// bmojo_core CUDA kernels: the streaming step of the selective SSM (SPEC §2.3), the
+// bmojo_core CUDA kernels: the streaming step of the selective SSM (design §2.3), the
 // semantics of the CPU op bmojo::selective_state_update (step.py).
 //
 // Layout: state (slots, dim, N); x, dt, z, out (batch, T, dim); B, C (batch, T, G, N);

@@ -76,7 +76,7 @@ def selective_state_update(
     snaps: _F | None,
 ) -> _F | None: ...
 
-# --- companion (SPEC §4)
+# --- companion (design §4)
 
 COMPANION_MAX_ORDER: int
 
@@ -109,7 +109,7 @@ def companion_scan_bwd(
     dh0: _F,
 ) -> None: ...
 
-# --- causal conv (SPEC §3)
+# --- causal conv (design §3)
 def causal_conv1d_fwd(
     x: _F,
     weight: _F,
@@ -145,7 +145,7 @@ def causal_conv1d_update(
     out: _F | None,
 ) -> _F | None: ...
 
-# --- bilinear (SPEC §5)
+# --- bilinear (design §5)
 
 BILINEAR_MAX_STATE: int
 BILINEAR_PAR_CHUNK: int
@@ -181,7 +181,7 @@ def bilinear_tv_scan_bwd(
     dh0: _F,
 ) -> None: ...
 
-# --- eidetic (SPEC §6)
+# --- eidetic (design §6)
 
 def innovation_scores(
     y: _F,

@@ -10,7 +10,7 @@ Import it in your own test suite (it needs ``hypothesis``, a test-only dependenc
     def test_round_trip(sys):
         assert_same_markov(sys, sys.to_companion())
 
-How the strategies draw (ORACLES.md, "Hypothesis in CI"): hypothesis draws the
+How the strategies draw (docs/design.md §10): hypothesis draws the
 *structure* — sizes, how many poles are complex pairs, a seed — and the arrays are built
 from ``numpy.random.default_rng(seed)``: poles from radius and angle (conjugate pairs
 where real systems need them), entries that matter for rank kept away from 0. Shrinking

@@ -4,7 +4,7 @@ dtype and option, gradients, streaming == scan, chunked == whole, determinism, C
 capture and replay, opcheck on CUDA tensors, device errors.
 
 Skipped without a CUDA device. References run on the CPU (fp64), CUDA results are
-compared at the tolerances of SPEC §1 (gradients relative to their scale, as in
+compared at the tolerances of design §1 (gradients relative to their scale, as in
 test_selective_scan.py).
 """
 

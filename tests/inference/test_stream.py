@@ -1,4 +1,4 @@
-"""Streaming inference (SPEC §6.4): stream == parallel forward for every layer variant and
+"""Streaming inference (design §6.4): stream == parallel forward for every layer variant and
 any feeding schedule, independent slots, generation, save/load (bitwise round trip, other
 process, corrupted data), failed feeds leave the stream unchanged, constant memory."""
 

@@ -1,4 +1,4 @@
-"""B'MOJO layers (SPEC §6.3): parity with the dense pure-torch reference
+"""B'MOJO layers (design §6.3): parity with the dense pure-torch reference
 (``reference.bmojo_layer_ref``: L × 3L masked attention, reference scan/conv/innovation/
 store), gradients (gradcheck and autograd of the reference), initialisation, errors,
 thread and SIMD-level independence."""

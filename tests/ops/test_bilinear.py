@@ -1,4 +1,4 @@
-"""bilinear_scan (SPEC §5) against the pure-torch reference loop, scipy's dlsim, the
+"""bilinear_scan (design §5) against the pure-torch reference loop, scipy's dlsim, the
 second-order Volterra kernel, and itself (chunking, threads, SIMD levels)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""companion_scan (SPEC §4) against the fp64 loop reference, SciPy's lfilter, the diagonal
+"""companion_scan (design §4) against the fp64 loop reference, SciPy's lfilter, the diagonal
 scan, a causal convolution, finite differences and itself (chunked, threads, levels)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""causal_conv1d_fn / causal_conv1d_update (SPEC §3) against torch's conv1d, the pure-torch
+"""causal_conv1d_fn / causal_conv1d_update (design §3) against torch's conv1d, the pure-torch
 references and each other (streaming == whole, chunked == whole)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Eidetic retention (SPEC §6.1, §6.2): innovation scores against the pure-torch fp64
+"""Eidetic retention (design §6.1, §6.2): innovation scores against the pure-torch fp64
 reference (whole and in pieces), the store (chunked builder and streaming heap) against a
 brute-force top-m over past scores, the retention properties, thread/SIMD invariance,
 opcheck, gather gradients and argument errors."""

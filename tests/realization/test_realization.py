@@ -410,7 +410,7 @@ def test_controllability_observability_match_control():
     big = LTI(Ab, Bb, Cb, D)
     assert big.controllability_rank() == np.linalg.matrix_rank(control.ctrb(Ab, Bb)) == 4
     assert big.observability_rank() == np.linalg.matrix_rank(control.obsv(Ab, Cb)) == 4
-    # complex diagonal: numpy Krylov (control drops imaginary parts, ORACLES.md)
+    # complex diagonal: numpy Krylov (control drops imaginary parts, design §7)
     dg = Diagonal([0.5j, -0.5j, 0.2], [1.0, 1.0, 0.0], [1.0, 1.0, 1.0])
     Ad = np.diag([0.5j, -0.5j, 0.2])
     K = np.stack([np.linalg.matrix_power(Ad, k) @ [1.0, 1.0, 0.0] for k in range(3)], 1)

@@ -86,7 +86,7 @@ def test_hankel_singular_values_invariant_under_similarity(sys, seed):
 def test_diagonal_companion_diagonal_round_trip(sys):
     n = sys.order
     V = np.vander(np.asarray(sys.poles), n).T
-    assume(np.linalg.cond(V) < 1e6)  # ORACLES.md: Vandermonde conditioning
+    assume(np.linalg.cond(V) < 1e6)  # design §7: Vandermonde conditioning
     comp = sys.to_companion()
     assert isinstance(comp, Companion) and comp.order == n
     back = comp.to_diagonal()

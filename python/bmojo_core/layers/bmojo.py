@@ -61,7 +61,7 @@ def _check_input(name: str, x: object, d_model: int, dtype: torch.dtype) -> Tens
 
 
 class BMojoLayer(nn.Module):
-    """B'MOJO mixer (SPEC §6.3): ``(batch, L, d_model) → (batch, L, d_model)``.
+    """B'MOJO mixer (design §6.3): ``(batch, L, d_model) → (batch, L, d_model)``.
 
     ``window`` w (chunk size and attention window; 0 = pure SSM), ``n_fading`` m_f SSM
     output tokens and ``n_eidetic`` m_e stored tokens per chunk (B'MOJO-F when 0; pure

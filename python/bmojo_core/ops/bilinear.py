@@ -1,4 +1,4 @@
-"""Bilinear and time-varying dense scans, SPEC §5.
+"""Bilinear and time-varying dense scans, design §5.
 
 ``x_t = A_t x_{t-1} + B u_t``, ``y_t = C x_t + D u_t`` with a dense state of size
 ``n <= 64`` and ``A_t`` either modulated, ``A_t = A0 + Σ_j v_{t,j} N_j`` (bilinear;
@@ -335,7 +335,7 @@ def bilinear_scan(
     return_final_state: bool = False,
     method: str = "auto",
 ):
-    """Bilinear / time-varying dense state-space scan (SPEC §5).
+    """Bilinear / time-varying dense state-space scan (design §5).
 
     ``x_t = A_t x_{t-1} + B u_t`` and ``y_t = C x_t + D u_t`` (``x_t`` is the state
     after consuming ``u_t``; ``x_0 = initial_state``, default zero), with

@@ -1,4 +1,4 @@
-"""Companion (canonical-form) scan, SPEC §4, as torch custom ops with autograd.
+"""Companion (canonical-form) scan, design §4, as torch custom ops with autograd.
 
 Per channel, order n::
 
@@ -241,7 +241,7 @@ def companion_scan(
     initial_state: Tensor | None = None,
     return_final_state: bool = False,
 ):
-    """Companion (canonical-form) scan of order n, SPEC §4, per channel::
+    """Companion (canonical-form) scan of order n, design §4, per channel::
 
         s_t = sum_{i=1..n} alpha_{t,i} s_{t-i} + beta_t u_t
         y_t = sum_{i=0..n-1} c_{t,i} s_{t-i} + D u_t        (y_t = s_t + D u_t without c)

@@ -1,4 +1,4 @@
-"""Causal depthwise convolution (nilpotent shift state, SPEC §3): drop-ins for the
+"""Causal depthwise convolution (nilpotent shift state, design §3): drop-ins for the
 ``causal-conv1d`` package's ``causal_conv1d_fn`` and ``causal_conv1d_update``, any width.
 
 ``y_t[d] = bias[d] + Σ_{i<K} weight[d, K-1-i] · x_{t-i}[d]`` (inputs before the start are

@@ -1,4 +1,4 @@
-"""Eidetic token retention (SPEC §6.1, §6.2): innovation scores over SSM outputs and the
+"""Eidetic token retention (design §6.1, §6.2): innovation scores over SSM outputs and the
 bounded store of the most innovative past tokens.
 
 **Innovation.** ``ŷ_t = Σ_{j=1..k} c_j y_{t-j}`` (default ``k = 4``, ``c_j = 1/k``) and
@@ -411,7 +411,7 @@ def innovation_scores(
     chi2_rate: float = CHI2_RATE,
     chi2_floor: float = CHI2_FLOOR,
 ):
-    """Innovation scores ``ε (batch, L)`` of SSM outputs ``y (batch, L, d)`` (SPEC §6.1;
+    """Innovation scores ``ε (batch, L)`` of SSM outputs ``y (batch, L, d)`` (design §6.1;
     definitions in the module doc). Fused in Rust: one pass over ``y``, vectorised over
     ``d``, parallel over batch rows.
 
@@ -515,7 +515,7 @@ def eidetic_select(
     start: int | None = None,
     return_store: bool = False,
 ):
-    """Chunked store builder (SPEC §6.2/§6.3): for each chunk of ``chunk`` positions of
+    """Chunked store builder (design §6.2/§6.3): for each chunk of ``chunk`` positions of
     ``scores (batch, L)`` (the last chunk may be shorter), the positions held by the store
     at the chunk's start (built from the positions before it), sorted ascending, padded
     with -1: ``positions (batch, ceil(L / chunk), capacity)`` int64.
@@ -568,7 +568,7 @@ def eidetic_select(
 
 
 class EideticStore:
-    """Streaming bounded eidetic store (SPEC §6.2): per batch row, the ``capacity`` most
+    """Streaming bounded eidetic store (design §6.2): per batch row, the ``capacity`` most
     innovative past positions under ``policy`` (``"topk"``, ``"threshold"``, ``"fifo"``;
     see the module doc), updated in O(log capacity) per token by a heap kept in place in
     plain tensors: ``positions (batch, capacity)`` int64 (-1 = empty; heap order, not

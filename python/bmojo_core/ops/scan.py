@@ -176,7 +176,7 @@ def diag_scan(
     reverse: bool = False,
     return_last_state: bool = False,
 ):
-    """First-order diagonal scan over independent lanes (SPEC §2.1).
+    """First-order diagonal scan over independent lanes (design §2.1).
 
     ``h_t = a_t * h_{t-1} + b_t`` along the last axis (``h_0 = initial_state``); with
     ``reverse=True``, ``h_t = a_t * h_{t+1} + b_t`` from the end. ``a`` and ``b`` have

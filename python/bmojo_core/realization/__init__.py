@@ -1,6 +1,6 @@
 """Realization toolkit for linear time-invariant systems (design §7).
 
-Convention (SciPy's and python-control's, see ORACLES.md)::
+Convention (SciPy's and python-control's; docs/design.md §7)::
 
     x_{t+1} = A x_t + B u_t,     y_t = C x_t + D u_t,     x_0 given (default 0)
 

@@ -20,7 +20,7 @@ def bilinear_scan(
     initial_state: torch.Tensor | None = None,
     return_final_state: bool = False,
 ):
-    """Bilinear / time-varying dense scan, one step at a time (SPEC §5).
+    """Bilinear / time-varying dense scan, one step at a time (design §5).
 
     ``x_t = A_t x_{t-1} + B u_t``, ``y_t = C x_t + D u_t`` with ``A_t = A + Σ_j v_{t,j}
     N_j`` (``A (n, n)``, ``N (m, n, n)``, ``v (batch, L, m)`` defaulting to ``u``) or

@@ -18,7 +18,7 @@ def companion_scan(
     initial_state: torch.Tensor | None = None,
     return_final_state: bool = False,
 ):
-    """Companion (canonical-form) scan, SPEC §4, one step at a time::
+    """Companion (canonical-form) scan, design §4, one step at a time::
 
         s_t = sum_{i=1..n} alpha[..., t, i-1] s_{t-i} + beta_t u_t
         y_t = sum_{i=0..n-1} c[..., t, i] s_{t-i} + D u_t      (y_t = s_t + D u_t without c)

@@ -17,7 +17,7 @@ def innovation_scores_ref(
     chi2_rate: float = 1.0 / 16.0,
     chi2_floor: float = 1e-6,
 ) -> torch.Tensor:
-    """Innovation scores (SPEC §6.1) one position at a time in float64, returned in
+    """Innovation scores (design §6.1) one position at a time in float64, returned in
     float64 ``(batch, L)``. ``history (batch, h, d)``: outputs before ``y`` (oldest first);
     a position with ``a < k`` predecessors uses the first ``a`` taps rescaled by
     ``S_k / S_a``; ``"chi2"`` divides by the bias-corrected EMA of past innovations
@@ -63,7 +63,7 @@ def innovation_scores_ref(
 def eidetic_held_ref(
     scores: torch.Tensor, upto: int, capacity: int, policy: str = "topk", threshold: float = 0.0
 ) -> torch.Tensor:
-    """Positions held after consuming ``scores[:, :upto]`` (SPEC §6.2), by brute force:
+    """Positions held after consuming ``scores[:, :upto]`` (design §6.2), by brute force:
     ``"topk"`` ranks all past positions by (score desc, position asc) and keeps the first
     ``capacity``; ``"threshold"`` does so among scores > threshold; ``"fifo"`` keeps the
     last ``capacity`` positions with score > threshold. Returns ``(batch, capacity)``

@@ -101,7 +101,7 @@ def selective_scan(
     initial_state: torch.Tensor | None = None,
     seq_idx: torch.Tensor | None = None,
 ):
-    """Mamba-1 selective scan, ``mamba_ssm.selective_scan_ref`` semantics (SPEC §2.2).
+    """Mamba-1 selective scan, ``mamba_ssm.selective_scan_ref`` semantics (design §2.2).
 
     Shapes: ``u, delta, z`` ``(batch, dim, L)``; ``A`` ``(dim, N)``; ``B``/``C`` each
     ``(dim, N)`` (constant), ``(batch, N, L)`` (variable) or ``(batch, G, N, L)`` (grouped,

@@ -26,7 +26,7 @@ def selective_state_update(
     *,
     intermediate_states: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Streaming step(s) of the selective SSM, in place (mamba_ssm semantics, SPEC §2.3).
+    """Streaming step(s) of the selective SSM, in place (mamba_ssm semantics, design §2.3).
 
     Layouts (``Bt`` = batch rows, ``S`` = state slots, ``T`` = tokens):
 
