@@ -81,7 +81,7 @@ fn linear<T: Element + Copy>(
 ) -> PyResult<Linear<T>> {
     let w = vec_of::<T>(d, &format!("{key}_w"))?;
     let b = opt_vec::<T>(d, &format!("{key}_b"))?;
-    Linear::new(key, &w, b.as_deref(), n_out, n_in).map_err(PyValueError::new_err)
+    Linear::new(key, &w, b.as_deref(), n_out, n_in).map_err(kernel_err)
 }
 
 fn norm<T: Element + Copy + DecodeElem>(d: &Bound<'_, PyDict>, key: &str) -> PyResult<Norm<T>> {
@@ -160,7 +160,7 @@ fn build<T: Element + Copy + DecodeElem>(
             chi2: item(l, "chi2")?.extract()?,
             rate: T::from_f64(item(l, "rate")?.extract()?),
             floor: T::from_f64(item(l, "floor")?.extract()?),
-            policy: Policy::from_name(&policy, threshold).map_err(PyValueError::new_err)?,
+            policy: Policy::from_name(&policy, threshold).map_err(kernel_err)?,
             norm2: norm::<T>(l, "norm2")?,
             fc1: linear::<T>(l, "fc1", ff, dm)?,
             fc2: linear::<T>(l, "fc2", dm, ff)?,
@@ -173,7 +173,7 @@ fn build<T: Element + Copy + DecodeElem>(
         layers: out,
         norm_f: norm::<T>(top, "norm_f")?,
     };
-    m.check().map_err(PyValueError::new_err)?;
+    m.check().map_err(kernel_err)?;
     Ok(m)
 }
 

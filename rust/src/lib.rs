@@ -87,7 +87,7 @@ fn set_num_threads(n: i64) -> PyResult<()> {
             "num_threads: expected an integer >= 1, got {n}"
         )));
     }
-    pool::set_num_threads(n as usize).map_err(PyValueError::new_err)
+    pool::set_num_threads(n as usize).map_err(kernel_err)
 }
 
 // ------------------------------------------------------------------ array access
@@ -166,8 +166,8 @@ fn is_f64(a: &Bound<'_, PyAny>, name: &str) -> PyResult<bool> {
     }
 }
 
-fn kernel_err(e: String) -> PyErr {
-    PyValueError::new_err(e)
+fn kernel_err(e: bmojo_kernels::Error) -> PyErr {
+    PyValueError::new_err(e.to_string())
 }
 
 // ------------------------------------------------------------------ diagonal scan

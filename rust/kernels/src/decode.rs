@@ -26,6 +26,7 @@ use std::sync::Mutex;
 
 use crate::dispatch::{dispatch, Kernel, Level, SimdElem};
 use crate::eidetic::{self, InnovArgs, InnovOut, Policy};
+use crate::error::{check_lens, Error, Result};
 use crate::pool::{self, Barrier};
 use crate::simd::{sigmoid, softplus, Elem, Vector};
 
@@ -545,25 +546,17 @@ pub struct Linear<T> {
 }
 
 impl<T: Copy> Linear<T> {
-    pub fn new(
-        name: &str,
-        w: &[T],
-        b: Option<&[T]>,
-        n_out: usize,
-        n_in: usize,
-    ) -> Result<Self, String> {
+    pub fn new(name: &str, w: &[T], b: Option<&[T]>, n_out: usize, n_in: usize) -> Result<Self> {
         if w.len() != n_out * n_in {
-            return Err(format!(
-                "{name}: expected a ({n_out}, {n_in}) weight, got {} elements",
-                w.len()
+            return Err(Error::value(
+                name,
+                format!("a ({n_out}, {n_in}) weight"),
+                format!("{} elements", w.len()),
             ));
         }
         if let Some(b) = b {
             if b.len() != n_out {
-                return Err(format!(
-                    "{name}: expected a bias of {n_out}, got {}",
-                    b.len()
-                ));
+                return Err(Error::value(name, format!("a bias of {n_out}"), b.len()));
             }
         }
         Ok(Linear {
@@ -635,82 +628,106 @@ pub struct Model<T> {
 
 impl<T: DecodeElem> Model<T> {
     /// Checks that every piece fits together (the binding builds models from arrays).
-    pub fn check(&self) -> Result<(), String> {
+    pub fn check(&self) -> Result<()> {
         let d = self.d_model;
-        let norm = |name: &str, n: &Norm<T>| -> Result<(), String> {
-            if n.w.len() != d || n.b.len() != d {
-                return Err(format!("{name}: expected weight and bias of {d}"));
-            }
-            Ok(())
-        };
-        let lin = |name: &str, l: &Linear<T>, o: usize, i: usize| -> Result<(), String> {
-            if l.n_out != o || l.n_in != i || l.w.len() != o * i {
-                return Err(format!("{name}: expected a ({o}, {i}) weight"));
-            }
-            if l.b.as_ref().is_some_and(|b| b.len() != o) {
-                return Err(format!("{name}: expected a bias of {o}"));
-            }
-            Ok(())
-        };
         if d == 0 || self.vocab == 0 {
-            return Err("d_model and vocab_size must be >= 1".into());
+            return Err(Error::expected("d_model and vocab_size", ">= 1"));
         }
         if self.embedding.len() != self.vocab * d {
-            return Err(format!("embedding: expected ({}, {d})", self.vocab));
+            return Err(Error::expected(
+                "embedding",
+                format!("({}, {d})", self.vocab),
+            ));
         }
-        norm("norm_f", &self.norm_f)?;
+        check_norm("norm_f", &self.norm_f, d)?;
         for (i, l) in self.layers.iter().enumerate() {
-            let p = |s: &str| format!("layers.{i}.{s}");
-            norm(&p("norm1"), &l.norm1)?;
-            norm(&p("norm2"), &l.norm2)?;
-            let ff = l.fc1.n_out;
-            lin(&p("fc1"), &l.fc1, ff, d)?;
-            lin(&p("fc2"), &l.fc2, d, ff)?;
-            let (w, mf, me) = (l.window, l.n_fading, l.n_eidetic);
-            if (w == 0) != l.attn.is_none() {
-                return Err(p("attn: present exactly when window > 0"));
+            l.check(d).map_err(|e| e.context(format!("layers.{i}.")))?;
+        }
+        Ok(())
+    }
+}
+
+/// A LayerNorm of `d` features.
+fn check_norm<T>(name: &str, n: &Norm<T>, d: usize) -> Result<()> {
+    if n.w.len() != d || n.b.len() != d {
+        return Err(Error::expected(name, format!("weight and bias of {d}")));
+    }
+    Ok(())
+}
+
+impl<T> Linear<T> {
+    /// An `(o, i)` map (with a bias of `o` if any).
+    fn check(&self, name: &str, o: usize, i: usize) -> Result<()> {
+        if self.n_out != o || self.n_in != i || self.w.len() != o * i {
+            return Err(Error::expected(name, format!("a ({o}, {i}) weight")));
+        }
+        if self.b.as_ref().is_some_and(|b| b.len() != o) {
+            return Err(Error::expected(name, format!("a bias of {o}")));
+        }
+        Ok(())
+    }
+}
+
+impl<T: DecodeElem> Layer<T> {
+    /// Checks the pieces of one block of a `d`-wide model (names relative to the block).
+    fn check(&self, d: usize) -> Result<()> {
+        check_norm("norm1", &self.norm1, d)?;
+        check_norm("norm2", &self.norm2, d)?;
+        let ff = self.fc1.n_out;
+        self.fc1.check("fc1", ff, d)?;
+        self.fc2.check("fc2", d, ff)?;
+        let (w, mf, me) = (self.window, self.n_fading, self.n_eidetic);
+        if (w == 0) != self.attn.is_none() {
+            return Err(Error::invalid("attn", "present exactly when window > 0"));
+        }
+        if (w == 0 || mf > 0 || me > 0) != self.ssm.is_some() {
+            return Err(Error::invalid(
+                "ssm",
+                "present exactly when window == 0 or memory tokens are used",
+            ));
+        }
+        if w == 0 && (mf > 0 || me > 0) {
+            return Err(Error::invalid("window", "memory tokens need a window > 0"));
+        }
+        if me > 0 && self.taps.is_empty() {
+            return Err(Error::expected("taps", "at least one innovation tap"));
+        }
+        if me > 0 && !(self.rate > T::ZERO && self.rate <= T::ONE && self.floor > T::ZERO) {
+            return Err(Error::expected(
+                "rate and floor",
+                "an innovation rate in (0, 1] and a floor > 0",
+            ));
+        }
+        if let Some(a) = &self.attn {
+            if a.n_heads == 0 || !d.is_multiple_of(a.n_heads) {
+                return Err(Error::invalid("attn", "n_heads must divide d_model"));
             }
-            if (w == 0 || mf > 0 || me > 0) != l.ssm.is_some() {
-                return Err(p(
-                    "ssm: present exactly when window == 0 or memory tokens are used",
+            a.qkv.check("attn.qkv", 3 * d, d)?;
+            a.out_proj.check("attn.out_proj", d, d)?;
+        }
+        if let Some(s) = &self.ssm {
+            let (di, n, r, k) = (s.d_inner, s.d_state, s.dt_rank, s.d_conv);
+            if di == 0 || n == 0 || r == 0 || k == 0 {
+                return Err(Error::invalid("ssm", "sizes must be >= 1"));
+            }
+            s.in_proj.check("ssm.in_proj", 2 * di, d)?;
+            s.x_proj.check("ssm.x_proj", r + 2 * n, di)?;
+            s.dt_proj.check("ssm.dt_proj", di, r)?;
+            s.out_proj.check("ssm.out_proj", d, di)?;
+            if s.dt_proj.b.is_none() {
+                return Err(Error::expected("ssm.dt_proj", "a bias"));
+            }
+            if s.conv_w.len() != di * k || s.conv_b.as_ref().is_some_and(|b| b.len() != di) {
+                return Err(Error::expected(
+                    "ssm.conv",
+                    "a (d_inner, d_conv) weight and (d_inner,) bias",
                 ));
             }
-            if w == 0 && (mf > 0 || me > 0) {
-                return Err(p("memory tokens need a window > 0"));
-            }
-            if me > 0 && l.taps.is_empty() {
-                return Err(p("taps: expected at least one innovation tap"));
-            }
-            if me > 0 && !(l.rate > T::ZERO && l.rate <= T::ONE && l.floor > T::ZERO) {
-                return Err(p("innovation rate must be in (0, 1] and floor > 0"));
-            }
-            if let Some(a) = &l.attn {
-                if a.n_heads == 0 || !d.is_multiple_of(a.n_heads) {
-                    return Err(p("attn: n_heads must divide d_model"));
-                }
-                lin(&p("attn.qkv"), &a.qkv, 3 * d, d)?;
-                lin(&p("attn.out_proj"), &a.out_proj, d, d)?;
-            }
-            if let Some(s) = &l.ssm {
-                let (di, n, r, k) = (s.d_inner, s.d_state, s.dt_rank, s.d_conv);
-                if di == 0 || n == 0 || r == 0 || k == 0 {
-                    return Err(p("ssm: sizes must be >= 1"));
-                }
-                lin(&p("ssm.in_proj"), &s.in_proj, 2 * di, d)?;
-                lin(&p("ssm.x_proj"), &s.x_proj, r + 2 * n, di)?;
-                lin(&p("ssm.dt_proj"), &s.dt_proj, di, r)?;
-                lin(&p("ssm.out_proj"), &s.out_proj, d, di)?;
-                if s.dt_proj.b.is_none() {
-                    return Err(p("ssm.dt_proj: expected a bias"));
-                }
-                if s.conv_w.len() != di * k || s.conv_b.as_ref().is_some_and(|b| b.len() != di) {
-                    return Err(p(
-                        "ssm.conv: expected a (d_inner, d_conv) weight and (d_inner,) bias",
-                    ));
-                }
-                if s.a.len() != di * n || s.d.len() != di {
-                    return Err(p("ssm: expected A (d_inner, d_state) and D (d_inner,)"));
-                }
+            if s.a.len() != di * n || s.d.len() != di {
+                return Err(Error::expected(
+                    "ssm",
+                    "A (d_inner, d_state) and D (d_inner,)",
+                ));
             }
         }
         Ok(())
@@ -793,6 +810,76 @@ fn layer_lens<T>(s: &LayerState<'_, T>) -> [usize; 15] {
     ]
 }
 
+impl<T> State<'_, T> {
+    /// Checks the state of `tokens.len()` rows against the model and the token ids and
+    /// positions against their ranges.
+    fn check(&self, m: &Model<T>, tokens: &[i64]) -> Result<()> {
+        let bsz = tokens.len();
+        let d = m.d_model;
+        check_lens(&[
+            ("position", self.position.len(), bsz),
+            ("has_logits", self.has_logits.len(), bsz),
+            ("logits", self.logits.len(), bsz * m.vocab),
+        ])?;
+        if self.layers.len() != m.layers.len() {
+            return Err(Error::value(
+                "state",
+                format!("{} layers", m.layers.len()),
+                self.layers.len(),
+            ));
+        }
+        if let Some(t) = tokens
+            .iter()
+            .find(|&&t| t < 0 || t as u64 >= m.vocab as u64)
+        {
+            return Err(Error::invalid(
+                "tokens",
+                format!("token id {t} is outside the vocabulary [0, {})", m.vocab),
+            ));
+        }
+        if let Some(p) = self
+            .position
+            .iter()
+            .find(|&&p| !(0..i64::MAX - 1).contains(&p))
+        {
+            return Err(Error::value("position", "values in [0, 2^63 - 2)", p));
+        }
+        for (i, (l, ls)) in m.layers.iter().zip(&self.layers).enumerate() {
+            let at = |e: Error| e.context(format!("layers.{i}."));
+            let sizes = layer_sizes(l, d, bsz);
+            let lens = layer_lens(ls);
+            let items: Vec<(&str, usize, usize)> = sizes
+                .iter()
+                .zip(lens)
+                .map(|(&(name, want), got)| (name, got, want))
+                .collect();
+            check_lens(&items).map_err(at)?;
+            if l.n_eidetic > 0 {
+                eidetic::check_store(
+                    l.policy,
+                    bsz,
+                    l.n_eidetic,
+                    ls.store_positions,
+                    ls.store_scores,
+                    ls.store_count,
+                )
+                .map_err(|e| e.context(format!("layers.{i}: invalid eidetic store: ")))?;
+                if let Some(c) = ls
+                    .innov_count
+                    .iter()
+                    .find(|&&c| !(0..i64::MAX - 1).contains(&c))
+                {
+                    return Err(at(Error::value("innov_count", "a valid count", c)));
+                }
+                if let Some(p) = ls.mem_positions.iter().find(|&&p| p < -1) {
+                    return Err(at(Error::value("mem_positions", "a valid position", p)));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Shared views of one layer's state.
 struct LayerBufs<'a, T> {
     conv: TeamBuf<'a, T>,
@@ -862,7 +949,7 @@ struct Member<'s, 'a, T> {
     layers: &'s [LayerBufs<'a, T>],
     sc: &'s Scratch<'a, T>,
     bar: &'s Barrier,
-    err: &'s Mutex<Option<String>>,
+    err: &'s Mutex<Option<Error>>,
     level: Level,
     tid: usize,
     nt: usize,
@@ -1502,7 +1589,7 @@ fn memory_row<V: Vector>(
         .and_then(|_| eidetic::push(l.policy, 1, me, sp, ss, scnt, &[score[0].to_f64()]));
         if let Err(e) = r {
             let mut g = mb.err.lock().unwrap_or_else(|e| e.into_inner());
-            g.get_or_insert(format!("row {b}: {e}"));
+            g.get_or_insert(e.context(format!("row {b}: ")));
         }
     }
     if mf > 0 {
@@ -1524,72 +1611,11 @@ pub fn decode_step<T: DecodeElem>(
     m: &Model<T>,
     tokens: &[i64],
     st: State<'_, T>,
-) -> Result<(), String> {
+) -> Result<()> {
     m.check()?;
+    st.check(m, tokens)?;
     let bsz = tokens.len();
     let d = m.d_model;
-    if st.position.len() != bsz || st.has_logits.len() != bsz {
-        return Err(format!("position/has_logits: expected {bsz} rows"));
-    }
-    if st.logits.len() != bsz * m.vocab {
-        return Err(format!("logits: expected ({bsz}, {}) elements", m.vocab));
-    }
-    if st.layers.len() != m.layers.len() {
-        return Err(format!(
-            "state: expected {} layers, got {}",
-            m.layers.len(),
-            st.layers.len()
-        ));
-    }
-    if let Some(t) = tokens
-        .iter()
-        .find(|&&t| t < 0 || t as u64 >= m.vocab as u64)
-    {
-        return Err(format!(
-            "tokens: token id {t} is outside the vocabulary [0, {})",
-            m.vocab
-        ));
-    }
-    if let Some(p) = st
-        .position
-        .iter()
-        .find(|&&p| !(0..i64::MAX - 1).contains(&p))
-    {
-        return Err(format!(
-            "position: expected values in [0, 2^63 - 2), got {p}"
-        ));
-    }
-    for (i, (l, ls)) in m.layers.iter().zip(&st.layers).enumerate() {
-        for ((name, want), got) in layer_sizes(l, d, bsz).iter().zip(layer_lens(ls)) {
-            if *want != got {
-                return Err(format!(
-                    "layers.{i}.{name}: expected {want} elements, got {got}"
-                ));
-            }
-        }
-        if l.n_eidetic > 0 {
-            let me = l.n_eidetic;
-            eidetic::check_store(
-                l.policy,
-                bsz,
-                me,
-                ls.store_positions,
-                ls.store_scores,
-                ls.store_count,
-            )
-            .map_err(|e| format!("layers.{i}: invalid eidetic store ({e})"))?;
-            if let Some(c) = ls
-                .innov_count
-                .iter()
-                .find(|&&c| !(0..i64::MAX - 1).contains(&c))
-            {
-                return Err(format!("layers.{i}.innov_count: invalid count {c}"));
-            }
-            if let Some(p) = ls.mem_positions.iter().find(|&&p| p < -1) {
-                return Err(format!("layers.{i}.mem_positions: invalid position {p}"));
-            }
-        }
-    }
     let pos: Vec<i64> = st.position.to_vec();
     let max_mem = m.layers.iter().map(|l| l.n_fading).max().unwrap_or(0);
     // Rows at a chunk boundary: the same for every layer with memory tokens (one window).
@@ -1606,7 +1632,10 @@ pub fn decode_step<T: DecodeElem>(
         .find(|&w| w > 0)
         .unwrap_or(0);
     if m.layers.iter().any(|l| l.window != 0 && l.window != win) {
-        return Err("layers: every layer must have the same window".into());
+        return Err(Error::invalid(
+            "layers",
+            "every layer must have the same window",
+        ));
     }
     let brows = brows_for(win);
     let max_di = m
@@ -1710,13 +1739,13 @@ pub fn gemv<T: DecodeElem>(
     x: &[T],
     gelu: bool,
     out: &mut [T],
-) -> Result<(), String> {
+) -> Result<()> {
     if n_in == 0 || w.len() != n_out * n_in || !x.len().is_multiple_of(n_in) {
-        return Err("gemv: inconsistent sizes".into());
+        return Err(Error::invalid("gemv", "inconsistent sizes"));
     }
     let nx = x.len() / n_in;
     if out.len() != nx * n_out || bias.is_some_and(|b| b.len() != n_out) {
-        return Err("gemv: inconsistent output or bias size".into());
+        return Err(Error::invalid("gemv", "inconsistent output or bias size"));
     }
     let ob = TeamBuf::new(out);
     let nt = pool::num_threads();
@@ -1780,10 +1809,10 @@ pub fn layer_norm_rows<T: DecodeElem>(
     b: &[T],
     eps: T,
     out: &mut [T],
-) -> Result<(), String> {
+) -> Result<()> {
     let d = g.len();
     if d == 0 || b.len() != d || !x.len().is_multiple_of(d) || out.len() != x.len() {
-        return Err("layer_norm: inconsistent sizes".into());
+        return Err(Error::invalid("layer_norm", "inconsistent sizes"));
     }
     dispatch(level, LnK { x, g, b, eps, out });
     Ok(())
@@ -1848,7 +1877,7 @@ pub fn attention<T: DecodeElem>(
     nring: usize,
     heads: usize,
     out: &mut [T],
-) -> Result<(), String> {
+) -> Result<()> {
     let d = q.len();
     let m = mem_mask.len();
     if heads == 0
@@ -1859,7 +1888,7 @@ pub fn attention<T: DecodeElem>(
         || ring_k.len() < nring * d
         || ring_v.len() < nring * d
     {
-        return Err("attention: inconsistent sizes".into());
+        return Err(Error::invalid("attention", "inconsistent sizes"));
     }
     dispatch(
         level,

@@ -7,6 +7,7 @@
 //! * [`diag`], [`selective`], [`step`]: the diagonal scans;
 //! * [`companion`], [`conv`], [`bilinear`]: canonical, nilpotent and bilinear realizations;
 //! * [`eidetic`]: innovation scores and the bounded eidetic store;
+//! * [`error`]: the typed [`Error`] every kernel returns;
 //! * [`reference`]: plain scalar implementations used by the tests as oracles.
 
 pub mod bilinear;
@@ -16,10 +17,13 @@ pub mod decode;
 pub mod diag;
 pub mod dispatch;
 pub mod eidetic;
+pub mod error;
 pub mod pool;
 pub mod reference;
 pub mod selective;
 pub mod simd;
+mod slots;
 pub mod step;
 
 pub use dispatch::{Level, SimdElem};
+pub use error::{Error, Result};

@@ -7,6 +7,8 @@ use rayon::prelude::*;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+use crate::error::{Error, Result};
+
 struct PoolState {
     pid: u32,
     threads: usize,
@@ -26,9 +28,9 @@ fn default_threads() -> usize {
 }
 
 /// Sets the number of threads kernels may use (>= 1).
-pub fn set_num_threads(n: usize) -> Result<(), String> {
+pub fn set_num_threads(n: usize) -> Result<()> {
     if n == 0 {
-        return Err("num_threads must be >= 1".into());
+        return Err(Error::value("num_threads", ">= 1", n));
     }
     let mut st = POOL.lock().unwrap_or_else(|e| e.into_inner());
     if st.threads != n {

@@ -276,7 +276,7 @@ fn upd<T: Cast>(
     cache: Option<&[i64]>,
     slots: Option<&[i64]>,
     state: &[f64],
-) -> Result<(Vec<f64>, Vec<f64>), String> {
+) -> Result<(Vec<f64>, Vec<f64>), bmojo_kernels::Error> {
     let (xt, wt, bt) = (cv::<T>(x), cv::<T>(w), bias.map(cv::<T>));
     let mut st = cv::<T>(state);
     let mut out = vec![T::of(0.0); b * d * nt];

@@ -810,7 +810,7 @@ fn step_rejects_bad_slots_without_writing() {
         let mut state = vec![0.5; 3 * d * n];
         let mut out = vec![0.0; bt * d];
         let err = step::step(Level::Scalar, &s, &mut state, 3, &mut out, None).unwrap_err();
-        assert!(err.contains("state_batch_indices"), "{err}");
+        assert!(err.to_string().contains("state_batch_indices"), "{err}");
         assert!(state.iter().all(|&v| v == 0.5));
     }
 }
