@@ -13,8 +13,12 @@ use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyInt};
 
-fn rt_err(e: String) -> PyErr {
-    PyRuntimeError::new_err(e)
+fn rt_err(e: bmojo_cuda::Error) -> PyErr {
+    PyRuntimeError::new_err(e.to_string())
+}
+
+fn arg_err(e: bmojo_cuda::Error) -> PyErr {
+    PyValueError::new_err(e.to_string())
 }
 
 /// The embedded sources of `cuda/`, as `(file name, text)`.
@@ -112,7 +116,7 @@ fn cuda_module_function(module: usize, name: &str) -> PyResult<usize> {
 /// Reads launch arguments according to `fmt` and packs them (kinds and ranges checked).
 /// `p` takes an int, `None` (a null pointer) or an object with `data_ptr()` (a tensor).
 fn pack(fmt: &str, args: &[Bound<'_, PyAny>]) -> PyResult<Params> {
-    let codes = parse_fmt(fmt, args.len()).map_err(PyValueError::new_err)?;
+    let codes = parse_fmt(fmt, args.len()).map_err(arg_err)?;
     let mut vals = Vec::with_capacity(args.len());
     for (i, (c, a)) in codes.iter().zip(args).enumerate() {
         let wrong = |what: &str| {
@@ -155,7 +159,7 @@ fn pack(fmt: &str, args: &[Bound<'_, PyAny>]) -> PyResult<Params> {
             }
         });
     }
-    Params::pack(&codes, &vals).map_err(PyValueError::new_err)
+    Params::pack(&codes, &vals).map_err(arg_err)
 }
 
 /// Checks launch arguments against `fmt` without launching (the runtime does this before
@@ -187,8 +191,7 @@ fn cuda_launch(
         )));
     }
     let d = drv()?;
-    d.check_params(func, &params)
-        .map_err(PyValueError::new_err)?;
+    d.check_params(func, &params).map_err(arg_err)?;
     py.detach(|| {
         d.launch(
             func,
