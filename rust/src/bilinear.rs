@@ -5,7 +5,7 @@
 //! (batch, L, n)`. Outputs are written in place.
 
 use bmojo_kernels::bilinear::{self, BilinearArgs, BwdOut, Trans};
-use bmojo_kernels::dispatch::SimdElem;
+use bmojo_kernels::SimdElem;
 use numpy::{Element, PyReadonlyArrayDyn};
 use pyo3::prelude::*;
 

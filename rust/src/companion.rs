@@ -4,7 +4,7 @@
 //! channel; `beta` `(B, D, L)` or `(D,)`.
 
 use bmojo_kernels::companion::{self, BwdOut, CompanionArgs, FwdOut, Seq};
-use bmojo_kernels::dispatch::SimdElem;
+use bmojo_kernels::SimdElem;
 use numpy::{Element, PyReadonlyArrayDyn, PyUntypedArray, PyUntypedArrayMethods};
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;

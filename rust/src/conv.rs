@@ -5,7 +5,7 @@
 //! Python fast path.
 
 use bmojo_kernels::conv::{self, ConvArgs, ConvGrads, UpdateArgs};
-use bmojo_kernels::dispatch::SimdElem;
+use bmojo_kernels::SimdElem;
 use numpy::{
     Element, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArray, PyUntypedArrayMethods,
 };

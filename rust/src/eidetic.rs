@@ -5,8 +5,8 @@
 //! a wrong call raises instead of misreading a layout; `eidetic_push` validates
 //! everything before it writes.
 
-use bmojo_kernels::dispatch::SimdElem;
 use bmojo_kernels::eidetic::{self, InnovArgs, InnovOut, Policy, SelectArgs, SelectOut};
+use bmojo_kernels::SimdElem;
 
 use numpy::{Element, PyUntypedArrayMethods};
 use pyo3::exceptions::PyValueError;

@@ -27,9 +27,10 @@ mod eidetic;
 
 use std::sync::atomic::{AtomicU8, Ordering};
 
-use bmojo_kernels::dispatch::{Level, SimdElem};
+use bmojo_kernels::cpu::pool;
 use bmojo_kernels::selective::{self, BwdOut, FwdOut, Mat, ScanArgs};
-use bmojo_kernels::{diag, pool, step};
+use bmojo_kernels::{diag, step};
+use bmojo_kernels::{Level, SimdElem};
 use numpy::{
     Element, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyReadwriteArrayDyn, PyUntypedArray,
     PyUntypedArrayMethods,

@@ -33,11 +33,10 @@
 //! `use_parallel` in the Python module for the measured rule). The backward is always
 //! sequential over time (parallel over the batch).
 
-use crate::dispatch::{dispatch, Kernel, Level, SimdElem};
+use crate::cpu::pool;
+use crate::cpu::{dispatch, sum_vectors, Elem, Kernel, Level, SimdElem, Vector};
 use crate::error::{check_lens, Error, Result};
-use crate::pool;
 use crate::selective::{load_t, store_t};
-use crate::simd::{sum_vectors, Elem, Vector};
 
 /// Largest supported state size.
 pub const MAX_STATE: usize = 64;

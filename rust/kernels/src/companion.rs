@@ -16,11 +16,10 @@
 //! Gradients of time-invariant parameters are per-lane partial sums (in time order within
 //! a task) reduced over the batch in a fixed order: bitwise independent of the threads.
 
-use crate::dispatch::{dispatch, Kernel, Level, SimdElem};
+use crate::cpu::pool;
+use crate::cpu::{dispatch, Elem, Kernel, Level, SimdElem, Vector};
 use crate::error::{check_lens, Error, Result};
-use crate::pool;
 use crate::selective::{load_t, store_t, BLOCK};
-use crate::simd::{Elem, Vector};
 
 /// Largest supported order.
 pub const MAX_ORDER: usize = 64;

@@ -13,10 +13,9 @@
 //! gradients are summed from per-row partials in batch order, so results are bitwise
 //! independent of the number of threads.
 
-use crate::dispatch::{dispatch, Kernel, Level, SimdElem};
+use crate::cpu::pool;
+use crate::cpu::{dispatch, sigmoid, Elem, Kernel, Level, SimdElem, Vector};
 use crate::error::{check_lens, Error, Result};
-use crate::pool;
-use crate::simd::{sigmoid, Elem, Vector};
 use crate::slots::slot_rows;
 
 /// Elements of a task (rows × length): large enough to pay for a task, small enough to

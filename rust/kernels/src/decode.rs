@@ -10,7 +10,7 @@
 //!
 //! **Team protocol.** The pool's per-region cost (waking threads, joining) is several µs,
 //! and a token needs ~25 dependent steps, so a token runs as *one* team region
-//! ([`pool::team`]): `nt` threads run the same program and meet at a spin [`Barrier`]
+//! ([`team::team`]): `nt` threads run the same program and meet at a spin [`Barrier`]
 //! between phases. In every phase the work is cut into fixed tasks (blocks of
 //! [`ROWS`] weight rows, blocks of channels, batch rows) whose results do not depend on
 //! which thread runs them, so the output is bitwise independent of the thread count.
@@ -20,15 +20,14 @@
 //! sequential pieces (embedding, LayerNorms, residual adds) are computed redundantly by
 //! every thread into private buffers, which saves barriers.
 
-use std::marker::PhantomData;
 use std::ops::Range;
 use std::sync::Mutex;
 
-use crate::dispatch::{dispatch, Kernel, Level, SimdElem};
+use crate::cpu::pool;
+use crate::cpu::team::{self, share, Barrier, TeamBuf};
+use crate::cpu::{dispatch, sigmoid, softplus, Elem, Kernel, Level, SimdElem, Vector};
 use crate::eidetic::{self, InnovArgs, InnovOut, Policy};
 use crate::error::{check_lens, Error, Result};
-use crate::pool::{self, Barrier};
-use crate::simd::{sigmoid, softplus, Elem, Vector};
 
 /// `map_buf!(V, buf, |v| expr)`: replaces every element of `buf` by `expr`, a vector at a
 /// time (the tail padded). A macro rather than a function taking a closure: a closure (or
@@ -259,72 +258,6 @@ where
             *o = (v - mean) * rstd * gg + bb;
         }
     }
-}
-
-// ------------------------------------------------------------------------ team plumbing
-
-/// A buffer shared by the team (see the module doc for the protocol that makes the
-/// accessors sound).
-pub struct TeamBuf<'a, T> {
-    ptr: *mut T,
-    len: usize,
-    _m: PhantomData<&'a mut [T]>,
-}
-
-// SAFETY: a TeamBuf is a `&mut [T]` handed to several threads; the team protocol (module
-// doc) guarantees that no element is written by one thread while another accesses it.
-unsafe impl<T: Send> Send for TeamBuf<'_, T> {}
-// SAFETY: as above.
-unsafe impl<T: Send> Sync for TeamBuf<'_, T> {}
-
-impl<'a, T> TeamBuf<'a, T> {
-    pub fn new(s: &'a mut [T]) -> Self {
-        TeamBuf {
-            ptr: s.as_mut_ptr(),
-            len: s.len(),
-            _m: PhantomData,
-        }
-    }
-
-    /// Elements `r`, to write.
-    ///
-    /// # Safety
-    /// In the current phase no other thread accesses any element of `r`, and this thread
-    /// holds no other reference to them.
-    #[allow(clippy::mut_from_ref)]
-    unsafe fn part(&self, r: Range<usize>) -> &mut [T] {
-        assert!(
-            r.start <= r.end && r.end <= self.len,
-            "TeamBuf range out of bounds"
-        );
-        // SAFETY: in bounds (checked); exclusive by the caller's contract.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(r.start), r.end - r.start) }
-    }
-
-    /// Elements `r`, to read.
-    ///
-    /// # Safety
-    /// In the current phase no thread writes any element of `r`.
-    unsafe fn view(&self, r: Range<usize>) -> &[T] {
-        assert!(
-            r.start <= r.end && r.end <= self.len,
-            "TeamBuf range out of bounds"
-        );
-        // SAFETY: in bounds (checked); not written concurrently by the caller's contract.
-        unsafe { std::slice::from_raw_parts(self.ptr.add(r.start), r.end - r.start) }
-    }
-
-    /// The whole buffer, to read (same contract as [`TeamBuf::view`]).
-    unsafe fn all(&self) -> &[T] {
-        // SAFETY: forwarded contract.
-        unsafe { self.view(0..self.len) }
-    }
-}
-
-/// Part `t` of `n` items cut into `nt` nearly equal consecutive ranges.
-#[inline]
-fn share(n: usize, t: usize, nt: usize) -> Range<usize> {
-    n * t / nt..n * (t + 1) / nt
 }
 
 // ------------------------------------------------------------------------ GEMV
@@ -1697,7 +1630,7 @@ pub fn decode_step<T: DecodeElem>(
     } else {
         1
     };
-    pool::team(nt, |tid, nt, bar| {
+    team::team(nt, |tid, nt, bar| {
         dispatch(
             level,
             Member {
@@ -1763,7 +1696,7 @@ pub fn gemv<T: DecodeElem>(
             self.bar.wait();
         }
     }
-    pool::team(nt, |tid, nt, bar| {
+    team::team(nt, |tid, nt, bar| {
         dispatch(
             level,
             G {

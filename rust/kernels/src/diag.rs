@@ -4,11 +4,10 @@
 //! Same scheme as the selective scan: tasks of [`BLOCK`] lanes, vectors across lanes,
 //! time chunks transposed to `[time][lane]`.
 
-use crate::dispatch::{dispatch, Kernel, Level, SimdElem};
+use crate::cpu::pool;
+use crate::cpu::{dispatch, Kernel, Level, SimdElem, Vector};
 use crate::error::{check_lens, Result};
-use crate::pool;
 use crate::selective::{load_t, store_t, BLOCK, CHUNK};
-use crate::simd::Vector;
 
 pub struct DiagArgs<'a, T> {
     pub lanes: usize,

@@ -18,10 +18,9 @@
 //! entries are a min-heap (lowest-ranked at the root) in the first `size` slots of the row;
 //! the empty slots after them hold position -1 and score 0.
 
-use crate::dispatch::{dispatch, Kernel, Level, SimdElem};
+use crate::cpu::pool;
+use crate::cpu::{dispatch, Elem, Kernel, Level, SimdElem, Vector};
 use crate::error::{check_lens, Error, Result};
-use crate::pool;
-use crate::simd::{Elem, Vector};
 
 // ------------------------------------------------------------------------ innovation
 

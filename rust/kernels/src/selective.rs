@@ -12,10 +12,12 @@
 //! the backward walks the chunks in reverse, recomputes each chunk's states from its
 //! checkpoint and runs the adjoint recurrence, so memory is O(B·D·N·L/CHUNK).
 
-use crate::dispatch::{dispatch, Kernel, Level, SimdElem};
+use crate::cpu::pool;
+use crate::cpu::{
+    dispatch, exp, sigmoid, softplus, softplus_grad, sum_vectors, transpose, Elem, Kernel, Level,
+    SimdElem, Vector,
+};
 use crate::error::{check_lens, Error, Result};
-use crate::pool;
-use crate::simd::{exp, sigmoid, softplus, softplus_grad, sum_vectors, transpose, Elem, Vector};
 
 /// Time steps per checkpoint.
 pub const CHUNK: usize = 64;

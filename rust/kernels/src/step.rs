@@ -11,10 +11,11 @@
 //!
 //! Everything is validated before the first write, so a failed call changes nothing.
 
-use crate::dispatch::{dispatch, Kernel, Level, SimdElem};
+use crate::cpu::pool;
+use crate::cpu::{
+    dispatch, exp, sigmoid, softplus, sum_rows, Elem, Kernel, Level, SimdElem, Vector,
+};
 use crate::error::{check_lens, Error, Result};
-use crate::pool;
-use crate::simd::{exp, sigmoid, softplus, sum_rows, Elem, Vector};
 use crate::slots::slot_rows;
 
 pub struct StepArgs<'a, T> {

@@ -2,8 +2,9 @@
 #![allow(clippy::needless_range_loop)]
 
 use bmojo_kernels::bilinear::{self, BilinearArgs, BwdOut, Trans, PAR_CHUNK};
-use bmojo_kernels::dispatch::{Level, SimdElem};
-use bmojo_kernels::{pool, reference};
+use bmojo_kernels::cpu::pool;
+use bmojo_kernels::reference;
+use bmojo_kernels::{Level, SimdElem};
 
 mod common;
 use common::Rng;

@@ -3,9 +3,9 @@
 #![allow(clippy::needless_range_loop)]
 
 use bmojo_kernels::companion::{self, BwdOut, CompanionArgs, FwdOut, Seq};
-use bmojo_kernels::dispatch::{Level, SimdElem};
-use bmojo_kernels::pool;
+use bmojo_kernels::cpu::pool;
 use bmojo_kernels::reference::companion::{companion_backward, companion_forward, CompanionGrads};
+use bmojo_kernels::{Level, SimdElem};
 
 mod common;
 use common::Rng;

@@ -4,8 +4,9 @@
 #![allow(clippy::needless_range_loop)]
 
 use bmojo_kernels::conv::{conv_bwd, conv_fwd, conv_update, ConvArgs, ConvGrads, UpdateArgs};
+use bmojo_kernels::cpu::pool;
 use bmojo_kernels::reference::conv as refc;
-use bmojo_kernels::{pool, Level, SimdElem};
+use bmojo_kernels::{Level, SimdElem};
 
 mod common;
 use common::Rng;

@@ -4,9 +4,9 @@
 
 mod common;
 
+use bmojo_kernels::cpu::pool;
 use bmojo_kernels::decode;
-use bmojo_kernels::dispatch::Level;
-use bmojo_kernels::pool;
+use bmojo_kernels::Level;
 use common::Rng;
 
 fn close(name: &str, got: &[f64], want: &[f64], rtol: f64, atol: f64) {

@@ -3,12 +3,13 @@
 //! heap store (streaming in pieces and chunked) against a brute-force top-m.
 #![allow(clippy::needless_range_loop)]
 
+use bmojo_kernels::cpu::pool;
 use bmojo_kernels::eidetic::{
     check_store, innovation, push, select, InnovArgs, InnovOut, Policy, SelectArgs, SelectOut,
 };
 use bmojo_kernels::reference::eidetic as refe;
 use bmojo_kernels::Error;
-use bmojo_kernels::{pool, Level, SimdElem};
+use bmojo_kernels::{Level, SimdElem};
 
 mod common;
 use common::Rng;

@@ -1,10 +1,11 @@
 //! Every kernel at every level this CPU supports, against the scalar references.
 #![allow(clippy::needless_range_loop)] // index loops read more plainly in tests
 
-use bmojo_kernels::dispatch::{dispatch, Kernel, Level, SimdElem};
+use bmojo_kernels::cpu::pool;
+use bmojo_kernels::cpu::{self, Vector};
+use bmojo_kernels::cpu::{dispatch, Kernel, Level, SimdElem};
 use bmojo_kernels::selective::{self, n_chunks, BwdOut, FwdOut, Mat, ScanArgs};
-use bmojo_kernels::simd::{self, Vector};
-use bmojo_kernels::{diag, pool, reference, step};
+use bmojo_kernels::{diag, reference, step};
 
 mod common;
 use common::Rng;
@@ -44,9 +45,9 @@ impl<T: SimdElem> Kernel<T> for MathK<'_, T> {
         {
             let v = V::load(i);
             let r = match self.which {
-                0 => simd::exp(v),
-                1 => simd::softplus(v),
-                _ => simd::sigmoid(v),
+                0 => cpu::exp(v),
+                1 => cpu::softplus(v),
+                _ => cpu::sigmoid(v),
             };
             r.store(o);
         }
