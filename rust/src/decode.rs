@@ -10,7 +10,7 @@ use bmojo_kernels::decode::{
     self, Attn, DecodeElem, Layer, LayerState, Linear, Model, Norm, Ssm, State,
 };
 use bmojo_kernels::eidetic::Policy;
-use numpy::{Element, PyArrayDyn, PyReadwriteArrayDyn};
+use numpy::{Element, PyReadwriteArrayDyn};
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
@@ -307,48 +307,7 @@ impl DecodePlan {
     }
 }
 
-/// `decode_gemv(w, bias, x, out, gelu)`: `out (nx, n_out) = act(x (nx, n_in) @ w.T + b)`
-/// with the decode step's GEMV (for tests).
-#[pyfunction]
-#[pyo3(signature = (w, bias, x, out, gelu))]
-fn decode_gemv(
-    py: Python<'_>,
-    w: Bound<'_, PyAny>,
-    bias: Option<Bound<'_, PyAny>>,
-    x: Bound<'_, PyAny>,
-    out: Bound<'_, PyAny>,
-    gelu: bool,
-) -> PyResult<()> {
-    fn go<T: Element + DecodeElem>(
-        py: Python<'_>,
-        w: &Bound<'_, PyAny>,
-        bias: &Option<Bound<'_, PyAny>>,
-        x: &Bound<'_, PyAny>,
-        out: &Bound<'_, PyAny>,
-        gelu: bool,
-    ) -> PyResult<()> {
-        let sh = crate::shape(w, "w", 2)?;
-        let (rw_, rb, rx) = (
-            ro::<T>(w, "w")?,
-            crate::opt_ro::<T>(bias, "bias")?,
-            ro::<T>(x, "x")?,
-        );
-        let mut ro_ = rw::<T>(out, "out")?;
-        let o = ro_.as_slice_mut()?;
-        let (ws, bs, xs) = (slice(&rw_), rb.as_ref().map(slice), slice(&rx));
-        let lv = level();
-        py.detach(|| decode::gemv(lv, ws, bs, sh[0], sh[1], xs, gelu, o))
-            .map_err(kernel_err)
-    }
-    if w.cast::<PyArrayDyn<f64>>().is_ok() {
-        go::<f64>(py, &w, &bias, &x, &out, gelu)
-    } else {
-        go::<f32>(py, &w, &bias, &x, &out, gelu)
-    }
-}
-
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<DecodePlan>()?;
-    m.add_function(wrap_pyfunction!(decode_gemv, m)?)?;
     Ok(())
 }

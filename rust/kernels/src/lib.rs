@@ -5,8 +5,10 @@
 //! * [`diag`], [`selective`], [`step`]: the diagonal scans;
 //! * [`companion`], [`conv`], [`bilinear`]: canonical, nilpotent and bilinear realizations;
 //! * [`eidetic`]: innovation scores and the bounded eidetic store;
-//! * [`error`]: the typed [`Error`] every kernel returns;
-//! * [`reference`]: plain scalar implementations used by the tests as oracles.
+//! * [`decode`]: the fused streaming decode step of a B'MOJO language model;
+//! * [`error`]: the typed [`Error`] every kernel returns.
+//!
+//! The scalar oracles the tests compare against live with the tests (`tests/common/`).
 
 pub mod bilinear;
 pub mod companion;
@@ -16,7 +18,6 @@ pub mod decode;
 pub mod diag;
 pub mod eidetic;
 pub mod error;
-pub mod reference;
 pub mod selective;
 mod slots;
 pub mod step;

@@ -4,11 +4,11 @@
 
 use bmojo_kernels::companion::{self, BwdOut, CompanionArgs, FwdOut, Seq};
 use bmojo_kernels::cpu::pool;
-use bmojo_kernels::reference::companion::{companion_backward, companion_forward, CompanionGrads};
 use bmojo_kernels::{Level, SimdElem};
+use common::reference::companion::{companion_backward, companion_forward, CompanionGrads};
 
 mod common;
-use common::Rng;
+use common::{close, Rng};
 
 /// Which inputs a case has: `Some(true)` per step, `Some(false)` per channel.
 #[derive(Clone, Copy, Debug)]
@@ -161,16 +161,6 @@ fn run_kernel<T: SimdElem + Into<f64>>(level: Level, c: &Case, x: &Data<T>, dlas
             dd: c.d.then(|| f(&dd)),
             ds0: f(&ds0),
         },
-    }
-}
-
-fn close(name: &str, got: &[f64], want: &[f64], rtol: f64, atol: f64) {
-    assert_eq!(got.len(), want.len(), "{name}: length");
-    for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        assert!(
-            (g - w).abs() <= atol + rtol * w.abs(),
-            "{name}[{i}]: got {g}, want {w}"
-        );
     }
 }
 

@@ -5,21 +5,11 @@
 
 use bmojo_kernels::conv::{conv_bwd, conv_fwd, conv_update, ConvArgs, ConvGrads, UpdateArgs};
 use bmojo_kernels::cpu::pool;
-use bmojo_kernels::reference::conv as refc;
 use bmojo_kernels::{Level, SimdElem};
+use common::reference::conv as refc;
 
 mod common;
-use common::Rng;
-
-fn close(name: &str, got: &[f64], want: &[f64], rtol: f64, atol: f64) {
-    assert_eq!(got.len(), want.len(), "{name}: length");
-    for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        assert!(
-            (g - w).abs() <= atol + rtol * w.abs(),
-            "{name}[{i}]: got {g}, want {w}"
-        );
-    }
-}
+use common::{close, Rng};
 
 trait Cast: SimdElem + numcast::Sealed {}
 mod numcast {

@@ -7,9 +7,9 @@ use bmojo_kernels::cpu::pool;
 use bmojo_kernels::eidetic::{
     check_store, innovation, push, select, InnovArgs, InnovOut, Policy, SelectArgs, SelectOut,
 };
-use bmojo_kernels::reference::eidetic as refe;
 use bmojo_kernels::Error;
 use bmojo_kernels::{Level, SimdElem};
+use common::reference::eidetic as refe;
 
 mod common;
 use common::Rng;

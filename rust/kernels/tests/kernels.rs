@@ -5,27 +5,10 @@ use bmojo_kernels::cpu::pool;
 use bmojo_kernels::cpu::{self, Vector};
 use bmojo_kernels::cpu::{dispatch, Kernel, Level, SimdElem};
 use bmojo_kernels::selective::{self, n_chunks, BwdOut, FwdOut, Mat, ScanArgs};
-use bmojo_kernels::{diag, reference, step};
+use bmojo_kernels::{diag, step};
 
 mod common;
-use common::Rng;
-
-fn close(name: &str, got: &[f64], want: &[f64], rtol: f64, atol: f64) {
-    assert_eq!(got.len(), want.len(), "{name}: length");
-    for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        assert!(
-            (g - w).abs() <= atol + rtol * w.abs() || (g.is_nan() && w.is_nan()),
-            "{name}[{i}]: got {g}, want {w}"
-        );
-    }
-}
-
-fn to32(x: &[f64]) -> Vec<f32> {
-    x.iter().map(|&v| v as f32).collect()
-}
-fn to64(x: &[f32]) -> Vec<f64> {
-    x.iter().map(|&v| v as f64).collect()
-}
+use common::{close, reference, to32, to64, Rng};
 
 // ---------------------------------------------------------------- math functions
 
