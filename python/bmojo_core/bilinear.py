@@ -32,8 +32,8 @@ _K_DMAT = _cuda.declare("bilinear.cu", "bilinear_dmat_part")
 _THREADS = 64  # = MAX_STATE: thread i owns state component i
 _DMAT_CHUNK = 1024  # (batch, time) steps per dA0/dN partial (a fixed cut)
 
-MAX_STATE: int = _core.BILINEAR_MAX_STATE
-PAR_CHUNK: int = _core.BILINEAR_PAR_CHUNK
+MAX_STATE: int = _core.bilinear.MAX_STATE
+PAR_CHUNK: int = _core.bilinear.PAR_CHUNK
 METHODS = ("auto", "sequential", "parallel")
 
 
@@ -133,7 +133,7 @@ def bilinear_scan_fwd(
     (float32/float64). Returns (states (batch, L, n), final state (batch, n))."""
     xs = torch.empty_like(b, memory_format=torch.contiguous_format)
     last = b.new_empty(b.shape[0], b.shape[2])
-    _core.bilinear_scan_fwd(
+    _core.bilinear.scan_fwd(
         _np(b), _np(A0), _np(N), _np(v), _np_opt(initial_state), parallel, xs.numpy(),
         last.numpy(),
     )  # fmt: skip
@@ -166,7 +166,7 @@ def bilinear_scan_bwd(
     db, dv = torch.empty_like(b), torch.empty_like(v)
     dA0, dN = torch.empty_like(A0), torch.empty_like(N)
     dh0 = b.new_empty(b.shape[0], b.shape[2])
-    _core.bilinear_scan_bwd(
+    _core.bilinear.scan_bwd(
         _np(b), _np(A0), _np(N), _np(v), _np_opt(initial_state), _np(xs), _np(dxs),
         _np_opt(dlast), db.numpy(), dA0.numpy(), dN.numpy(), dv.numpy(), dh0.numpy(),
     )  # fmt: skip
@@ -220,7 +220,7 @@ def bilinear_tv_scan_fwd(
     """``X_t = A_t X_{t-1} + b_t`` with A (batch, L, n, n). Returns (states, final state)."""
     xs = torch.empty_like(b, memory_format=torch.contiguous_format)
     last = b.new_empty(b.shape[0], b.shape[2])
-    _core.bilinear_tv_scan_fwd(
+    _core.bilinear.tv_scan_fwd(
         _np(b), _np(A), _np_opt(initial_state), parallel, xs.numpy(), last.numpy()
     )
     return xs, last
@@ -248,7 +248,7 @@ def bilinear_tv_scan_bwd(
     """Gradients (db, dA, dinitial_state) of `bilinear_tv_scan_fwd`."""
     db, dA = torch.empty_like(b), torch.empty_like(A)
     dh0 = b.new_empty(b.shape[0], b.shape[2])
-    _core.bilinear_tv_scan_bwd(
+    _core.bilinear.tv_scan_bwd(
         _np(b), _np(A), _np_opt(initial_state), _np(xs), _np(dxs), _np_opt(dlast),
         db.numpy(), dA.numpy(), dh0.numpy(),
     )  # fmt: skip
@@ -426,7 +426,7 @@ def bilinear_scan(
     if method == "auto":
         # Under torch.compile the thread count is not traceable: stay sequential there.
         # (The CUDA kernels have one path: the flag is ignored there.)
-        threads = 1 if torch.compiler.is_compiling() else _core.get_num_threads()
+        threads = 1 if torch.compiler.is_compiling() else _core.runtime.get_num_threads()
         parallel = use_parallel(batch, length, n, threads, per_step)
     else:
         parallel = method == "parallel"

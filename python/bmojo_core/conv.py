@@ -54,13 +54,6 @@ def _silu(activation) -> bool:
     raise V.BmojoValueError(f"activation: expected None, 'silu' or 'swish', got {activation!r}")
 
 
-def _kernel(fn, *args):
-    try:
-        return fn(*args)
-    except ValueError as e:
-        raise V.BmojoValueError(str(e)) from None
-
-
 # ----------------------------------------------------------------------------- ops
 
 
@@ -79,8 +72,8 @@ def causal_conv1d_fwd(
     b, d, length = x.shape
     out = x.new_empty(b, d, length)
     fin = x.new_empty(b, d, weight.shape[1] - 1)
-    _kernel(
-        _core.causal_conv1d_fwd, _np(x), _np(weight), _np_opt(bias), _np_opt(seq_idx),
+    _core.conv.causal_conv1d_fwd(
+        _np(x), _np(weight), _np_opt(bias), _np_opt(seq_idx),
         _np_opt(initial_states), silu, out.numpy(), fin.numpy(),
     )  # fmt: skip
     return out, fin
@@ -133,8 +126,8 @@ def causal_conv1d_bwd(
     k = weight.shape[1]
     dx, dw, db = torch.empty_like(x), torch.empty_like(weight), x.new_empty(d)
     di = x.new_empty(b, d, k - 1) if initial_states is not None else x.new_empty(0)
-    _kernel(
-        _core.causal_conv1d_bwd, _np(x), _np(weight), _np_opt(bias), _np_opt(seq_idx),
+    _core.conv.causal_conv1d_bwd(
+        _np(x), _np(weight), _np_opt(bias), _np_opt(seq_idx),
         _np_opt(initial_states), _np(dout), _np_opt(dfinal_states), silu, dx.numpy(),
         dw.numpy(), db.numpy(), None if initial_states is None else di.numpy(),
     )  # fmt: skip
@@ -238,8 +231,8 @@ def causal_conv1d_update_op(
     bias (D,) in one float dtype; cache_seqlens / conv_state_indices (B,) int64.
     Updates conv_state in place and returns out (B, D, T)."""
     out = x.new_empty(x.shape)
-    _kernel(
-        _core.causal_conv1d_update, _np(x), conv_state.detach().numpy(), _np(weight),
+    _core.conv.causal_conv1d_update(
+        _np(x), conv_state.detach().numpy(), _np(weight),
         _np_opt(bias), silu, _np_opt(cache_seqlens), _np_opt(conv_state_indices), out.numpy(),
     )  # fmt: skip
     return out
@@ -374,7 +367,7 @@ def causal_conv1d_update(
         # kernel, which checks every shape and validates slots before writing. On any
         # mismatch the validating path below raises a clear error or converts.
         try:
-            out = _core.causal_conv1d_update(
+            out = _core.conv.causal_conv1d_update(
                 x.numpy(), conv_state.numpy(), weight.numpy(),
                 None if bias is None else bias.numpy(), silu,
                 None if cache_seqlens is None else cache_seqlens.numpy(),

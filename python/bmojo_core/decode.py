@@ -30,7 +30,6 @@ from torch import Tensor
 
 from . import _core
 from .eidetic import CHI2_FLOOR, CHI2_RATE
-from .errors import BmojoValueError
 
 __all__ = ["DecodePlan", "enabled"]
 
@@ -122,7 +121,7 @@ class DecodePlan:
                 top: dict = {"embedding": _arr(w)}
                 _norm("norm_f", model.norm_f, top)
                 layers = [_layer_spec(blk) for blk in model.blocks]
-            self.native = _core.DecodePlan(
+            self.native = _core.decode.DecodePlan(
                 model.vocab_size, model.config["d_model"], top, layers, w.dtype == torch.float64
             )
         self.state_id = None
@@ -145,7 +144,7 @@ class DecodePlan:
             fdt = state["logits"].dtype
             ints = {"innov_count", "store_positions", "store_count", "mem_positions"}
             for i in range(n_layers):
-                for name in _core.DecodePlan.state_names():
+                for name in _core.decode.DecodePlan.state_names():
                     t = state.get(f"layers.{i}.{name}")
                     if t is None:
                         dt = (
@@ -181,8 +180,5 @@ def step(stream, plan: DecodePlan, tok: Tensor) -> Tensor:
     is written) through the fused step; returns the logits ``(batch, vocab)``."""
     st = stream.state
     arrays = plan.bind(st, len(stream.model.blocks))
-    try:
-        plan.native.step(tok.contiguous().numpy(), arrays)
-    except ValueError as e:
-        raise BmojoValueError(str(e)) from None
+    plan.native.step(tok.contiguous().numpy(), arrays)
     return st["logits"].clone()

@@ -121,13 +121,6 @@ def _np(t: Tensor):
     return t.detach().contiguous().numpy()
 
 
-def _kernel(fn, *args):
-    try:
-        return fn(*args)
-    except ValueError as e:
-        raise V.BmojoValueError(str(e)) from None
-
-
 def _innovation_outputs(y: Tensor, weights: Tensor, count: Tensor):
     """Uninitialised (scores, history, count, ema) of an innovation_scores call."""
     b, length, d = y.shape
@@ -153,8 +146,8 @@ def innovation_scores_op(
     float dtype (float32/float64); count (B,) int64. Returns (scores (B, L), history,
     count, ema) after y."""
     scores, hist, cnt, em = _innovation_outputs(y, weights, count)
-    _kernel(
-        _core.innovation_scores, _np(y), _np(weights), _np(history), _np(count), _np(ema),
+    _core.eidetic.innovation_scores(
+        _np(y), _np(weights), _np(history), _np(count), _np(ema),
         chi2, rate, floor, scores.numpy(), hist.numpy(), cnt.numpy(), em.numpy(),
     )  # fmt: skip
     return scores, hist, cnt, em
@@ -214,8 +207,8 @@ def eidetic_select_op(
     pos = positions.new_empty(b, m)
     sc = store_scores.new_empty(b, m)
     cnt = start.new_empty(b)
-    _kernel(
-        _core.eidetic_select, _np(scores), _np(positions), _np(store_scores), _np(start),
+    _core.eidetic.select(
+        _np(scores), _np(positions), _np(store_scores), _np(start),
         chunk, policy, threshold, held.numpy(), pos.numpy(), sc.numpy(), cnt.numpy(),
     )  # fmt: skip
     return held, pos, sc, cnt
@@ -272,8 +265,8 @@ def eidetic_push_op(
     """Consumes new_scores (B, T) float64 into the store positions (B, m) int64 /
     scores (B, m) float64 / count (B,) int64, in place (all contiguous). Nothing is written
     when a check fails."""
-    _kernel(
-        _core.eidetic_push, positions.numpy(), scores.numpy(), count.numpy(),
+    _core.eidetic.push(
+        positions.numpy(), scores.numpy(), count.numpy(),
         _np(new_scores), policy, threshold,
     )  # fmt: skip
 
@@ -586,8 +579,8 @@ class EideticStore:
             )
             return
         # Decode path: straight to the kernel (no dispatcher), same checks and errors.
-        _kernel(
-            _core.eidetic_push, self.positions.numpy(), self.scores.numpy(),
+        _core.eidetic.push(
+            self.positions.numpy(), self.scores.numpy(),
             self.count.numpy(), new.numpy(), self.policy, self.threshold,
         )  # fmt: skip
 
@@ -655,8 +648,8 @@ class EideticStore:
         sc = sc.detach().to(torch.float64).contiguous().clone()
         cnt = cnt.detach().contiguous().clone()
         # The invariants are checked on the CPU (a restore is not a hot path).
-        _kernel(
-            _core.eidetic_check, pos.cpu().numpy(), sc.cpu().numpy(), cnt.cpu().numpy(),
+        _core.eidetic.check(
+            pos.cpu().numpy(), sc.cpu().numpy(), cnt.cpu().numpy(),
             self.policy, self.threshold,
         )  # fmt: skip
         self.positions.copy_(pos)

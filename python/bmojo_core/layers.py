@@ -603,7 +603,7 @@ class BMojoLayer(nn.Module):
                 torch.empty_like(st["innov_count"]),
                 torch.empty_like(st["innov_ema"]),
             )
-            _core.innovation_scores(
+            _core.eidetic.innovation_scores(
                 yc.numpy(), self._taps(cdt).numpy(), hist.numpy(), st["innov_count"].numpy(),
                 st["innov_ema"].numpy(), self.innovation_metric == "chi2", CHI2_RATE,
                 CHI2_FLOOR, scores.numpy(), h2.numpy(), c2.numpy(), e2.numpy(),
@@ -611,7 +611,7 @@ class BMojoLayer(nn.Module):
             hist.copy_(h2)
             st["innov_count"].copy_(c2)
             st["innov_ema"].copy_(e2)
-            _core.eidetic_push(
+            _core.eidetic.push(
                 st["store_positions"].numpy(), st["store_scores"].numpy(),
                 st["store_count"].numpy(), scores.to(torch.float64).numpy(),
                 self.eidetic_policy, self.eidetic_threshold,

@@ -22,7 +22,7 @@ from . import _cuda_launch as CU
 from . import _validate as V
 from . import cuda as _cuda
 
-CHUNK: int = _core.CHECKPOINT_CHUNK
+CHUNK: int = _core.scan.CHECKPOINT_CHUNK
 
 # CUDA kernels (cuda/scan.cu): one block of _NT threads per (batch row, channel [block]).
 _K_DIAG = _cuda.declare("scan.cu", "diag_scan")
@@ -69,7 +69,7 @@ def diag_scan_fwd(
     a, b = a.contiguous(), b.contiguous()
     h = torch.empty_like(b)
     last = b.new_empty(b.shape[0])
-    _core.diag_scan(_np(a), _np(b), _np_opt(initial_state), h.numpy(), last.numpy(), reverse)
+    _core.scan.diag_scan(_np(a), _np(b), _np_opt(initial_state), h.numpy(), last.numpy(), reverse)
     return h, last
 
 
@@ -143,7 +143,7 @@ def _diag_bwd(a, h, initial_state, dh, dlast, reverse, gpu):
         dl = None if dlast is None else dlast.contiguous()
         _diag_cuda(shifted.contiguous(), dh, dl, g, g_end, not reverse)
     else:
-        _core.diag_scan(
+        _core.scan.diag_scan(
             _np(shifted), _np(dh), _np_opt(dlast), g.numpy(), g_end.numpy(), not reverse
         )
     return g * prev, g, a[:, first] * g[:, first]
@@ -245,7 +245,7 @@ def selective_scan_fwd(
     out = torch.empty_like(u, memory_format=torch.contiguous_format)
     last = A.new_empty(batch, dim, n)
     ckpt = A.new_empty(batch, dim, _n_chunks(length), n)
-    _core.selective_scan_fwd(
+    _core.scan.selective_scan_fwd(
         _np(u), _np(delta), _np(A), _np(B), _np(C), _np_opt(D), _np_opt(z),
         _np_opt(delta_bias), _np_opt(initial_state), _np_opt(seq_idx), delta_softplus,
         out.numpy(), last.numpy(), ckpt.numpy(),
@@ -343,7 +343,7 @@ def selective_scan_bwd(
     dD = torch.empty_like(D) if D is not None else u.new_empty(0)
     dz = torch.empty_like(z) if z is not None else u.new_empty(0)
     dbias = torch.empty_like(delta_bias) if delta_bias is not None else u.new_empty(0)
-    _core.selective_scan_bwd(
+    _core.scan.selective_scan_bwd(
         _np(u), _np(delta), _np(A), _np(B), _np(C), _np_opt(D), _np_opt(z),
         _np_opt(delta_bias), None, _np_opt(seq_idx), delta_softplus, _np(checkpoints),
         _np(dout), _np_opt(dlast_state), du.numpy(), ddelta.numpy(), dA.numpy(),

@@ -37,14 +37,11 @@ def _np_opt(t: Tensor | None):
 
 def _run(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, slots, snaps, out) -> None:
     """Kernel call on normalised tensors. The kernel validates everything (slot range,
-    duplicate slots) before writing; its errors become BmojoValueError."""
-    try:
-        _core.selective_state_update(
-            _np(state), _np(x), _np(dt), _np(A), _np(B), _np(C), _np_opt(D), _np_opt(z),
-            _np_opt(dt_bias), dt_softplus, _np_opt(slots), _np(out), _np_opt(snaps),
-        )  # fmt: skip
-    except ValueError as e:
-        raise V.BmojoValueError(str(e)) from None
+    duplicate slots) before writing and raises BmojoValueError."""
+    _core.step.selective_state_update(
+        _np(state), _np(x), _np(dt), _np(A), _np(B), _np(C), _np_opt(D), _np_opt(z),
+        _np_opt(dt_bias), dt_softplus, _np_opt(slots), _np(out), _np_opt(snaps),
+    )  # fmt: skip
 
 
 @torch.library.custom_op(
@@ -230,7 +227,7 @@ def selective_state_update(
         # everything before writing; on any mismatch (or a tensor NumPy cannot view) the
         # validating path below takes over and raises a clear error or converts.
         try:
-            out = _core.selective_state_update(
+            out = _core.step.selective_state_update(
                 state.numpy(), x.numpy(), dt.numpy(), A.numpy(), B.numpy(), C.numpy(),
                 None if D is None else D.numpy(), None if z is None else z.numpy(),
                 None if dt_bias is None else dt_bias.numpy(), bool(dt_softplus),

@@ -367,7 +367,7 @@ def _check_state(state: dict[str, Tensor], model, bad) -> None:
             if not torch.equal(cnt, pos) or not torch.equal(state[pre + "innov_count"], pos):
                 raise bad(f"layer {i}: store/innovation counts do not match the positions")
             try:
-                _core.eidetic_check(
+                _core.eidetic.check(
                     sp.numpy(),
                     state[pre + "store_scores"].numpy(),
                     cnt.numpy(),
