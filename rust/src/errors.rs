@@ -9,9 +9,9 @@
 //! | a kernel's [`bmojo_kernels::Error`] (sizes, values, corrupted state) | `BmojoValueError` |
 //! | a binding's own bad argument value or shape ([`PyBmojoErr::Value`]) | `BmojoValueError` |
 //! | a binding's own wrong type, dtype or layout ([`PyBmojoErr::Type`]) | `BmojoTypeError` |
-//! | [`bmojo_cuda::Error::Unavailable`] / [`Driver`](bmojo_cuda::Error::Driver) | `BmojoCudaError` |
-//! | [`bmojo_cuda::Error::Compile`] (NVRTC's log) | `BmojoCompileError` |
-//! | [`bmojo_cuda::Error::Argument`] (bad launch arguments) | `BmojoValueError` |
+//! | `bmojo_cuda::Error::Unavailable` / `Driver` (no library, driver failure) | `BmojoCudaError` |
+//! | `bmojo_cuda::Error::Compile` (NVRTC's log) | `BmojoCompileError` |
+//! | `bmojo_cuda::Error::Argument` (bad launch arguments) | `BmojoValueError` |
 //! | an exception raised by Python itself ([`PyBmojoErr::Python`]) | unchanged |
 //!
 //! The classes subclass `ValueError`, `TypeError` and `RuntimeError`, so callers that

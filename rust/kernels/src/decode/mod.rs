@@ -10,21 +10,22 @@
 //!
 //! **Team protocol.** The pool's per-region cost (waking threads, joining) is several µs,
 //! and a token needs ~25 dependent steps, so a token runs as *one* team region
-//! ([`team`](crate::cpu::team::team)): `nt` threads run the same program and meet at a spin [`Barrier`](crate::cpu::team::Barrier)
-//! between phases. In every phase the work is cut into fixed tasks (blocks of
-//! [`ROWS`] weight rows, blocks of channels, batch rows) whose results do not depend on
-//! which thread runs them, so the output is bitwise independent of the thread count.
-//! Buffers shared by the team are [`TeamBuf`](crate::cpu::team::TeamBuf)s, used by the
-//! protocol of [`crate::cpu::team`]: within one phase (between two barriers) a buffer is
-//! either only read, or written in parts that belong to exactly one thread (and read by
-//! that thread only); the barrier's acquire/release orders the phases. Tiny
-//! sequential pieces (embedding, LayerNorms, residual adds) are computed redundantly by
-//! every thread into private buffers, which saves barriers.
+//! ([`crate::cpu::team`]): `nt` threads run the same program and meet at a spin barrier
+//! between phases. In every phase the work is cut into fixed tasks (blocks of [`ROWS`]
+//! weight rows, blocks of channels, batch rows) whose results do not depend on which
+//! thread runs them, so the output is bitwise independent of the thread count. Buffers
+//! shared by the team are `TeamBuf`s, used by the protocol of [`crate::cpu::team`]: within
+//! one phase (between two barriers) a buffer is either only read, or written in parts
+//! that belong to exactly one thread (and read by that thread only); the barrier's
+//! acquire/release orders the phases. Tiny sequential pieces (embedding, LayerNorms,
+//! residual adds) are computed redundantly by every thread into private buffers, which
+//! saves barriers.
 //!
-//! Files: [`math`] (GELU, LayerNorm, dot), [`gemv`] (the batched GEMV and its task split),
-//! [`model`] (the parameters and their checks), [`state`] (the stream state, its sizes
-//! and checks), [`step`] (the step and the team program), [`blocks`] (the per-task
-//! pieces: conv, SSM update, attention, memory).
+//! Files: `math.rs` (GELU, LayerNorm, dot), `gemv.rs` (the batched GEMV and its task
+//! split), `model.rs` (the parameters and their checks), `state.rs` (the stream state,
+//! its sizes and checks), `step.rs` (the step and the team program), `blocks.rs` (the
+//! per-task pieces: conv, SSM update, attention, memory), `tests.rs` (unit tests of the
+//! pieces).
 
 /// `map_buf!(V, buf, |v| expr)`: replaces every element of `buf` by `expr`, a vector at a
 /// time (the tail padded). A macro rather than a function taking a closure: a closure (or

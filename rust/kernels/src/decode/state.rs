@@ -118,13 +118,9 @@ impl<T> State<'_, T> {
         }
         for (i, (l, ls)) in m.layers.iter().zip(&self.layers).enumerate() {
             let at = |e: Error| e.context(format!("layers.{i}."));
-            let sizes = layer_sizes(l, d, bsz);
-            let lens = layer_lens(ls);
-            let items: Vec<(&str, usize, usize)> = sizes
-                .iter()
-                .zip(lens)
-                .map(|(&(name, want), got)| (name, got, want))
-                .collect();
+            let (sizes, lens) = (layer_sizes(l, d, bsz), layer_lens(ls));
+            let items: [(&str, usize, usize); 15] =
+                core::array::from_fn(|k| (sizes[k].0, lens[k], sizes[k].1));
             check_lens(&items).map_err(at)?;
             if l.n_eidetic > 0 {
                 eidetic::check_store(
