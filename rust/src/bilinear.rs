@@ -1,15 +1,18 @@
-//! Python binding: Bilinear / time-varying dense affine recurrence, SPEC §5.
+//! `bmojo_core._core.bilinear`: the bilinear / time-varying dense affine recurrence,
+//! SPEC §5.
 //!
 //! `b (batch, L, n)`; modulated form `a0 (n, n)`, `nmat (m, n, n)`, `v (batch, L, m)`;
 //! per-step form `a (batch, L, n, n)`; `h0`, `last`, `dh0 (batch, n)`; states `xs
 //! (batch, L, n)`. Outputs are written in place.
 
 use bmojo_kernels::bilinear::{self, BilinearArgs, BwdOut, Trans};
-use bmojo_kernels::dispatch::SimdElem;
+use bmojo_kernels::SimdElem;
 use numpy::{Element, PyReadonlyArrayDyn};
 use pyo3::prelude::*;
 
-use crate::{is_f64, kernel_err, level, opt_ro, ro, rw, shape, slice};
+use crate::args::{by_float, is_f64, opt_ro, ro, rw, shape, slice, Opt};
+use crate::errors::Result;
+use crate::runtime::level;
 
 /// Borrowed inputs of either form (`a` is `A0` or the per-step `A`).
 struct Inputs<'py, T: Element> {
@@ -44,48 +47,54 @@ impl<T: Element> Inputs<'_, T> {
     }
 }
 
+/// The modulated form's `nmat` and `v` (absent for the per-step form).
+type Mod<'a, 'py> = Option<(&'a Bound<'py, PyAny>, &'a Bound<'py, PyAny>)>;
+
 fn inputs<'py, T: Element>(
     b: &Bound<'py, PyAny>,
     a: &Bound<'py, PyAny>,
-    nmat: Option<&Bound<'py, PyAny>>,
-    v: Option<&Bound<'py, PyAny>>,
-    h0: &Option<Bound<'py, PyAny>>,
-) -> PyResult<Inputs<'py, T>> {
+    modulated: Mod<'_, 'py>,
+    h0: Opt<'_, 'py>,
+) -> Result<Inputs<'py, T>> {
     let sb = shape(b, "b", 3)?;
-    let m = match nmat {
-        Some(nm) => shape(nm, "N", 3)?[0],
+    let m = match modulated {
+        Some((nm, _)) => shape(nm, "N", 3)?[0],
         None => 0,
     };
     Ok(Inputs {
         dims: (sb[0], sb[1], sb[2], m),
         b: ro(b, "b")?,
         a: ro(a, "A")?,
-        nmat: nmat.map(|x| ro(x, "N")).transpose()?,
-        v: v.map(|x| ro(x, "v")).transpose()?,
+        nmat: modulated.map(|(x, _)| ro(x, "N")).transpose()?,
+        v: modulated.map(|(_, x)| ro(x, "v")).transpose()?,
         h0: opt_ro(h0, "initial_state")?,
     })
 }
 
+#[allow(clippy::too_many_arguments)]
 fn fwd<T: SimdElem + Element>(
     py: Python<'_>,
-    i: Inputs<'_, T>,
+    b: &Bound<'_, PyAny>,
+    a: &Bound<'_, PyAny>,
+    modulated: Mod<'_, '_>,
+    h0: Opt<'_, '_>,
     parallel: bool,
     xs: &Bound<'_, PyAny>,
     last: &Bound<'_, PyAny>,
-) -> PyResult<()> {
+) -> Result<()> {
+    let i = inputs::<T>(b, a, modulated, h0)?;
     let (mut rx, mut rl) = (rw::<T>(xs, "xs")?, rw::<T>(last, "last_state")?);
     let s = i.args();
     let (x, l) = (rx.as_slice_mut()?, rl.as_slice_mut()?);
     let lv = level();
-    py.detach(|| bilinear::forward(lv, &s, parallel, x, l))
-        .map_err(kernel_err)
+    Ok(py.detach(|| bilinear::forward(lv, &s, parallel, x, l))?)
 }
 
 /// Forward of the modulated form `A_t = A0 + Σ_j v_{t,j} N_j`.
 #[pyfunction]
 #[pyo3(signature = (b, a0, nmat, v, h0, parallel, xs, last))]
 #[allow(clippy::too_many_arguments)]
-fn bilinear_scan_fwd(
+fn scan_fwd(
     py: Python<'_>,
     b: Bound<'_, PyAny>,
     a0: Bound<'_, PyAny>,
@@ -95,20 +104,18 @@ fn bilinear_scan_fwd(
     parallel: bool,
     xs: Bound<'_, PyAny>,
     last: Bound<'_, PyAny>,
-) -> PyResult<()> {
-    if is_f64(&b, "b")? {
-        let i = inputs::<f64>(&b, &a0, Some(&nmat), Some(&v), &h0)?;
-        fwd(py, i, parallel, &xs, &last)
-    } else {
-        let i = inputs::<f32>(&b, &a0, Some(&nmat), Some(&v), &h0)?;
-        fwd(py, i, parallel, &xs, &last)
-    }
+) -> Result<()> {
+    let md = Some((&nmat, &v));
+    by_float!(
+        is_f64(&b, "b")?,
+        fwd(py, &b, &a0, md, &h0, parallel, &xs, &last)
+    )
 }
 
 /// Forward with per-step matrices `a (batch, L, n, n)`.
 #[pyfunction]
 #[pyo3(signature = (b, a, h0, parallel, xs, last))]
-fn bilinear_tv_scan_fwd(
+fn tv_scan_fwd(
     py: Python<'_>,
     b: Bound<'_, PyAny>,
     a: Bound<'_, PyAny>,
@@ -116,14 +123,11 @@ fn bilinear_tv_scan_fwd(
     parallel: bool,
     xs: Bound<'_, PyAny>,
     last: Bound<'_, PyAny>,
-) -> PyResult<()> {
-    if is_f64(&b, "b")? {
-        let i = inputs::<f64>(&b, &a, None, None, &h0)?;
-        fwd(py, i, parallel, &xs, &last)
-    } else {
-        let i = inputs::<f32>(&b, &a, None, None, &h0)?;
-        fwd(py, i, parallel, &xs, &last)
-    }
+) -> Result<()> {
+    by_float!(
+        is_f64(&b, "b")?,
+        fwd(py, &b, &a, None, &h0, parallel, &xs, &last)
+    )
 }
 
 /// Gradient arrays: `db`, `da`, `dh0` always, `dn`/`dv` for the modulated form.
@@ -135,14 +139,19 @@ struct Grads<'a, 'py> {
     dh0: &'a Bound<'py, PyAny>,
 }
 
+#[allow(clippy::too_many_arguments)]
 fn bwd<T: SimdElem + Element>(
     py: Python<'_>,
-    i: Inputs<'_, T>,
+    b: &Bound<'_, PyAny>,
+    a: &Bound<'_, PyAny>,
+    modulated: Mod<'_, '_>,
+    h0: Opt<'_, '_>,
     xs: &Bound<'_, PyAny>,
     dxs: &Bound<'_, PyAny>,
-    dlast: &Option<Bound<'_, PyAny>>,
-    g: Grads<'_, '_>,
-) -> PyResult<()> {
+    dlast: Opt<'_, '_>,
+    g: &Grads<'_, '_>,
+) -> Result<()> {
+    let i = inputs::<T>(b, a, modulated, h0)?;
     let (rx, rdx, rdl) = (
         ro::<T>(xs, "xs")?,
         ro::<T>(dxs, "dxs")?,
@@ -169,15 +178,14 @@ fn bwd<T: SimdElem + Element>(
     };
     let (x, dx, dl) = (slice(&rx), slice(&rdx), rdl.as_ref().map(slice));
     let lv = level();
-    py.detach(|| bilinear::backward(lv, &s, x, dx, dl, o))
-        .map_err(kernel_err)
+    Ok(py.detach(|| bilinear::backward(lv, &s, x, dx, dl, o))?)
 }
 
 /// Backward of the modulated form: fills `db`, `da0`, `dn`, `dv`, `dh0`.
 #[pyfunction]
 #[pyo3(signature = (b, a0, nmat, v, h0, xs, dxs, dlast, db, da0, dn, dv, dh0))]
 #[allow(clippy::too_many_arguments)]
-fn bilinear_scan_bwd(
+fn scan_bwd(
     py: Python<'_>,
     b: Bound<'_, PyAny>,
     a0: Bound<'_, PyAny>,
@@ -192,7 +200,7 @@ fn bilinear_scan_bwd(
     dn: Bound<'_, PyAny>,
     dv: Bound<'_, PyAny>,
     dh0: Bound<'_, PyAny>,
-) -> PyResult<()> {
+) -> Result<()> {
     let g = Grads {
         db: &db,
         da: &da0,
@@ -200,20 +208,18 @@ fn bilinear_scan_bwd(
         dv: Some(&dv),
         dh0: &dh0,
     };
-    if is_f64(&b, "b")? {
-        let i = inputs::<f64>(&b, &a0, Some(&nmat), Some(&v), &h0)?;
-        bwd(py, i, &xs, &dxs, &dlast, g)
-    } else {
-        let i = inputs::<f32>(&b, &a0, Some(&nmat), Some(&v), &h0)?;
-        bwd(py, i, &xs, &dxs, &dlast, g)
-    }
+    let md = Some((&nmat, &v));
+    by_float!(
+        is_f64(&b, "b")?,
+        bwd(py, &b, &a0, md, &h0, &xs, &dxs, &dlast, &g)
+    )
 }
 
 /// Backward with per-step matrices: fills `db`, `da (batch, L, n, n)`, `dh0`.
 #[pyfunction]
 #[pyo3(signature = (b, a, h0, xs, dxs, dlast, db, da, dh0))]
 #[allow(clippy::too_many_arguments)]
-fn bilinear_tv_scan_bwd(
+fn tv_scan_bwd(
     py: Python<'_>,
     b: Bound<'_, PyAny>,
     a: Bound<'_, PyAny>,
@@ -224,7 +230,7 @@ fn bilinear_tv_scan_bwd(
     db: Bound<'_, PyAny>,
     da: Bound<'_, PyAny>,
     dh0: Bound<'_, PyAny>,
-) -> PyResult<()> {
+) -> Result<()> {
     let g = Grads {
         db: &db,
         da: &da,
@@ -232,21 +238,18 @@ fn bilinear_tv_scan_bwd(
         dv: None,
         dh0: &dh0,
     };
-    if is_f64(&b, "b")? {
-        let i = inputs::<f64>(&b, &a, None, None, &h0)?;
-        bwd(py, i, &xs, &dxs, &dlast, g)
-    } else {
-        let i = inputs::<f32>(&b, &a, None, None, &h0)?;
-        bwd(py, i, &xs, &dxs, &dlast, g)
-    }
+    by_float!(
+        is_f64(&b, "b")?,
+        bwd(py, &b, &a, None, &h0, &xs, &dxs, &dlast, &g)
+    )
 }
 
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    m.add("BILINEAR_MAX_STATE", bilinear::MAX_STATE)?;
-    m.add("BILINEAR_PAR_CHUNK", bilinear::PAR_CHUNK)?;
-    m.add_function(wrap_pyfunction!(bilinear_scan_fwd, m)?)?;
-    m.add_function(wrap_pyfunction!(bilinear_tv_scan_fwd, m)?)?;
-    m.add_function(wrap_pyfunction!(bilinear_scan_bwd, m)?)?;
-    m.add_function(wrap_pyfunction!(bilinear_tv_scan_bwd, m)?)?;
+    m.add("MAX_STATE", bilinear::MAX_STATE)?;
+    m.add("PAR_CHUNK", bilinear::PAR_CHUNK)?;
+    m.add_function(wrap_pyfunction!(scan_fwd, m)?)?;
+    m.add_function(wrap_pyfunction!(tv_scan_fwd, m)?)?;
+    m.add_function(wrap_pyfunction!(scan_bwd, m)?)?;
+    m.add_function(wrap_pyfunction!(tv_scan_bwd, m)?)?;
     Ok(())
 }

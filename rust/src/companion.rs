@@ -1,28 +1,23 @@
-//! Python binding: Companion (canonical) recurrence, SPEC §4.
+//! `bmojo_core._core.companion`: the companion (canonical) recurrence, SPEC §4.
 //!
 //! Layouts are told apart by rank: `alpha`/`c` `(B, D, L, n)` per step or `(D, n)` per
 //! channel; `beta` `(B, D, L)` or `(D,)`.
 
 use bmojo_kernels::companion::{self, BwdOut, CompanionArgs, FwdOut, Seq};
-use bmojo_kernels::dispatch::SimdElem;
-use numpy::{Element, PyReadonlyArrayDyn, PyUntypedArray, PyUntypedArrayMethods};
-use pyo3::exceptions::{PyTypeError, PyValueError};
+use bmojo_kernels::SimdElem;
+use numpy::{Element, PyReadonlyArrayDyn};
 use pyo3::prelude::*;
 
-use crate::{is_f64, kernel_err, level, opt_ro, opt_rw, ro, rw, shape, slice};
-
-fn ndim(a: &Bound<'_, PyAny>, name: &str) -> PyResult<usize> {
-    a.cast::<PyUntypedArray>()
-        .map(|x| x.ndim())
-        .map_err(|_| PyTypeError::new_err(format!("{name}: expected an array")))
-}
+use crate::args::{by_float, is_f64, ndim, opt_ro, opt_rw, ro, rw, shape, slice, Opt};
+use crate::errors::{PyBmojoErr, Result};
+use crate::runtime::level;
 
 /// Whether a coefficient is per step (`var_rank`) or per channel (`const_rank`).
-fn is_var(a: &Bound<'_, PyAny>, name: &str, var_rank: usize, const_rank: usize) -> PyResult<bool> {
+fn is_var(a: &Bound<'_, PyAny>, name: &str, var_rank: usize, const_rank: usize) -> Result<bool> {
     match ndim(a, name)? {
         k if k == var_rank => Ok(true),
         k if k == const_rank => Ok(false),
-        k => Err(PyValueError::new_err(format!(
+        k => Err(PyBmojoErr::value(format!(
             "{name}: expected {var_rank} or {const_rank} dimensions, got {k}"
         ))),
     }
@@ -39,8 +34,6 @@ struct Inputs<'py, T: Element> {
     h0: Option<PyReadonlyArrayDyn<'py, T>>,
 }
 
-type Opt<'a, 'py> = &'a Option<Bound<'py, PyAny>>;
-
 fn inputs<'py, T: Element>(
     u: &Bound<'py, PyAny>,
     alpha: &Bound<'py, PyAny>,
@@ -48,12 +41,12 @@ fn inputs<'py, T: Element>(
     c: Opt<'_, 'py>,
     d: Opt<'_, 'py>,
     h0: Opt<'_, 'py>,
-) -> PyResult<Inputs<'py, T>> {
+) -> Result<Inputs<'py, T>> {
     let su = shape(u, "u", 3)?;
     let a_var = is_var(alpha, "alpha", 4, 2)?;
     let sa = shape(alpha, "alpha", if a_var { 4 } else { 2 })?;
     let n = sa[sa.len() - 1];
-    let seq = |x: Opt<'_, 'py>, name: &str, vr, cr| -> PyResult<_> {
+    let seq = |x: Opt<'_, 'py>, name: &str, vr, cr| -> Result<_> {
         x.as_ref()
             .map(|x| Ok((ro::<T>(x, name)?, is_var(x, name, vr, cr)?)))
             .transpose()
@@ -99,7 +92,7 @@ impl<T: Element> Inputs<'_, T> {
 #[pyfunction]
 #[pyo3(signature = (u, alpha, beta, c, d, h0, y, s, last))]
 #[allow(clippy::too_many_arguments)]
-fn companion_scan_fwd(
+fn scan_fwd(
     py: Python<'_>,
     u: Bound<'_, PyAny>,
     alpha: Bound<'_, PyAny>,
@@ -110,7 +103,7 @@ fn companion_scan_fwd(
     y: Bound<'_, PyAny>,
     s: Option<Bound<'_, PyAny>>,
     last: Bound<'_, PyAny>,
-) -> PyResult<()> {
+) -> Result<()> {
     #[allow(clippy::too_many_arguments)]
     fn go<T: SimdElem + Element>(
         py: Python<'_>,
@@ -121,7 +114,7 @@ fn companion_scan_fwd(
         d: Opt<'_, '_>,
         h0: Opt<'_, '_>,
         (y, s, last): (&Bound<'_, PyAny>, Opt<'_, '_>, &Bound<'_, PyAny>),
-    ) -> PyResult<()> {
+    ) -> Result<()> {
         let inp = inputs::<T>(u, alpha, beta, c, d, h0)?;
         let mut y = rw::<T>(y, "y")?;
         let mut s = opt_rw::<T>(s, "s")?;
@@ -133,8 +126,7 @@ fn companion_scan_fwd(
             last: last.as_slice_mut()?,
         };
         let lv = level();
-        py.detach(|| companion::companion_fwd(lv, &args, out))
-            .map_err(kernel_err)
+        Ok(py.detach(|| companion::companion_fwd(lv, &args, out))?)
     }
     let outs = (&y, &s, &last);
     by_float!(
@@ -148,7 +140,7 @@ fn companion_scan_fwd(
 #[pyfunction]
 #[pyo3(signature = (u, alpha, beta, c, d, h0, s, dy, dlast, du, dalpha, dbeta, dc, dd, dh0))]
 #[allow(clippy::too_many_arguments)]
-fn companion_scan_bwd(
+fn scan_bwd(
     py: Python<'_>,
     u: Bound<'_, PyAny>,
     alpha: Bound<'_, PyAny>,
@@ -165,7 +157,7 @@ fn companion_scan_bwd(
     dc: Option<Bound<'_, PyAny>>,
     dd: Option<Bound<'_, PyAny>>,
     dh0: Bound<'_, PyAny>,
-) -> PyResult<()> {
+) -> Result<()> {
     #[allow(clippy::too_many_arguments)]
     fn go<T: SimdElem + Element>(
         py: Python<'_>,
@@ -173,7 +165,7 @@ fn companion_scan_bwd(
         opts: [Opt<'_, '_>; 5],
         outs: [&Bound<'_, PyAny>; 3],
         oouts: [Opt<'_, '_>; 3],
-    ) -> PyResult<()> {
+    ) -> Result<()> {
         let [u, alpha, s, dy] = ins;
         let [beta, c, d, h0, dlast] = opts;
         let inp = inputs::<T>(u, alpha, beta, c, d, h0)?;
@@ -199,8 +191,7 @@ fn companion_scan_bwd(
         };
         let (sl, dyl, dll) = (slice(&rs), slice(&rdy), rdl.as_ref().map(slice));
         let lv = level();
-        py.detach(|| companion::companion_bwd(lv, &args, sl, dyl, dll, out))
-            .map_err(kernel_err)
+        Ok(py.detach(|| companion::companion_bwd(lv, &args, sl, dyl, dll, out))?)
     }
     let ins = [&u, &alpha, &s, &dy];
     let opts = [&beta, &c, &d, &h0, &dlast];
@@ -210,8 +201,8 @@ fn companion_scan_bwd(
 }
 
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    m.add("COMPANION_MAX_ORDER", companion::MAX_ORDER)?;
-    m.add_function(wrap_pyfunction!(companion_scan_fwd, m)?)?;
-    m.add_function(wrap_pyfunction!(companion_scan_bwd, m)?)?;
+    m.add("MAX_ORDER", companion::MAX_ORDER)?;
+    m.add_function(wrap_pyfunction!(scan_fwd, m)?)?;
+    m.add_function(wrap_pyfunction!(scan_bwd, m)?)?;
     Ok(())
 }

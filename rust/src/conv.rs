@@ -1,48 +1,37 @@
-//! Python binding: Nilpotent shift state: causal depthwise convolution and its ring-buffer update, SPEC §3.
+//! `bmojo_core._core.conv`: the nilpotent shift state, causal depthwise convolution and
+//! its ring-buffer update, SPEC §3.
 //!
 //! Every shape is checked exactly here (the kernels check lengths), so a wrong call raises
 //! instead of misreading a layout; the update is called with user tensors directly by the
 //! Python fast path.
 
 use bmojo_kernels::conv::{self, ConvArgs, ConvGrads, UpdateArgs};
-use bmojo_kernels::dispatch::SimdElem;
+use bmojo_kernels::SimdElem;
 use numpy::{
     Element, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArray, PyUntypedArrayMethods,
 };
-use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 
-use crate::{is_f64, kernel_err, level, opt_ro, opt_rw, ro, rw, slice};
-
-fn want(name: &str, got: &[usize], want: &[usize]) -> PyResult<()> {
-    if got == want {
-        Ok(())
-    } else {
-        Err(PyValueError::new_err(format!(
-            "{name}: expected shape {want:?}, got {got:?}"
-        )))
-    }
-}
+use crate::args::{by_float, is_f64, opt_ro, opt_rw, out_or_new, ro, rw, slice, want, Opt};
+use crate::errors::{PyBmojoErr, Result};
+use crate::runtime::level;
 
 /// An int32 or int64 array of the given shape, as int64 values.
-fn ints(a: &Option<Bound<'_, PyAny>>, name: &str, shape: &[usize]) -> PyResult<Option<Vec<i64>>> {
+fn ints(a: Opt<'_, '_>, name: &str, shape: &[usize]) -> Result<Option<Vec<i64>>> {
     let Some(a) = a else { return Ok(None) };
     let arr = a
         .cast::<PyUntypedArray>()
-        .map_err(|_| PyTypeError::new_err(format!("{name}: expected an int array")))?;
+        .map_err(|_| PyBmojoErr::type_(format!("{name}: expected an int array")))?;
     want(name, arr.shape(), shape)?;
+    let borrowed = |e| PyBmojoErr::value(format!("{name}: {e}"));
     if let Ok(r) = a.cast::<PyArrayDyn<i64>>() {
-        let r = r
-            .try_readonly()
-            .map_err(|e| PyValueError::new_err(format!("{name}: {e}")))?;
+        let r = r.try_readonly().map_err(borrowed)?;
         Ok(Some(r.as_array().iter().copied().collect()))
     } else if let Ok(r) = a.cast::<PyArrayDyn<i32>>() {
-        let r = r
-            .try_readonly()
-            .map_err(|e| PyValueError::new_err(format!("{name}: {e}")))?;
+        let r = r.try_readonly().map_err(borrowed)?;
         Ok(Some(r.as_array().iter().map(|&v| v as i64).collect()))
     } else {
-        Err(PyTypeError::new_err(format!(
+        Err(PyBmojoErr::type_(format!(
             "{name}: expected an int32 or int64 array"
         )))
     }
@@ -62,14 +51,14 @@ impl<'py, T: Element> Inputs<'py, T> {
     fn new(
         x: &Bound<'py, PyAny>,
         weight: &Bound<'py, PyAny>,
-        bias: &Option<Bound<'py, PyAny>>,
-        seq_idx: &Option<Bound<'py, PyAny>>,
-        init: &Option<Bound<'py, PyAny>>,
-    ) -> PyResult<Self> {
+        bias: Opt<'_, 'py>,
+        seq_idx: Opt<'_, 'py>,
+        init: Opt<'_, 'py>,
+    ) -> Result<Self> {
         let (rx, rw_) = (ro::<T>(x, "x")?, ro::<T>(weight, "weight")?);
         let sx = rx.shape().to_vec();
         if sx.len() != 3 {
-            return Err(PyValueError::new_err(format!(
+            return Err(PyBmojoErr::value(format!(
                 "x: expected (batch, dim, len), got shape {sx:?}"
             )));
         }
@@ -77,7 +66,7 @@ impl<'py, T: Element> Inputs<'py, T> {
         let k = rw_.shape().get(1).copied().unwrap_or(0);
         want("weight", rw_.shape(), &[d, k])?;
         if k == 0 {
-            return Err(PyValueError::new_err("weight: the width K must be >= 1"));
+            return Err(PyBmojoErr::value("weight: expected a width K >= 1, got 0"));
         }
         let rb = opt_ro::<T>(bias, "bias")?;
         if let Some(v) = &rb {
@@ -131,19 +120,19 @@ fn causal_conv1d_fwd(
     silu: bool,
     out: Bound<'_, PyAny>,
     final_states: Option<Bound<'_, PyAny>>,
-) -> PyResult<()> {
+) -> Result<()> {
     #[allow(clippy::too_many_arguments)]
     fn go<T: SimdElem + Element>(
         py: Python<'_>,
         x: &Bound<'_, PyAny>,
         weight: &Bound<'_, PyAny>,
-        bias: &Option<Bound<'_, PyAny>>,
-        seq_idx: &Option<Bound<'_, PyAny>>,
-        init: &Option<Bound<'_, PyAny>>,
+        bias: Opt<'_, '_>,
+        seq_idx: Opt<'_, '_>,
+        init: Opt<'_, '_>,
         silu: bool,
         out: &Bound<'_, PyAny>,
-        fin: &Option<Bound<'_, PyAny>>,
-    ) -> PyResult<()> {
+        fin: Opt<'_, '_>,
+    ) -> Result<()> {
         let inp = Inputs::<T>::new(x, weight, bias, seq_idx, init)?;
         let (b, d, l, k) = inp.dims;
         let mut ro_ = rw::<T>(out, "out")?;
@@ -156,8 +145,7 @@ fn causal_conv1d_fwd(
         let o = ro_.as_slice_mut()?;
         let f = rf.as_mut().map(|v| v.as_slice_mut()).transpose()?;
         let lv = level();
-        py.detach(|| conv::conv_fwd(lv, &s, o, f))
-            .map_err(kernel_err)
+        Ok(py.detach(|| conv::conv_fwd(lv, &s, o, f))?)
     }
     by_float!(
         is_f64(&x, "x")?,
@@ -194,23 +182,23 @@ fn causal_conv1d_bwd(
     dweight: Bound<'_, PyAny>,
     dbias: Bound<'_, PyAny>,
     dinitial_states: Option<Bound<'_, PyAny>>,
-) -> PyResult<()> {
+) -> Result<()> {
     #[allow(clippy::too_many_arguments)]
     fn go<T: SimdElem + Element>(
         py: Python<'_>,
         x: &Bound<'_, PyAny>,
         weight: &Bound<'_, PyAny>,
-        bias: &Option<Bound<'_, PyAny>>,
-        seq_idx: &Option<Bound<'_, PyAny>>,
-        init: &Option<Bound<'_, PyAny>>,
+        bias: Opt<'_, '_>,
+        seq_idx: Opt<'_, '_>,
+        init: Opt<'_, '_>,
         dout: &Bound<'_, PyAny>,
-        dfinal: &Option<Bound<'_, PyAny>>,
+        dfinal: Opt<'_, '_>,
         silu: bool,
         dx: &Bound<'_, PyAny>,
         dweight: &Bound<'_, PyAny>,
         dbias: &Bound<'_, PyAny>,
-        dinit: &Option<Bound<'_, PyAny>>,
-    ) -> PyResult<()> {
+        dinit: Opt<'_, '_>,
+    ) -> Result<()> {
         let inp = Inputs::<T>::new(x, weight, bias, seq_idx, init)?;
         let (b, d, l, k) = inp.dims;
         let rdo = ro::<T>(dout, "dout")?;
@@ -240,8 +228,7 @@ fn causal_conv1d_bwd(
         };
         let (go_, gf) = (slice(&rdo), rdf.as_ref().map(slice));
         let lv = level();
-        py.detach(|| conv::conv_bwd(lv, &s, go_, gf, g))
-            .map_err(kernel_err)
+        Ok(py.detach(|| conv::conv_bwd(lv, &s, go_, gf, g))?)
     }
     by_float!(
         is_f64(&x, "x")?,
@@ -280,23 +267,23 @@ fn causal_conv1d_update<'py>(
     cache_seqlens: Option<Bound<'py, PyAny>>,
     conv_state_indices: Option<Bound<'py, PyAny>>,
     out: Option<Bound<'py, PyAny>>,
-) -> PyResult<Option<Bound<'py, PyAny>>> {
+) -> Result<Option<Bound<'py, PyAny>>> {
     #[allow(clippy::too_many_arguments)]
     fn go<'py, T: SimdElem + Element>(
         py: Python<'py>,
         x: &Bound<'py, PyAny>,
         state: &Bound<'py, PyAny>,
         weight: &Bound<'py, PyAny>,
-        bias: &Option<Bound<'py, PyAny>>,
+        bias: Opt<'_, 'py>,
         silu: bool,
-        cache: &Option<Bound<'py, PyAny>>,
-        slots: &Option<Bound<'py, PyAny>>,
-        out: &Option<Bound<'py, PyAny>>,
-    ) -> PyResult<Option<Bound<'py, PyAny>>> {
+        cache: Opt<'_, 'py>,
+        slots: Opt<'_, 'py>,
+        out: Opt<'_, 'py>,
+    ) -> Result<Option<Bound<'py, PyAny>>> {
         let (rx, rw_) = (ro::<T>(x, "x")?, ro::<T>(weight, "weight")?);
         let sx = rx.shape().to_vec();
         if sx.len() != 2 && sx.len() != 3 {
-            return Err(PyValueError::new_err(format!(
+            return Err(PyBmojoErr::value(format!(
                 "x: expected (batch, dim) or (batch, dim, T), got shape {sx:?}"
             )));
         }
@@ -304,7 +291,7 @@ fn causal_conv1d_update<'py>(
         let k = rw_.shape().get(1).copied().unwrap_or(0);
         want("weight", rw_.shape(), &[d, k])?;
         if k == 0 {
-            return Err(PyValueError::new_err("weight: the width K must be >= 1"));
+            return Err(PyBmojoErr::value("weight: expected a width K >= 1, got 0"));
         }
         let rb = opt_ro::<T>(bias, "bias")?;
         if let Some(v) = &rb {
@@ -315,20 +302,12 @@ fn causal_conv1d_update<'py>(
         let mut rs = rw::<T>(state, "conv_state")?;
         let ss = rs.shape().to_vec();
         if ss.len() != 3 {
-            return Err(PyValueError::new_err(format!(
+            return Err(PyBmojoErr::value(format!(
                 "conv_state: expected (batch, dim, state_len), got shape {ss:?}"
             )));
         }
         want("conv_state", &ss, &[ss[0], d, ss[2]])?;
-        let new_out = match out {
-            Some(_) => None,
-            None => Some(PyArrayDyn::<T>::zeros(py, sx.as_slice(), false)),
-        };
-        let out_any = match (&new_out, out) {
-            (Some(o), _) => o.as_any().clone(),
-            (None, Some(o)) => o.clone(),
-            (None, None) => unreachable!("allocated above"),
-        };
+        let (out_any, new_out) = out_or_new::<T>(py, out, &sx);
         let mut rout = rw::<T>(&out_any, "out")?;
         want("out", rout.shape(), &sx)?;
         let s = UpdateArgs {
@@ -346,10 +325,9 @@ fn causal_conv1d_update<'py>(
         };
         let (st, o) = (rs.as_slice_mut()?, rout.as_slice_mut()?);
         let lv = level();
-        py.detach(|| conv::conv_update(lv, &s, st, ss[0], o))
-            .map_err(kernel_err)?;
+        py.detach(|| conv::conv_update(lv, &s, st, ss[0], o))?;
         drop(rout);
-        Ok(new_out.map(|o| o.into_any()))
+        Ok(new_out)
     }
     by_float!(
         is_f64(&conv_state, "conv_state")?,

@@ -1,90 +1,86 @@
-//! Python binding of the CUDA runtime shim (bmojo-cuda).
+//! `bmojo_core._core.cuda`: the CUDA runtime shim (bmojo-cuda).
 //!
-//! Low-level and private: `bmojo_core.cuda` finds the libraries, caches CUBINs and turns
-//! the errors raised here (`RuntimeError` from NVRTC or the driver, `ValueError` /
-//! `TypeError` for bad launch arguments) into `BmojoCudaError` / `BmojoCompileError` /
-//! `BmojoValueError` / `BmojoTypeError`. Modules and kernel functions are referred to by
-//! index into the shim's tables, so no forged handle ever reaches the driver.
+//! Low-level and private: `bmojo_core.cuda` finds the libraries, caches CUBINs and adds
+//! context to the errors raised here, which come in the package's classes already
+//! (`BmojoCudaError` from the driver or a missing library, `BmojoCompileError` from NVRTC,
+//! `BmojoValueError` / `BmojoTypeError` for bad launch arguments; see `errors.rs`).
+//! Modules and kernel functions are referred to by index into the shim's tables, so no
+//! forged handle ever reaches the driver.
 
 use bmojo_cuda::args::{parse_fmt, Code, Params, Value};
 use bmojo_cuda::{driver, nvrtc};
-use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyInt};
 
-fn rt_err(e: String) -> PyErr {
-    PyRuntimeError::new_err(e)
-}
+use crate::errors::{PyBmojoErr, Result};
 
 /// The embedded sources of `cuda/`, as `(file name, text)`.
 #[pyfunction]
-fn cuda_sources() -> Vec<(&'static str, &'static str)> {
+fn sources() -> Vec<(&'static str, &'static str)> {
     bmojo_cuda::sources().to_vec()
 }
 
 /// `(nvrtc_loaded, driver_loaded)`: whether this process has bound the libraries.
 #[pyfunction]
-fn cuda_loaded() -> (bool, bool) {
+fn loaded() -> (bool, bool) {
     (nvrtc::is_loaded(), driver::is_loaded())
 }
 
 /// Loads NVRTC from `path` (or by name when `None`): `(major, minor, loaded_from)`.
 #[pyfunction]
 #[pyo3(signature = (path))]
-fn cuda_nvrtc_version(path: Option<&str>) -> PyResult<(i32, i32, String)> {
-    let lib = nvrtc::get(path).map_err(rt_err)?;
+fn nvrtc_version(path: Option<&str>) -> Result<(i32, i32, String)> {
+    let lib = nvrtc::get(path)?;
     let (major, minor) = lib.version();
     Ok((major, minor, lib.path().to_string()))
 }
 
-/// Compiles `source` to CUBIN: `(cubin, "")` on success, `(None, message_with_log)` when
-/// NVRTC rejects it. Other failures raise `RuntimeError`.
+/// Compiles `source` to CUBIN. Raises `BmojoCompileError` (with NVRTC's log) when NVRTC
+/// produces none, `BmojoCudaError` when the library cannot be loaded.
 #[pyfunction]
 #[pyo3(signature = (path, source, name, headers, options))]
-fn cuda_nvrtc_compile<'py>(
+fn nvrtc_compile<'py>(
     py: Python<'py>,
     path: Option<&str>,
     source: &str,
     name: &str,
     headers: Vec<(String, String)>,
     options: Vec<String>,
-) -> PyResult<(Option<Bound<'py, PyBytes>>, String)> {
-    let lib = nvrtc::get(path).map_err(rt_err)?;
+) -> Result<Bound<'py, PyBytes>> {
+    let lib = nvrtc::get(path)?;
     let hs: Vec<(&str, &str)> = headers
         .iter()
         .map(|(n, t)| (n.as_str(), t.as_str()))
         .collect();
     let os: Vec<&str> = options.iter().map(String::as_str).collect();
-    match py.detach(|| lib.compile(source, name, &hs, &os)) {
-        Ok(cubin) => Ok((Some(PyBytes::new(py, &cubin)), String::new())),
-        Err(e) => Ok((None, e.to_string())),
-    }
+    let cubin = py.detach(|| lib.compile(source, name, &hs, &os))?;
+    Ok(PyBytes::new(py, &cubin))
 }
 
 /// Loads and initialises the driver (from `path`, default `libcuda.so.1`); returns its
 /// CUDA version (`1000 * major + 10 * minor`).
 #[pyfunction]
 #[pyo3(signature = (path))]
-fn cuda_driver_version(path: Option<&str>) -> PyResult<i32> {
-    driver::get(path).map(|d| d.version()).map_err(rt_err)
+fn driver_version(path: Option<&str>) -> Result<i32> {
+    Ok(driver::get(path)?.version())
 }
 
-fn drv() -> PyResult<&'static driver::Driver> {
-    driver::get(None).map_err(rt_err)
+fn drv() -> Result<&'static driver::Driver> {
+    Ok(driver::get(None)?)
 }
 
 /// Number of visible CUDA devices.
 #[pyfunction]
-fn cuda_device_count() -> PyResult<i32> {
-    drv()?.device_count().map_err(rt_err)
+fn device_count() -> Result<i32> {
+    Ok(drv()?.device_count()?)
 }
 
 /// `(name, cc_major, cc_minor, max_shared_optin_bytes, multiprocessors)` of a device.
 #[pyfunction]
 #[pyo3(signature = (ordinal))]
-fn cuda_device(ordinal: i32) -> PyResult<(String, i32, i32, i32, i32)> {
-    let d = drv()?.device(ordinal).map_err(rt_err)?;
+fn device(ordinal: i32) -> Result<(String, i32, i32, i32, i32)> {
+    let d = drv()?.device(ordinal)?;
     Ok((
         d.name,
         d.capability.0,
@@ -97,26 +93,26 @@ fn cuda_device(ordinal: i32) -> PyResult<(String, i32, i32, i32, i32)> {
 /// Loads a CUBIN into the primary context of device `ordinal`; returns the module id.
 #[pyfunction]
 #[pyo3(signature = (ordinal, image))]
-fn cuda_module_load(py: Python<'_>, ordinal: i32, image: &[u8]) -> PyResult<usize> {
+fn module_load(py: Python<'_>, ordinal: i32, image: &[u8]) -> Result<usize> {
     let d = drv()?;
-    py.detach(|| d.load_module(ordinal, image)).map_err(rt_err)
+    Ok(py.detach(|| d.load_module(ordinal, image))?)
 }
 
 /// Looks up the kernel `name` of a loaded module; returns the function id.
 #[pyfunction]
 #[pyo3(signature = (module, name))]
-fn cuda_module_function(module: usize, name: &str) -> PyResult<usize> {
-    drv()?.function(module, name).map_err(rt_err)
+fn module_function(module: usize, name: &str) -> Result<usize> {
+    Ok(drv()?.function(module, name)?)
 }
 
 /// Reads launch arguments according to `fmt` and packs them (kinds and ranges checked).
 /// `p` takes an int, `None` (a null pointer) or an object with `data_ptr()` (a tensor).
-fn pack(fmt: &str, args: &[Bound<'_, PyAny>]) -> PyResult<Params> {
-    let codes = parse_fmt(fmt, args.len()).map_err(PyValueError::new_err)?;
+fn pack(fmt: &str, args: &[Bound<'_, PyAny>]) -> Result<Params> {
+    let codes = parse_fmt(fmt, args.len())?;
     let mut vals = Vec::with_capacity(args.len());
     for (i, (c, a)) in codes.iter().zip(args).enumerate() {
         let wrong = |what: &str| {
-            PyTypeError::new_err(format!(
+            PyBmojoErr::type_(format!(
                 "argument {i} (fmt {:?}): expected {what}, got {}",
                 c.as_char(),
                 a.get_type()
@@ -125,7 +121,7 @@ fn pack(fmt: &str, args: &[Bound<'_, PyAny>]) -> PyResult<Params> {
             ))
         };
         let range = |what: &str| {
-            PyValueError::new_err(format!(
+            PyBmojoErr::value(format!(
                 "argument {i} (fmt {:?}): {} is outside the {what} range",
                 c.as_char(),
                 a.repr().map_or_else(|_| "?".to_string(), |r| r.to_string())
@@ -155,14 +151,14 @@ fn pack(fmt: &str, args: &[Bound<'_, PyAny>]) -> PyResult<Params> {
             }
         });
     }
-    Params::pack(&codes, &vals).map_err(PyValueError::new_err)
+    Ok(Params::pack(&codes, &vals)?)
 }
 
 /// Checks launch arguments against `fmt` without launching (the runtime does this before
 /// a kernel's first compilation, so a wrong call fails fast and without a GPU).
 #[pyfunction]
 #[pyo3(signature = (fmt, args))]
-fn cuda_check_args(fmt: &str, args: Vec<Bound<'_, PyAny>>) -> PyResult<()> {
+fn check_args(fmt: &str, args: Vec<Bound<'_, PyAny>>) -> Result<()> {
     pack(fmt, &args).map(|_| ())
 }
 
@@ -170,7 +166,7 @@ fn cuda_check_args(fmt: &str, args: Vec<Bound<'_, PyAny>>) -> PyResult<()> {
 #[pyfunction]
 #[pyo3(signature = (func, grid, block, shared_mem, stream, fmt, args))]
 #[allow(clippy::too_many_arguments)]
-fn cuda_launch(
+fn launch(
     py: Python<'_>,
     func: usize,
     grid: (u32, u32, u32),
@@ -179,40 +175,31 @@ fn cuda_launch(
     stream: usize,
     fmt: &str,
     args: Vec<Bound<'_, PyAny>>,
-) -> PyResult<()> {
+) -> Result<()> {
     let mut params = pack(fmt, &args)?;
     if [grid.0, grid.1, grid.2, block.0, block.1, block.2].contains(&0) {
-        return Err(PyValueError::new_err(format!(
+        return Err(PyBmojoErr::value(format!(
             "grid {grid:?} and block {block:?} must be positive in every dimension"
         )));
     }
     let d = drv()?;
-    d.check_params(func, &params)
-        .map_err(PyValueError::new_err)?;
-    py.detach(|| {
-        d.launch(
-            func,
-            [grid.0, grid.1, grid.2],
-            [block.0, block.1, block.2],
-            shared_mem,
-            stream,
-            &mut params,
-        )
-    })
-    .map_err(rt_err)
+    d.check_params(func, &params)?;
+    let (grid, block) = ([grid.0, grid.1, grid.2], [block.0, block.1, block.2]);
+    let r = py.detach(|| d.launch(func, grid, block, shared_mem, stream, &mut params));
+    Ok(r?)
 }
 
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    m.add_function(wrap_pyfunction!(cuda_sources, m)?)?;
-    m.add_function(wrap_pyfunction!(cuda_loaded, m)?)?;
-    m.add_function(wrap_pyfunction!(cuda_nvrtc_version, m)?)?;
-    m.add_function(wrap_pyfunction!(cuda_nvrtc_compile, m)?)?;
-    m.add_function(wrap_pyfunction!(cuda_driver_version, m)?)?;
-    m.add_function(wrap_pyfunction!(cuda_device_count, m)?)?;
-    m.add_function(wrap_pyfunction!(cuda_device, m)?)?;
-    m.add_function(wrap_pyfunction!(cuda_module_load, m)?)?;
-    m.add_function(wrap_pyfunction!(cuda_module_function, m)?)?;
-    m.add_function(wrap_pyfunction!(cuda_check_args, m)?)?;
-    m.add_function(wrap_pyfunction!(cuda_launch, m)?)?;
+    m.add_function(wrap_pyfunction!(sources, m)?)?;
+    m.add_function(wrap_pyfunction!(loaded, m)?)?;
+    m.add_function(wrap_pyfunction!(nvrtc_version, m)?)?;
+    m.add_function(wrap_pyfunction!(nvrtc_compile, m)?)?;
+    m.add_function(wrap_pyfunction!(driver_version, m)?)?;
+    m.add_function(wrap_pyfunction!(device_count, m)?)?;
+    m.add_function(wrap_pyfunction!(device, m)?)?;
+    m.add_function(wrap_pyfunction!(module_load, m)?)?;
+    m.add_function(wrap_pyfunction!(module_function, m)?)?;
+    m.add_function(wrap_pyfunction!(check_args, m)?)?;
+    m.add_function(wrap_pyfunction!(launch, m)?)?;
     Ok(())
 }

@@ -1,4 +1,5 @@
-//! Python binding of the fused streaming decode step (`bmojo_core.decode`).
+//! `bmojo_core._core.decode`: the fused streaming decode step (used by
+//! `bmojo_core.decode`).
 //!
 //! `DecodePlan(vocab, d_model, embedding, norm_f, layers)` copies a `BMojoLM`'s parameters
 //! once (laid out as the kernel reads them); `plan.step(tokens, state)` runs one token per
@@ -10,12 +11,13 @@ use bmojo_kernels::decode::{
     self, Attn, DecodeElem, Layer, LayerState, Linear, Model, Norm, Ssm, State,
 };
 use bmojo_kernels::eidetic::Policy;
-use numpy::{Element, PyArrayDyn, PyReadwriteArrayDyn};
-use pyo3::exceptions::{PyTypeError, PyValueError};
+use numpy::{Element, PyReadwriteArrayDyn};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 
-use crate::{kernel_err, level, ro, rw, slice};
+use crate::args::{ro, rw, slice};
+use crate::errors::{PyBmojoErr, Result};
+use crate::runtime::level;
 
 /// Per-layer state pieces, in the order `step` expects them.
 const STATE_NAMES: [&str; 15] = [
@@ -42,24 +44,24 @@ enum Inner {
 }
 
 /// A model's parameters prepared for the fused decode step.
-#[pyclass(module = "bmojo_core._core", frozen)]
+#[pyclass(module = "bmojo_core._core.decode", frozen)]
 struct DecodePlan {
     inner: Inner,
     n_layers: usize,
 }
 
-fn item<'py>(d: &Bound<'py, PyDict>, key: &str) -> PyResult<Bound<'py, PyAny>> {
+fn item<'py>(d: &Bound<'py, PyDict>, key: &str) -> Result<Bound<'py, PyAny>> {
     d.get_item(key)?
-        .ok_or_else(|| PyValueError::new_err(format!("layer spec: missing {key:?}")))
+        .ok_or_else(|| PyBmojoErr::value(format!("layer spec: missing {key:?}")))
 }
 
-fn vec_of<T: Element + Copy>(d: &Bound<'_, PyDict>, key: &str) -> PyResult<Vec<T>> {
+fn vec_of<T: Element + Copy>(d: &Bound<'_, PyDict>, key: &str) -> Result<Vec<T>> {
     let a = item(d, key)?;
     let r = ro::<T>(&a, key)?;
     Ok(slice(&r).to_vec())
 }
 
-fn opt_vec<T: Element + Copy>(d: &Bound<'_, PyDict>, key: &str) -> PyResult<Option<Vec<T>>> {
+fn opt_vec<T: Element + Copy>(d: &Bound<'_, PyDict>, key: &str) -> Result<Option<Vec<T>>> {
     match d.get_item(key)? {
         Some(a) if !a.is_none() => {
             let r = ro::<T>(&a, key)?;
@@ -69,8 +71,14 @@ fn opt_vec<T: Element + Copy>(d: &Bound<'_, PyDict>, key: &str) -> PyResult<Opti
     }
 }
 
-fn usize_of(d: &Bound<'_, PyDict>, key: &str) -> PyResult<usize> {
-    item(d, key)?.extract::<usize>()
+fn usize_of(d: &Bound<'_, PyDict>, key: &str) -> Result<usize> {
+    Ok(item(d, key)?.extract::<usize>()?)
+}
+
+/// `spec` as a dict (`what` names it).
+fn dict<'a, 'py>(spec: &'a Bound<'py, PyAny>, what: &str) -> Result<&'a Bound<'py, PyDict>> {
+    spec.cast::<PyDict>()
+        .map_err(|_| PyBmojoErr::type_(format!("{what}: expected a dict")))
 }
 
 fn linear<T: Element + Copy>(
@@ -78,13 +86,13 @@ fn linear<T: Element + Copy>(
     key: &str,
     n_out: usize,
     n_in: usize,
-) -> PyResult<Linear<T>> {
+) -> Result<Linear<T>> {
     let w = vec_of::<T>(d, &format!("{key}_w"))?;
     let b = opt_vec::<T>(d, &format!("{key}_b"))?;
-    Linear::new(key, &w, b.as_deref(), n_out, n_in).map_err(PyValueError::new_err)
+    Ok(Linear::new(key, &w, b.as_deref(), n_out, n_in)?)
 }
 
-fn norm<T: Element + Copy + DecodeElem>(d: &Bound<'_, PyDict>, key: &str) -> PyResult<Norm<T>> {
+fn norm<T: Element + Copy + DecodeElem>(d: &Bound<'_, PyDict>, key: &str) -> Result<Norm<T>> {
     Ok(Norm {
         w: vec_of::<T>(d, &format!("{key}_w"))?,
         b: vec_of::<T>(d, &format!("{key}_b"))?,
@@ -97,20 +105,18 @@ fn build<T: Element + Copy + DecodeElem>(
     d_model: usize,
     top: &Bound<'_, PyDict>,
     layers: &Bound<'_, PyList>,
-) -> PyResult<Model<T>> {
+) -> Result<Model<T>> {
     let dm = d_model;
     let mut out = Vec::with_capacity(layers.len());
     for spec in layers.iter() {
         let l = spec
             .cast::<PyDict>()
-            .map_err(|_| PyTypeError::new_err("layers: expected a list of dicts"))?;
+            .map_err(|_| PyBmojoErr::type_("layers: expected a list of dicts"))?;
         let ff = usize_of(l, "d_ff")?;
         let window = usize_of(l, "window")?;
         let ssm = match l.get_item("ssm")? {
             Some(s) if !s.is_none() => {
-                let s = s
-                    .cast::<PyDict>()
-                    .map_err(|_| PyTypeError::new_err("ssm: expected a dict"))?;
+                let s = dict(&s, "ssm")?;
                 let (di, n, r) = (
                     usize_of(s, "d_inner")?,
                     usize_of(s, "d_state")?,
@@ -135,9 +141,7 @@ fn build<T: Element + Copy + DecodeElem>(
         };
         let attn = match l.get_item("attn")? {
             Some(a) if !a.is_none() => {
-                let a = a
-                    .cast::<PyDict>()
-                    .map_err(|_| PyTypeError::new_err("attn: expected a dict"))?;
+                let a = dict(&a, "attn")?;
                 Some(Attn {
                     n_heads: usize_of(a, "n_heads")?,
                     qkv: linear::<T>(a, "qkv", 3 * dm, dm)?,
@@ -160,7 +164,7 @@ fn build<T: Element + Copy + DecodeElem>(
             chi2: item(l, "chi2")?.extract()?,
             rate: T::from_f64(item(l, "rate")?.extract()?),
             floor: T::from_f64(item(l, "floor")?.extract()?),
-            policy: Policy::from_name(&policy, threshold).map_err(PyValueError::new_err)?,
+            policy: Policy::from_name(&policy, threshold)?,
             norm2: norm::<T>(l, "norm2")?,
             fc1: linear::<T>(l, "fc1", ff, dm)?,
             fc2: linear::<T>(l, "fc2", dm, ff)?,
@@ -173,7 +177,7 @@ fn build<T: Element + Copy + DecodeElem>(
         layers: out,
         norm_f: norm::<T>(top, "norm_f")?,
     };
-    m.check().map_err(PyValueError::new_err)?;
+    m.check()?;
     Ok(m)
 }
 
@@ -183,9 +187,9 @@ fn step_with<T: Element + DecodeElem>(
     n_layers: usize,
     tokens: &Bound<'_, PyAny>,
     state: &Bound<'_, PyList>,
-) -> PyResult<()> {
+) -> Result<()> {
     if state.len() != 3 + STATE_NAMES.len() * n_layers {
-        return Err(PyValueError::new_err(format!(
+        return Err(PyBmojoErr::value(format!(
             "state: expected {} arrays, got {}",
             3 + STATE_NAMES.len() * n_layers,
             state.len()
@@ -235,7 +239,7 @@ fn step_with<T: Element + DecodeElem>(
         let (innov_count, store_positions, store_count, mem_positions) = (i()?, i()?, i()?, i()?);
         let store_scores = di.next().map(|a| a.as_slice_mut()).transpose()?;
         let mem_mask = bi.next().map(|a| a.as_slice_mut()).transpose()?;
-        let e = || PyValueError::new_err("state: missing arrays");
+        let e = || PyBmojoErr::value("state: missing arrays");
         layers.push(LayerState {
             conv: conv.ok_or_else(e)?,
             ssm: ssm.ok_or_else(e)?,
@@ -262,8 +266,7 @@ fn step_with<T: Element + DecodeElem>(
     };
     let tokens = slice(&tok);
     let lv = level();
-    py.detach(|| decode::decode_step(lv, m, tokens, st))
-        .map_err(kernel_err)
+    Ok(py.detach(|| decode::decode_step(lv, m, tokens, st))?)
 }
 
 #[pymethods]
@@ -277,7 +280,7 @@ impl DecodePlan {
         top: Bound<'_, PyDict>,
         layers: Bound<'_, PyList>,
         f64: bool,
-    ) -> PyResult<Self> {
+    ) -> Result<Self> {
         let n_layers = layers.len();
         let inner = if f64 {
             Inner::F64(build::<f64>(vocab, d_model, &top, &layers)?)
@@ -299,7 +302,7 @@ impl DecodePlan {
         py: Python<'_>,
         tokens: Bound<'_, PyAny>,
         state: Bound<'_, PyList>,
-    ) -> PyResult<()> {
+    ) -> Result<()> {
         match &self.inner {
             Inner::F32(m) => step_with::<f32>(py, m, self.n_layers, &tokens, &state),
             Inner::F64(m) => step_with::<f64>(py, m, self.n_layers, &tokens, &state),
@@ -307,48 +310,7 @@ impl DecodePlan {
     }
 }
 
-/// `decode_gemv(w, bias, x, out, gelu)`: `out (nx, n_out) = act(x (nx, n_in) @ w.T + b)`
-/// with the decode step's GEMV (for tests).
-#[pyfunction]
-#[pyo3(signature = (w, bias, x, out, gelu))]
-fn decode_gemv(
-    py: Python<'_>,
-    w: Bound<'_, PyAny>,
-    bias: Option<Bound<'_, PyAny>>,
-    x: Bound<'_, PyAny>,
-    out: Bound<'_, PyAny>,
-    gelu: bool,
-) -> PyResult<()> {
-    fn go<T: Element + DecodeElem>(
-        py: Python<'_>,
-        w: &Bound<'_, PyAny>,
-        bias: &Option<Bound<'_, PyAny>>,
-        x: &Bound<'_, PyAny>,
-        out: &Bound<'_, PyAny>,
-        gelu: bool,
-    ) -> PyResult<()> {
-        let sh = crate::shape(w, "w", 2)?;
-        let (rw_, rb, rx) = (
-            ro::<T>(w, "w")?,
-            crate::opt_ro::<T>(bias, "bias")?,
-            ro::<T>(x, "x")?,
-        );
-        let mut ro_ = rw::<T>(out, "out")?;
-        let o = ro_.as_slice_mut()?;
-        let (ws, bs, xs) = (slice(&rw_), rb.as_ref().map(slice), slice(&rx));
-        let lv = level();
-        py.detach(|| decode::gemv(lv, ws, bs, sh[0], sh[1], xs, gelu, o))
-            .map_err(kernel_err)
-    }
-    if w.cast::<PyArrayDyn<f64>>().is_ok() {
-        go::<f64>(py, &w, &bias, &x, &out, gelu)
-    } else {
-        go::<f32>(py, &w, &bias, &x, &out, gelu)
-    }
-}
-
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<DecodePlan>()?;
-    m.add_function(wrap_pyfunction!(decode_gemv, m)?)?;
     Ok(())
 }

@@ -1,34 +1,25 @@
-//! Python binding: eidetic token retention, SPEC §6.1 (innovation scores) and §6.2 (the
-//! bounded store, streaming push and chunked builder).
+//! `bmojo_core._core.eidetic`: eidetic token retention, SPEC §6.1 (innovation scores) and
+//! §6.2 (the bounded store, streaming push and chunked builder).
 //!
 //! Every shape is checked here (the kernels check lengths and the store's invariants), so
-//! a wrong call raises instead of misreading a layout; `eidetic_push` validates
-//! everything before it writes.
+//! a wrong call raises instead of misreading a layout; `push` validates everything before
+//! it writes.
 
-use bmojo_kernels::dispatch::SimdElem;
 use bmojo_kernels::eidetic::{self, InnovArgs, InnovOut, Policy, SelectArgs, SelectOut};
-
+use bmojo_kernels::SimdElem;
 use numpy::{Element, PyUntypedArrayMethods};
-use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
-use crate::{is_f64, kernel_err, level, ro, rw, slice};
+use crate::args::{by_float, is_f64, ro, rw, slice, want};
+use crate::errors::{PyBmojoErr, Result};
+use crate::runtime::level;
 
-fn want(name: &str, got: &[usize], want: &[usize]) -> PyResult<()> {
-    if got == want {
-        Ok(())
-    } else {
-        Err(PyValueError::new_err(format!(
-            "{name}: expected shape {want:?}, got {got:?}"
-        )))
-    }
-}
-
-fn dims(name: &str, got: &[usize], n: usize, what: &str) -> PyResult<()> {
+/// `name` must have `n` dimensions (`what` describes them).
+fn dims(name: &str, got: &[usize], n: usize, what: &str) -> Result<()> {
     if got.len() == n {
         Ok(())
     } else {
-        Err(PyValueError::new_err(format!(
+        Err(PyBmojoErr::value(format!(
             "{name}: expected shape {what}, got {got:?}"
         )))
     }
@@ -54,7 +45,7 @@ fn innovation_scores(
     history_out: Bound<'_, PyAny>,
     count_out: Bound<'_, PyAny>,
     ema_out: Bound<'_, PyAny>,
-) -> PyResult<()> {
+) -> Result<()> {
     #[allow(clippy::too_many_arguments)]
     fn go<T: SimdElem + Element>(
         py: Python<'_>,
@@ -70,7 +61,7 @@ fn innovation_scores(
         history_out: &Bound<'_, PyAny>,
         count_out: &Bound<'_, PyAny>,
         ema_out: &Bound<'_, PyAny>,
-    ) -> PyResult<()> {
+    ) -> Result<()> {
         let ry = ro::<T>(y, "y")?;
         dims("y", ry.shape(), 3, "(batch, len, dim)")?;
         let (b, l, d) = (ry.shape()[0], ry.shape()[1], ry.shape()[2]);
@@ -111,8 +102,7 @@ fn innovation_scores(
             ema: we.as_slice_mut()?,
         };
         let lv = level();
-        py.detach(|| eidetic::innovation(lv, &s, out))
-            .map_err(kernel_err)
+        Ok(py.detach(|| eidetic::innovation(lv, &s, out))?)
     }
     by_float!(
         is_f64(&y, "y")?,
@@ -134,16 +124,16 @@ fn innovation_scores(
     )
 }
 
-fn policy(name: &str, threshold: f64) -> PyResult<Policy> {
-    Policy::from_name(name, threshold).map_err(kernel_err)
+fn policy(name: &str, threshold: f64) -> Result<Policy> {
+    Ok(Policy::from_name(name, threshold)?)
 }
 
-/// `eidetic_push(positions, scores, count, new_scores, policy, threshold)`: the store
+/// `push(positions, scores, count, new_scores, policy, threshold)`: the store
 /// `positions (B, m)` int64, `scores (B, m)` float64, `count (B,)` int64, updated in place
 /// with `new_scores (B, T)` float64 (nothing is written when a check fails).
 #[pyfunction]
 #[pyo3(signature = (positions, scores, count, new_scores, policy, threshold))]
-fn eidetic_push(
+fn push(
     py: Python<'_>,
     positions: Bound<'_, PyAny>,
     scores: Bound<'_, PyAny>,
@@ -151,7 +141,7 @@ fn eidetic_push(
     new_scores: Bound<'_, PyAny>,
     policy: &str,
     threshold: f64,
-) -> PyResult<()> {
+) -> Result<()> {
     let pol = self::policy(policy, threshold)?;
     let mut wp = rw::<i64>(&positions, "positions")?;
     dims("positions", wp.shape(), 2, "(batch, capacity)")?;
@@ -169,21 +159,21 @@ fn eidetic_push(
         wc.as_slice_mut()?,
         slice(&rn),
     );
-    py.detach(|| eidetic::push(pol, b, m, p, s, c, n))
-        .map_err(kernel_err)
+    Ok(py.detach(|| eidetic::push(pol, b, m, p, s, c, n))?)
 }
 
-/// `eidetic_check(positions, scores, count, policy, threshold)`: raises ValueError when
-/// the store breaks an invariant (see the kernel's `check_store`).
+/// `check(positions, scores, count, policy, threshold)`: raises BmojoValueError when the
+/// store breaks an invariant (see the kernel's `check_store`).
 #[pyfunction]
 #[pyo3(signature = (positions, scores, count, policy, threshold))]
-fn eidetic_check(
+fn check(
+    py: Python<'_>,
     positions: Bound<'_, PyAny>,
     scores: Bound<'_, PyAny>,
     count: Bound<'_, PyAny>,
     policy: &str,
     threshold: f64,
-) -> PyResult<()> {
+) -> Result<()> {
     let pol = self::policy(policy, threshold)?;
     let rp = ro::<i64>(&positions, "positions")?;
     dims("positions", rp.shape(), 2, "(batch, capacity)")?;
@@ -192,17 +182,18 @@ fn eidetic_check(
     want("scores", rs.shape(), &[b, m])?;
     let rc = ro::<i64>(&count, "count")?;
     want("count", rc.shape(), &[b])?;
-    eidetic::check_store(pol, b, m, slice(&rp), slice(&rs), slice(&rc)).map_err(kernel_err)
+    let (p, s, c) = (slice(&rp), slice(&rs), slice(&rc));
+    Ok(py.detach(|| eidetic::check_store(pol, b, m, p, s, c))?)
 }
 
-/// `eidetic_select(scores, positions, store_scores, start, chunk, policy, threshold, held,
+/// `select(scores, positions, store_scores, start, chunk, policy, threshold, held,
 /// positions_out, scores_out, count_out)`: scores `(B, L)` float64, the store before the
 /// first position `positions (B, m)` int64 / `store_scores (B, m)` float64 / `start (B,)`
 /// int64, `held (B, ceil(L/chunk), m)` int64 and the store after the last position.
 #[pyfunction]
 #[pyo3(signature = (scores, positions, store_scores, start, chunk, policy, threshold, held, positions_out, scores_out, count_out))]
 #[allow(clippy::too_many_arguments)]
-fn eidetic_select(
+fn select(
     py: Python<'_>,
     scores: Bound<'_, PyAny>,
     positions: Bound<'_, PyAny>,
@@ -215,10 +206,10 @@ fn eidetic_select(
     positions_out: Bound<'_, PyAny>,
     scores_out: Bound<'_, PyAny>,
     count_out: Bound<'_, PyAny>,
-) -> PyResult<()> {
+) -> Result<()> {
     let pol = self::policy(policy, threshold)?;
     if chunk == 0 {
-        return Err(PyValueError::new_err("chunk: expected >= 1, got 0"));
+        return Err(PyBmojoErr::value("chunk: expected >= 1, got 0"));
     }
     let rs = ro::<f64>(&scores, "scores")?;
     dims("scores", rs.shape(), 2, "(batch, len)")?;
@@ -256,13 +247,13 @@ fn eidetic_select(
         scores: ws.as_slice_mut()?,
         count: wc.as_slice_mut()?,
     };
-    py.detach(|| eidetic::select(&s, out)).map_err(kernel_err)
+    Ok(py.detach(|| eidetic::select(&s, out))?)
 }
 
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(innovation_scores, m)?)?;
-    m.add_function(wrap_pyfunction!(eidetic_push, m)?)?;
-    m.add_function(wrap_pyfunction!(eidetic_check, m)?)?;
-    m.add_function(wrap_pyfunction!(eidetic_select, m)?)?;
+    m.add_function(wrap_pyfunction!(push, m)?)?;
+    m.add_function(wrap_pyfunction!(check, m)?)?;
+    m.add_function(wrap_pyfunction!(select, m)?)?;
     Ok(())
 }

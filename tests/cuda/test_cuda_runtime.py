@@ -117,7 +117,7 @@ def test_embedded_sources_are_the_cuda_folder():
     on_disk = {p.name: p.read_text() for p in REPO_CUDA.iterdir() if p.suffix in (".cu", ".cuh")}
     # A stale extension (built before a source changed) would fail here.
     assert {n: got[n] for n in on_disk} == on_disk
-    assert set(on_disk) == {n for n, _ in _core.cuda_sources()}, "cuda/ file not embedded"
+    assert set(on_disk) == {n for n, _ in _core.cuda.sources()}, "cuda/ file not embedded"
 
 
 def test_declared_kernels_name_embedded_sources():
@@ -138,7 +138,7 @@ def _cubins(arch: str) -> dict[str, bytes]:
     pytest-xdist workers share the work instead of repeating it."""
     got = _CUBINS.get(arch)
     if got is None:
-        names = sorted(n for n, _ in _core.cuda_sources())
+        names = sorted(n for n, _ in _core.cuda.sources())
         with ThreadPoolExecutor(max_workers=2) as ex:
             out = ex.map(lambda n: cuda.compile_source(n, arch), names)
             got = _CUBINS[arch] = dict(zip(names, out, strict=True))
@@ -334,9 +334,9 @@ def test_bad_launch_arguments_are_clear_errors(registry, fmt, args, err, match):
 
 def test_good_launch_arguments_pass_the_check():
     t = torch.zeros(3)
-    _core.cuda_check_args("pppilfd", (t, None, 12345, -(2**31), 2**62, 1.5, 1e300))
-    _core.cuda_check_args("ff", (float("inf"), float("nan")))
-    _core.cuda_check_args("", ())
+    _core.cuda.check_args("pppilfd", (t, None, 12345, -(2**31), 2**62, 1.5, 1e300))
+    _core.cuda.check_args("ff", (float("inf"), float("nan")))
+    _core.cuda.check_args("", ())
 
 
 def test_launch_with_an_undeclared_dtype_or_a_cpu_device(registry):
@@ -407,7 +407,7 @@ def test_import_loads_neither_nvrtc_nor_the_driver():
     code = (
         f"import torch, bmojo_core, bmojo_core.runtime.cuda, {mods}\n"
         "from bmojo_core import _core, cuda\n"
-        "print(_core.cuda_loaded(), torch.cuda.is_initialized(), len(cuda._MODULES))\n"
+        "print(_core.cuda.loaded(), torch.cuda.is_initialized(), len(cuda._MODULES))\n"
     )
     res = _run(code)
     assert res.returncode == 0, res.stderr
@@ -439,7 +439,7 @@ def test_bmojo_info_shows_the_cuda_runtime(tmp_path):
     assert rows["kernel cache"] == str(tmp_path / "kc")
     assert "CUDA device" in rows and "CUDA driver" in rows
     if HAS_NVRTC:
-        major, minor, _ = _core.cuda_nvrtc_version(cuda._nvrtc()[0])
+        major, minor, _ = _core.cuda.nvrtc_version(cuda._nvrtc()[0])
         assert rows["NVRTC"].startswith(f"{major}.{minor} (")
     else:
         assert rows["NVRTC"].startswith("not available")
@@ -495,7 +495,7 @@ def test_launch_on_the_current_stream(tiny_kernel, suffix):
 @needs_gpu
 def test_dynamic_shared_memory_above_48k(tiny_kernel):
     _, ks = tiny_kernel
-    _, _, _, optin, _ = _core.cuda_device(torch.cuda.current_device())
+    _, _, _, optin, _ = _core.cuda.device(torch.cuda.current_device())
     nbytes = min(optin, 96 * 1024)
     if nbytes <= 48 * 1024:
         pytest.skip("device cannot opt in to more than 48 KB of shared memory")
@@ -582,7 +582,7 @@ def test_zero_grid_is_rejected(tiny_kernel):
 
 @needs_gpu
 def test_fmt_is_checked_against_the_kernel_signature(tiny_kernel):
-    if _core.cuda_driver_version(None) < 12040:
+    if _core.cuda.driver_version(None) < 12040:
         pytest.skip("the driver reports kernel parameter sizes from CUDA 12.4 on")
     k, _ = tiny_kernel
     y = torch.zeros(4, device="cuda")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import bmojo_core
 import pytest
 import torch
-from bmojo_core import _core
 from bmojo_core.inference import Stream
 from bmojo_core.inference import decode as D
 from bmojo_core.layers import BMojoLM
@@ -249,17 +248,3 @@ def test_bad_inputs_leave_stream_unchanged():
         fused.step(torch.tensor([1.0, 2.0]), s.state, s._layers)
     for k in before:
         assert torch.equal(s.state[k], before[k]), k
-
-
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
-def test_decode_gemv_building_block(dtype, restore_runtime):
-    g = torch.Generator().manual_seed(7)
-    w = torch.randn(37, 29, generator=g, dtype=dtype)
-    b = torch.randn(37, generator=g, dtype=dtype)
-    x = torch.randn(3, 29, generator=g, dtype=dtype)
-    want = torch.nn.functional.gelu(x.double() @ w.double().T + b.double())
-    for level in bmojo_core.simd_levels():
-        bmojo_core.set_simd_level(level)
-        out = torch.empty(3, 37, dtype=dtype)
-        _core.decode_gemv(w.numpy(), b.numpy(), x.numpy(), out.numpy(), True)
-        assert_close(out, want, dtype, level)

@@ -387,14 +387,15 @@ def test_bad_inputs(case):
 
 
 def test_core_rejects_bad_arrays():
+    """The extension itself raises the package's classes (no Python wrapper involved)."""
     kw = make(1, 2, 4, 2, dtype=torch.float32)
     u, a = kw["u"].numpy(), kw["alpha"].numpy()
     y, s, last = np.empty_like(u), np.empty_like(u), np.empty((1, 2, 2), np.float32)
-    with pytest.raises(TypeError, match="alpha"):
-        _core.companion_scan_fwd(u, a[..., ::-1], None, None, None, None, y, s, last)
-    with pytest.raises(TypeError, match="alpha"):
-        _core.companion_scan_fwd(u, a.astype(np.float64), None, None, None, None, y, s, last)
-    with pytest.raises(ValueError, match="last_state"):
-        _core.companion_scan_fwd(u, a, None, None, None, None, y, s, last[:, :, :1].copy())
-    with pytest.raises(ValueError, match="alpha"):
-        _core.companion_scan_fwd(u, a[:, :, :3].copy(), None, None, None, None, y, s, last)
+    with pytest.raises(BmojoTypeError, match="alpha"):
+        _core.companion.scan_fwd(u, a[..., ::-1], None, None, None, None, y, s, last)
+    with pytest.raises(BmojoTypeError, match="alpha"):
+        _core.companion.scan_fwd(u, a.astype(np.float64), None, None, None, None, y, s, last)
+    with pytest.raises(BmojoValueError, match="last_state"):
+        _core.companion.scan_fwd(u, a, None, None, None, None, y, s, last[:, :, :1].copy())
+    with pytest.raises(BmojoValueError, match="alpha"):
+        _core.companion.scan_fwd(u, a[:, :, :3].copy(), None, None, None, None, y, s, last)

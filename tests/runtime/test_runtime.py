@@ -165,27 +165,67 @@ def test_public_names():
 
 
 def test_core_stubs_match_the_extension():
-    """``_core.pyi`` stays true: the same names, and the same parameter names, as the
-    compiled module (PyO3 records each function's signature in ``__text_signature__``)."""
+    """The stub package ``_core/`` stays true: one ``.pyi`` per submodule of the compiled
+    module, with the same names, and the same parameter names (PyO3 records each
+    function's signature in ``__text_signature__``)."""
     import ast
     import inspect
     from pathlib import Path
 
     from bmojo_core import _core
 
-    stub = ast.parse((Path(bm.__file__).parent / "_core.pyi").read_text())
-    declared = {}
-    for node in stub.body:
-        if isinstance(node, ast.FunctionDef):
-            declared[node.name] = [a.arg for a in node.args.args]
-        elif isinstance(node, ast.ClassDef):
-            declared[node.name] = None
-        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-            if not node.target.id.startswith("_"):
-                declared[node.target.id] = None
+    stubs = Path(bm.__file__).parent / "_core"
+    assert not (stubs / "__init__.py").exists(), "the stub folder must not shadow the .so"
+    assert _core.__file__.endswith((".so", ".pyd")), _core.__file__
+    subs = {p.stem for p in stubs.glob("*.pyi")} - {"__init__"}
     public = {n for n in dir(_core) if not n.startswith("_")}
-    assert set(declared) == public
-    for name, params in declared.items():
-        if params is not None:
-            got = list(inspect.signature(getattr(_core, name)).parameters)
-            assert got == params, name
+    assert subs == public
+    for sub in sorted(subs):
+        mod = getattr(_core, sub)
+        stub = ast.parse((stubs / f"{sub}.pyi").read_text())
+        declared = {}
+        for node in stub.body:
+            if isinstance(node, ast.FunctionDef):
+                declared[node.name] = [a.arg for a in node.args.args]
+            elif isinstance(node, ast.ClassDef):
+                declared[node.name] = None
+            elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+                if not node.target.id.startswith("_"):
+                    declared[node.target.id] = None
+        assert set(declared) == {n for n in dir(mod) if not n.startswith("_")}, sub
+        for name, params in declared.items():
+            if params is not None:
+                got = list(inspect.signature(getattr(mod, name)).parameters)
+                assert got == params, f"{sub}.{name}"
+
+
+def test_core_submodules_import_by_name():
+    """Each submodule is an attribute of ``_core`` and importable by its full name."""
+    import importlib
+
+    from bmojo_core import _core
+
+    for sub in ("runtime", "scan", "step", "conv", "companion", "bilinear", "eidetic"):
+        mod = importlib.import_module(f"bmojo_core._core.{sub}")
+        assert mod is getattr(_core, sub)
+        assert mod.__name__ == f"bmojo_core._core.{sub}"
+    from bmojo_core._core import cuda, decode
+
+    assert decode.DecodePlan.__module__ == "bmojo_core._core.decode"
+    assert cuda.__name__ == "bmojo_core._core.cuda"
+
+
+def test_core_raises_the_package_errors():
+    """Kernel, argument and type errors of the extension come as ``bmojo_core.errors``
+    classes (still ValueError / TypeError)."""
+    import numpy as np
+    from bmojo_core._core import eidetic, runtime
+
+    with pytest.raises(bm.BmojoValueError, match="simd level"):
+        runtime.set_simd_level("nope")
+    pos = np.array([[0, 0]], dtype=np.int64)
+    sc, cnt = np.zeros((1, 2)), np.array([2], dtype=np.int64)
+    with pytest.raises(bm.BmojoValueError, match="row 0: positions: a position is held twice"):
+        eidetic.check(pos, sc, cnt, "topk", 0.0)
+    with pytest.raises(bm.BmojoTypeError, match="positions"):
+        eidetic.check(pos.astype(np.int32), sc, cnt, "topk", 0.0)

@@ -1,18 +1,18 @@
-"""The ops' one route into the extension ``bmojo_core._core``: NumPy views of torch CPU
-tensors (zero-copy; the kernels re-check every shape and dtype) and the call wrapper that
-turns a kernel's refusal into :class:`~bmojo_core.errors.BmojoValueError`."""
+"""The ops' one route into the extension ``bmojo_core._core``: the extension and NumPy views
+of torch CPU tensors (zero-copy; the kernels re-check every shape and dtype and raise the
+classes of :mod:`bmojo_core.errors` themselves)."""
 
 from __future__ import annotations
 
 from torch import Tensor
 
 from .. import _core
-from ..errors import BmojoValueError
 
-__all__ = ["call", "core", "inout", "view", "view_opt"]
+__all__ = ["core", "inout", "view", "view_opt"]
 
 core = _core
-"""The extension module (the op modules reach it only through this module)."""
+"""The extension: one submodule per op module (``core.scan``, ``core.conv``, ...); the op
+modules reach it only through this module."""
 
 
 def view(t: Tensor):
@@ -29,11 +29,3 @@ def inout(t: Tensor):
     """An array the kernel writes: the tensor's own memory (never a copy, so the writes
     land in ``t``; a non-contiguous ``t`` is refused by the kernel)."""
     return t.detach().numpy()
-
-
-def call(fn, *args):
-    """Runs a kernel entry point; its argument errors become ``BmojoValueError``."""
-    try:
-        return fn(*args)
-    except ValueError as e:
-        raise BmojoValueError(str(e)) from None

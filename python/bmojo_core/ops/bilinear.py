@@ -33,8 +33,8 @@ _K_DMAT = _cuda.declare("bilinear.cu", "bilinear_dmat_part")
 _THREADS = 64  # = MAX_STATE: thread i owns state component i
 _DMAT_CHUNK = 1024  # (batch, time) steps per dA0/dN partial (a fixed cut)
 
-MAX_STATE: int = core.BILINEAR_MAX_STATE
-PAR_CHUNK: int = core.BILINEAR_PAR_CHUNK
+MAX_STATE: int = core.bilinear.MAX_STATE
+PAR_CHUNK: int = core.bilinear.PAR_CHUNK
 METHODS = ("auto", "sequential", "parallel")
 
 
@@ -126,7 +126,7 @@ def bilinear_scan_fwd(
     (float32/float64). Returns (states (batch, L, n), final state (batch, n))."""
     xs = torch.empty_like(b, memory_format=torch.contiguous_format)
     last = b.new_empty(b.shape[0], b.shape[2])
-    core.bilinear_scan_fwd(
+    core.bilinear.scan_fwd(
         view(b), view(A0), view(N), view(v), view_opt(initial_state), parallel, xs.numpy(),
         last.numpy(),
     )  # fmt: skip
@@ -159,7 +159,7 @@ def bilinear_scan_bwd(
     db, dv = torch.empty_like(b), torch.empty_like(v)
     dA0, dN = torch.empty_like(A0), torch.empty_like(N)
     dh0 = b.new_empty(b.shape[0], b.shape[2])
-    core.bilinear_scan_bwd(
+    core.bilinear.scan_bwd(
         view(b), view(A0), view(N), view(v), view_opt(initial_state), view(xs), view(dxs),
         view_opt(dlast), db.numpy(), dA0.numpy(), dN.numpy(), dv.numpy(), dh0.numpy(),
     )  # fmt: skip
@@ -213,7 +213,7 @@ def bilinear_tv_scan_fwd(
     """``X_t = A_t X_{t-1} + b_t`` with A (batch, L, n, n). Returns (states, final state)."""
     xs = torch.empty_like(b, memory_format=torch.contiguous_format)
     last = b.new_empty(b.shape[0], b.shape[2])
-    core.bilinear_tv_scan_fwd(
+    core.bilinear.tv_scan_fwd(
         view(b), view(A), view_opt(initial_state), parallel, xs.numpy(), last.numpy()
     )
     return xs, last
@@ -241,7 +241,7 @@ def bilinear_tv_scan_bwd(
     """Gradients (db, dA, dinitial_state) of `bilinear_tv_scan_fwd`."""
     db, dA = torch.empty_like(b), torch.empty_like(A)
     dh0 = b.new_empty(b.shape[0], b.shape[2])
-    core.bilinear_tv_scan_bwd(
+    core.bilinear.tv_scan_bwd(
         view(b), view(A), view_opt(initial_state), view(xs), view(dxs), view_opt(dlast),
         db.numpy(), dA.numpy(), dh0.numpy(),
     )  # fmt: skip

@@ -27,7 +27,7 @@ _K_BWD = _cuda.declare("companion.cu", "companion_scan_bwd")
 _K_REDUCE = _cuda.declare("companion.cu", "companion_reduce")
 _LANES = 32  # = COMP_LN of the kernels: one warp of lanes per block (tiles of 32 x 32 steps)
 
-MAX_ORDER: int = core.COMPANION_MAX_ORDER
+MAX_ORDER: int = core.companion.MAX_ORDER
 
 
 def _y_is_s(c, D) -> bool:
@@ -52,7 +52,7 @@ def companion_scan_fwd(
     y = u.new_empty(batch, dim, length)
     s = u.new_empty(0) if _y_is_s(c, D) else u.new_empty(batch, dim, length)
     last = u.new_empty(batch, dim, n)
-    core.companion_scan_fwd(
+    core.companion.scan_fwd(
         view(u), view(alpha), view_opt(beta), view_opt(c), view_opt(D), view_opt(initial_state),
         y.numpy(), None if _y_is_s(c, D) else s.numpy(), last.numpy(),
     )  # fmt: skip
@@ -122,7 +122,7 @@ def companion_scan_bwd(
     dc = torch.empty_like(c) if c is not None else u.new_empty(0)
     dD = torch.empty_like(D) if D is not None else u.new_empty(0)
     dh0 = u.new_empty(batch, dim, n)
-    core.companion_scan_bwd(
+    core.companion.scan_bwd(
         view(u), view(alpha), view_opt(beta), view_opt(c), view_opt(D), view_opt(initial_state),
         view(s), view(dy), view_opt(dlast_state), du.numpy(), dalpha.numpy(),
         None if beta is None else dbeta.numpy(), None if c is None else dc.numpy(),

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ._native import call, core, inout, view
+from ._native import core, inout, view
 
 __all__ = ["FusedLM", "linear", "layer_norm"]
 
@@ -57,8 +57,7 @@ class FusedLM:
     ):  # fmt: skip
         vocab, d_model = top["embedding"].shape
         with torch.no_grad():
-            self._native = call(
-                core.DecodePlan, vocab, d_model,
+            self._native = core.decode.DecodePlan(vocab, d_model,
                 _arrays(top), [_arrays(x) for x in layers],
                 dtype == torch.float64,
             )  # fmt: skip
@@ -72,10 +71,10 @@ class FusedLM:
         Everything is checked before anything is written."""
         arrays = [inout(stream[k]) for k in ("position", "logits", "has_logits")]
         for st in layers:
-            for name in core.DecodePlan.state_names():
+            for name in core.decode.DecodePlan.state_names():
                 t = st.get(name)
                 arrays.append(inout(t) if t is not None else self._absent(name))
-        call(self._native.step, tokens.contiguous().numpy(), arrays)
+        self._native.step(tokens.contiguous().numpy(), arrays)
 
     def _absent(self, name: str):
         """A piece the layer does not have (no SSM, window or eidetic memory): an empty

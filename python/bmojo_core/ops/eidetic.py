@@ -41,7 +41,7 @@ from torch import Tensor
 from .. import _validate as V
 from ..runtime import cuda as _cuda
 from ..runtime import launch as CU
-from ._native import call, core, inout, view
+from ._native import core, inout, view
 
 __all__ = [
     "CHI2_FLOOR",
@@ -146,8 +146,7 @@ def innovation_scores_op(
 
 def _innovation_cpu(y, weights, history, count, ema, chi2, rate, floor):
     scores, hist, cnt, em = _innovation_outputs(y, weights, count)
-    call(
-        core.innovation_scores, view(y), view(weights), view(history), view(count), view(ema),
+    core.eidetic.innovation_scores(view(y), view(weights), view(history), view(count), view(ema),
         chi2, rate, floor, scores.numpy(), hist.numpy(), cnt.numpy(), em.numpy(),
     )  # fmt: skip
     return scores, hist, cnt, em
@@ -207,8 +206,7 @@ def eidetic_select_op(
     pos = positions.new_empty(b, m)
     sc = store_scores.new_empty(b, m)
     cnt = start.new_empty(b)
-    call(
-        core.eidetic_select, view(scores), view(positions), view(store_scores), view(start),
+    core.eidetic.select(view(scores), view(positions), view(store_scores), view(start),
         chunk, policy, threshold, held.numpy(), pos.numpy(), sc.numpy(), cnt.numpy(),
     )  # fmt: skip
     return held, pos, sc, cnt
@@ -269,8 +267,7 @@ def eidetic_push_op(
 
 
 def _push_cpu(positions, scores, count, new_scores, policy, threshold) -> None:
-    call(
-        core.eidetic_push, inout(positions), inout(scores), inout(count), view(new_scores),
+    core.eidetic.push(inout(positions), inout(scores), inout(count), view(new_scores),
         policy, threshold,
     )  # fmt: skip
 
@@ -341,8 +338,7 @@ def check_store(
     float64 and ``count (B,)`` int64 form a valid store under ``policy`` (held prefix then
     -1, distinct positions before ``count``, finite scores, heap order). Checked on the CPU:
     restoring a store is not a hot path."""
-    call(
-        core.eidetic_check, view(positions.cpu()), view(scores.cpu()), view(count.cpu()),
+    core.eidetic.check(view(positions.cpu()), view(scores.cpu()), view(count.cpu()),
         policy, threshold,
     )  # fmt: skip
 

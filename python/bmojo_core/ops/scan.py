@@ -22,7 +22,7 @@ from ..runtime import cuda as _cuda
 from ..runtime import launch as CU
 from ._native import core, view, view_opt
 
-CHUNK: int = core.CHECKPOINT_CHUNK
+CHUNK: int = core.scan.CHECKPOINT_CHUNK
 
 # CUDA kernels (cuda/scan.cu): one block of _NT threads per (batch row, channel [block]).
 _K_DIAG = _cuda.declare("scan.cu", "diag_scan")
@@ -61,7 +61,7 @@ def diag_scan_fwd(
     a, b = a.contiguous(), b.contiguous()
     h = torch.empty_like(b)
     last = b.new_empty(b.shape[0])
-    core.diag_scan(view(a), view(b), view_opt(initial_state), h.numpy(), last.numpy(), reverse)
+    core.scan.diag_scan(view(a), view(b), view_opt(initial_state), h.numpy(), last.numpy(), reverse)
     return h, last
 
 
@@ -135,7 +135,7 @@ def _diag_bwd(a, h, initial_state, dh, dlast, reverse, gpu):
         dl = None if dlast is None else dlast.contiguous()
         _diag_cuda(shifted.contiguous(), dh, dl, g, g_end, not reverse)
     else:
-        core.diag_scan(
+        core.scan.diag_scan(
             view(shifted), view(dh), view_opt(dlast), g.numpy(), g_end.numpy(), not reverse
         )
     return g * prev, g, a[:, first] * g[:, first]
@@ -237,7 +237,7 @@ def selective_scan_fwd(
     out = torch.empty_like(u, memory_format=torch.contiguous_format)
     last = A.new_empty(batch, dim, n)
     ckpt = A.new_empty(batch, dim, _n_chunks(length), n)
-    core.selective_scan_fwd(
+    core.scan.selective_scan_fwd(
         view(u), view(delta), view(A), view(B), view(C), view_opt(D), view_opt(z),
         view_opt(delta_bias), view_opt(initial_state), view_opt(seq_idx), delta_softplus,
         out.numpy(), last.numpy(), ckpt.numpy(),
@@ -335,7 +335,7 @@ def selective_scan_bwd(
     dD = torch.empty_like(D) if D is not None else u.new_empty(0)
     dz = torch.empty_like(z) if z is not None else u.new_empty(0)
     dbias = torch.empty_like(delta_bias) if delta_bias is not None else u.new_empty(0)
-    core.selective_scan_bwd(
+    core.scan.selective_scan_bwd(
         view(u), view(delta), view(A), view(B), view(C), view_opt(D), view_opt(z),
         view_opt(delta_bias), None, view_opt(seq_idx), delta_softplus, view(checkpoints),
         view(dout), view_opt(dlast_state), du.numpy(), ddelta.numpy(), dA.numpy(),

@@ -21,7 +21,7 @@ from torch import Tensor
 from .. import _validate as V
 from ..runtime import cuda as _cuda
 from ..runtime import launch as CU
-from ._native import call, core, inout, view, view_opt
+from ._native import core, inout, view, view_opt
 
 _K_STEP = _cuda.declare("step.cu", "selective_state_update")
 _STEP_NT = 128  # threads per block: one per channel
@@ -30,8 +30,7 @@ _STEP_NT = 128  # threads per block: one per channel
 def _run(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, slots, snaps, out) -> None:
     """Kernel call on normalised tensors. The kernel validates everything (slot range,
     duplicate slots) before writing; its errors become BmojoValueError."""
-    call(
-        core.selective_state_update, inout(state), view(x), view(dt), view(A), view(B), view(C),
+    core.step.selective_state_update(inout(state), view(x), view(dt), view(A), view(B), view(C),
         view_opt(D), view_opt(z), view_opt(dt_bias), dt_softplus, view_opt(slots), inout(out),
         None if snaps is None else inout(snaps),
     )  # fmt: skip
@@ -220,7 +219,7 @@ def selective_state_update(
         # everything before writing; on any mismatch (or a tensor NumPy cannot view) the
         # validating path below takes over and raises a clear error or converts.
         try:
-            out = core.selective_state_update(
+            out = core.step.selective_state_update(
                 state.numpy(), x.numpy(), dt.numpy(), A.numpy(), B.numpy(), C.numpy(),
                 None if D is None else D.numpy(), None if z is None else z.numpy(),
                 None if dt_bias is None else dt_bias.numpy(), bool(dt_softplus),

@@ -38,7 +38,13 @@ from typing import Any
 import torch
 
 from .. import _core
-from ..errors import BmojoCompileError, BmojoCudaError, BmojoTypeError, BmojoValueError
+from ..errors import (
+    BmojoCompileError,
+    BmojoCudaError,
+    BmojoError,
+    BmojoTypeError,
+    BmojoValueError,
+)
 from .launch import capturing
 
 __all__ = [
@@ -105,7 +111,7 @@ class Kernel:
             _check_args(self.symbol(suffix), fmt, args)
             f = self._resolve(idx, suffix)
         try:
-            _core.cuda_launch(f, grid, block, shared_mem, _stream(idx), fmt, args)
+            _core.cuda.launch(f, grid, block, shared_mem, _stream(idx), fmt, args)
         except Exception as e:  # noqa: BLE001 - mapped to the package's error classes
             raise _map_error(self.symbol(suffix), e) from None
 
@@ -129,7 +135,7 @@ class Kernel:
                 )
             m = _module(idx, self.source)
             try:
-                f = _core.cuda_module_function(m, self.symbol(suffix))
+                f = _core.cuda.module_function(m, self.symbol(suffix))
             except RuntimeError as e:
                 raise BmojoCudaError(
                     f"kernel {self.symbol(suffix)} not found in {self.source} ({e}); "
@@ -177,18 +183,23 @@ def prepare(device=None, dtypes=None) -> int:
 
 
 def _map_error(what: str, e: Exception) -> Exception:
-    if isinstance(e, BmojoCudaError | BmojoValueError | BmojoTypeError):
-        return e
-    if isinstance(e, TypeError):
-        return BmojoTypeError(f"{what}: {e}")
-    if isinstance(e, ValueError | OverflowError):
-        return BmojoValueError(f"{what}: {e}")
-    return BmojoCudaError(f"{what}: {e}")
+    """``e`` with ``what`` (the entry point) in front, in the same class. ``_core.cuda``
+    raises the package's classes itself; PyO3's argument conversions raise TypeError or
+    OverflowError, mapped here."""
+    if isinstance(e, BmojoError):
+        cls = type(e)
+    elif isinstance(e, TypeError):
+        cls = BmojoTypeError
+    elif isinstance(e, ValueError | OverflowError):
+        cls = BmojoValueError
+    else:
+        cls = BmojoCudaError
+    return cls(f"{what}: {e}")
 
 
 def _check_args(what: str, fmt, args) -> None:
     try:
-        _core.cuda_check_args(fmt, args)
+        _core.cuda.check_args(fmt, args)
     except Exception as e:  # noqa: BLE001 - mapped to the package's error classes
         raise _map_error(what, e) from None
 
@@ -200,7 +211,7 @@ def sources() -> dict[str, str]:
     """The kernel sources by file name (``common.cuh``, ``scan.cu``, ...)."""
     s = _STATE.get("sources")
     if s is None:
-        s = _STATE["sources"] = dict(_core.cuda_sources())
+        s = _STATE["sources"] = dict(_core.cuda.sources())
     return {**s, **_EXTRA_SOURCES}
 
 
@@ -284,7 +295,7 @@ def _nvrtc() -> tuple[str | None, tuple[int, int], str]:
         errors = []
         for path in tries:
             try:
-                major, minor, where = _core.cuda_nvrtc_version(path)
+                major, minor, where = _core.cuda.nvrtc_version(path)
             except RuntimeError as e:
                 errors.append(str(e))
                 continue
@@ -393,11 +404,9 @@ def _compile(name: str, text: str, arch: str, options=None, fresh: bool = False)
             _MEM_CUBIN[key] = cubin
             return cubin
     try:
-        cubin, log = _core.cuda_nvrtc_compile(path, text, name, _headers(), opts)
-    except RuntimeError as e:
+        cubin = _core.cuda.nvrtc_compile(path, text, name, _headers(), opts)
+    except BmojoCudaError as e:  # BmojoCompileError with the log, or no library
         raise BmojoCompileError(f"NVRTC could not compile {name} for {arch}: {e}") from None
-    if cubin is None:
-        raise BmojoCompileError(f"NVRTC could not compile {name} for {arch}: {log}")
     _STATS["compiled"] += 1
     _write_entry(entry, cubin)
     _MEM_CUBIN[key] = cubin
@@ -417,10 +426,7 @@ def compile_source(source: str, arch: str, options=None) -> bytes:
 
 
 def _driver_version() -> int:
-    try:
-        return _core.cuda_driver_version(os.environ.get("BMOJO_CUDA_DRIVER_LIB") or None)
-    except RuntimeError as e:
-        raise BmojoCudaError(str(e)) from None
+    return _core.cuda.driver_version(os.environ.get("BMOJO_CUDA_DRIVER_LIB") or None)
 
 
 def _index(device) -> int:
@@ -449,10 +455,7 @@ def _arch(idx: int) -> str:
     a = _ARCH.get(idx)
     if a is None:
         _driver_version()
-        try:
-            _, major, minor, _, _ = _core.cuda_device(idx)
-        except RuntimeError as e:
-            raise BmojoCudaError(str(e)) from None
+        _, major, minor, _, _ = _core.cuda.device(idx)
         a = _ARCH[idx] = f"sm_{major}{minor}"
     return a
 
@@ -471,13 +474,14 @@ def _module(idx: int, source: str) -> int:
         arch = _arch(idx)
         cubin = _compile(source, text, arch)
         try:
-            m = _core.cuda_module_load(idx, cubin)
-        except RuntimeError:
-            # A cached image the driver refuses is rebuilt once before giving up.
+            m = _core.cuda.module_load(idx, cubin)
+        except BmojoError:
+            # A cached image the driver refuses (BmojoCudaError) or that is no CUBIN
+            # (BmojoValueError) is rebuilt once before giving up.
             cubin = _compile(source, text, arch, fresh=True)
             try:
-                m = _core.cuda_module_load(idx, cubin)
-            except RuntimeError as e:
+                m = _core.cuda.module_load(idx, cubin)
+            except BmojoError as e:
                 raise BmojoCudaError(f"loading {source} on cuda:{idx} ({arch}): {e}") from None
         _MODULES[(idx, source)] = m
         return m
@@ -514,13 +518,13 @@ def info() -> dict[str, Any]:
     try:
         v = _driver_version()
         out["driver_version"] = f"{v // 1000}.{(v % 1000) // 10}"
-        n = _core.cuda_device_count()
+        n = _core.cuda.device_count()
         out["devices"] = n
         if n == 0:
             out["reason"] = "no CUDA device visible"
         else:
             idx = torch.cuda.current_device() if torch.cuda.is_initialized() else 0
-            name, major, minor, _, _ = _core.cuda_device(idx)
+            name, major, minor, _, _ = _core.cuda.device(idx)
             out.update(cuda=True, device=name, capability=f"{major}.{minor}")
             out["arch"] = f"sm_{major}{minor}"
     except Exception as e:  # noqa: BLE001 - info reports, it never fails

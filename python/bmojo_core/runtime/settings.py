@@ -25,32 +25,29 @@ __all__ = ["get_num_threads", "set_num_threads", "set_simd_level", "simd_level",
 
 def simd_level() -> str:
     """The instruction-set level the kernels use: avx512, avx2, sse2/neon or scalar."""
-    return _core.simd_level()
+    return _core.runtime.simd_level()
 
 
 def simd_levels() -> list[str]:
     """The levels this CPU supports, best first."""
-    return list(_core.simd_levels())
+    return list(_core.runtime.simd_levels())
 
 
 def set_simd_level(name: str) -> None:
     """Forces a level, e.g. ``"scalar"`` (it must be in ``simd_levels()``)."""
     if not isinstance(name, str):
         raise BmojoTypeError(f"name: expected a str, got {type(name).__name__}")
-    try:
-        _core.set_simd_level(name)
-    except ValueError as e:
-        raise BmojoValueError(str(e)) from None
+    _core.runtime.set_simd_level(name)
 
 
 def get_num_threads() -> int:
     """Threads the kernels may use."""
-    return _core.get_num_threads()
+    return _core.runtime.get_num_threads()
 
 
 def set_num_threads(n: int) -> None:
     """Sets the kernels' thread count (>= 1). Results do not depend on it."""
-    _core.set_num_threads(int_arg("n", n, 1))
+    _core.runtime.set_num_threads(int_arg("n", n, 1))
 
 
 def configure_from_env() -> None:

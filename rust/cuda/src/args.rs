@@ -5,6 +5,8 @@
 
 use std::ffi::c_void;
 
+use crate::error::{Error, Result};
+
 /// The C type of one kernel parameter.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Code {
@@ -47,24 +49,24 @@ impl Code {
 }
 
 /// Parses `fmt`, which must have exactly `nargs` codes.
-pub fn parse_fmt(fmt: &str, nargs: usize) -> Result<Vec<Code>, String> {
+pub fn parse_fmt(fmt: &str, nargs: usize) -> Result<Vec<Code>> {
     let codes = fmt
         .chars()
         .enumerate()
         .map(|(i, c)| {
             Code::from_char(c).ok_or_else(|| {
-                format!(
+                Error::Argument(format!(
                     "fmt: unknown code {c:?} at position {i} of {fmt:?} (expected one of p, i, \
                      l, f, d)"
-                )
+                ))
             })
         })
-        .collect::<Result<Vec<_>, _>>()?;
+        .collect::<Result<Vec<_>>>()?;
     if codes.len() != nargs {
-        return Err(format!(
+        return Err(Error::Argument(format!(
             "fmt {fmt:?} has {} codes but {nargs} arguments were given",
             codes.len()
-        ));
+        )));
     }
     Ok(codes)
 }
@@ -93,17 +95,19 @@ fn slot<const N: usize>(bytes: [u8; N]) -> u64 {
 
 impl Params {
     /// Checks every value against its code (kind and range) and packs it.
-    pub fn pack(codes: &[Code], values: &[Value]) -> Result<Params, String> {
+    pub fn pack(codes: &[Code], values: &[Value]) -> Result<Params> {
         if codes.len() != values.len() {
-            return Err(format!(
+            return Err(Error::Argument(format!(
                 "{} codes but {} arguments",
                 codes.len(),
                 values.len()
-            ));
+            )));
         }
         let mut slots = Vec::with_capacity(codes.len());
         for (i, (&c, &v)) in codes.iter().zip(values).enumerate() {
-            let bad = |what: &str| format!("argument {i} (fmt {:?}): {what}", c.as_char());
+            let bad = |what: &str| {
+                Error::Argument(format!("argument {i} (fmt {:?}): {what}", c.as_char()))
+            };
             slots.push(match (c, v) {
                 (Code::Ptr, Value::Ptr(p)) => slot(p.to_ne_bytes()),
                 (Code::I32, Value::Int(x)) => {
@@ -144,18 +148,18 @@ impl Params {
     /// Checks the packed parameters against a kernel's parameter sizes (from the driver):
     /// the driver reads one pointer per kernel parameter, so a short list would make it
     /// read past the array.
-    pub fn check_sizes(&self, kernel: &str, sizes: &[usize]) -> Result<(), String> {
+    pub fn check_sizes(&self, kernel: &str, sizes: &[usize]) -> Result<()> {
         let ours: Vec<usize> = self.codes.iter().map(|c| c.size()).collect();
         if ours == sizes {
             return Ok(());
         }
         let fmt: String = self.codes.iter().map(|c| c.as_char()).collect();
-        Err(format!(
+        Err(Error::Argument(format!(
             "{kernel} takes {} parameters of sizes {sizes:?} bytes, but fmt {fmt:?} gives {} of \
              sizes {ours:?}",
             sizes.len(),
             ours.len()
-        ))
+        )))
     }
 
     /// The slot bytes (for tests).

@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Mutex, OnceLock, RwLock};
 
 use crate::args::Params;
+use crate::error::{Error, Result};
 use crate::{open_library, symbol, Handle};
 
 type CuResult = c_int;
@@ -109,12 +110,12 @@ pub struct Driver {
     functions: RwLock<Vec<Function>>,
 }
 
-static DRIVER: OnceLock<Result<Driver, String>> = OnceLock::new();
+static DRIVER: OnceLock<Result<Driver>> = OnceLock::new();
 
 /// The driver, loaded and initialised (`cuInit`) on first use from `path` (default: the
 /// system's `libcuda.so.1` / `nvcuda.dll`). Later calls return the same result whatever
 /// their `path`.
-pub fn get(path: Option<&str>) -> Result<&'static Driver, String> {
+pub fn get(path: Option<&str>) -> Result<&'static Driver> {
     DRIVER
         .get_or_init(|| Driver::load(path))
         .as_ref()
@@ -153,13 +154,15 @@ impl Drop for CtxGuard<'_> {
 
 impl Driver {
     /// Loads the library and calls `cuInit(0)`; no caching (see [`get`]).
-    pub fn load(path: Option<&str>) -> Result<Driver, String> {
+    pub fn load(path: Option<&str>) -> Result<Driver> {
         let candidates = match path {
             Some(p) => vec![p.to_string()],
             None => default_names(),
         };
-        let (lib, path) = open_library(&candidates)
-            .map_err(|e| format!("no CUDA driver: cannot load the driver library ({e})"))?;
+        let (lib, path) = open_library(
+            "no CUDA driver: cannot load the driver library",
+            &candidates,
+        )?;
         // SAFETY: each type alias is the C signature (cuda.h) of the unversioned driver
         // symbol of that name, which every driver since CUDA 11 exports with that ABI;
         // the pointers live in the same struct as `lib`, which keeps the library loaded.
@@ -218,26 +221,21 @@ impl Driver {
         Some(unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned())
     }
 
-    /// `call failed: CUDA_ERROR_X (description)`.
-    fn error(&self, call: &str, r: CuResult) -> String {
-        let name = self
-            .static_str(self.err_name, r)
-            .unwrap_or_else(|| format!("CUresult {r}"));
-        match self.static_str(self.err_string, r) {
-            Some(s) => format!("{call} failed: {name} ({s})"),
-            None => format!("{call} failed: {name}"),
-        }
-    }
-
-    fn check(&self, call: &str, r: CuResult) -> Result<(), String> {
+    /// [`Error::Driver`] unless `r` is `CUDA_SUCCESS`: the call, the code, and the
+    /// driver's name and description of it.
+    fn check(&self, call: &str, r: CuResult) -> Result<()> {
         if r == SUCCESS {
-            Ok(())
-        } else {
-            Err(self.error(call, r))
+            return Ok(());
         }
+        Err(Error::Driver {
+            call: call.to_string(),
+            code: r,
+            name: self.static_str(self.err_name, r),
+            description: self.static_str(self.err_string, r),
+        })
     }
 
-    pub fn device_count(&self) -> Result<i32, String> {
+    pub fn device_count(&self) -> Result<i32> {
         let mut n = 0;
         // SAFETY: valid out-pointer.
         self.check("cuDeviceGetCount", unsafe {
@@ -246,12 +244,12 @@ impl Driver {
         Ok(n)
     }
 
-    fn device_handle(&self, ordinal: i32) -> Result<c_int, String> {
+    fn device_handle(&self, ordinal: i32) -> Result<c_int> {
         let n = self.device_count()?;
         if ordinal < 0 || ordinal >= n {
-            return Err(format!(
+            return Err(Error::Unavailable(format!(
                 "CUDA device {ordinal} does not exist ({n} device(s) visible)"
-            ));
+            )));
         }
         let mut dev = 0;
         // SAFETY: valid out-pointer; ordinal in range.
@@ -261,7 +259,7 @@ impl Driver {
         Ok(dev)
     }
 
-    fn attr(&self, dev: c_int, attr: c_int) -> Result<i32, String> {
+    fn attr(&self, dev: c_int, attr: c_int) -> Result<i32> {
         let mut v = 0;
         // SAFETY: valid out-pointer and device handle; attr is a CUdevice_attribute.
         self.check("cuDeviceGetAttribute", unsafe {
@@ -271,7 +269,7 @@ impl Driver {
     }
 
     /// Name, compute capability and limits of device `ordinal`.
-    pub fn device(&self, ordinal: i32) -> Result<DeviceInfo, String> {
+    pub fn device(&self, ordinal: i32) -> Result<DeviceInfo> {
         let dev = self.device_handle(ordinal)?;
         let mut buf = [0 as c_char; 256];
         // SAFETY: the driver writes at most `len` bytes, NUL included, into `buf`.
@@ -296,7 +294,7 @@ impl Driver {
     }
 
     /// The primary context of device `ordinal` (the one torch uses), retained once.
-    pub(crate) fn primary_context(&self, ordinal: i32) -> Result<Handle, String> {
+    pub(crate) fn primary_context(&self, ordinal: i32) -> Result<Handle> {
         let mut ctxs = self.contexts.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((_, c)) = ctxs.iter().find(|(o, _)| *o == ordinal) {
             return Ok(*c);
@@ -312,7 +310,7 @@ impl Driver {
     }
 
     /// Makes `ctx` current on this thread until the guard drops.
-    fn enter(&self, ctx: Handle) -> Result<CtxGuard<'_>, String> {
+    fn enter(&self, ctx: Handle) -> Result<CtxGuard<'_>> {
         let mut cur = Handle::NULL;
         // SAFETY: valid out-pointer.
         self.check("cuCtxGetCurrent", unsafe { (self.ctx_get)(&mut cur) })?;
@@ -331,10 +329,12 @@ impl Driver {
     }
 
     /// Loads a CUBIN into device `ordinal`'s primary context.
-    pub fn load_module(&self, ordinal: i32, image: &[u8]) -> Result<ModuleId, String> {
+    pub fn load_module(&self, ordinal: i32, image: &[u8]) -> Result<ModuleId> {
         // A CUBIN is an ELF file; refuse anything else before the driver parses it.
         if image.len() < 64 || &image[..4] != b"\x7fELF" {
-            return Err("cuModuleLoadData: the image is not a CUBIN (ELF) file".into());
+            return Err(Error::Argument(
+                "cuModuleLoadData: the image is not a CUBIN (ELF) file".into(),
+            ));
         }
         let ctx = self.primary_context(ordinal)?;
         let _g = self.enter(ctx)?;
@@ -350,13 +350,14 @@ impl Driver {
     }
 
     /// Looks up the kernel `name` (an `extern "C"` symbol) in a loaded module.
-    pub fn function(&self, module: ModuleId, name: &str) -> Result<FunctionId, String> {
-        let cname = CString::new(name).map_err(|_| "kernel name contains a NUL byte")?;
+    pub fn function(&self, module: ModuleId, name: &str) -> Result<FunctionId> {
+        let cname = CString::new(name)
+            .map_err(|_| Error::Argument("kernel name contains a NUL byte".into()))?;
         let (ctx, mh) = {
             let mods = self.modules.lock().unwrap_or_else(|e| e.into_inner());
             let m = mods
                 .get(module)
-                .ok_or_else(|| format!("no loaded module with id {module}"))?;
+                .ok_or_else(|| Error::Argument(format!("no loaded module with id {module}")))?;
             (m.ctx, m.handle)
         };
         let _g = self.enter(ctx)?;
@@ -397,11 +398,11 @@ impl Driver {
 
     /// Checks `params` against the parameter sizes of `func` where the driver reports
     /// them (CUDA >= 12.4; otherwise only the caller's format string vouches for them).
-    pub fn check_params(&self, func: FunctionId, params: &Params) -> Result<(), String> {
+    pub fn check_params(&self, func: FunctionId, params: &Params) -> Result<()> {
         let funcs = self.functions.read().unwrap_or_else(|e| e.into_inner());
         let f = funcs
             .get(func)
-            .ok_or_else(|| format!("no kernel function with id {func}"))?;
+            .ok_or_else(|| Error::Argument(format!("no kernel function with id {func}")))?;
         match &f.param_sizes {
             Some(sizes) => params.check_sizes(&f.name, sizes),
             None => Ok(()),
@@ -419,16 +420,16 @@ impl Driver {
         shared_mem: u32,
         stream: usize,
         params: &mut Params,
-    ) -> Result<(), String> {
+    ) -> Result<()> {
         if grid.contains(&0) || block.contains(&0) {
-            return Err(format!(
+            return Err(Error::Argument(format!(
                 "launch: grid {grid:?} and block {block:?} must be positive in every dimension"
-            ));
+            )));
         }
         let funcs = self.functions.read().unwrap_or_else(|e| e.into_inner());
         let f = funcs
             .get(func)
-            .ok_or_else(|| format!("no kernel function with id {func}"))?;
+            .ok_or_else(|| Error::Argument(format!("no kernel function with id {func}")))?;
         if let Some(sizes) = &f.param_sizes {
             params.check_sizes(&f.name, sizes)?;
         }

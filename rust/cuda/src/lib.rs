@@ -7,12 +7,17 @@
 //! * [`args`]: checked packing of kernel arguments from a format string;
 //! * [`sources`]: the kernel sources of `cuda/`, embedded at build time.
 //!
-//! Nothing here panics on bad input: every failure is an `Err` with a message that names
-//! the call and, for the driver, the driver's own error name and string.
+//! * [`error`]: the typed [`Error`] of every call.
+//!
+//! Nothing here panics on bad input: every failure is an [`Error`] that names the call
+//! and, for the driver, the driver's own error name and string.
 
 pub mod args;
 pub mod driver;
+pub mod error;
 pub mod nvrtc;
+
+pub use error::{Error, Result};
 
 use std::ffi::c_void;
 
@@ -65,11 +70,11 @@ impl Handle {
 /// # Safety
 /// `T` must be the exact C signature (as an `unsafe extern "C" fn`) of the symbol, and the
 /// pointer must not be used after `lib` is dropped.
-pub(crate) unsafe fn symbol<T: Copy>(lib: &libloading::Library, name: &str) -> Result<T, String> {
+pub(crate) unsafe fn symbol<T: Copy>(lib: &libloading::Library, name: &str) -> Result<T> {
     // SAFETY: forwarded to the caller (see above).
     unsafe { lib.get::<T>(name) }
         .map(|s| *s)
-        .map_err(|e| format!("symbol {name} not found: {}", describe(&e)))
+        .map_err(|e| Error::Unavailable(format!("symbol {name} not found: {}", describe(&e))))
 }
 
 /// libloading's message with the system's reason (`dlerror`), which it keeps as the source.
@@ -80,8 +85,12 @@ fn describe(e: &libloading::Error) -> String {
     }
 }
 
-/// Loads the first of `candidates` that opens, reporting every failure otherwise.
-pub(crate) fn open_library(candidates: &[String]) -> Result<(libloading::Library, String), String> {
+/// Loads the first of `candidates` that opens; otherwise [`Error::Unavailable`] with
+/// `what` (which library) and every failure.
+pub(crate) fn open_library(
+    what: &str,
+    candidates: &[String],
+) -> Result<(libloading::Library, String)> {
     let mut errors = Vec::new();
     for c in candidates {
         // SAFETY: loading a shared library runs its initialisers; the candidates are the
@@ -99,5 +108,8 @@ pub(crate) fn open_library(candidates: &[String]) -> Result<(libloading::Library
             }
         }
     }
-    Err(errors.join("; "))
+    Err(Error::Unavailable(format!(
+        "{what} ({})",
+        errors.join("; ")
+    )))
 }

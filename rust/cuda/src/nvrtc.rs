@@ -8,6 +8,7 @@ use std::ffi::{c_char, c_int, CStr, CString};
 use std::fmt;
 use std::sync::Mutex;
 
+use crate::error::{Error, Result};
 use crate::{open_library, symbol, Handle};
 
 type Status = c_int;
@@ -59,6 +60,8 @@ impl fmt::Display for CompileError {
     }
 }
 
+impl std::error::Error for CompileError {}
+
 /// A loaded NVRTC library.
 pub struct Nvrtc {
     _lib: libloading::Library,
@@ -98,7 +101,7 @@ fn default_names() -> Vec<String> {
 static LOADED: Mutex<Vec<(Option<String>, &'static Nvrtc)>> = Mutex::new(Vec::new());
 
 /// The NVRTC library at `path` (or found by name), loaded once per distinct `path`.
-pub fn get(path: Option<&str>) -> Result<&'static Nvrtc, String> {
+pub fn get(path: Option<&str>) -> Result<&'static Nvrtc> {
     let mut loaded = LOADED.lock().unwrap_or_else(|e| e.into_inner());
     if let Some((_, lib)) = loaded.iter().find(|(p, _)| p.as_deref() == path) {
         return Ok(lib);
@@ -136,13 +139,12 @@ fn cstring(what: &str, s: &str) -> Result<CString, CompileError> {
 
 impl Nvrtc {
     /// Loads NVRTC from `path`, or by the loader's search path when `None`.
-    pub fn load(path: Option<&str>) -> Result<Nvrtc, String> {
+    pub fn load(path: Option<&str>) -> Result<Nvrtc> {
         let candidates = match path {
             Some(p) => vec![p.to_string()],
             None => default_names(),
         };
-        let (lib, path) =
-            open_library(&candidates).map_err(|e| format!("cannot load NVRTC ({e})"))?;
+        let (lib, path) = open_library("cannot load NVRTC", &candidates)?;
         // SAFETY: each type alias is the C signature of the symbol of the same name in the
         // NVRTC API (nvrtc.h, stable since CUDA 11); the pointers are stored next to `lib`
         // in the same struct, which keeps the library loaded while they exist.
@@ -161,7 +163,9 @@ impl Nvrtc {
                     let (mut major, mut minor) = (0, 0);
                     let st = f(&mut major, &mut minor);
                     if st != SUCCESS {
-                        return Err(format!("nvrtcVersion failed with status {st}"));
+                        return Err(Error::Unavailable(format!(
+                            "nvrtcVersion failed with status {st}"
+                        )));
                     }
                     (major, minor)
                 },

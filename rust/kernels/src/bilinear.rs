@@ -33,10 +33,10 @@
 //! `use_parallel` in the Python module for the measured rule). The backward is always
 //! sequential over time (parallel over the batch).
 
-use crate::dispatch::{dispatch, Kernel, Level, SimdElem};
-use crate::pool;
+use crate::cpu::pool;
+use crate::cpu::{dispatch, sum_vectors, Elem, Kernel, Level, SimdElem, Vector};
+use crate::error::{check_lens, Error, Result};
 use crate::selective::{load_t, store_t};
-use crate::simd::{sum_vectors, Elem, Vector};
 
 /// Largest supported state size.
 pub const MAX_STATE: usize = 64;
@@ -103,10 +103,14 @@ impl<T: Copy> BilinearArgs<'_, T> {
     }
 
     /// Checks every input length.
-    pub fn check(&self) -> Result<(), String> {
+    pub fn check(&self) -> Result<()> {
         let (bt, l, n) = (self.batch, self.len, self.n);
         if n == 0 || n > MAX_STATE {
-            return Err(format!("A: state size must be in 1..={MAX_STATE}, got {n}"));
+            return Err(Error::value(
+                "A",
+                format!("a state size in 1..={MAX_STATE}"),
+                n,
+            ));
         }
         let mut want = vec![
             ("b", self.b.len(), bt * l * n),
@@ -122,15 +126,6 @@ impl<T: Copy> BilinearArgs<'_, T> {
         }
         check_lens(&want)
     }
-}
-
-fn check_lens(want: &[(&str, usize, usize)]) -> Result<(), String> {
-    for &(name, got, want) in want {
-        if got != want {
-            return Err(format!("{name}: expected {want} elements, got {got}"));
-        }
-    }
-    Ok(())
 }
 
 // ------------------------------------------------------------------ per-step helpers
@@ -342,7 +337,7 @@ pub fn forward<T: SimdElem>(
     parallel: bool,
     xs: &mut [T],
     last: &mut [T],
-) -> Result<(), String> {
+) -> Result<()> {
     s.check()?;
     let (bt, l, n, m) = (s.batch, s.len, s.n, s.m());
     check_lens(&[
@@ -1139,7 +1134,7 @@ pub fn backward<T: SimdElem>(
     dxs: &[T],
     dlast: Option<&[T]>,
     o: BwdOut<'_, T>,
-) -> Result<(), String> {
+) -> Result<()> {
     s.check()?;
     let (bt, l, n, m) = (s.batch, s.len, s.n, s.m());
     let modulated = matches!(s.trans, Trans::Modulated { .. });

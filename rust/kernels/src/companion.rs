@@ -16,10 +16,10 @@
 //! Gradients of time-invariant parameters are per-lane partial sums (in time order within
 //! a task) reduced over the batch in a fixed order: bitwise independent of the threads.
 
-use crate::dispatch::{dispatch, Kernel, Level, SimdElem};
-use crate::pool;
+use crate::cpu::pool;
+use crate::cpu::{dispatch, Elem, Kernel, Level, SimdElem, Vector};
+use crate::error::{check_lens, Error, Result};
 use crate::selective::{load_t, store_t, BLOCK};
-use crate::simd::{Elem, Vector};
 
 /// Largest supported order.
 pub const MAX_ORDER: usize = 64;
@@ -72,11 +72,13 @@ impl<T> CompanionArgs<'_, T> {
     }
 
     /// Checks every input length; returns the number of lanes.
-    fn check(&self) -> Result<usize, String> {
+    fn check(&self) -> Result<usize> {
         let (m, l, n, dm) = (self.lanes(), self.len, self.order, self.dim);
         if n == 0 || n > MAX_ORDER {
-            return Err(format!(
-                "alpha: order n must be in 1..={MAX_ORDER}, got {n}"
+            return Err(Error::value(
+                "alpha",
+                format!("an order n in 1..={MAX_ORDER}"),
+                n,
             ));
         }
         let seq = |s: &Seq<'_, T>, per: usize| match s {
@@ -100,11 +102,7 @@ impl<T> CompanionArgs<'_, T> {
         if let Some(h) = self.s0 {
             checks.push(("initial_state", h.len(), m * n));
         }
-        for (name, got, want) in checks {
-            if got != want {
-                return Err(format!("{name}: expected {want} elements, got {got}"));
-            }
-        }
+        check_lens(&checks)?;
         Ok(m)
     }
 }
@@ -346,18 +344,14 @@ pub fn companion_fwd<T: SimdElem>(
     level: Level,
     a: &CompanionArgs<'_, T>,
     out: FwdOut<'_, T>,
-) -> Result<(), String> {
+) -> Result<()> {
     let m = a.check()?;
     let (l, n) = (a.len, a.order);
-    for (name, got, want) in [
+    check_lens(&[
         ("y", out.y.len(), m * l),
         ("s", out.s.as_deref().map_or(m * l, <[T]>::len), m * l),
         ("last_state", out.last.len(), m * n),
-    ] {
-        if got != want {
-            return Err(format!("{name}: expected {want} elements, got {got}"));
-        }
-    }
+    ])?;
     let (starts, rows) = tasks(m);
     let lens: Vec<usize> = rows.iter().map(|r| r * l).collect();
     let ys = pool::split_lengths(out.y, &lens);
@@ -708,7 +702,7 @@ pub fn companion_bwd<T: SimdElem>(
     dy: &[T],
     dlast: Option<&[T]>,
     out: BwdOut<'_, T>,
-) -> Result<(), String> {
+) -> Result<()> {
     let m = a.check()?;
     let (l, n, dim) = (a.len, a.order, a.dim);
     let alen = |x: &Seq<'_, T>, per| if x.is_var() { m * l * per } else { dim * per };
@@ -727,19 +721,15 @@ pub fn companion_bwd<T: SimdElem>(
         match (o, want) {
             (Some(o), Some(x)) => checks.push((name, o.len(), alen(&x, per))),
             (None, None) => {}
-            _ => return Err(format!("{name}: expected exactly when the input is given")),
+            _ => return Err(Error::expected(name, "exactly when the input is given")),
         }
     }
     match (&out.dd, a.d) {
         (Some(o), Some(_)) => checks.push(("dD", o.len(), dim)),
         (None, None) => {}
-        _ => return Err("dD: expected exactly when D is given".into()),
+        _ => return Err(Error::expected("dD", "exactly when D is given")),
     }
-    for (name, got, want) in checks {
-        if got != want {
-            return Err(format!("{name}: expected {want} elements, got {got}"));
-        }
-    }
+    check_lens(&checks)?;
     // Time-invariant gradients go through per-lane partials.
     let a_var = a.alpha.is_var();
     let b_var = a.beta.is_some_and(|b| b.is_var());

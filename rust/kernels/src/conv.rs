@@ -13,9 +13,10 @@
 //! gradients are summed from per-row partials in batch order, so results are bitwise
 //! independent of the number of threads.
 
-use crate::dispatch::{dispatch, Kernel, Level, SimdElem};
-use crate::pool;
-use crate::simd::{sigmoid, Elem, Vector};
+use crate::cpu::pool;
+use crate::cpu::{dispatch, sigmoid, Elem, Kernel, Level, SimdElem, Vector};
+use crate::error::{check_lens, Error, Result};
+use crate::slots::slot_rows;
 
 /// Elements of a task (rows × length): large enough to pay for a task, small enough to
 /// balance.
@@ -248,15 +249,18 @@ fn seg_starts(seq: &[i64], len: usize) -> Vec<i64> {
     st
 }
 
-fn check_args<T>(s: &ConvArgs<'_, T>) -> Result<(), String> {
+fn check_args<T>(s: &ConvArgs<'_, T>) -> Result<()> {
     let (b, d, l, k) = (s.batch, s.dim, s.len, s.width);
     if k == 0 {
-        return Err("weight: the width K must be >= 1".into());
+        return Err(Error::value("weight", "a width K >= 1", k));
     }
     if s.seq_idx.is_some() && s.init.is_some() {
-        return Err("seq_idx: cannot be combined with initial_states".into());
+        return Err(Error::invalid(
+            "seq_idx",
+            "cannot be combined with initial_states",
+        ));
     }
-    for (name, got, want) in [
+    check_lens(&[
         ("x", s.x.len(), b * d * l),
         ("weight", s.weight.len(), d * k),
         ("bias", s.bias.map_or(d, <[T]>::len), d),
@@ -266,12 +270,7 @@ fn check_args<T>(s: &ConvArgs<'_, T>) -> Result<(), String> {
             b * d * (k - 1),
         ),
         ("seq_idx", s.seq_idx.map_or(b * l, <[i64]>::len), b * l),
-    ] {
-        if got != want {
-            return Err(format!("{name}: expected {want} elements, got {got}"));
-        }
-    }
-    Ok(())
+    ])
 }
 
 /// Row blocks: `(first row, rows)` of a fixed size that depends only on the length.
@@ -348,25 +347,17 @@ pub fn conv_fwd<T: SimdElem>(
     s: &ConvArgs<'_, T>,
     out: &mut [T],
     final_states: Option<&mut [T]>,
-) -> Result<(), String> {
+) -> Result<()> {
     check_args(s)?;
     let (rows, l, km) = (s.batch * s.dim, s.len, s.width - 1);
-    if out.len() != rows * l {
-        return Err(format!(
-            "out: expected {} elements, got {}",
-            rows * l,
-            out.len()
-        ));
-    }
-    if let Some(f) = &final_states {
-        if f.len() != rows * km {
-            return Err(format!(
-                "final_states: expected {} elements, got {}",
-                rows * km,
-                f.len()
-            ));
-        }
-    }
+    check_lens(&[
+        ("out", out.len(), rows * l),
+        (
+            "final_states",
+            final_states.as_deref().map_or(rows * km, <[T]>::len),
+            rows * km,
+        ),
+    ])?;
     let st = s.seq_idx.map(|q| seg_starts(q, l));
     let blocks = row_blocks(rows, l);
     let outs = split_rows(out, &blocks, l);
@@ -587,11 +578,11 @@ pub fn conv_bwd<T: SimdElem>(
     dout: &[T],
     dfinal: Option<&[T]>,
     g: ConvGrads<'_, T>,
-) -> Result<(), String> {
+) -> Result<()> {
     check_args(s)?;
     let (b, d, l, k) = (s.batch, s.dim, s.len, s.width);
     let (rows, km) = (b * d, k - 1);
-    for (name, got, want) in [
+    check_lens(&[
         ("dout", dout.len(), rows * l),
         (
             "dfinal_states",
@@ -606,13 +597,12 @@ pub fn conv_bwd<T: SimdElem>(
             g.dinit.as_deref().map_or(rows * km, <[T]>::len),
             rows * km,
         ),
-    ] {
-        if got != want {
-            return Err(format!("{name}: expected {want} elements, got {got}"));
-        }
-    }
+    ])?;
     if g.dinit.is_some() && s.init.is_none() {
-        return Err("dinitial_states: given without initial_states".into());
+        return Err(Error::invalid(
+            "dinitial_states",
+            "given without initial_states",
+        ));
     }
     let st = s.seq_idx.map(|q| seg_starts(q, l));
     let blocks = row_blocks(rows, l);
@@ -801,18 +791,19 @@ pub fn conv_update<T: SimdElem>(
     state: &mut [T],
     slots_total: usize,
     out: &mut [T],
-) -> Result<(), String> {
+) -> Result<()> {
     let (bt, d, nt, k, sl) = (s.batch, s.dim, s.ntok, s.width, s.state_len);
     if k == 0 {
-        return Err("weight: the width K must be >= 1".into());
+        return Err(Error::value("weight", "a width K >= 1", k));
     }
     if sl < k - 1 {
-        return Err(format!(
-            "conv_state: the state length {sl} must be >= K-1 = {}",
-            k - 1
+        return Err(Error::value(
+            "conv_state",
+            format!("a state length >= K-1 = {}", k - 1),
+            sl,
         ));
     }
-    for (name, got, want) in [
+    check_lens(&[
         ("x", s.x.len(), bt * d * nt),
         ("weight", s.weight.len(), d * k),
         ("bias", s.bias.map_or(d, <[T]>::len), d),
@@ -824,39 +815,8 @@ pub fn conv_update<T: SimdElem>(
             bt,
         ),
         ("conv_state_indices", s.slots.map_or(bt, <[i64]>::len), bt),
-    ] {
-        if got != want {
-            return Err(format!("{name}: expected {want} elements, got {got}"));
-        }
-    }
-    if s.slots.is_none() && slots_total != bt {
-        return Err(format!(
-            "conv_state: expected {bt} slots (one per batch row), got {slots_total}"
-        ));
-    }
-    let mut owner = vec![usize::MAX; slots_total];
-    let mut slot_of = Vec::with_capacity(bt);
-    for b in 0..bt {
-        let sl_b = s.slots.map_or(b as i64, |x| x[b]);
-        if sl_b < 0 {
-            slot_of.push(None);
-            continue;
-        }
-        let su = sl_b as usize;
-        if su >= slots_total {
-            return Err(format!(
-                "conv_state_indices: entry {b} is {sl_b}, out of range for a pool of {slots_total} slots"
-            ));
-        }
-        if owner[su] != usize::MAX {
-            return Err(format!(
-                "conv_state_indices: slot {sl_b} is used by rows {} and {b}",
-                owner[su]
-            ));
-        }
-        owner[su] = b;
-        slot_of.push(Some(su));
-    }
+    ])?;
+    let slot_of = slot_rows("conv_state_indices", "conv_state", s.slots, bt, slots_total)?;
     if bt == 0 || d == 0 || nt == 0 {
         return Ok(());
     }

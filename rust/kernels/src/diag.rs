@@ -4,10 +4,10 @@
 //! Same scheme as the selective scan: tasks of [`BLOCK`] lanes, vectors across lanes,
 //! time chunks transposed to `[time][lane]`.
 
-use crate::dispatch::{dispatch, Kernel, Level, SimdElem};
-use crate::pool;
+use crate::cpu::pool;
+use crate::cpu::{dispatch, Kernel, Level, SimdElem, Vector};
+use crate::error::{check_lens, Result};
 use crate::selective::{load_t, store_t, BLOCK, CHUNK};
-use crate::simd::Vector;
 
 pub struct DiagArgs<'a, T> {
     pub lanes: usize,
@@ -77,19 +77,15 @@ pub fn diag_scan<T: SimdElem>(
     s: &DiagArgs<'_, T>,
     out: &mut [T],
     last: &mut [T],
-) -> Result<(), String> {
+) -> Result<()> {
     let (m, l) = (s.lanes, s.len);
-    for (name, got, want) in [
+    check_lens(&[
         ("a", s.a.len(), m * l),
         ("b", s.b.len(), m * l),
         ("out", out.len(), m * l),
         ("last_state", last.len(), m),
         ("initial_state", s.h0.map_or(m, <[T]>::len), m),
-    ] {
-        if got != want {
-            return Err(format!("{name}: expected {want} elements, got {got}"));
-        }
-    }
+    ])?;
     let starts: Vec<usize> = (0..m).step_by(BLOCK).collect();
     let rows: Vec<usize> = starts.iter().map(|&m0| BLOCK.min(m - m0)).collect();
     let outs = pool::split_lengths(out, &rows.iter().map(|r| r * l).collect::<Vec<_>>());

@@ -18,9 +18,9 @@
 //! entries are a min-heap (lowest-ranked at the root) in the first `size` slots of the row;
 //! the empty slots after them hold position -1 and score 0.
 
-use crate::dispatch::{dispatch, Kernel, Level, SimdElem};
-use crate::pool;
-use crate::simd::{Elem, Vector};
+use crate::cpu::pool;
+use crate::cpu::{dispatch, Elem, Kernel, Level, SimdElem, Vector};
+use crate::error::{check_lens, Error, Result};
 
 // ------------------------------------------------------------------------ innovation
 
@@ -177,26 +177,17 @@ impl<T: SimdElem> Kernel<T> for InnovRow<'_, '_, T> {
     }
 }
 
-fn check_len(items: &[(&str, usize, usize)]) -> Result<(), String> {
-    for &(name, got, want) in items {
-        if got != want {
-            return Err(format!("{name}: expected {want} elements, got {got}"));
-        }
-    }
-    Ok(())
-}
-
 /// Innovation scores of `y` (see the module doc), with the state carried in and out.
 pub fn innovation<T: SimdElem>(
     level: Level,
     s: &InnovArgs<'_, T>,
     out: InnovOut<'_, T>,
-) -> Result<(), String> {
+) -> Result<()> {
     let (b, l, d, k) = (s.batch, s.len, s.dim, s.weights.len());
     if k == 0 {
-        return Err("weights: expected at least one tap".into());
+        return Err(Error::expected("weights", "at least one tap"));
     }
-    check_len(&[
+    check_lens(&[
         ("y", s.y.len(), b * l * d),
         ("history", s.history.len(), b * k * d),
         ("count", s.count.len(), b),
@@ -208,18 +199,21 @@ pub fn innovation<T: SimdElem>(
     ])?;
     // Written as negated comparisons so that NaN is rejected too.
     if !(s.rate > T::ZERO && s.rate <= T::ONE) {
-        return Err(format!(
-            "rate: expected a value in (0, 1], got {:?}",
-            s.rate
+        return Err(Error::value(
+            "rate",
+            "a value in (0, 1]",
+            format!("{:?}", s.rate),
         ));
     }
     if s.floor.partial_cmp(&T::ZERO) != Some(core::cmp::Ordering::Greater) {
-        return Err(format!("floor: expected a value > 0, got {:?}", s.floor));
+        return Err(Error::value(
+            "floor",
+            "a value > 0",
+            format!("{:?}", s.floor),
+        ));
     }
     if let Some(c) = s.count.iter().find(|&&c| c < 0 || c > i64::MAX - l as i64) {
-        return Err(format!(
-            "count: expected values in [0, 2^63 - 1 - len], got {c}"
-        ));
+        return Err(Error::value("count", "values in [0, 2^63 - 1 - len]", c));
     }
     let tab = warmup_table(s.weights);
     let items: Vec<_> = pool::split_lengths(out.scores, &vec![l; b])
@@ -264,18 +258,18 @@ pub enum Policy {
 }
 
 impl Policy {
-    pub fn from_name(name: &str, threshold: f64) -> Result<Policy, String> {
+    pub fn from_name(name: &str, threshold: f64) -> Result<Policy> {
         if !(threshold.is_finite() && threshold >= 0.0) {
-            return Err(format!(
-                "threshold: expected a finite value >= 0, got {threshold}"
-            ));
+            return Err(Error::value("threshold", "a finite value >= 0", threshold));
         }
         match name {
             "topk" => Ok(Policy::TopK),
             "threshold" => Ok(Policy::Threshold(threshold)),
             "fifo" => Ok(Policy::Fifo(threshold)),
-            _ => Err(format!(
-                "policy: expected 'topk', 'threshold' or 'fifo', got {name:?}"
+            _ => Err(Error::value(
+                "policy",
+                "'topk', 'threshold' or 'fifo'",
+                format!("{name:?}"),
             )),
         }
     }
@@ -382,36 +376,42 @@ impl Heap<'_> {
 
 /// Checks one row of a store against the invariants (held prefix then empty slots, held
 /// positions distinct and in `[0, count)`, finite scores, heap order); returns its size.
-fn check_row(policy: Policy, pos: &[i64], sc: &[f64], count: i64) -> Result<usize, String> {
+fn check_row(policy: Policy, pos: &[i64], sc: &[f64], count: i64) -> Result<usize> {
     let size = pos.iter().take_while(|&&p| p >= 0).count();
     if let Some(p) = pos[size..].iter().find(|&&p| p != -1) {
-        return Err(format!(
-            "positions: empty slots (-1) must all come after the held entries, found {p} after one"
+        return Err(Error::corrupt(
+            "positions",
+            format!("empty slots (-1) must all come after the held entries, found {p} after one"),
         ));
     }
     if count < 0 {
-        return Err(format!("count: expected values >= 0, got {count}"));
+        return Err(Error::value("count", "values >= 0", count));
     }
     if let Some(p) = pos[..size].iter().find(|&&p| p >= count) {
-        return Err(format!(
-            "positions: held position {p} is not before the row's count {count}"
+        return Err(Error::corrupt(
+            "positions",
+            format!("held position {p} is not before the row's count {count}"),
         ));
     }
     if let Some(s) = sc[..size].iter().find(|s| !s.is_finite()) {
-        return Err(format!("scores: held scores must be finite, got {s}"));
+        return Err(Error::corrupt(
+            "scores",
+            format!("held scores must be finite, got {s}"),
+        ));
     }
     for i in 1..size {
         let p = (i - 1) / 2;
         if policy.below((sc[i], pos[i]), (sc[p], pos[p])) {
-            return Err(format!(
-                "positions: slots {p} and {i} break the heap order of the store (corrupted state)"
+            return Err(Error::corrupt(
+                "positions",
+                format!("slots {p} and {i} break the heap order of the store (corrupted state)"),
             ));
         }
     }
     let mut sorted = pos[..size].to_vec();
     sorted.sort_unstable();
     if sorted.windows(2).any(|w| w[0] == w[1]) {
-        return Err("positions: a position is held twice".into());
+        return Err(Error::corrupt("positions", "a position is held twice"));
     }
     Ok(size)
 }
@@ -424,32 +424,33 @@ pub fn check_store(
     pos: &[i64],
     sc: &[f64],
     count: &[i64],
-) -> Result<(), String> {
+) -> Result<()> {
     if cap == 0 {
-        return Err("capacity: expected >= 1".into());
+        return Err(Error::expected("capacity", ">= 1"));
     }
-    check_len(&[
+    check_lens(&[
         ("positions", pos.len(), batch * cap),
         ("scores", sc.len(), batch * cap),
         ("count", count.len(), batch),
     ])?;
     for (b, &c) in count.iter().enumerate() {
         let r = b * cap..(b + 1) * cap;
-        check_row(policy, &pos[r.clone()], &sc[r], c).map_err(|e| format!("row {b}: {e}"))?;
+        check_row(policy, &pos[r.clone()], &sc[r], c)
+            .map_err(|e| e.context(format!("row {b}: ")))?;
     }
     Ok(())
 }
 
-fn check_scores(new: &[f64]) -> Result<(), String> {
+fn check_scores(new: &[f64]) -> Result<()> {
     match new.iter().find(|s| s.is_nan()) {
-        Some(_) => Err("scores: NaN is not a valid score".into()),
+        Some(_) => Err(Error::invalid("scores", "NaN is not a valid score")),
         None => Ok(()),
     }
 }
 
-fn check_counts(count: &[i64], len: usize) -> Result<(), String> {
+fn check_counts(count: &[i64], len: usize) -> Result<()> {
     match count.iter().find(|&&c| c > i64::MAX - len as i64) {
-        Some(c) => Err(format!("count: {c} + {len} overflows")),
+        Some(c) => Err(Error::invalid("count", format!("{c} + {len} overflows"))),
         None => Ok(()),
     }
 }
@@ -464,15 +465,16 @@ pub fn push(
     sc: &mut [f64],
     count: &mut [i64],
     new: &[f64],
-) -> Result<(), String> {
+) -> Result<()> {
     check_store(policy, batch, cap, pos, sc, count)?;
     if batch == 0 {
-        return check_len(&[("new scores", new.len(), 0)]);
+        return check_lens(&[("new scores", new.len(), 0)]);
     }
     if !new.len().is_multiple_of(batch) {
-        return Err(format!(
-            "scores: expected a multiple of {batch} elements, got {}",
-            new.len()
+        return Err(Error::value(
+            "scores",
+            format!("a multiple of {batch} elements"),
+            new.len(),
         ));
     }
     let t = new.len() / batch;
@@ -524,14 +526,14 @@ pub struct SelectOut<'a> {
 }
 
 /// Chunked builder: for every chunk of `chunk` positions, the positions held at its start.
-pub fn select(s: &SelectArgs<'_>, out: SelectOut<'_>) -> Result<(), String> {
+pub fn select(s: &SelectArgs<'_>, out: SelectOut<'_>) -> Result<()> {
     let (b, l, m) = (s.batch, s.len, s.cap);
     if s.chunk == 0 {
-        return Err("chunk: expected >= 1".into());
+        return Err(Error::expected("chunk", ">= 1"));
     }
     let nch = l.div_ceil(s.chunk);
     check_store(s.policy, b, m, s.positions, s.store_scores, s.start)?;
-    check_len(&[
+    check_lens(&[
         ("scores", s.scores.len(), b * l),
         ("held", out.held.len(), b * nch * m),
         ("positions_out", out.positions.len(), b * m),

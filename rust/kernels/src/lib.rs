@@ -1,25 +1,26 @@
 //! CPU kernels of bmojo_core, free of any Python dependency.
 //!
-//! * [`simd`]: the vector vocabulary and vectorised `exp`/`softplus`/`sigmoid`;
-//! * [`dispatch`]: run-time choice of AVX-512 / AVX2+FMA / baseline (SSE2 or NEON) /
-//!   scalar;
-//! * [`pool`]: the kernels' own thread pool (explicit size, fork-safe);
+//! * [`cpu`]: the machinery: SIMD vocabulary and vector math, run-time choice of
+//!   AVX-512 / AVX2+FMA / baseline (SSE2 or NEON) / scalar, the thread pool and teams;
 //! * [`diag`], [`selective`], [`step`]: the diagonal scans;
 //! * [`companion`], [`conv`], [`bilinear`]: canonical, nilpotent and bilinear realizations;
 //! * [`eidetic`]: innovation scores and the bounded eidetic store;
-//! * [`reference`]: plain scalar implementations used by the tests as oracles.
+//! * [`decode`]: the fused streaming decode step of a B'MOJO language model;
+//! * [`error`]: the typed [`Error`] every kernel returns.
+//!
+//! The scalar oracles the tests compare against live with the tests (`tests/common/`).
 
 pub mod bilinear;
 pub mod companion;
 pub mod conv;
+pub mod cpu;
 pub mod decode;
 pub mod diag;
-pub mod dispatch;
 pub mod eidetic;
-pub mod pool;
-pub mod reference;
+pub mod error;
 pub mod selective;
-pub mod simd;
+mod slots;
 pub mod step;
 
-pub use dispatch::{Level, SimdElem};
+pub use cpu::{Level, SimdElem};
+pub use error::{Error, Result};

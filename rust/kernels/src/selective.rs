@@ -12,9 +12,12 @@
 //! the backward walks the chunks in reverse, recomputes each chunk's states from its
 //! checkpoint and runs the adjoint recurrence, so memory is O(B·D·N·L/CHUNK).
 
-use crate::dispatch::{dispatch, Kernel, Level, SimdElem};
-use crate::pool;
-use crate::simd::{exp, sigmoid, softplus, softplus_grad, sum_vectors, transpose, Elem, Vector};
+use crate::cpu::pool;
+use crate::cpu::{
+    dispatch, exp, sigmoid, softplus, softplus_grad, sum_vectors, transpose, Elem, Kernel, Level,
+    SimdElem, Vector,
+};
+use crate::error::{check_lens, Error, Result};
 
 /// Time steps per checkpoint.
 pub const CHUNK: usize = 64;
@@ -66,51 +69,44 @@ pub fn n_chunks(len: usize) -> usize {
     len.div_ceil(CHUNK)
 }
 
-fn check(name: &str, got: usize, want: usize) -> Result<(), String> {
-    if got == want {
-        Ok(())
-    } else {
-        Err(format!("{name}: expected {want} elements, got {got}"))
-    }
-}
-
 impl<T> ScanArgs<'_, T> {
     /// Checks every buffer length against the declared sizes.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<()> {
         let (bt, d, l, n) = (self.batch, self.dim, self.len, self.dstate);
         if n == 0 {
-            return Err("A: the state size N must be >= 1".into());
+            return Err(Error::value("A", "a state size N >= 1", n));
         }
-        check("u", self.u.len(), bt * d * l)?;
-        check("delta", self.delta.len(), bt * d * l)?;
-        check("A", self.a.len(), d * n)?;
         for (name, m) in [("B", &self.b), ("C", &self.c)] {
-            match m {
-                Mat::Const(x) => check(name, x.len(), d * n)?,
-                Mat::Var { data, groups } => {
-                    if *groups == 0 || d % groups != 0 {
-                        return Err(format!("{name}: {groups} groups do not divide dim {d}"));
-                    }
-                    check(name, data.len(), bt * groups * n * l)?
+            if let Mat::Var { groups, .. } = m {
+                if *groups == 0 || d % groups != 0 {
+                    return Err(Error::invalid(
+                        name,
+                        format!("{groups} groups do not divide dim {d}"),
+                    ));
                 }
             }
         }
-        if let Some(x) = self.d {
-            check("D", x.len(), d)?;
-        }
-        if let Some(x) = self.z {
-            check("z", x.len(), bt * d * l)?;
-        }
-        if let Some(x) = self.delta_bias {
-            check("delta_bias", x.len(), d)?;
-        }
-        if let Some(x) = self.h0 {
-            check("initial_state", x.len(), bt * d * n)?;
-        }
-        if let Some(x) = self.seq_idx {
-            check("seq_idx", x.len(), bt * l)?;
-        }
-        Ok(())
+        let mat_len = |m: &Mat<'_, T>| match m {
+            Mat::Const(x) => (x.len(), d * n),
+            Mat::Var { data, groups } => (data.len(), bt * groups * n * l),
+        };
+        let ((gb, wb), (gc, wc)) = (mat_len(&self.b), mat_len(&self.c));
+        check_lens(&[
+            ("u", self.u.len(), bt * d * l),
+            ("delta", self.delta.len(), bt * d * l),
+            ("A", self.a.len(), d * n),
+            ("B", gb, wb),
+            ("C", gc, wc),
+            ("D", self.d.map_or(d, <[T]>::len), d),
+            ("z", self.z.map_or(bt * d * l, <[T]>::len), bt * d * l),
+            ("delta_bias", self.delta_bias.map_or(d, <[T]>::len), d),
+            (
+                "initial_state",
+                self.h0.map_or(bt * d * n, <[T]>::len),
+                bt * d * n,
+            ),
+            ("seq_idx", self.seq_idx.map_or(bt * l, <[i64]>::len), bt * l),
+        ])
     }
 
     /// Channel ranges of the tasks of one batch row: at most BLOCK channels, never
@@ -500,16 +496,14 @@ pub struct FwdOut<'a, T> {
     pub ckpt: &'a mut [T],
 }
 
-pub fn forward<T: SimdElem>(
-    level: Level,
-    s: &ScanArgs<'_, T>,
-    o: FwdOut<'_, T>,
-) -> Result<(), String> {
+pub fn forward<T: SimdElem>(level: Level, s: &ScanArgs<'_, T>, o: FwdOut<'_, T>) -> Result<()> {
     s.validate()?;
     let (d, l, n) = (s.dim, s.len, s.dstate);
-    check("out", o.out.len(), s.batch * d * l)?;
-    check("last_state", o.last.len(), s.batch * d * n)?;
-    check("checkpoints", o.ckpt.len(), s.batch * d * n_chunks(l) * n)?;
+    check_lens(&[
+        ("out", o.out.len(), s.batch * d * l),
+        ("last_state", o.last.len(), s.batch * d * n),
+        ("checkpoints", o.ckpt.len(), s.batch * d * n_chunks(l) * n),
+    ])?;
     let tasks = s.tasks();
     let rows: Vec<usize> = tasks.iter().map(Task::rows).collect();
     let lens = |k: usize| rows.iter().map(|r| r * k).collect::<Vec<_>>();
@@ -801,33 +795,39 @@ pub fn backward<T: SimdElem>(
     dout: &[T],
     dlast: Option<&[T]>,
     o: BwdOut<'_, T>,
-) -> Result<(), String> {
+) -> Result<()> {
     s.validate()?;
     let (bt, d, l, n) = (s.batch, s.dim, s.len, s.dstate);
-    check("checkpoints", ckpt.len(), bt * d * n_chunks(l) * n)?;
-    check("dout", dout.len(), bt * d * l)?;
-    if let Some(x) = dlast {
-        check("dlast_state", x.len(), bt * d * n)?;
-    }
-    check("du", o.du.len(), bt * d * l)?;
-    check("ddelta", o.ddelta.len(), bt * d * l)?;
-    check("dA", o.da.len(), d * n)?;
     let mat_len = |m: &Mat<'_, T>| match m {
         Mat::Const(_) => d * n,
         Mat::Var { groups, .. } => bt * groups * n * l,
     };
-    check("dB", o.db.len(), mat_len(&s.b))?;
-    check("dC", o.dc.len(), mat_len(&s.c))?;
-    check("dh0", o.dh0.len(), bt * d * n)?;
-    if let (Some(x), Some(_)) = (&o.dz, s.z) {
-        check("dz", x.len(), bt * d * l)?;
-    }
-    if let Some(x) = &o.dd {
-        check("dD", x.len(), d)?;
-    }
-    if let Some(x) = &o.ddelta_bias {
-        check("ddelta_bias", x.len(), d)?;
-    }
+    let dz = match (&o.dz, s.z) {
+        (Some(x), Some(_)) => x.len(),
+        _ => bt * d * l,
+    };
+    check_lens(&[
+        ("checkpoints", ckpt.len(), bt * d * n_chunks(l) * n),
+        ("dout", dout.len(), bt * d * l),
+        (
+            "dlast_state",
+            dlast.map_or(bt * d * n, <[T]>::len),
+            bt * d * n,
+        ),
+        ("du", o.du.len(), bt * d * l),
+        ("ddelta", o.ddelta.len(), bt * d * l),
+        ("dA", o.da.len(), d * n),
+        ("dB", o.db.len(), mat_len(&s.b)),
+        ("dC", o.dc.len(), mat_len(&s.c)),
+        ("dh0", o.dh0.len(), bt * d * n),
+        ("dz", dz, bt * d * l),
+        ("dD", o.dd.as_deref().map_or(d, <[T]>::len), d),
+        (
+            "ddelta_bias",
+            o.ddelta_bias.as_deref().map_or(d, <[T]>::len),
+            d,
+        ),
+    ])?;
 
     let tasks = s.tasks();
     let nt = tasks.len();

@@ -11,9 +11,12 @@
 //!
 //! Everything is validated before the first write, so a failed call changes nothing.
 
-use crate::dispatch::{dispatch, Kernel, Level, SimdElem};
-use crate::pool;
-use crate::simd::{exp, sigmoid, softplus, sum_rows, Elem, Vector};
+use crate::cpu::pool;
+use crate::cpu::{
+    dispatch, exp, sigmoid, softplus, sum_rows, Elem, Kernel, Level, SimdElem, Vector,
+};
+use crate::error::{check_lens, Error, Result};
+use crate::slots::slot_rows;
 
 pub struct StepArgs<'a, T> {
     pub batch: usize,
@@ -284,15 +287,18 @@ pub fn step<T: SimdElem>(
     slots_total: usize,
     out: &mut [T],
     snapshots: Option<&mut [T]>,
-) -> Result<(), String> {
+) -> Result<()> {
     let (bt, nt, d, n, g) = (s.batch, s.ntok, s.dim, s.dstate, s.groups);
     if n == 0 {
-        return Err("A: the state size N must be >= 1".into());
+        return Err(Error::value("A", "a state size N >= 1", n));
     }
     if g == 0 || d % g != 0 {
-        return Err(format!("B: {g} groups do not divide dim {d}"));
+        return Err(Error::invalid(
+            "B",
+            format!("{g} groups do not divide dim {d}"),
+        ));
     }
-    let lens = [
+    check_lens(&[
         ("x", s.x.len(), bt * nt * d),
         ("dt", s.dt.len(), bt * nt * d),
         ("A", s.a.len(), d * n),
@@ -309,42 +315,9 @@ pub fn step<T: SimdElem>(
             snapshots.as_deref().map_or(bt * nt * d * n, <[T]>::len),
             bt * nt * d * n,
         ),
-    ];
-    for (name, got, want) in lens {
-        if got != want {
-            return Err(format!("{name}: expected {want} elements, got {got}"));
-        }
-    }
+    ])?;
     // Row -> slot, rejecting out-of-range and duplicate slots before touching anything.
-    let mut owner = vec![usize::MAX; slots_total];
-    let mut slot_of = Vec::with_capacity(bt);
-    for b in 0..bt {
-        let sl = match s.slots {
-            Some(x) => x[b],
-            None => b as i64,
-        };
-        if sl < 0 {
-            slot_of.push(None);
-            continue;
-        }
-        let su = sl as usize;
-        if su >= slots_total {
-            return Err(format!("state_batch_indices: entry {b} is {sl}, out of range for a state pool of {slots_total} slots"));
-        }
-        if owner[su] != usize::MAX {
-            return Err(format!(
-                "state_batch_indices: slot {sl} is used by rows {} and {b}",
-                owner[su]
-            ));
-        }
-        owner[su] = b;
-        slot_of.push(Some(su));
-    }
-    if s.slots.is_none() && slots_total != bt {
-        return Err(format!(
-            "state: expected {bt} slots (one per batch row), got {slots_total}"
-        ));
-    }
+    let slot_of = slot_rows("state_batch_indices", "state", s.slots, bt, slots_total)?;
 
     if bt == 0 || nt == 0 || d == 0 {
         return Ok(());

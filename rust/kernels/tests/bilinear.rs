@@ -2,21 +2,11 @@
 #![allow(clippy::needless_range_loop)]
 
 use bmojo_kernels::bilinear::{self, BilinearArgs, BwdOut, Trans, PAR_CHUNK};
-use bmojo_kernels::dispatch::{Level, SimdElem};
-use bmojo_kernels::{pool, reference};
+use bmojo_kernels::cpu::pool;
+use bmojo_kernels::{Level, SimdElem};
 
 mod common;
-use common::Rng;
-
-fn close(name: &str, got: &[f64], want: &[f64], rtol: f64, atol: f64) {
-    assert_eq!(got.len(), want.len(), "{name}: length");
-    for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        assert!(
-            (g - w).abs() <= atol + rtol * w.abs(),
-            "{name}[{i}]: got {g}, want {w}"
-        );
-    }
-}
+use common::{close, reference, Rng};
 
 /// Owned inputs of one problem (f64); `per_step` picks the form.
 #[derive(Clone)]

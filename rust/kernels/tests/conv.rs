@@ -4,21 +4,12 @@
 #![allow(clippy::needless_range_loop)]
 
 use bmojo_kernels::conv::{conv_bwd, conv_fwd, conv_update, ConvArgs, ConvGrads, UpdateArgs};
-use bmojo_kernels::reference::conv as refc;
-use bmojo_kernels::{pool, Level, SimdElem};
+use bmojo_kernels::cpu::pool;
+use bmojo_kernels::{Level, SimdElem};
+use common::reference::conv as refc;
 
 mod common;
-use common::Rng;
-
-fn close(name: &str, got: &[f64], want: &[f64], rtol: f64, atol: f64) {
-    assert_eq!(got.len(), want.len(), "{name}: length");
-    for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        assert!(
-            (g - w).abs() <= atol + rtol * w.abs(),
-            "{name}[{i}]: got {g}, want {w}"
-        );
-    }
-}
+use common::{close, Rng};
 
 trait Cast: SimdElem + numcast::Sealed {}
 mod numcast {
@@ -276,7 +267,7 @@ fn upd<T: Cast>(
     cache: Option<&[i64]>,
     slots: Option<&[i64]>,
     state: &[f64],
-) -> Result<(Vec<f64>, Vec<f64>), String> {
+) -> Result<(Vec<f64>, Vec<f64>), bmojo_kernels::Error> {
     let (xt, wt, bt) = (cv::<T>(x), cv::<T>(w), bias.map(cv::<T>));
     let mut st = cv::<T>(state);
     let mut out = vec![T::of(0.0); b * d * nt];

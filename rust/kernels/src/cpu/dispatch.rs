@@ -5,7 +5,8 @@
 //! builds never use `target-cpu=native`: every level is compiled into the same binary and
 //! picked at run time.
 
-use crate::simd::{Bits, Lanes, Vector};
+use super::lanes::{Bits, Lanes};
+use super::vector::Vector;
 
 /// Instruction-set levels, lowest first.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -81,18 +82,18 @@ impl SimdElem for f32 {
     type Scalar = Lanes<f32, 1>;
     type Base = Lanes<f32, 4>;
     #[cfg(target_arch = "x86_64")]
-    type V256 = crate::simd::x86::F32x8;
+    type V256 = super::x86::F32x8;
     #[cfg(target_arch = "x86_64")]
-    type V512 = crate::simd::x86::F32x16;
+    type V512 = super::x86::F32x16;
 }
 
 impl SimdElem for f64 {
     type Scalar = Lanes<f64, 1>;
     type Base = Lanes<f64, 2>;
     #[cfg(target_arch = "x86_64")]
-    type V256 = crate::simd::x86::F64x4;
+    type V256 = super::x86::F64x4;
     #[cfg(target_arch = "x86_64")]
-    type V512 = crate::simd::x86::F64x8;
+    type V512 = super::x86::F64x8;
 }
 
 /// A piece of work written once for any vector type. Implementations mark `run`

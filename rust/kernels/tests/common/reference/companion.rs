@@ -3,7 +3,7 @@
 //! Full storage of s over [-n, L); the backward is the adjoint written as a gather
 //! (each g_t reads the later adjoints it feeds), unlike the kernel's scatter.
 
-use crate::companion::{CompanionArgs, Seq};
+use bmojo_kernels::companion::{CompanionArgs, Seq};
 
 /// Coefficient `j` of lane `m` at time `t` (`per` values per step / channel).
 fn at(
@@ -40,7 +40,7 @@ fn states(a: &CompanionArgs<'_, f64>, m: usize) -> Vec<f64> {
     s
 }
 
-/// Returns `(y, s, last)` in the layouts of [`crate::companion::FwdOut`].
+/// Returns `(y, s, last)` in the layouts of [`bmojo_kernels::companion::FwdOut`].
 pub fn companion_forward(a: &CompanionArgs<'_, f64>) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
     let (m_all, l, n) = (a.batch * a.dim, a.len, a.order);
     let (mut y, mut s_out, mut last) = (

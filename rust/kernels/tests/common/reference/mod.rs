@@ -6,7 +6,7 @@ pub mod companion;
 pub mod conv;
 pub mod eidetic;
 
-use crate::selective::{Mat, ScanArgs};
+use bmojo_kernels::selective::{Mat, ScanArgs};
 
 fn softplus(x: f64) -> f64 {
     if x > 20.0 {

@@ -3,7 +3,7 @@
 //! Forms every `A_t` explicitly, then `X_t = A_t X_{t-1} + b_t`; the backward is the
 //! textbook adjoint over the stored states.
 
-use crate::bilinear::{BilinearArgs, Trans};
+use bmojo_kernels::bilinear::{BilinearArgs, Trans};
 
 /// The dense `A_t (n, n)` of row `row`, step `t`.
 pub fn transition(s: &BilinearArgs<'_, f64>, row: usize, t: usize) -> Vec<f64> {
@@ -48,7 +48,7 @@ pub fn forward(s: &BilinearArgs<'_, f64>) -> (Vec<f64>, Vec<f64>) {
 }
 
 /// Gradients of a scan; `da` is `dA0 (n, n)` or `dA (batch, len, n, n)` as in
-/// [`crate::bilinear::BwdOut`].
+/// [`bmojo_kernels::bilinear::BwdOut`].
 #[derive(Debug, Clone)]
 pub struct Grads {
     pub db: Vec<f64>,

@@ -1,11 +1,13 @@
-//! The kernels' own rayon pool: sized explicitly, rebuilt after `fork`.
+//! The kernels' own rayon pool: sized explicitly, rebuilt after `fork`. Teams of threads
+//! that meet at barriers run on it too (see [`super::team`]).
 //!
 //! Work is always cut into the same tasks whatever the thread count, and every task
 //! writes its own outputs, so results are bitwise independent of the number of threads.
 
 use rayon::prelude::*;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+
+use crate::error::{Error, Result};
 
 struct PoolState {
     pid: u32,
@@ -26,9 +28,9 @@ fn default_threads() -> usize {
 }
 
 /// Sets the number of threads kernels may use (>= 1).
-pub fn set_num_threads(n: usize) -> Result<(), String> {
+pub fn set_num_threads(n: usize) -> Result<()> {
     if n == 0 {
-        return Err("num_threads must be >= 1".into());
+        return Err(Error::value("num_threads", ">= 1", n));
     }
     let mut st = POOL.lock().unwrap_or_else(|e| e.into_inner());
     if st.threads != n {
@@ -50,7 +52,7 @@ pub fn num_threads() -> usize {
 
 /// The pool for this process, creating it on first use and again in a forked child
 /// (whose copy of the parent's pool has no threads behind it).
-fn pool() -> Option<Arc<rayon::ThreadPool>> {
+pub(super) fn pool() -> Option<Arc<rayon::ThreadPool>> {
     let mut st = POOL.lock().unwrap_or_else(|e| e.into_inner());
     let pid = std::process::id();
     if st.pid != pid {
@@ -107,73 +109,4 @@ pub fn split_lengths<'a, T>(mut data: &'a mut [T], lens: &[usize]) -> Vec<&'a mu
         data = tail;
     }
     out
-}
-
-/// Serialises teams: two teams sharing the pool's threads could each hold one thread at
-/// a barrier waiting for a thread the other holds.
-static TEAM: Mutex<()> = Mutex::new(());
-
-/// Spin barrier of a [`team`] (spins briefly, then yields: on a loaded machine a member
-/// may be descheduled). `wait` has acquire/release semantics: what a member wrote before
-/// it is visible to every member after it.
-pub struct Barrier {
-    n: usize,
-    count: AtomicUsize,
-    gen: AtomicUsize,
-}
-
-impl Barrier {
-    pub fn new(n: usize) -> Self {
-        Barrier {
-            n,
-            count: AtomicUsize::new(0),
-            gen: AtomicUsize::new(0),
-        }
-    }
-
-    pub fn wait(&self) {
-        if self.n <= 1 {
-            return;
-        }
-        let g = self.gen.load(Ordering::Acquire);
-        if self.count.fetch_add(1, Ordering::AcqRel) + 1 == self.n {
-            self.count.store(0, Ordering::Relaxed);
-            self.gen.fetch_add(1, Ordering::Release);
-        } else {
-            let mut spins = 0u32;
-            while self.gen.load(Ordering::Acquire) == g {
-                if spins < 4_000 {
-                    std::hint::spin_loop();
-                    spins += 1;
-                } else {
-                    std::thread::yield_now();
-                }
-            }
-        }
-    }
-}
-
-/// Runs `f(index, n, barrier)` for `index` in `0..n` on `n` threads at the same time (the
-/// caller is member 0, the pool's threads the others), for work whose members meet at
-/// `barrier` (sized to the actual team). `n` is capped by the pool's size; `n == 1` (or
-/// no pool) runs `f(0, 1, barrier)` on the caller.
-pub fn team<F: Fn(usize, usize, &Barrier) + Sync>(n: usize, f: F) {
-    let pool = if n > 1 { pool() } else { None };
-    let Some(p) = pool else {
-        f(0, 1, &Barrier::new(1));
-        return;
-    };
-    let n = n.min(p.current_num_threads() + 1).max(1);
-    let bar = Barrier::new(n);
-    let _guard = TEAM.lock().unwrap_or_else(|e| e.into_inner());
-    // Members 1.. are spawned jobs: each pool thread that picks one up spins at the
-    // barriers until the others arrive, so no thread runs two members of one team and,
-    // with teams serialised, the others always get a thread.
-    p.in_place_scope(|s| {
-        for i in 1..n {
-            let (f, bar) = (&f, &bar);
-            s.spawn(move |_| f(i, n, bar));
-        }
-        f(0, n, &bar);
-    });
 }
