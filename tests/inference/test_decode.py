@@ -201,8 +201,8 @@ def test_parameters_changed_in_place_or_replaced():
 def test_other_dtypes_fall_back_and_escape_hatch(monkeypatch):
     model = make_lm("bmojo", torch.float64).to(torch.bfloat16)
     s = model.stream(1)
-    s.feed(toks(1, 3)[:, 0])  # bf16: Python path
-    assert s._plan.fused is None
+    s.feed(toks(1, 3)[:, 0])  # bf16: Python path, state in torch tensors
+    assert s._native is None and s._plan is None
     model = make_lm("bmojo", torch.float64)
     monkeypatch.setenv(D.ENV, "0")
     s = model.stream(1)
@@ -241,10 +241,71 @@ def test_bad_inputs_leave_stream_unchanged():
     # The native entry point checks its arguments too.
     fused = s._plan.fused
     with pytest.raises(ValueError, match="vocabulary"):
-        fused.step(torch.tensor([1, 99]), s.state, s._layers)
+        fused.step(torch.tensor([1, 99]), s._native)
     with pytest.raises(ValueError, match="expected"):
-        fused.step(torch.tensor([1]), s.state, s._layers)
+        fused.step(torch.tensor([1]), s._native)
     with pytest.raises(TypeError):
-        fused.step(torch.tensor([1.0, 2.0]), s.state, s._layers)
+        fused.step(torch.tensor([1.0, 2.0]), s._native)
     for k in before:
         assert torch.equal(s.state[k], before[k]), k
+
+
+def test_native_state_is_declared_by_name():
+    """The stream's state lives in native buffers built from its declaration: the tensors
+    view them (a write through a tensor is what the kernel reads), and a wrong declaration
+    is refused by name."""
+    from bmojo_core import _core
+    from bmojo_core.ops.decode import NativeState
+
+    model = make_lm("bmojo", torch.float64)
+    s = model.stream(2)
+    assert s._native is not None
+    native = s._native._native
+    for i, st in enumerate(s._native.layer_tensors):  # every piece views its native buffer
+        for name, t in st.items():
+            assert s.state[f"layers.{i}.{name}"] is t
+            assert t.data_ptr() == native.array(i, name).ctypes.data, name
+    s.feed(toks(2, 5))
+    want = s.state["logits"].clone()
+    s.state["logits"].zero_()
+    assert torch.equal(s._native.stream_tensors["logits"], torch.zeros_like(want))
+    DS = _core.decode.DecodeState
+    with pytest.raises(bmojo_core.BmojoValueError, match='unknown piece "ring"'):
+        DS([], [[("ring", "float64", (2, 3))]])
+    with pytest.raises(bmojo_core.BmojoValueError, match="declared twice"):
+        DS([("position", "int64", (2,)), ("position", "int64", (2,))], [])
+    with pytest.raises(bmojo_core.BmojoTypeError, match="conv: expected dtype"):
+        DS([], [[("conv", "float16", (2, 3))]])
+    with pytest.raises(bmojo_core.BmojoValueError, match='no piece "ssm"'):
+        DS([], [[("conv", "float64", (2, 3))]]).array(0, "ssm")
+    with pytest.raises(bmojo_core.BmojoValueError, match="layer: expected < 1"):
+        DS([], [[]]).array(1, "conv")
+    # A state of another float dtype than the plan is refused before anything is written.
+    f32 = make_lm("bmojo", torch.float32)
+    other = NativeState(
+        [p for p in s.pieces[:3]],  # float64 logits
+        f32.layer_state_pieces(),
+        2,
+    )
+    fused = bmojo_core.inference.decode.DecodePlan(f32).fused
+    before = {k: v.clone() for k, v in other.stream_tensors.items()}
+    with pytest.raises(bmojo_core.BmojoTypeError, match="logits: expected a float32 buffer"):
+        fused.step(torch.tensor([1, 2]), other)
+    for k, v in before.items():
+        assert torch.equal(other.stream_tensors[k], v), k
+
+
+def test_native_buffers_outlive_the_stream():
+    """A tensor taken from a stream keeps its native buffer alive after the stream goes."""
+    import gc
+
+    model = make_lm("bmojo", torch.float64)
+    s = model.stream(1)
+    s.feed(toks(1, 4))
+    ring = s.state["layers.0.ring_k"]
+    copy = ring.clone()
+    del s
+    gc.collect()
+    assert torch.equal(ring, copy)
+    ring.add_(1.0)  # still writable memory
+    assert torch.equal(ring, copy + 1.0)

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from ..ops.decode import FusedLM
 
-__all__ = ["ENV", "DecodePlan", "enabled", "plan_for"]
+__all__ = ["ENV", "DecodePlan", "enabled", "native", "plan_for"]
 
 ENV = "BMOJO_FUSED_DECODE"
 _VERSION = operator.attrgetter("_version")
@@ -41,6 +41,15 @@ def enabled(flag: bool | None) -> bool:
     return os.environ.get(ENV, "1") != "0"
 
 
+def native(model) -> bool:
+    """Whether the fused step can run ``model``: float32 or float64 parameters on the CPU
+    (its stream's state then lives in native buffers)."""
+    params = list(model.parameters())
+    return model.dtype in (torch.float32, torch.float64) and all(
+        p.device.type == "cpu" for p in params
+    )
+
+
 class DecodePlan:
     """A model's parameters in native memory (:class:`~bmojo_core.ops.decode.FusedLM`), or
     ``fused = None`` when the fused step does not apply to the model (its dtype or device)."""
@@ -50,8 +59,7 @@ class DecodePlan:
         self.params = list(model.parameters())
         self.key = self._key()
         self.fused: FusedLM | None = None
-        cpu = all(p.device.type == "cpu" for p in self.params)
-        if cpu and model.dtype in (torch.float32, torch.float64):
+        if native(model):
             self.fused = FusedLM(*model.native_params(), model.dtype)
 
     def _key(self) -> tuple[list, list]:

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from .. import _validate as V
+from ..ops.decode import NativeState
 from ..ops.eidetic import check_store
 from . import decode as _decode
 from . import format as _format
@@ -66,19 +67,26 @@ class Stream:
         ``BMOJO_FUSED_DECODE`` (default on), True forces it, False forces the Python step
         path."""
         self._plan: _decode.DecodePlan | None = None
+        own = stream_pieces(model.vocab_size, model.dtype)
         layer_pieces = model.layer_state_pieces()
-        self.pieces: list[Piece] = stream_pieces(model.vocab_size, model.dtype) + [
+        self.pieces: list[Piece] = own + [
             dataclasses.replace(p, name=layer_name(i, p.name))
             for i, ps in enumerate(layer_pieces)
             for p in ps
         ]
         """The state's declaration, in the order it is saved."""
-        self._state = allocate(self.pieces, self.batch_size)
-        # Per-block views of the same tensors (the step reads them every token).
-        self._layers = [
-            {p.name: self._state[layer_name(i, p.name)] for p in ps}
-            for i, ps in enumerate(layer_pieces)
-        ]
+        self._native: NativeState | None = None
+        if _decode.native(model):
+            # Native buffers: the fused step then receives nothing but the tokens.
+            self._native = NativeState(own, layer_pieces, self.batch_size)
+            mine, self._layers = self._native.stream_tensors, self._native.layer_tensors
+        else:
+            mine = allocate(own, self.batch_size)
+            self._layers = [allocate(ps, self.batch_size) for ps in layer_pieces]
+        self._state = {
+            **mine,
+            **{layer_name(i, k): t for i, st in enumerate(self._layers) for k, t in st.items()},
+        }
 
     @property
     def state(self) -> dict[str, Tensor]:
@@ -118,13 +126,13 @@ class Stream:
 
     def _fused(self):
         """The fused step's model copy, or None when the Python path runs."""
-        if not _decode.enabled(self.fused_decode):
+        if self._native is None or not _decode.enabled(self.fused_decode):
             return None
         self._plan = _decode.plan_for(self.model, self._plan)
         return self._plan.fused
 
     def _fused_step(self, fused, tok: Tensor) -> Tensor:
-        fused.step(tok, self._state, self._layers)
+        fused.step(tok, self._native)
         return self._state["logits"].clone()
 
     def feed(self, tokens) -> Tensor:

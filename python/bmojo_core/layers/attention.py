@@ -100,11 +100,12 @@ class SlidingWindowAttention(nn.Module):
         b, s, d = x.shape
         w = self.window
         q, k, v = self.qkv(x).chunk(3, dim=-1)
-        slot = torch.arange(w)
-        last = pos[:, None] - 1
-        pk = last - torch.remainder(last - slot, w)  # position held by each ring slot
-        qi = pos[:, None] + torch.arange(s)  # (b, S)
-        ring_ok = (pk[:, None, :] >= 0) & (pk[:, None, :] > qi[:, :, None] - w)
+        # Ring slot j holds the key of the position `age` steps before the last one; query i
+        # (position pos + i) sees it iff that position exists (age < pos) and lies in its
+        # window (age < w - 1 - i).
+        age = torch.remainder(pos[:, None] - 1 - torch.arange(w), w)  # (b, w)
+        lim = torch.minimum(pos[:, None], w - 1 - torch.arange(s))  # (b, S)
+        ring_ok = age[:, None, :] < lim[:, :, None]
         new_ok = torch.ones(s, s, dtype=torch.bool).tril().expand(b, s, s)
         mask = torch.cat([mem_mask[:, None, :].expand(b, s, mem_mask.shape[1]), ring_ok, new_ok], 2)
         keys = torch.cat([mem_k, ring_k, k], dim=1)
@@ -112,10 +113,9 @@ class SlidingWindowAttention(nn.Module):
         o = F.scaled_dot_product_attention(
             self._heads(q), self._heads(keys), self._heads(vals), attn_mask=mask[:, None]
         )
-        idx = torch.remainder(qi, w)
-        rows = torch.arange(b)[:, None]
-        ring_k[rows, idx] = k
-        ring_v[rows, idx] = v
+        idx = torch.remainder(pos[:, None] + torch.arange(s), w)[..., None].expand(b, s, d)
+        ring_k.scatter_(1, idx, k)
+        ring_v.scatter_(1, idx, v)
         return o.transpose(1, 2).reshape(b, s, d)
 
     def native_params(self) -> dict[str, Any]:

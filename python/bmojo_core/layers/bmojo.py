@@ -261,35 +261,28 @@ class BMojoLayer(nn.Module):
         outs = []
         a = 0
         plist = pos.tolist()
-        rows = torch.arange(b)[:, None]
         while a < t:
             # A segment stops at the next chunk boundary of any row.
-            s = min([t - a] + [w - (p + a) % w for p in plist])
-            p = pos + a
-            refresh = torch.remainder(p, w) == 0
-            if (me or mf) and bool(refresh.any()):
-                self._refresh(st, p, refresh)
-            outs.append(
-                self.attn.step(
-                    u[:, a : a + s],
-                    st["ring_k"],
-                    st["ring_v"],
-                    st["mem_k"],
-                    st["mem_v"],
-                    st["mem_mask"],
-                    p,
-                )  # fmt: skip
-            )
+            s = min([t - a] + [w - (q + a) % w for q in plist])
+            p = pos + a if a else pos
+            refresh = [(q + a) % w == 0 for q in plist]
+            if (me or mf) and any(refresh):
+                self._refresh(st, p, torch.tensor(refresh))
+            seg = u if s == t else u[:, a : a + s]
+            ring = (st["ring_k"], st["ring_v"], st["mem_k"], st["mem_v"], st["mem_mask"])
+            outs.append(self.attn.step(seg, *ring, p))
             if me:
+                mine = scores if s == t else scores[:, a : a + s].contiguous()
                 push_scores(
-                    st["store_positions"], st["store_scores"], st["store_count"],
-                    scores[:, a : a + s].contiguous(), self.eidetic_policy,
-                    self.eidetic_threshold,
+                    st["store_positions"], st["store_scores"], st["store_count"], mine,
+                    self.eidetic_policy, self.eidetic_threshold,
                 )  # fmt: skip
             if mf:
                 n = min(s, mf)  # only the last m_f outputs survive in the ring
                 idx = torch.remainder(p[:, None] + torch.arange(s - n, s), mf)
-                st["fading_y"][rows, idx] = y[:, a + s - n : a + s]
+                st["fading_y"].scatter_(
+                    1, idx[..., None].expand(b, n, self.d_model), y[:, a + s - n : a + s]
+                )
             a += s
         o = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
         return self.attn.out_proj(o)

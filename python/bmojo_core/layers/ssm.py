@@ -112,14 +112,16 @@ class SelectiveSSM(nn.Module):
         ``state['ssm']`` in place; returns ``(batch, T, d_model)``."""
         di = self.d_inner
         xz = self.in_proj(u)
+        # Detached parameters: the ops' decode fast paths take plain tensors only.
         x = causal_conv1d_update(
-            xz[..., :di].transpose(1, 2).contiguous(), state["conv"], self.conv_weight,
-            self.conv_bias, activation="silu",
+            xz[..., :di].transpose(1, 2).contiguous(), state["conv"], self.conv_weight.detach(),
+            None if self.conv_bias is None else self.conv_bias.detach(), activation="silu",
         ).transpose(1, 2).contiguous()  # fmt: skip
         delta, b, c = self._proj(x)
         y = selective_state_update(
-            state["ssm"], x, delta.contiguous(), -torch.exp(self.A_log), b.contiguous(),
-            c.contiguous(), self.D, xz[..., di:].contiguous(), self.dt_proj.bias, True,
+            state["ssm"], x, delta.contiguous(), -torch.exp(self.A_log.detach()), b.contiguous(),
+            c.contiguous(), self.D.detach(), xz[..., di:].contiguous(),
+            self.dt_proj.bias.detach(), True,
         )  # fmt: skip
         return self.out_proj(y)
 

@@ -5,7 +5,9 @@ GELU), the final norm and the tied head, for every slot of a stream.
 
 :class:`FusedLM` holds a copy of the model's parameters in the layout the kernel reads,
 built from the dictionaries the modules export (``native_params``; :func:`linear` and
-:func:`layer_norm` write their entries).
+:func:`layer_norm` write their entries). :class:`NativeState` owns a stream's state buffers
+natively, allocated from the stream's declaration (pieces with a name, shape, dtype and
+empty value) and exposed as tensors over the same memory, so a step passes only the tokens.
 """
 
 from __future__ import annotations
@@ -13,13 +15,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ._native import core, inout, view
+from .._validate import dtype_name
+from ._native import core, view
 
-__all__ = ["FusedLM", "linear", "layer_norm"]
+__all__ = ["FusedLM", "NativeState", "layer_norm", "linear"]
+
+NATIVE_DTYPES = (torch.float32, torch.float64, torch.int64, torch.bool)
+"""The dtypes a :class:`NativeState` holds (a float16/bfloat16 model streams in Python)."""
 
 
 def linear(prefix: str, lin: nn.Linear) -> dict[str, Any]:
@@ -52,37 +57,40 @@ class FusedLM:
     ``norm_f``); ``layers`` one dict per block (the block's ``native_params``). ``dtype``
     float32 or float64, the parameters' dtype."""
 
-    def __init__(
-        self, top: dict[str, Any], layers: Sequence[dict[str, Any]], dtype: torch.dtype
-    ):  # fmt: skip
+    def __init__(self, top: dict[str, Any], layers: Sequence[dict[str, Any]], dtype: torch.dtype):
         vocab, d_model = top["embedding"].shape
         with torch.no_grad():
-            self._native = core.decode.DecodePlan(vocab, d_model,
-                _arrays(top), [_arrays(x) for x in layers],
-                dtype == torch.float64,
-            )  # fmt: skip
+            self._native = core.decode.DecodePlan(
+                vocab, d_model, _arrays(top), [_arrays(x) for x in layers], dtype == torch.float64
+            )
         self.dtype = dtype
 
-    def step(
-        self, tokens: Tensor, stream: dict[str, Tensor], layers: Sequence[dict[str, Tensor]]
-    ) -> None:
-        """One token per slot ``tokens (batch,)`` int64 through every layer, updating the
-        stream's state in place: ``stream`` its own pieces, ``layers`` each block's, by name.
-        Everything is checked before anything is written."""
-        arrays = [inout(stream[k]) for k in ("position", "logits", "has_logits")]
-        for st in layers:
-            for name in core.decode.DecodePlan.state_names():
-                t = st.get(name)
-                arrays.append(inout(t) if t is not None else self._absent(name))
-        self._native.step(tokens.contiguous().numpy(), arrays)
+    def step(self, tokens: Tensor, state: NativeState) -> None:
+        """One token per slot ``tokens (batch,)`` int64 through every layer, updating
+        ``state`` in place. Everything is checked before anything is written."""
+        self._native.step(tokens.contiguous().numpy(), state._native)
 
-    def _absent(self, name: str):
-        """A piece the layer does not have (no SSM, window or eidetic memory): an empty
-        array of the piece's dtype, a distinct one each (the kernel borrows each)."""
-        if name in ("innov_count", "store_positions", "store_count", "mem_positions"):
-            return np.empty(0, np.int64)
-        if name == "store_scores":
-            return np.empty(0, np.float64)
-        if name == "mem_mask":
-            return np.empty(0, np.bool_)
-        return np.empty(0, np.float64 if self.dtype == torch.float64 else np.float32)
+
+class NativeState:
+    """A stream's state owned natively: ``stream`` (the stream's own pieces) and
+    ``layers`` (each block's) are declarations with ``name``, ``shape`` (per row),
+    ``dtype`` (one of :data:`NATIVE_DTYPES`) and ``empty``; the tensors
+    :attr:`stream_tensors` and :attr:`layer_tensors` (name → tensor ``(batch, *shape)``)
+    view the native buffers and start at the pieces' empty values."""
+
+    def __init__(self, stream: Sequence[Any], layers: Sequence[Sequence[Any]], batch: int):
+        def spec(pieces):
+            return [(p.name, dtype_name(p.dtype), (batch, *p.shape)) for p in pieces]
+
+        self._native = core.decode.DecodeState(spec(stream), [spec(ps) for ps in layers])
+
+        def tensors(i, pieces):
+            out = {p.name: torch.from_numpy(self._native.array(i, p.name)) for p in pieces}
+            for p in pieces:
+                out[p.name].fill_(p.empty)
+            return out
+
+        self.stream_tensors: dict[str, Tensor] = tensors(None, stream)
+        self.layer_tensors: list[dict[str, Tensor]] = [
+            tensors(i, ps) for i, ps in enumerate(layers)
+        ]
