@@ -1,5 +1,5 @@
 //! `bmojo_core._core.bilinear`: the bilinear / time-varying dense affine recurrence,
-//! SPEC §5.
+//! design §5.
 //!
 //! `b (batch, L, n)`; modulated form `a0 (n, n)`, `nmat (m, n, n)`, `v (batch, L, m)`;
 //! per-step form `a (batch, L, n, n)`; `h0`, `last`, `dh0 (batch, n)`; states `xs

@@ -1,4 +1,4 @@
-//! `bmojo_core._core.companion`: the companion (canonical) recurrence, SPEC §4.
+//! `bmojo_core._core.companion`: the companion (canonical) recurrence, design §4.
 //!
 //! Layouts are told apart by rank: `alpha`/`c` `(B, D, L, n)` per step or `(D, n)` per
 //! channel; `beta` `(B, D, L)` or `(D,)`.

@@ -1,5 +1,5 @@
 //! `bmojo_core._core.conv`: the nilpotent shift state, causal depthwise convolution and
-//! its ring-buffer update, SPEC §3.
+//! its ring-buffer update, design §3.
 //!
 //! Every shape is checked exactly here (the kernels check lengths), so a wrong call raises
 //! instead of misreading a layout; the update is called with user tensors directly by the

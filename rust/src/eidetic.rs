@@ -1,4 +1,4 @@
-//! `bmojo_core._core.eidetic`: eidetic token retention, SPEC §6.1 (innovation scores) and
+//! `bmojo_core._core.eidetic`: eidetic token retention, design §6.1 (innovation scores) and
 //! §6.2 (the bounded store, streaming push and chunked builder).
 //!
 //! Every shape is checked here (the kernels check lengths and the store's invariants), so

@@ -1,5 +1,5 @@
-//! `bmojo_core._core.scan`: the diagonal scan (SPEC §2.1) and the Mamba-1 selective scan
-//! (SPEC §2.2), forward and backward.
+//! `bmojo_core._core.scan`: the diagonal scan (design §2.1) and the Mamba-1 selective scan
+//! (design §2.2), forward and backward.
 
 use bmojo_kernels::selective::{self, BwdOut, FwdOut, Mat, ScanArgs};
 use bmojo_kernels::{diag, SimdElem};

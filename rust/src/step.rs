@@ -1,4 +1,4 @@
-//! `bmojo_core._core.step`: the streaming selective state update (SPEC §2.3).
+//! `bmojo_core._core.step`: the streaming selective state update (design §2.3).
 
 use bmojo_kernels::{step, SimdElem};
 use numpy::{Element, PyUntypedArrayMethods};

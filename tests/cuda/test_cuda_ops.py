@@ -1,4 +1,4 @@
-"""CUDA kernels of the causal conv, companion, bilinear and eidetic ops (issue 5) on a GPU.
+"""CUDA kernels of the causal conv, companion, bilinear and eidetic ops on a GPU.
 
 Skipped without CUDA. Each test compares the CUDA result with the CPU op (already verified
 against fp64 oracles) in every dtype and option; gradcheck in fp64 on small sizes;

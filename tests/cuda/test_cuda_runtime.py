@@ -1,4 +1,4 @@
-"""The CUDA runtime (issue 5): NVRTC compilation of every kernel source for sm_80/sm_90/
+"""The CUDA runtime: NVRTC compilation of every kernel source for sm_80/sm_90/
 sm_100 (the declared entry points must be in each CUBIN), the disk cache, the error
 mapping, argument checking, ``bmojo info`` and lazy loading. These need no GPU (only
 NVRTC, which torch's pip install carries); the launch tests at the end need a CUDA device

@@ -11,8 +11,10 @@ import struct
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import bmojo_core
+import numpy as np
 import pytest
 import torch
 from bmojo_core.inference import Stream
@@ -332,3 +334,16 @@ def _long_stream():
     assert s.positions.tolist() == [20_000, 20_000]
     assert growth < 8 * 2**20, f"resident memory grew by {growth / 2**20:.1f} MiB"
     assert len(s.save()) < nbytes + 16_384
+
+
+def test_loads_a_stream_saved_by_format_version_1():
+    """Bytes saved by an earlier build (format version 1, two slots at position 7) load,
+    and the next token's logits are the ones that build computed (same model)."""
+    data_dir = Path(__file__).parent / "data"
+    lm = BMojoLM(32, 8, 2, 4, 2, 3, d_state=4, n_heads=2, dtype=torch.float64)
+    with np.load(data_dir / "stream_v1_model.npz", allow_pickle=False) as params:
+        lm.load_state_dict({k: torch.from_numpy(params[k]) for k in params.files})
+    s = Stream.load(lm, (data_dir / "stream_v1.bin").read_bytes())
+    assert s.positions.tolist() == [7, 7]
+    want = torch.from_numpy(np.load(data_dir / "stream_v1_next_logits.npy", allow_pickle=False))
+    torch.testing.assert_close(s.feed(torch.tensor([9, 10])), want, rtol=1e-12, atol=1e-12)

@@ -249,3 +249,26 @@ def test_simd_levels(level, restore_runtime):
     torch.testing.assert_close(
         layer(u).double(), R.bmojo_layer_ref(ref64, u.double()), **TOL[torch.float32]
     )
+
+
+def test_lm_from_config_or_fields():
+    """``BMojoLM(config)`` and ``BMojoLM(**fields)`` build the same model; the config
+    carries every field once, checks the model's own four and feeds the layers the rest."""
+    from bmojo_core.layers import BMojoConfig
+
+    kw = dict(vocab_size=20, d_model=8, n_layers=2, window=4, n_fading=1, n_eidetic=2)
+    cfg = BMojoConfig(**kw, d_state=4, n_heads=2, innovation_metric="chi2")
+    torch.manual_seed(0)
+    a = BMojoLM(cfg)
+    torch.manual_seed(0)
+    b = BMojoLM(*kw.values(), d_state=4, n_heads=2, innovation_metric="chi2")
+    assert a.config == b.config == cfg and isinstance(a.config.eidetic_threshold, float)
+    for (na, pa), (nb, pb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        assert na == nb and torch.equal(pa, pb), na  # same draws, same parameters
+    assert a.blocks[0].mixer.innovation_metric == "chi2" and a.blocks[0].mixer.n_eidetic == 2
+    with pytest.raises(bmojo_core.BmojoValueError, match="vocab_size: expected an int >= 1"):
+        BMojoConfig(**{**kw, "vocab_size": 0})
+    with pytest.raises(bmojo_core.BmojoTypeError, match="mlp_ratio"):
+        BMojoLM(**kw, mlp_ratio=2.5)
+    with pytest.raises(TypeError):
+        BMojoLM(**kw, not_a_field=1)

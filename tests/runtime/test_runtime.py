@@ -174,6 +174,26 @@ def test_core_stubs_match_the_extension():
 
     from bmojo_core import _core
 
+    def stub_params(fn, skip_self: bool) -> list[str]:
+        names = [a.arg for a in fn.args.args]
+        return names[1:] if skip_self else names
+
+    def check_class(cls, node, what):
+        """Methods of a stub class: the same public names as the class, the same
+        parameters; ``__init__`` is the constructor's signature."""
+        methods = {n.name: n for n in node.body if isinstance(n, ast.FunctionDef)}
+        public = {n for n in dir(cls) if not n.startswith("_")}
+        assert set(methods) - {"__init__"} == public, what
+        for name, fn in methods.items():
+            static = any(getattr(d, "id", None) == "staticmethod" for d in fn.decorator_list)
+            target = cls if name == "__init__" else getattr(cls, name)
+            got = list(inspect.signature(target).parameters)
+            want = stub_params(fn, skip_self=not static)
+            if name != "__init__" and not static:
+                got = got[1:] if got[:1] == ["self"] else got
+            assert got == want, f"{what}.{name}: {got} != {want}"
+        assert "__init__" in methods or not hasattr(cls, "__text_signature__"), what
+
     stubs = Path(bm.__file__).parent / "_core"
     assert not (stubs / "__init__.py").exists(), "the stub folder must not shadow the .so"
     assert _core.__file__.endswith((".so", ".pyd")), _core.__file__
@@ -189,6 +209,7 @@ def test_core_stubs_match_the_extension():
                 declared[node.name] = [a.arg for a in node.args.args]
             elif isinstance(node, ast.ClassDef):
                 declared[node.name] = None
+                check_class(getattr(mod, node.name), node, f"{sub}.{node.name}")
             elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
                 if not node.target.id.startswith("_"):
                     declared[node.target.id] = None

@@ -1,4 +1,4 @@
-"""``bmojo_core._core.bilinear``: the bilinear / time-varying dense recurrence (SPEC §5)."""
+"""``bmojo_core._core.bilinear``: the bilinear / time-varying dense recurrence (design §5)."""
 
 import numpy as np
 import numpy.typing as npt

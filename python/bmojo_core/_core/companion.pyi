@@ -1,4 +1,4 @@
-"""``bmojo_core._core.companion``: the companion (canonical) recurrence (SPEC §4)."""
+"""``bmojo_core._core.companion``: the companion (canonical) recurrence (design §4)."""
 
 import numpy as np
 import numpy.typing as npt

@@ -1,4 +1,4 @@
-"""``bmojo_core._core.conv``: causal depthwise convolution and its update (SPEC §3)."""
+"""``bmojo_core._core.conv``: causal depthwise convolution and its update (design §3)."""
 
 import numpy as np
 import numpy.typing as npt

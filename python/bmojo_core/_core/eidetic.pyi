@@ -1,4 +1,4 @@
-"""``bmojo_core._core.eidetic``: innovation scores and the bounded eidetic store (SPEC §6)."""
+"""``bmojo_core._core.eidetic``: innovation scores and the bounded eidetic store (design §6)."""
 
 import numpy as np
 import numpy.typing as npt

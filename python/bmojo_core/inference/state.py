@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["Piece", "allocate", "layer_name", "reset_rows", "stream_pieces"]
+__all__ = ["Piece", "allocate", "layer_name", "stream_pieces"]
 
 
 @dataclass(frozen=True)
@@ -50,9 +50,3 @@ def allocate(
     return {
         p.name: torch.full((batch, *p.shape), p.empty, dtype=p.dtype, device=device) for p in pieces
     }
-
-
-def reset_rows(state: dict[str, Tensor], empty: dict[str, int], rows: Tensor) -> None:
-    """Writes the empty value of every piece into the rows ``rows`` (in place)."""
-    for name, t in state.items():
-        t[rows] = empty[name]

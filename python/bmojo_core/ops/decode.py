@@ -23,8 +23,6 @@ from ._native import core, view
 
 __all__ = ["FusedLM", "NativeState", "layer_norm", "linear"]
 
-NATIVE_DTYPES = (torch.float32, torch.float64, torch.int64, torch.bool)
-"""The dtypes a :class:`NativeState` holds (a float16/bfloat16 model streams in Python)."""
 
 
 def linear(prefix: str, lin: nn.Linear) -> dict[str, Any]:
@@ -74,7 +72,8 @@ class FusedLM:
 class NativeState:
     """A stream's state owned natively: ``stream`` (the stream's own pieces) and
     ``layers`` (each block's) are declarations with ``name``, ``shape`` (per row),
-    ``dtype`` (one of :data:`NATIVE_DTYPES`) and ``empty``; the tensors
+    ``dtype`` (float32, float64, int64 or bool: a float16/bfloat16 model streams in Python)
+    and ``empty``; the tensors
     :attr:`stream_tensors` and :attr:`layer_tensors` (name → tensor ``(batch, *shape)``)
     view the native buffers and start at the pieces' empty values."""
 

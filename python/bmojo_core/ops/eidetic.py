@@ -9,7 +9,8 @@ mean of the available history, and ``ŷ = 0`` at the very first position. Metric
 ``"chi2"`` divides ``ε_t`` by ``max(v_{t-1}, chi2_floor)``, where ``v`` is the
 bias-corrected exponential moving average of the past innovations
 (``m ← (1−ρ) m + ρ ε``, ``z ← (1−ρ) z + ρ``, ``v = m / z``, ``ρ = chi2_rate``); with no
-past innovation (``z = 0``) ``v = ε_t`` (the first score is 1, or 0 when ``ε = 0``).
+past innovation (``z = 0``) ``v = ε_t`` (the first score is ``ε_t / max(ε_t, chi2_floor)``:
+1 unless ``ε_t`` is below the floor).
 Scores are not differentiable (they drive a discrete selection): the outputs never
 require grad.
 

@@ -1,4 +1,4 @@
-//! Bilinear / time-varying dense affine recurrence, SPEC §5.
+//! Bilinear / time-varying dense affine recurrence, design §5.
 //!
 //! `X_t = A_t X_{t-1} + b_t` over `batch` independent rows, state size `n <= 64`, with
 //! `A_t` either *modulated*, `A_t = A0 + Σ_j v_{t,j} N_j` (never materialised: the

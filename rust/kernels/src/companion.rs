@@ -1,4 +1,4 @@
-//! Companion (canonical) recurrence, SPEC §4, per lane (lane = batch·dim + channel):
+//! Companion (canonical) recurrence, design §4, per lane (lane = batch·dim + channel):
 //!
 //! ```text
 //! s_t = Σ_{i=1..n} α_{t,i} s_{t-i} + β_t u_t        y_t = Σ_{i=0..n-1} c_{t,i} s_{t-i} + D u_t

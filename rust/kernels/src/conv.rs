@@ -1,4 +1,4 @@
-//! Nilpotent shift state: causal depthwise convolution and its ring-buffer update, SPEC §3.
+//! Nilpotent shift state: causal depthwise convolution and its ring-buffer update, design §3.
 //!
 //! `y_t[d] = bias[d] + Σ_k w[d, k] · x_{t-K+1+k}[d]` (inputs before the start come from the
 //! initial state, or are zero), optionally followed by SiLU.

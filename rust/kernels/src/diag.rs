@@ -1,4 +1,4 @@
-//! First-order diagonal scan `h_t = a_t * h_{t-1} + b_t` (SPEC §2.1) over independent
+//! First-order diagonal scan `h_t = a_t * h_{t-1} + b_t` (design §2.1) over independent
 //! lanes laid out `(lanes, len)`, forward or reverse (`h_t = a_t * h_{t+1} + b_t`).
 //!
 //! Same scheme as the selective scan: tasks of [`BLOCK`] lanes, vectors across lanes,

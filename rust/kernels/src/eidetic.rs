@@ -1,4 +1,4 @@
-//! Eidetic token retention (SPEC §6.1, §6.2): the fused innovation score and the bounded
+//! Eidetic token retention (design §6.1, §6.2): the fused innovation score and the bounded
 //! top-m store (one binary heap per batch row), streaming and chunked.
 //!
 //! Innovation. `ŷ_t = Σ_{j=1..k} c_j y_{t-j}`, `ε_t = ‖y_t − ŷ_t‖² / d`. A position with

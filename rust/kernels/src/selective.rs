@@ -1,4 +1,4 @@
-//! Mamba-1 selective scan (SPEC §2.2), forward and backward.
+//! Mamba-1 selective scan (design §2.2), forward and backward.
 //!
 //! Layout: `u`, `delta`, `z`, `out` are `(batch, dim, len)`; `A` is `(dim, N)`; `B`/`C`
 //! are `(dim, N)` (constant) or `(batch, G, N, len)` (variable, `G = 1` for ungrouped);

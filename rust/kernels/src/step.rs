@@ -1,4 +1,4 @@
-//! Streaming step of the selective SSM (SPEC §2.3): one or several tokens per sequence,
+//! Streaming step of the selective SSM (design §2.3): one or several tokens per sequence,
 //! updating a pool of states in place.
 //!
 //! Layout: `state (slots, dim, N)`; `x`, `dt`, `z`, `out` are `(batch, T, dim)`; `B`/`C`

@@ -1,4 +1,4 @@
-//! Causal depthwise convolution (SPEC §3) at every supported level against the scalar
+//! Causal depthwise convolution (design §3) at every supported level against the scalar
 //! f64 reference: forward, backward, streaming update; thread invariance; failed updates
 //! write nothing.
 #![allow(clippy::needless_range_loop)]

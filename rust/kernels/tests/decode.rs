@@ -1,5 +1,5 @@
 //! The whole fused decode step: bitwise independent of the thread count at every SIMD
-//! level, a failed step writes nothing; and an ignored timing of the issue's model. The
+//! level, a failed step writes nothing; and an ignored timing of the benchmark model. The
 //! building blocks (GEMV, GELU, LayerNorm, attention, erf) are unit tests of the crate
 //! (`src/decode/tests.rs`).
 
@@ -26,8 +26,8 @@ fn norm(d: usize) -> Norm<f32> {
     }
 }
 
-/// The issue's model shape (d=256, 4 layers, window 128, 4 fading, 32 eidetic tokens).
-fn issue_model(rng: &mut Rng, vocab: usize, d: usize, layers: usize) -> Model<f32> {
+/// The benchmark model's shape (d=256, 4 layers, window 128, 4 fading, 32 eidetic tokens).
+fn bench_model(rng: &mut Rng, vocab: usize, d: usize, layers: usize) -> Model<f32> {
     let (di, n, r, k) = (2 * d, 16, d.div_ceil(16), 4);
     let layers = (0..layers)
         .map(|_| Layer {
@@ -158,7 +158,7 @@ impl Owned {
 #[test]
 fn whole_step_is_bitwise_independent_of_thread_count() {
     let mut rng = Rng(21);
-    let m = issue_model(&mut rng, 64, 64, 2);
+    let m = bench_model(&mut rng, 64, 64, 2);
     let b = 3;
     let toks: Vec<Vec<i64>> = (0..140)
         .map(|_| (0..b).map(|_| rng.below(64) as i64).collect())
@@ -186,12 +186,12 @@ fn whole_step_is_bitwise_independent_of_thread_count() {
 }
 
 /// `cargo test -p bmojo-kernels --release --test decode -- --ignored --nocapture`:
-/// µs per step of the issue's model (d=256, 4 layers) at batch 1 and 32.
+/// µs per step of the benchmark model (d=256, 4 layers) at batch 1 and 32.
 #[test]
 #[ignore]
-fn timing_issue_model() {
+fn timing_bench_model() {
     let mut rng = Rng(1);
-    let m = issue_model(&mut rng, 512, 256, 4);
+    let m = bench_model(&mut rng, 512, 256, 4);
     for b in [1usize, 32] {
         for nt in [1, 2] {
             pool::set_num_threads(nt).unwrap();

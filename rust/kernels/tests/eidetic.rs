@@ -1,4 +1,4 @@
-//! Eidetic retention (SPEC §6.1, §6.2): the innovation kernel at every supported level
+//! Eidetic retention (design §6.1, §6.2): the innovation kernel at every supported level
 //! against the scalar f64 reference (whole and in pieces, thread invariance), and the
 //! heap store (streaming in pieces and chunked) against a brute-force top-m.
 #![allow(clippy::needless_range_loop)]

@@ -1,4 +1,4 @@
-//! Fused streaming decode step of a B'MOJO language model (SPEC §6.4): one call consumes
+//! Fused streaming decode step of a B'MOJO language model (design §6.4): one call consumes
 //! one token for every row of the batch through the whole model (embedding, blocks of
 //! LN → B'MOJO layer → residual, LN → MLP → residual, final LN, tied head) and updates the
 //! stream state in place. It computes exactly what `Stream._run` does for one token

@@ -429,7 +429,7 @@ fn attention_matches_scalar_softmax_at_every_level() {
 }
 
 /// `cargo test -p bmojo-kernels --release --lib -- --ignored --nocapture`: µs per
-/// attention of one query over the issue model's 164 keys (d=256).
+/// attention of one query over the benchmark model's 164 keys (d=256).
 #[test]
 #[ignore]
 fn timing_attention() {

@@ -1,4 +1,4 @@
-//! Scalar f64 oracle: Bilinear / time-varying dense affine recurrence, SPEC §5.
+//! Scalar f64 oracle: Bilinear / time-varying dense affine recurrence, design §5.
 //!
 //! Forms every `A_t` explicitly, then `X_t = A_t X_{t-1} + b_t`; the backward is the
 //! textbook adjoint over the stored states.

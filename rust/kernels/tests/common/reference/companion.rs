@@ -1,4 +1,4 @@
-//! Scalar f64 oracle: Companion (canonical) recurrence, SPEC §4.
+//! Scalar f64 oracle: Companion (canonical) recurrence, design §4.
 //!
 //! Full storage of s over [-n, L); the backward is the adjoint written as a gather
 //! (each g_t reads the later adjoints it feeds), unlike the kernel's scatter.

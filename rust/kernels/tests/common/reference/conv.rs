@@ -1,4 +1,4 @@
-//! Scalar f64 oracle: Nilpotent shift state: causal depthwise convolution and its ring-buffer update, SPEC §3.
+//! Scalar f64 oracle: Nilpotent shift state: causal depthwise convolution and its ring-buffer update, design §3.
 //!
 //! Written from the definitions: the forward gathers taps, the backward scatters every
 //! output's gradient to the inputs it read (the kernel gathers instead).

@@ -1,4 +1,4 @@
-//! Eidetic retention (SPEC §6.1, §6.2) written straight from the definitions: the
+//! Eidetic retention (design §6.1, §6.2) written straight from the definitions: the
 //! innovation score one position at a time in f64, and the store as a brute-force top-m
 //! over the whole past (no heap).
 #![allow(clippy::needless_range_loop)]
