@@ -34,6 +34,28 @@ def number_arg(name: str, v: object) -> float:
     return float(v)
 
 
+def indices(name: str, value: object, n: int, what: str) -> torch.Tensor:
+    """Indices into ``n`` rows (int64, 1-D) from None (all), an int, a sequence of ints, an
+    int tensor or a bool mask ``(n,)``; ``what`` names one row ("slot", "row")."""
+    if value is None:
+        return torch.arange(n)
+    if isinstance(value, torch.Tensor) and value.dtype == torch.bool:
+        shape(name, value, (n,), f"({n},) bool mask")
+        return value.nonzero().flatten()
+    if isinstance(value, torch.Tensor) and value.is_floating_point():
+        raise BmojoTypeError(f"{name}: expected integer indices, got {value.dtype}")
+    items = [value] if isinstance(value, int) and not isinstance(value, bool) else value
+    try:
+        idx = torch.as_tensor(items, dtype=torch.int64).flatten()
+    except (TypeError, ValueError, RuntimeError):
+        raise BmojoTypeError(
+            f"{name}: expected {what} indices or a bool mask, got {value!r}"
+        ) from None
+    if idx.numel() and (int(idx.min()) < -n or int(idx.max()) >= n):
+        raise BmojoValueError(f"{name}: indices must be in [-{n}, {n}), got {idx.tolist()}")
+    return idx
+
+
 def tensor(name: str, t: object, *, dtypes: Sequence[torch.dtype] = FLOATS) -> torch.Tensor:
     """Checks that `t` is a CPU tensor of one of `dtypes` (for code with no CUDA path)."""
     if not isinstance(t, torch.Tensor):

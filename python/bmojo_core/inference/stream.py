@@ -237,25 +237,7 @@ class Stream:
     def reset(self, slots=None) -> None:
         """Empties the chosen slots (all by default): an int, a sequence of ints or a bool
         mask ``(batch_size,)``. The other slots are untouched."""
-        b = self.batch_size
-        if slots is None:
-            idx = torch.arange(b)
-        elif isinstance(slots, Tensor) and slots.dtype == torch.bool:
-            V.shape("slots", slots, (b,), "(batch_size,) bool mask")
-            idx = slots.nonzero().flatten()
-        else:
-            if isinstance(slots, int) and not isinstance(slots, bool):
-                slots = [slots]
-            try:
-                idx = torch.as_tensor(slots, dtype=torch.int64).flatten()
-            except (TypeError, ValueError, RuntimeError):
-                raise V.BmojoTypeError(
-                    f"slots: expected slot indices or a bool mask, got {slots!r}"
-                ) from None
-            if idx.numel() and (int(idx.min()) < -b or int(idx.max()) >= b):
-                raise V.BmojoValueError(
-                    f"slots: indices must be in [-{b}, {b}), got {idx.tolist()}"
-                )
+        idx = V.indices("slots", slots, self.batch_size, "slot")
         for p in self.pieces:
             self._state[p.name][idx] = p.empty
 

@@ -24,7 +24,6 @@ from ._native import core, view
 __all__ = ["FusedLM", "NativeState", "layer_norm", "linear"]
 
 
-
 def linear(prefix: str, lin: nn.Linear) -> dict[str, Any]:
     """The entries of a linear map: ``{prefix}_w`` (out, in) and ``{prefix}_b``."""
     return {f"{prefix}_w": lin.weight, f"{prefix}_b": lin.bias}

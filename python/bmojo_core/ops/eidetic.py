@@ -638,26 +638,7 @@ class EideticStore:
     def reset(self, rows=None) -> None:
         """Empties the chosen rows (all by default): an int, a sequence of ints, an int
         tensor of row indices or a bool mask ``(batch,)``. Other rows are untouched."""
-        if rows is None:
-            idx = torch.arange(self.batch)
-        elif isinstance(rows, torch.Tensor) and rows.dtype == torch.bool:
-            V.shape("rows", rows, (self.batch,), "(batch,) bool mask")
-            idx = rows.nonzero().flatten()
-        else:
-            if isinstance(rows, int) and not isinstance(rows, bool):
-                rows = [rows]
-            try:
-                idx = torch.as_tensor(rows, dtype=torch.int64).flatten()
-            except (TypeError, ValueError, RuntimeError):
-                raise V.BmojoTypeError(
-                    f"rows: expected row indices or a bool mask, got {rows!r}"
-                ) from None
-            if isinstance(rows, torch.Tensor) and rows.is_floating_point():
-                raise V.BmojoTypeError(f"rows: expected integer indices, got {rows.dtype}")
-            if idx.numel() and (int(idx.min()) < -self.batch or int(idx.max()) >= self.batch):
-                raise V.BmojoValueError(
-                    f"rows: indices must be in [-{self.batch}, {self.batch}), got {idx.tolist()}"
-                )
+        idx = V.indices("rows", rows, self.batch, "row")
         self.positions[idx] = -1
         self.scores[idx] = 0.0
         self.count[idx] = 0
