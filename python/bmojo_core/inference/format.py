@@ -28,7 +28,7 @@ from .._validate import dtype_name
 from ..errors import BmojoTypeError, BmojoValueError
 from .state import Piece
 
-__all__ = ["FORMAT_VERSION", "MAGIC", "decode", "encode"]
+__all__ = ["FORMAT_VERSION", "MAGIC", "bad", "decode", "encode", "read_header"]
 
 MAGIC = b"BMOJOST\0"
 FORMAT_VERSION = 1
@@ -56,7 +56,8 @@ def encode(header: Mapping[str, Any], state: Mapping[str, Tensor]) -> bytes:
     return body + hashlib.sha256(body).digest()
 
 
-def _bad(why: str) -> BmojoValueError:
+def bad(why: str) -> BmojoValueError:
+    """The error for saved bytes that are not a valid stream (names the argument ``data``)."""
     return BmojoValueError(f"data: {why}")
 
 
@@ -66,21 +67,21 @@ def read_header(data: object) -> tuple[dict[str, Any], bytes]:
         raise BmojoTypeError(f"data: expected bytes, got {type(data).__name__}")
     data = bytes(data)
     if len(data) < _PRE.size + _DIGEST or data[:8] != MAGIC:
-        raise _bad("not a bmojo_core stream (bad magic or too short)")
+        raise bad("not a bmojo_core stream (bad magic or too short)")
     _, version, hlen = _PRE.unpack_from(data)
     if version != FORMAT_VERSION:
-        raise _bad(f"stream format version {version} is not supported (expected {FORMAT_VERSION})")
+        raise bad(f"stream format version {version} is not supported (expected {FORMAT_VERSION})")
     body, digest = data[:-_DIGEST], data[-_DIGEST:]
     if hashlib.sha256(body).digest() != digest:
-        raise _bad("checksum mismatch (corrupted or truncated stream)")
+        raise bad("checksum mismatch (corrupted or truncated stream)")
     if _PRE.size + hlen > len(body):
-        raise _bad("header length exceeds the data")
+        raise bad("header length exceeds the data")
     try:
         header = json.loads(body[_PRE.size : _PRE.size + hlen].decode())
     except (UnicodeDecodeError, json.JSONDecodeError):
-        raise _bad("header is not valid JSON") from None
+        raise bad("header is not valid JSON") from None
     if not isinstance(header, dict):
-        raise _bad("header is not a JSON object")
+        raise bad("header is not a JSON object")
     return header, body[_PRE.size + hlen :]
 
 
@@ -93,18 +94,18 @@ def decode(
     rows, in order. Returns new tensors (nothing is written anywhere)."""
     for key, want in expected.items():
         if header.get(key) != want:
-            raise _bad(f"{key} {header.get(key)!r} does not match this model's {want!r}")
+            raise bad(f"{key} {header.get(key)!r} does not match this model's {want!r}")
     entries = header.get("tensors")
     if not isinstance(entries, list) or len(entries) != len(pieces):
-        raise _bad("tensor list does not match the model's stream state")
+        raise bad("tensor list does not match the model's stream state")
     state: dict[str, Tensor] = {}
     end = 0
     for e, p in zip(entries, pieces, strict=True):
         shape = [batch, *p.shape]
         if not isinstance(e, dict) or e.get("name") != p.name:
-            raise _bad(f"expected tensor {p.name!r}, got {e!r:.80}")
+            raise bad(f"expected tensor {p.name!r}, got {e!r:.80}")
         if e.get("dtype") != dtype_name(p.dtype) or e.get("shape") != shape:
-            raise _bad(
+            raise bad(
                 f"tensor {p.name!r}: expected {dtype_name(p.dtype)} {shape}, "
                 f"got {e.get('dtype')} {e.get('shape')}"
             )
@@ -112,7 +113,7 @@ def decode(
         for s in shape:
             nb *= s
         if e.get("offset") != end or e.get("nbytes") != nb:
-            raise _bad(f"tensor {p.name!r}: bad offset/size")
+            raise bad(f"tensor {p.name!r}: bad offset/size")
         raw = bytearray(payload[end : end + nb])
         end += nb
         t = torch.frombuffer(raw, dtype=torch.uint8) if nb else torch.empty(0, dtype=torch.uint8)
@@ -121,5 +122,5 @@ def decode(
             t = torch.from_numpy(t.numpy().byteswap())
         state[p.name] = t
     if end != len(payload):
-        raise _bad("trailing bytes after the tensors")
+        raise bad("trailing bytes after the tensors")
     return state

@@ -263,7 +263,7 @@ class Stream:
         header, payload = _format.read_header(data)
         b = header.get("batch_size")
         if isinstance(b, bool) or not isinstance(b, int) or b < 1:
-            raise V.BmojoValueError(f"data: invalid batch_size {b!r}")
+            raise _format.bad(f"invalid batch_size {b!r}")
         stream = cls(model, b)  # validates model
         state = _format.decode(header, payload, stream._header(), stream.pieces, b)
         _check_state(state, model)
@@ -273,10 +273,7 @@ class Stream:
 
 def _check_state(state: dict[str, Tensor], model) -> None:
     """Invariants a restored state must satisfy (else a later feed could misbehave)."""
-
-    def bad(why: str) -> V.BmojoValueError:
-        return V.BmojoValueError(f"data: {why}")
-
+    bad = _format.bad
     pos = state["position"]
     if bool((pos < 0).any()):
         raise bad("negative position")
