@@ -64,7 +64,8 @@ def causal_conv1d_fwd(
     b, d, length = x.shape
     out = x.new_empty(b, d, length)
     fin = x.new_empty(b, d, weight.shape[1] - 1)
-    core.conv.causal_conv1d_fwd(view(x), view(weight), view_opt(bias), view_opt(seq_idx),
+    core.conv.causal_conv1d_fwd(
+        view(x), view(weight), view_opt(bias), view_opt(seq_idx),
         view_opt(initial_states), silu, out.numpy(), fin.numpy(),
     )  # fmt: skip
     return out, fin
@@ -117,7 +118,8 @@ def causal_conv1d_bwd(
     k = weight.shape[1]
     dx, dw, db = torch.empty_like(x), torch.empty_like(weight), x.new_empty(d)
     di = x.new_empty(b, d, k - 1) if initial_states is not None else x.new_empty(0)
-    core.conv.causal_conv1d_bwd(view(x), view(weight), view_opt(bias), view_opt(seq_idx),
+    core.conv.causal_conv1d_bwd(
+        view(x), view(weight), view_opt(bias), view_opt(seq_idx),
         view_opt(initial_states), view(dout), view_opt(dfinal_states), silu, dx.numpy(),
         dw.numpy(), db.numpy(), None if initial_states is None else di.numpy(),
     )  # fmt: skip
@@ -221,7 +223,8 @@ def causal_conv1d_update_op(
     bias (D,) in one float dtype; cache_seqlens / conv_state_indices (B,) int64.
     Updates conv_state in place and returns out (B, D, T)."""
     out = x.new_empty(x.shape)
-    core.conv.causal_conv1d_update(view(x), inout(conv_state), view(weight),
+    core.conv.causal_conv1d_update(
+        view(x), inout(conv_state), view(weight),
         view_opt(bias), silu, view_opt(cache_seqlens), view_opt(conv_state_indices), out.numpy(),
     )  # fmt: skip
     return out

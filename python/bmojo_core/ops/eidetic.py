@@ -147,7 +147,8 @@ def innovation_scores_op(
 
 def _innovation_cpu(y, weights, history, count, ema, chi2, rate, floor):
     scores, hist, cnt, em = _innovation_outputs(y, weights, count)
-    core.eidetic.innovation_scores(view(y), view(weights), view(history), view(count), view(ema),
+    core.eidetic.innovation_scores(
+        view(y), view(weights), view(history), view(count), view(ema),
         chi2, rate, floor, scores.numpy(), hist.numpy(), cnt.numpy(), em.numpy(),
     )  # fmt: skip
     return scores, hist, cnt, em
@@ -207,7 +208,8 @@ def eidetic_select_op(
     pos = positions.new_empty(b, m)
     sc = store_scores.new_empty(b, m)
     cnt = start.new_empty(b)
-    core.eidetic.select(view(scores), view(positions), view(store_scores), view(start),
+    core.eidetic.select(
+        view(scores), view(positions), view(store_scores), view(start),
         chunk, policy, threshold, held.numpy(), pos.numpy(), sc.numpy(), cnt.numpy(),
     )  # fmt: skip
     return held, pos, sc, cnt
@@ -268,7 +270,8 @@ def eidetic_push_op(
 
 
 def _push_cpu(positions, scores, count, new_scores, policy, threshold) -> None:
-    core.eidetic.push(inout(positions), inout(scores), inout(count), view(new_scores),
+    core.eidetic.push(
+        inout(positions), inout(scores), inout(count), view(new_scores),
         policy, threshold,
     )  # fmt: skip
 
@@ -339,7 +342,8 @@ def check_store(
     float64 and ``count (B,)`` int64 form a valid store under ``policy`` (held prefix then
     -1, distinct positions before ``count``, finite scores, heap order). Checked on the CPU:
     restoring a store is not a hot path."""
-    core.eidetic.check(view(positions.cpu()), view(scores.cpu()), view(count.cpu()),
+    core.eidetic.check(
+        view(positions.cpu()), view(scores.cpu()), view(count.cpu()),
         policy, threshold,
     )  # fmt: skip
 

@@ -29,8 +29,9 @@ _STEP_NT = 128  # threads per block: one per channel
 
 def _run(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, slots, snaps, out) -> None:
     """Kernel call on normalised tensors. The kernel validates everything (slot range,
-    duplicate slots) before writing; its errors become BmojoValueError."""
-    core.step.selective_state_update(inout(state), view(x), view(dt), view(A), view(B), view(C),
+    duplicate slots) before writing and raises BmojoValueError."""
+    core.step.selective_state_update(
+        inout(state), view(x), view(dt), view(A), view(B), view(C),
         view_opt(D), view_opt(z), view_opt(dt_bias), dt_softplus, view_opt(slots), inout(out),
         None if snaps is None else inout(snaps),
     )  # fmt: skip
