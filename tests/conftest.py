@@ -6,7 +6,9 @@ no package of its own.
 
 from __future__ import annotations
 
+import json
 import os
+import struct
 import zlib
 
 import pytest
@@ -254,3 +256,55 @@ def restore_runtime():
     finally:
         bmojo_core.set_simd_level(level)
         bmojo_core.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------------------------------
+# saved streams (format 2), taken apart and written back with a valid checksum
+# ---------------------------------------------------------------------------------------
+
+
+def _format():
+    from bmojo_core.inference import format as F
+
+    return F
+
+
+def stream_parts(data: bytes) -> tuple[dict, dict, dict]:
+    """(our header, safetensors entries, tensors by name) of a format-2 file."""
+    (n,) = struct.unpack_from("<Q", data)
+    top = json.loads(data[8 : 8 + n])
+    meta = json.loads(top.pop("__metadata__")["bmojo_core.stream"])
+    body = data[8 + n :]
+    tensors = {}
+    for name, e in top.items():
+        a, b = e["data_offsets"]
+        dt = _format()._ST_DTYPES[e["dtype"]]
+        raw = bytearray(body[a:b])
+        t = torch.frombuffer(raw, dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
+        tensors[name] = t.view(dt).reshape(e["shape"]).clone()
+    return json.loads(meta["header"]), top, tensors
+
+
+def write_stream(header: dict, tensors: dict, order: list[str], entries: dict | None = None,
+          meta: dict | None = None) -> bytes:  # fmt: skip
+    """A format-2 file with a *valid* checksum over ``header`` and ``tensors`` in
+    ``order`` (names missing from ``tensors`` are skipped); ``entries`` overrides the
+    declared dtype/shape/offsets of some tensors."""
+    text = json.dumps(header, sort_keys=True)
+    chunks, top, off = [], {}, 0
+    for name, t in tensors.items():
+        raw = t.contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        top[name] = {"dtype": _format()._CODES[t.dtype], "shape": list(t.shape),
+                     "data_offsets": [off, off + len(raw)]}  # fmt: skip
+        chunks.append(raw)
+        off += len(raw)
+    for name, e in (entries or {}).items():
+        top.setdefault(name, {}).update(e)
+    ordered = [tensors[n] for n in order if n in tensors]
+    digest = _format()._checksum(text.encode(), [_format()._bytes(t) for t in ordered])
+    ours = {"version": 2, "header": text, "sha256": digest, **(meta or {})}
+    fmt = ours.pop("format", "bmojo_core.stream")
+    top["__metadata__"] = {fmt: json.dumps(ours)}
+    hj = json.dumps(top).encode()
+    hj += b" " * (-len(hj) % 8)
+    return struct.pack("<Q", len(hj)) + hj + b"".join(chunks)

@@ -3,8 +3,9 @@ says what was expected."""
 
 from __future__ import annotations
 
+import contextlib
 import numbers
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -18,13 +19,60 @@ def dtype_name(d: torch.dtype) -> str:
     return str(d).replace("torch.", "")
 
 
-def int_arg(name: str, v: object, lo: int) -> int:
-    """An integer (Python or NumPy, not bool) >= `lo`, as a Python int."""
+INT64_MAX = 2**63 - 1
+
+
+def int_arg(name: str, v: object, lo: int, hi: int | None = None) -> int:
+    """An integer (Python or NumPy, not bool) in ``[lo, hi]`` (``hi`` None: any that fits
+    in int64), as a Python int."""
+    want = f"an int >= {lo}" if hi is None else f"an int in [{lo}, {hi}]"
+    if hi is None:
+        hi = INT64_MAX
     if isinstance(v, bool) or not isinstance(v, numbers.Integral):
-        raise BmojoTypeError(f"{name}: expected an int >= {lo}, got {v!r}")
-    if v < lo:
-        raise BmojoValueError(f"{name}: expected an int >= {lo}, got {v}")
+        raise BmojoTypeError(f"{name}: expected {want}, got {v!r}")
+    if v < lo or (hi is not None and v > hi):
+        raise BmojoValueError(f"{name}: expected {want}, got {v}")
     return int(v)
+
+
+@contextlib.contextmanager
+def allocating(name: str) -> Iterator[None]:
+    """Turns a failed allocation inside the block (torch's ``RuntimeError``, a
+    ``MemoryError``) into a ``BmojoValueError`` naming the argument that sized it."""
+    try:
+        yield
+    except (MemoryError, RuntimeError) as e:
+        if not isinstance(e, MemoryError) and "allocate" not in str(e):
+            raise
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else "out of memory"
+        raise BmojoValueError(
+            f"{name}: too large, the memory cannot be allocated ({first})"
+        ) from None
+
+
+def int_tensor(name: str, value: object, what: str = "ints") -> torch.Tensor:
+    """``value`` (an integer tensor or NumPy array, an int, or nested sequences of ints) as
+    an int64 tensor. Floats, bools and anything else raise: nothing is truncated or
+    reinterpreted."""
+    if isinstance(value, torch.Tensor):
+        t = value
+    elif isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        t = torch.tensor(int(value)) if -(2**63) <= value < 2**63 else None
+    else:
+        try:
+            t = torch.as_tensor(value)
+        except (TypeError, ValueError, RuntimeError, OverflowError):
+            t = None
+    if t is None or t.dtype not in _INT_DTYPES:
+        got = type(value).__name__ if t is None else f"dtype {dtype_name(t.dtype)}"
+        raise BmojoTypeError(f"{name}: expected {what} (an int tensor or nested lists of ints), "
+                             f"got {got}")  # fmt: skip
+    if t.device.type != "cpu":
+        raise BmojoValueError(f"{name}: expected a CPU tensor, got device {t.device}")
+    return t.to(torch.int64)
+
+
+_INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
 def number_arg(name: str, v: object) -> float:
@@ -36,24 +84,76 @@ def number_arg(name: str, v: object) -> float:
 
 def indices(name: str, value: object, n: int, what: str) -> torch.Tensor:
     """Indices into ``n`` rows (int64, 1-D) from None (all), an int, a sequence of ints, an
-    int tensor or a bool mask ``(n,)``; ``what`` names one row ("slot", "row")."""
+    int tensor or array, or a bool mask ``(n,)`` (tensor, array or list); ``what`` names one
+    row ("slot", "row"). Floats and other types raise (nothing is truncated)."""
     if value is None:
         return torch.arange(n)
-    if isinstance(value, torch.Tensor) and value.dtype == torch.bool:
-        shape(name, value, (n,), f"({n},) bool mask")
-        return value.nonzero().flatten()
-    if isinstance(value, torch.Tensor) and value.is_floating_point():
-        raise BmojoTypeError(f"{name}: expected integer indices, got {value.dtype}")
-    items = [value] if isinstance(value, int) and not isinstance(value, bool) else value
-    try:
-        idx = torch.as_tensor(items, dtype=torch.int64).flatten()
-    except (TypeError, ValueError, RuntimeError):
-        raise BmojoTypeError(
-            f"{name}: expected {what} indices or a bool mask, got {value!r}"
-        ) from None
+    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)) and not len(value):
+        return torch.empty(0, dtype=torch.int64)
+    mask = value
+    if not isinstance(value, (torch.Tensor, numbers.Integral)):
+        try:
+            mask = torch.as_tensor(value)
+        except (TypeError, ValueError, RuntimeError, OverflowError):
+            mask = None
+    if isinstance(mask, torch.Tensor) and mask.dtype == torch.bool:
+        shape(name, mask, (n,), f"({n},) bool mask")
+        return mask.nonzero().flatten()
+    idx = int_tensor(name, value, f"{what} indices or a bool mask").flatten()
     if idx.numel() and (int(idx.min()) < -n or int(idx.max()) >= n):
         raise BmojoValueError(f"{name}: indices must be in [-{n}, {n}), got {idx.tolist()}")
     return idx
+
+
+def writable(name: str, t: torch.Tensor, reads: dict[str, torch.Tensor | None]) -> None:
+    """Checks a tensor an op writes in place: no two of its elements share memory (as
+    after ``expand``), and it shares no memory with any tensor in ``reads`` (the op's
+    other arguments, whose values the writes would change mid-call)."""
+    if not _no_internal_overlap(t):
+        raise BmojoValueError(
+            f"{name}: elements share memory (e.g. made by expand); an in-place argument must "
+            "own each of its elements (use .clone() or .contiguous())"
+        )
+    if torch.compiler.is_compiling():
+        return  # storages are not traceable; functionalization owns aliasing there
+    lo, hi = _span(t)
+    for other, r in reads.items():
+        if r is None or r is t or r.device != t.device or not r.numel() or not t.numel():
+            continue
+        if r.untyped_storage().data_ptr() != t.untyped_storage().data_ptr():
+            continue
+        rlo, rhi = _span(r)
+        if rlo < hi and lo < rhi:
+            raise BmojoValueError(
+                f"{name}: shares memory with {other}; an in-place argument may not overlap "
+                "the op's other arguments (pass a copy)"
+            )
+
+
+def _span(t: torch.Tensor) -> tuple[int, int]:
+    """The byte range ``[lo, hi)`` of the storage that ``t``'s elements can touch."""
+    if not t.numel():
+        return 0, 0
+    lo = hi = t.storage_offset()
+    for size, stride in zip(t.shape, t.stride(), strict=True):
+        if stride < 0:
+            lo += (size - 1) * stride
+        else:
+            hi += (size - 1) * stride
+    es = t.element_size()
+    return lo * es, (hi + 1) * es
+
+
+def _no_internal_overlap(t: torch.Tensor) -> bool:
+    """True when no two elements of ``t`` share memory (a sufficient test: ordered by
+    stride, each axis must step past the whole extent of the axes below it)."""
+    dims = sorted((abs(st), sz) for sz, st in zip(t.shape, t.stride(), strict=True) if sz > 1)
+    extent = 1
+    for stride, size in dims:
+        if stride < extent:
+            return False
+        extent = stride * size
+    return True
 
 
 def tensor(name: str, t: object, *, dtypes: Sequence[torch.dtype] = FLOATS) -> torch.Tensor:

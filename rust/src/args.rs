@@ -7,8 +7,8 @@
 //! read with the one [`want`].
 
 use numpy::{
-    Element, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyReadwriteArrayDyn, PyUntypedArray,
-    PyUntypedArrayMethods,
+    Element, PyArrayDescrMethods, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn,
+    PyReadwriteArrayDyn, PyUntypedArray, PyUntypedArrayMethods,
 };
 use pyo3::prelude::*;
 
@@ -64,6 +64,50 @@ pub(crate) fn rw<'py, T: Element>(
     typed::<T>(a, name)?
         .try_readwrite()
         .map_err(|e| PyBmojoErr::value(format!("{name}: not writable or aliased ({e})")))
+}
+
+/// The bytes `[start, end)` an array's elements occupy, or None for an empty array or
+/// one that is not an array. Only meaningful for the C-contiguous arrays that [`ro`] and
+/// [`rw`] accept (then the elements fill exactly `len * itemsize` bytes from the data
+/// pointer).
+fn span(a: &Bound<'_, PyAny>) -> Option<(usize, usize)> {
+    let arr = a.cast::<PyUntypedArray>().ok()?;
+    let bytes = arr.len().checked_mul(arr.dtype().itemsize())?;
+    if bytes == 0 {
+        return None;
+    }
+    // SAFETY: `as_array_ptr` points to the live `PyArrayObject` that `arr` holds a
+    // reference to; reading its `data` field only reads the pointer value (no element is
+    // accessed), and the GIL is held, so no other thread changes the object.
+    let start = unsafe { (*arr.as_array_ptr()).fields.data } as usize;
+    Some((start, start.checked_add(bytes)?))
+}
+
+/// Checks that no array a kernel writes (`writes`) shares memory with another write or
+/// with an input (`reads`); `None` entries are skipped. The kernels take a `&mut` slice of
+/// each write beside `&` slices of the inputs, which must not alias. NumPy's borrow
+/// tracking cannot see it: views of one torch storage are arrays with different base
+/// objects. Call it after [`ro`]/[`rw`] have checked contiguity.
+pub(crate) fn disjoint(
+    writes: &[(&str, Option<&Bound<'_, PyAny>>)],
+    reads: &[(&str, Option<&Bound<'_, PyAny>>)],
+) -> Result<()> {
+    for (i, (name, w)) in writes.iter().enumerate() {
+        let Some((lo, hi)) = w.and_then(span) else {
+            continue;
+        };
+        for (other, r) in writes[i + 1..].iter().chain(reads) {
+            if let Some((rlo, rhi)) = r.and_then(span) {
+                if rlo < hi && lo < rhi {
+                    return Err(PyBmojoErr::value(format!(
+                        "{name}: shares memory with {other}; an array written in place may \
+                         not overlap the call's other arguments"
+                    )));
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// [`ro`] of an optional argument.

@@ -12,7 +12,9 @@ use numpy::{
 };
 use pyo3::prelude::*;
 
-use crate::args::{by_float, is_f64, opt_ro, opt_rw, out_or_new, ro, rw, slice, want, Opt};
+use crate::args::{
+    by_float, disjoint, is_f64, opt_ro, opt_rw, out_or_new, ro, rw, slice, want, Opt,
+};
 use crate::errors::{PyBmojoErr, Result};
 use crate::runtime::level;
 
@@ -310,6 +312,16 @@ fn causal_conv1d_update<'py>(
         let (out_any, new_out) = out_or_new::<T>(py, out, &sx);
         let mut rout = rw::<T>(&out_any, "out")?;
         want("out", rout.shape(), &sx)?;
+        disjoint(
+            &[("conv_state", Some(state)), ("out", out.as_ref())],
+            &[
+                ("x", Some(x)),
+                ("weight", Some(weight)),
+                ("bias", bias.as_ref()),
+                ("cache_seqlens", cache.as_ref()),
+                ("conv_state_indices", slots.as_ref()),
+            ],
+        )?;
         let s = UpdateArgs {
             batch: b,
             dim: d,

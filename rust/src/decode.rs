@@ -240,8 +240,17 @@ piece!(f64, F64, "float64");
 piece!(i64, I64, "int64");
 piece!(bool, Bool, "bool");
 
-fn zeroed<T: Piece>(n: usize) -> Box<[UnsafeCell<T>]> {
-    (0..n).map(|_| UnsafeCell::new(T::default())).collect()
+/// `n` default cells, or an error when the memory cannot be had (a failed infallible
+/// allocation would abort the process).
+fn zeroed<T: Piece>(name: &str, n: usize) -> Result<Box<[UnsafeCell<T>]>> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(n).map_err(|_| {
+        PyBmojoErr::value(format!(
+            "batch_size: too large, cannot allocate {n} elements for the state piece {name}"
+        ))
+    })?;
+    v.extend((0..n).map(|_| UnsafeCell::new(T::default())));
+    Ok(v.into_boxed_slice())
 }
 
 /// One declared piece: its name, shape and buffer.
@@ -304,10 +313,10 @@ fn entry(item: &Bound<'_, PyAny>, allowed: &[&str]) -> Result<Entry> {
     let n = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
     let n = n.ok_or_else(|| PyBmojoErr::value(format!("{name}: shape {shape:?} overflows")))?;
     let buf = match dtype.as_str() {
-        "float32" => Buf::F32(zeroed(n)),
-        "float64" => Buf::F64(zeroed(n)),
-        "int64" => Buf::I64(zeroed(n)),
-        "bool" => Buf::Bool(zeroed(n)),
+        "float32" => Buf::F32(zeroed(&name, n)?),
+        "float64" => Buf::F64(zeroed(&name, n)?),
+        "int64" => Buf::I64(zeroed(&name, n)?),
+        "bool" => Buf::Bool(zeroed(&name, n)?),
         _ => {
             return Err(PyBmojoErr::type_(format!(
                 "{name}: expected dtype float32, float64, int64 or bool, got {dtype:?}"

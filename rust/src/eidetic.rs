@@ -10,7 +10,7 @@ use bmojo_kernels::SimdElem;
 use numpy::{Element, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 
-use crate::args::{by_float, is_f64, ro, rw, slice, want};
+use crate::args::{by_float, disjoint, is_f64, ro, rw, slice, want};
 use crate::errors::{PyBmojoErr, Result};
 use crate::runtime::level;
 
@@ -153,6 +153,14 @@ fn push(
     let rn = ro::<f64>(&new_scores, "new_scores")?;
     dims("new_scores", rn.shape(), 2, "(batch, T)")?;
     want("new_scores", &rn.shape()[..1], &[b])?;
+    disjoint(
+        &[
+            ("positions", Some(&positions)),
+            ("scores", Some(&scores)),
+            ("count", Some(&count)),
+        ],
+        &[("new_scores", Some(&new_scores))],
+    )?;
     let (p, s, c, n) = (
         wp.as_slice_mut()?,
         ws.as_slice_mut()?,

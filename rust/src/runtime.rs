@@ -51,15 +51,16 @@ fn get_num_threads() -> usize {
     pool::num_threads()
 }
 
-/// Sets the kernels' thread count (>= 1).
+/// Sets the kernels' thread count (1 ..= `MAX_THREADS`).
 #[pyfunction]
 fn set_num_threads(n: i64) -> Result<()> {
-    if n < 1 {
-        return Err(PyBmojoErr::value(format!(
-            "num_threads: expected an integer >= 1, got {n}"
-        )));
+    match usize::try_from(n) {
+        Ok(n) => Ok(pool::set_num_threads(n)?),
+        Err(_) => Err(PyBmojoErr::value(format!(
+            "num_threads: expected an integer in [1, {}], got {n}",
+            pool::MAX_THREADS
+        ))),
     }
-    Ok(pool::set_num_threads(n as usize)?)
 }
 
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -68,5 +69,6 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(set_simd_level, m)?)?;
     m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
+    m.add("MAX_THREADS", pool::MAX_THREADS)?;
     Ok(())
 }

@@ -4,7 +4,9 @@ use bmojo_kernels::{step, SimdElem};
 use numpy::{Element, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 
-use crate::args::{by_float, is_f64, opt_ro, opt_rw, out_or_new, ro, rw, slice, want, Opt};
+use crate::args::{
+    by_float, disjoint, is_f64, opt_ro, opt_rw, out_or_new, ro, rw, slice, want, Opt,
+};
 use crate::errors::{PyBmojoErr, Result};
 use crate::runtime::level;
 
@@ -111,6 +113,24 @@ fn selective_state_update<'py>(
         if let Some(v) = &rsnaps {
             want("intermediate_states", v.shape(), &[batch, ntok, dim, n])?;
         }
+        disjoint(
+            &[
+                ("state", Some(state)),
+                ("out", out.as_ref()),
+                ("intermediate_states", snaps.as_ref()),
+            ],
+            &[
+                ("x", Some(x)),
+                ("dt", Some(dt)),
+                ("A", Some(a)),
+                ("B", Some(b)),
+                ("C", Some(c)),
+                ("D", d.as_ref()),
+                ("z", z.as_ref()),
+                ("dt_bias", dt_bias.as_ref()),
+                ("state_batch_indices", slots.as_ref()),
+            ],
+        )?;
         let s = step::StepArgs {
             batch,
             ntok,

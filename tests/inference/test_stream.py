@@ -4,10 +4,7 @@ process, corrupted data), failed feeds leave the stream unchanged, constant memo
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import struct
 import subprocess
 import sys
 import textwrap
@@ -19,7 +16,7 @@ import pytest
 import torch
 from bmojo_core.inference import Stream
 from bmojo_core.layers import BMojoLM
-from conftest import assert_close, needs, stable_seed
+from conftest import assert_close, needs, stable_seed, stream_parts, write_stream
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -234,16 +231,16 @@ def test_load_in_another_process(tmp_path):
     assert torch.equal(torch.load(tmp_path / "out.pt"), s.feed(more))
 
 
-def _rewrite(data: bytes, edit) -> bytes:
-    """Re-encodes a saved stream after ``edit(header, payload)`` (valid checksum)."""
-    magic, version, hlen = struct.unpack_from("<8sIQ", data)
-    pre = struct.calcsize("<8sIQ")
-    header = json.loads(data[pre : pre + hlen])
-    payload = bytearray(data[pre + hlen : -32])
-    header, payload = edit(header, payload)
-    h = json.dumps(header).encode()
-    body = struct.pack("<8sIQ", magic, header.get("version", version), len(h)) + h + payload
-    return body + hashlib.sha256(body).digest()
+def _rewrite(data: bytes, lm, edit, entries=None, meta=None) -> bytes:
+    """Re-encodes a saved stream after ``edit(header, tensors)`` (valid checksum)."""
+    header, _, tensors = stream_parts(data)
+    header, tensors = edit(header, tensors)
+    order = [p.name for p in Stream(lm, 1).pieces]
+    return write_stream(header, tensors, order, entries, meta)
+
+
+def _same(h, t):
+    return h, t
 
 
 def test_corrupted_or_foreign_data_raises():
@@ -252,52 +249,46 @@ def test_corrupted_or_foreign_data_raises():
     s.feed(tokens(2, 7))
     data = s.save()
     err = bmojo_core.BmojoValueError
+    assert Stream.load(lm, _rewrite(data, lm, _same)).save() == data
     flipped = bytearray(data)
-    flipped[len(data) // 2] ^= 0x10
+    flipped[-50] ^= 0x10  # in the tensors
     with pytest.raises(err, match="checksum"):
         Stream.load(lm, bytes(flipped))
-    with pytest.raises(err, match="checksum|too short"):
+    with pytest.raises(err, match="bytes but the data has"):
         Stream.load(lm, data[:-5])
-    with pytest.raises(err, match="magic"):
+    with pytest.raises(err, match="limit|exceeds"):
         Stream.load(lm, b"PK\x03\x04" + data[4:])
-    with pytest.raises(err, match="magic"):
+    with pytest.raises(err, match="too short"):
         Stream.load(lm, b"")
+    with pytest.raises(err, match="no bmojo_core metadata"):
+        Stream.load(lm, _rewrite(data, lm, _same, meta={"format": "other"}))
     with pytest.raises(bmojo_core.BmojoTypeError):
         Stream.load(lm, "text")
-
-    def version(h, p):
-        h["version"] = 99
-        return h, p
-
     with pytest.raises(err, match="version"):
-        Stream.load(lm, _rewrite(data, version))
+        Stream.load(lm, _rewrite(data, lm, _same, meta={"version": 99}))
     other = make_lm(3, 2, 2)  # different n_eidetic
     with pytest.raises(err, match="model"):
         Stream.load(other, data)
     with pytest.raises(err, match="dtype"):
         Stream.load(make_lm(3, 2, 3, dtype=torch.float32), data)
-
-    def shape(h, p):
-        h["tensors"][3]["shape"] = [1]
-        return h, p
-
     with pytest.raises(err, match="expected"):
-        Stream.load(lm, _rewrite(data, shape))
+        Stream.load(lm, _rewrite(data, lm, _same, entries={"layers.0.ssm": {"shape": [1]}}))
 
-    def store(h, p):  # a duplicate position in an eidetic store (valid checksum)
-        e = next(t for t in h["tensors"] if t["name"] == "layers.0.store_positions")
-        a = e["offset"]
-        p[a + 8 : a + 16] = p[a : a + 8]
-        return h, p
+    def store(h, t):  # a duplicate position in an eidetic store (valid checksum)
+        sp = t["layers.0.store_positions"]
+        sp[0, 1] = sp[0, 0]
+        return h, t
 
     with pytest.raises(err, match="eidetic store"):
-        Stream.load(lm, _rewrite(data, store))
+        Stream.load(lm, _rewrite(data, lm, store))
 
-    def extra(h, p):
-        return h, p + b"\0"
+    def extra(h, t):
+        return h, {**t, "extra": torch.zeros(1)}
 
-    with pytest.raises(err, match="trailing"):
-        Stream.load(lm, _rewrite(data, extra))
+    with pytest.raises(err, match="tensor list"):
+        Stream.load(lm, _rewrite(data, lm, extra))
+    with pytest.raises(err, match="bytes but the data has"):
+        Stream.load(lm, data + b"\0")
 
 
 # ----------------------------------------------------------------------------- memory

@@ -14,7 +14,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["Piece", "allocate", "layer_name", "stream_pieces"]
+__all__ = ["MAX_POSITION", "Piece", "allocate", "layer_name", "stream_pieces"]
+
+MAX_POSITION = 2**63 - 2
+"""The largest position a stream slot may reach (its counters are int64; the native step
+keeps one value of headroom)."""
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from ..ops.eidetic import check_store
 from . import decode as _decode
 from . import format as _format
 from .format import FORMAT_VERSION, MAGIC
-from .state import Piece, allocate, layer_name, stream_pieces
+from .state import MAX_POSITION, Piece, allocate, layer_name, stream_pieces
 
 __all__ = ["FORMAT_VERSION", "MAGIC", "Stream", "StreamingLM"]
 
@@ -69,20 +69,17 @@ class Stream:
         self._plan: _decode.DecodePlan | None = None
         own = stream_pieces(model.vocab_size, model.dtype)
         layer_pieces = model.layer_state_pieces()
-        self.pieces: list[Piece] = own + [
-            dataclasses.replace(p, name=layer_name(i, p.name))
-            for i, ps in enumerate(layer_pieces)
-            for p in ps
-        ]
+        self.pieces: list[Piece] = _pieces(model)
         """The state's declaration, in the order it is saved."""
         self._native: NativeState | None = None
-        if _decode.native(model):
-            # Native buffers: the fused step then receives nothing but the tokens.
-            self._native = NativeState(own, layer_pieces, self.batch_size)
-            mine, self._layers = self._native.stream_tensors, self._native.layer_tensors
-        else:
-            mine = allocate(own, self.batch_size)
-            self._layers = [allocate(ps, self.batch_size) for ps in layer_pieces]
+        with V.allocating("batch_size"):
+            if _decode.native(model):
+                # Native buffers: the fused step then receives nothing but the tokens.
+                self._native = NativeState(own, layer_pieces, self.batch_size)
+                mine, self._layers = self._native.stream_tensors, self._native.layer_tensors
+            else:
+                mine = allocate(own, self.batch_size)
+                self._layers = [allocate(ps, self.batch_size) for ps in layer_pieces]
         self._state = {
             **mine,
             **{layer_name(i, k): t for i, st in enumerate(self._layers) for k, t in st.items()},
@@ -106,6 +103,7 @@ class Stream:
                     f"state[{name!r}]: expected a {V.dtype_name(ref.dtype)} tensor of shape "
                     f"{tuple(ref.shape)}"
                 )
+        _check_state(st, self.model, lambda why: V.BmojoValueError(f"state: {why}"))
         with torch.no_grad():
             for name, t in st.items():
                 self._state[name].copy_(t)
@@ -151,13 +149,7 @@ class Stream:
             if fused is not None:
                 return self._fused_step(fused, tokens)
         if not isinstance(tokens, Tensor):
-            try:
-                tokens = torch.as_tensor(tokens, dtype=torch.int64)
-            except (TypeError, ValueError, RuntimeError):
-                raise V.BmojoTypeError(
-                    f"tokens: expected an int tensor or nested lists of ints, got "
-                    f"{type(tokens).__name__}"
-                ) from None
+            tokens = V.int_tensor("tokens", tokens, "token ids")
         if tokens.dim() not in (1, 2) or tokens.shape[0] != self.batch_size:
             raise V.BmojoValueError(
                 f"tokens: expected shape ({self.batch_size},) or ({self.batch_size}, T) "
@@ -170,12 +162,24 @@ class Stream:
         logits = self._run(tok)
         return logits[:, 0] if single else logits
 
+    def _check_room(self, t: int) -> None:
+        """Raises unless every slot can take ``t`` more tokens without its position
+        passing :data:`~.state.MAX_POSITION` (checked before anything is written)."""
+        pos = self._state["position"]
+        if t and int(pos.max()) > MAX_POSITION - t:
+            slot = int(pos.argmax())
+            raise V.BmojoValueError(
+                f"tokens: slot {slot} is at position {int(pos[slot])}; {t} more tokens would "
+                f"pass the largest position {MAX_POSITION} (reset the slot)"
+            )
+
     @torch.no_grad()
     def _run(self, tok: Tensor) -> Tensor:
         t = tok.shape[1]
         st = self._state
         if t == 0:
             return st["logits"].new_zeros(self.batch_size, 0, self.model.vocab_size)
+        self._check_room(t)
         if t == 1:
             fused = self._fused()
             if fused is not None:
@@ -197,25 +201,25 @@ class Stream:
         from the logits of the last fed token (every slot must have one). ``temperature``
         0 is greedy (argmax); ``top_k`` keeps the k most likely tokens; ``seed`` makes the
         draw reproducible."""
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise V.BmojoValueError(f"n: expected an int >= 0, got {n!r}")
+        n = V.int_arg("n", n, 0)
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
             raise V.BmojoTypeError(f"temperature: expected a float >= 0, got {temperature!r}")
         if not (temperature >= 0.0 and temperature < float("inf")):
             raise V.BmojoValueError(f"temperature: expected a finite float >= 0, got {temperature}")
-        if top_k is not None and (
-            isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1
-        ):
-            raise V.BmojoValueError(f"top_k: expected None or an int >= 1, got {top_k!r}")
+        if top_k is not None:
+            top_k = V.int_arg("top_k", top_k, 1)
+        if seed is not None:
+            seed = V.int_arg("seed", seed, -(2**63), 2**64 - 1)
         if not bool(self._state["has_logits"].all()):
             empty = (~self._state["has_logits"]).nonzero().flatten().tolist()
             raise V.BmojoValueError(
                 f"generate: slots {empty} have no token yet; feed a prompt (at least one "
                 "token) first"
             )
+        self._check_room(n)
         gen = torch.Generator()
         if seed is not None:
-            gen.manual_seed(int(seed))
+            gen.manual_seed(seed)
         else:
             gen.seed()
         out = torch.empty(self.batch_size, n, dtype=torch.int64)
@@ -243,40 +247,57 @@ class Stream:
 
     # ------------------------------------------------------------------ save / load
 
-    def _header(self) -> dict:
-        return {
-            "format": "bmojo_core.stream",
-            "version": _format.FORMAT_VERSION,
-            "dtype": V.dtype_name(self.model.dtype),
-            "model": dataclasses.asdict(self.model.config),
-        }
-
     def save(self) -> bytes:
         """The stream's state as bytes (:mod:`.format`; no pickle)."""
-        return _format.encode({**self._header(), "batch_size": self.batch_size}, self._state)
+        return _format.encode({**_header(self.model), "batch_size": self.batch_size}, self._state)
 
     @classmethod
     def load(cls, model, data: bytes) -> Stream:
         """Restores a stream saved by :meth:`save` for ``model`` (same configuration and
-        dtype; e.g. in another process). Raises ``BmojoValueError`` for corrupted, truncated
-        or foreign data, or a state that does not fit the model."""
-        header, payload = _format.read_header(data)
-        b = header.get("batch_size")
+        dtype; e.g. in another process). Safe on untrusted bytes: everything is checked
+        (sizes against the data's own length before anything is allocated, then the
+        checksum and the state's invariants) and any defect raises ``BmojoValueError``."""
+        if not isinstance(model, StreamingLM):
+            raise V.BmojoTypeError(f"model: expected a BMojoLM, got {type(model).__name__}")
+        saved = _format.read(data)
+        b = saved.header.get("batch_size")
         if isinstance(b, bool) or not isinstance(b, int) or b < 1:
-            raise _format.bad(f"invalid batch_size {b!r}")
-        stream = cls(model, b)  # validates model
-        state = _format.decode(header, payload, stream._header(), stream.pieces, b)
-        _check_state(state, model)
-        stream.state = state
+            raise _format.bad(f"invalid batch_size {b!r:.40}")
+        state = _format.decode(saved, _header(model), _pieces(model), b)
+        _check_state(state, model, _format.bad)
+        stream = cls(model, b)  # as many bytes as the data held: checked above
+        with torch.no_grad():
+            for name, t in state.items():
+                stream._state[name].copy_(t)
         return stream
 
 
-def _check_state(state: dict[str, Tensor], model) -> None:
-    """Invariants a restored state must satisfy (else a later feed could misbehave)."""
-    bad = _format.bad
+def _header(model) -> dict:
+    """What a saved stream's header must hold for ``model``."""
+    return {
+        "format": "bmojo_core.stream",
+        "dtype": V.dtype_name(model.dtype),
+        "model": dataclasses.asdict(model.config),
+    }
+
+
+def _pieces(model) -> list[Piece]:
+    """The declaration of ``model``'s stream state, in the order it is saved."""
+    return stream_pieces(model.vocab_size, model.dtype) + [
+        dataclasses.replace(p, name=layer_name(i, p.name))
+        for i, ps in enumerate(model.layer_state_pieces())
+        for p in ps
+    ]
+
+
+def _check_state(state: dict[str, Tensor], model, bad) -> None:
+    """Invariants a restored state must satisfy (else a later feed could misbehave);
+    ``bad(why)`` makes the error."""
     pos = state["position"]
-    if bool((pos < 0).any()):
-        raise bad("negative position")
+    if bool(((pos < 0) | (pos > MAX_POSITION)).any()):
+        raise bad(f"position outside [0, {MAX_POSITION}]")
+    if bool((state["has_logits"] != (pos > 0)).any()):
+        raise bad("has_logits does not match the positions")
     for name, t in state.items():
         if t.is_floating_point() and name != "logits" and not bool(torch.isfinite(t).all()):
             raise bad(f"tensor {name!r} holds non-finite values")

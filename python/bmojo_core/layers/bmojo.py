@@ -49,6 +49,12 @@ from .ssm import SelectiveSSM
 __all__ = ["BMojoLayer"]
 
 
+def not_nan(scores: Tensor) -> Tensor:
+    """``scores`` clamped to their dtype's finite range, NaN to its lowest value (see
+    :meth:`BMojoLayer.scores`)."""
+    return torch.nan_to_num(scores, nan=torch.finfo(scores.dtype).min)
+
+
 def _check_input(name: str, x: object, d_model: int, dtype: torch.dtype) -> Tensor:
     V.tensor(name, x)
     V.shape(name, x, (None, None, d_model), "(batch, L, d_model)")
@@ -130,9 +136,13 @@ class BMojoLayer(nn.Module):
         )
 
     def scores(self, y: Tensor) -> Tensor:
-        """Innovation scores of SSM outputs ``y (batch, L, d_model)`` (not differentiable)."""
-        return innovation_scores(
-            y.detach(), taps=self.innovation_taps, metric=self.innovation_metric
+        """Innovation scores of SSM outputs ``y (batch, L, d_model)`` (not differentiable).
+        Non-finite scores (from non-finite outputs) are clamped to the dtype's finite range,
+        NaN to its lowest value: such a token is never preferred for retention, the store
+        stays valid, and a numerical blow-up propagates through the outputs as in torch
+        instead of failing a streaming step halfway."""
+        return not_nan(
+            innovation_scores(y.detach(), taps=self.innovation_taps, metric=self.innovation_metric)
         )
 
     def memory(self, u: Tensor, y: Tensor | None) -> tuple[Tensor, Tensor] | None:
@@ -257,7 +267,8 @@ class BMojoLayer(nn.Module):
             scores = innovation_step(
                 y.to(hist.dtype).contiguous(), self._taps(hist.dtype), hist, st["innov_count"],
                 st["innov_ema"], self.innovation_metric == "chi2",
-            ).to(torch.float64)  # fmt: skip
+            )  # fmt: skip
+            scores = not_nan(scores).to(torch.float64)
         outs = []
         a = 0
         plist = pos.tolist()

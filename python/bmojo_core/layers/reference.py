@@ -61,6 +61,7 @@ def bmojo_layer_ref(layer, u: torch.Tensor) -> torch.Tensor:
         masks.append(((j >= s - mf) & (j < s)).expand(batch, L, L))
     if me:
         sc = innovation_scores_ref(y, taps=layer.innovation_taps, metric=layer.innovation_metric)
+        sc = torch.nan_to_num(sc, nan=torch.finfo(sc.dtype).min)  # as BMojoLayer.scores
         em = torch.zeros(batch, L, L, dtype=torch.bool)
         for c0 in range(0, L, w):
             h = eidetic_held_ref(sc, c0, me, layer.eidetic_policy, layer.eidetic_threshold)

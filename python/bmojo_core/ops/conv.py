@@ -397,6 +397,9 @@ def causal_conv1d_update(
             f"conv_state: expected {b} slots (one per batch row) without conv_state_indices, "
             f"got {conv_state.shape[0]}"
         )
+    reads = {"x": x, "weight": weight, "bias": bias, "cache_seqlens": cache_seqlens,
+             "conv_state_indices": conv_state_indices}  # fmt: skip
+    V.writable("conv_state", conv_state, reads)
     if not conv_state.is_contiguous():
         raise V.BmojoValueError("conv_state: expected a contiguous tensor (it is updated in place)")
     V.same_device(

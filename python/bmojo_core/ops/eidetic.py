@@ -59,6 +59,10 @@ CHI2_FLOOR: float = 1e-6
 """Default floor of the χ² denominator."""
 
 POLICIES = ("topk", "threshold", "fifo")
+MAX_CAPACITY = 2**20
+"""The most tokens a store may hold per row (a store is allocated in full)."""
+MAX_TAPS = 2**16
+"""The most taps of the innovation predictor (its history is allocated in full)."""
 
 # CUDA kernels (cuda/eidetic.cu). Scores: one thread per (row, position) in the CPU scalar
 # level's operation order, then a sequential χ² pass per row. Store: one thread per row
@@ -436,10 +440,10 @@ def innovation_scores(
         k = weights.shape[0]
         if k < 1:
             raise V.BmojoValueError("weights: expected at least one tap, got shape (0,)")
-        if taps is not None and V.int_arg("taps", taps, 1) != k:
+        if taps is not None and V.int_arg("taps", taps, 1, MAX_TAPS) != k:
             raise V.BmojoValueError(f"taps: {taps} does not match weights of length {k}")
     else:
-        k = 4 if taps is None else V.int_arg("taps", taps, 1)
+        k = 4 if taps is None else V.int_arg("taps", taps, 1, MAX_TAPS)
     if not isinstance(metric, str) or metric not in ("mse", "chi2"):
         raise V.BmojoValueError(f"metric: expected 'mse' or 'chi2', got {metric!r}")
     for name, v, ok in (
@@ -534,7 +538,7 @@ def eidetic_select(
     V.device_tensor("scores", scores)
     V.shape("scores", scores, (None, None), "(batch, L)")
     b = scores.shape[0]
-    capacity = V.int_arg("capacity", capacity, 1)
+    capacity = V.int_arg("capacity", capacity, 1, MAX_CAPACITY)
     chunk = V.int_arg("chunk", chunk, 1)
     policy, tau = _policy(policy, threshold)
     sc = _scores_f64("scores", scores, b)
@@ -595,7 +599,7 @@ class EideticStore:
         device: torch.device | str | None = None,
     ):
         self.batch = V.int_arg("batch", batch, 0)
-        self.capacity = V.int_arg("capacity", capacity, 1)
+        self.capacity = V.int_arg("capacity", capacity, 1, MAX_CAPACITY)
         self.policy, self.threshold = _policy(policy, threshold)
         try:
             dev = torch.device("cpu") if device is None else torch.device(device)
@@ -604,9 +608,11 @@ class EideticStore:
             raise V.BmojoValueError(msg) from None
         if dev.type not in ("cpu", "cuda"):
             raise V.BmojoValueError(f"device: expected a CPU or CUDA device, got {dev}")
-        self.positions = torch.full((self.batch, self.capacity), -1, dtype=torch.int64, device=dev)
-        self.scores = torch.zeros(self.batch, self.capacity, dtype=torch.float64, device=dev)
-        self.count = torch.zeros(self.batch, dtype=torch.int64, device=dev)
+        with V.allocating("batch"):
+            shape = (self.batch, self.capacity)
+            self.positions = torch.full(shape, -1, dtype=torch.int64, device=dev)
+            self.scores = torch.zeros(shape, dtype=torch.float64, device=dev)
+            self.count = torch.zeros(self.batch, dtype=torch.int64, device=dev)
 
     def __repr__(self) -> str:
         return (
@@ -620,6 +626,8 @@ class EideticStore:
         new = _scores_f64("scores", scores, self.batch)
         if new.device != self.positions.device:
             V.same_device({"store": self.positions, "scores": new}, "store")  # raises
+        for name in ("positions", "scores", "count"):
+            V.writable(f"store.{name}", getattr(self, name), {"scores": scores})
         push_scores(self.positions, self.scores, self.count, new, self.policy, self.threshold)
 
     def size(self) -> Tensor:
@@ -666,7 +674,10 @@ class EideticStore:
         pos = pos.detach().contiguous().clone()
         sc = sc.detach().to(torch.float64).contiguous().clone()
         cnt = cnt.detach().contiguous().clone()
-        check_store(pos, sc, cnt, self.policy, self.threshold)
+        try:
+            check_store(pos, sc, cnt, self.policy, self.threshold)
+        except V.BmojoValueError as e:
+            raise V.BmojoValueError(f"state: {e}") from None
         self.positions.copy_(pos)
         self.scores.copy_(sc)
         self.count.copy_(cnt)

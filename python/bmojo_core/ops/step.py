@@ -307,6 +307,11 @@ def selective_state_update(
     named = {"state": state, "x": x, "dt": dt, "A": A, "B": B, "C": C, "D": D, "z": z,
              "dt_bias": dt_bias, "intermediate_states": intermediate_states}  # fmt: skip
     V.same_device({**named, "state_batch_indices": slots}, "state")
+    reads = {k: t for k, t in named.items() if k not in ("state", "intermediate_states")}
+    reads["state_batch_indices"] = slots
+    V.writable("state", state, {**reads, "intermediate_states": intermediate_states})
+    if intermediate_states is not None:
+        V.writable("intermediate_states", intermediate_states, reads)
     cdt = V.compute_dtype(named, "state")
 
     def flat(t: Tensor | None, shp) -> Tensor | None:

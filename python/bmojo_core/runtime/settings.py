@@ -45,9 +45,14 @@ def get_num_threads() -> int:
     return _core.runtime.get_num_threads()
 
 
+MAX_THREADS: int = _core.runtime.MAX_THREADS
+"""The most threads :func:`set_num_threads` accepts (1024)."""
+
+
 def set_num_threads(n: int) -> None:
-    """Sets the kernels' thread count (>= 1). Results do not depend on it."""
-    _core.runtime.set_num_threads(int_arg("n", n, 1))
+    """Sets the kernels' thread count (an int in ``[1, MAX_THREADS]``). Results do not
+    depend on it."""
+    _core.runtime.set_num_threads(int_arg("n", n, 1, MAX_THREADS))
 
 
 def configure_from_env() -> None:
@@ -58,11 +63,13 @@ def configure_from_env() -> None:
             n = int(threads)
         except ValueError:
             n = 0
-        if n < 1:
-            raise BmojoValueError(f"BMOJO_NUM_THREADS: expected an integer >= 1, got {threads!r}")
+        if not 1 <= n <= MAX_THREADS:
+            raise BmojoValueError(
+                f"BMOJO_NUM_THREADS: expected an integer in [1, {MAX_THREADS}], got {threads!r}"
+            )
         set_num_threads(n)
     else:
-        set_num_threads(max(1, torch.get_num_threads()))
+        set_num_threads(min(max(1, torch.get_num_threads()), MAX_THREADS))
     level = os.environ.get("BMOJO_SIMD")
     if level:
         try:

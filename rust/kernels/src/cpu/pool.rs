@@ -27,10 +27,14 @@ fn default_threads() -> usize {
         .unwrap_or(1)
 }
 
-/// Sets the number of threads kernels may use (>= 1).
+/// The most threads the pool may have: far above any core count a kernel can use, and low
+/// enough that building the pool cannot exhaust the process's threads or memory.
+pub const MAX_THREADS: usize = 1024;
+
+/// Sets the number of threads kernels may use (1 ..= [`MAX_THREADS`]).
 pub fn set_num_threads(n: usize) -> Result<()> {
-    if n == 0 {
-        return Err(Error::value("num_threads", ">= 1", n));
+    if !(1..=MAX_THREADS).contains(&n) {
+        return Err(Error::value("num_threads", "in [1, 1024]", n));
     }
     let mut st = POOL.lock().unwrap_or_else(|e| e.into_inner());
     if st.threads != n {

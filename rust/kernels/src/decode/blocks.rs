@@ -381,7 +381,19 @@ pub(super) fn memory_row<V: Vector>(
                 ema,
             },
         )
-        .and_then(|_| eidetic::push(l.policy, 1, me, sp, ss, scnt, &[score[0].to_f64()]));
+        .and_then(|_| {
+            // Non-finite scores are clamped to the element type's finite range, NaN to its
+            // lowest value, as in the Python layer: the store stays valid and the step never
+            // fails halfway through the model.
+            let hi = if size_of::<V::E>() == 4 {
+                f32::MAX as f64
+            } else {
+                f64::MAX
+            };
+            let s = score[0].to_f64();
+            let s = if s.is_nan() { -hi } else { s.clamp(-hi, hi) };
+            eidetic::push(l.policy, 1, me, sp, ss, scnt, &[s])
+        });
         if let Err(e) = r {
             let mut g = mb.err.lock().unwrap_or_else(|e| e.into_inner());
             g.get_or_insert(e.context(format!("row {b}: ")));

@@ -292,8 +292,9 @@ fn fc1_job<'s, 'a, T>(
 }
 
 /// One decode step: consumes `tokens (batch,)` at the rows' positions, writes the logits
-/// and advances the state. Everything is checked before anything is written; an error
-/// found while running (a NaN innovation score) is returned after the step.
+/// and advances the state. Everything is checked before anything is written, and nothing
+/// can fail after that (a NaN innovation score counts as -inf), so a failed step changes
+/// nothing. An error reported by a row while running would be returned after the step.
 pub fn decode_step<T: DecodeElem>(
     level: Level,
     m: &Model<T>,
