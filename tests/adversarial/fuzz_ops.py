@@ -73,6 +73,14 @@ def conv_fn_states():
     ), ()  # fmt: skip
 
 
+def conv_fn_out():
+    b, d, length, k = 2, 3, 6, 4
+    return bm.causal_conv1d_fn, dict(
+        x=rnd(b, d, length), weight=rnd(d, k), return_final_states=True,
+        final_states_out=rnd(b, d, k - 1),
+    ), ()  # fmt: skip
+
+
 def conv_update():
     b, d, k = 2, 3, 4
     return bm.causal_conv1d_update, dict(
@@ -145,7 +153,8 @@ def store_push():
 
 
 CASES = [
-    selective_scan, state_update, state_update_pool, conv_fn, conv_fn_states, conv_update,
+    selective_scan, state_update, state_update_pool, conv_fn, conv_fn_states, conv_fn_out,
+    conv_update,
     conv_update_pool, diag, companion, bilinear, innovation, select, gather, store_push,
 ]  # fmt: skip
 

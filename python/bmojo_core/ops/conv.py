@@ -305,6 +305,7 @@ def causal_conv1d_fn(
             raise V.BmojoValueError("final_states_out: only valid with return_final_states=True")
         V.device_tensor("final_states_out", final_states_out)
         V.shape("final_states_out", final_states_out, (b, d, k - 1), "(batch, dim, K-1)")
+        V.writable("final_states_out", final_states_out, {})  # copied into after the op
     V.same_device(
         {"x": x, "weight": weight, "bias": bias, "seq_idx": seq_idx,
          "initial_states": initial_states, "final_states_out": final_states_out}, "x",
