@@ -38,7 +38,7 @@ PUBLIC = {
     "bmojo_core.ops.reference": {
         "bilinear_scan", "causal_conv1d", "causal_conv1d_update", "companion_scan", "diag_scan",
         "eidetic_held_ref", "eidetic_select_ref", "innovation_scores_ref", "selective_scan",
-        "selective_state_update", "softplus_thresholded",
+        "selective_state_update", "softplus_thresholded", "ssd_scan",
     },
     "bmojo_core.inference": {"Piece", "Stream", "StreamingLM"},
     "bmojo_core.inference.stream": {"FORMAT_VERSION", "MAGIC", "Stream", "StreamingLM"},

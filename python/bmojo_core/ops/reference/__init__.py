@@ -21,6 +21,7 @@ from .companion import companion_scan
 from .conv import causal_conv1d, causal_conv1d_update
 from .eidetic import eidetic_held_ref, eidetic_select_ref, innovation_scores_ref
 from .scan import diag_scan, selective_scan
+from .ssd import ssd_scan
 from .step import selective_state_update
 
 __all__ = [
@@ -35,4 +36,5 @@ __all__ = [
     "selective_scan",
     "selective_state_update",
     "softplus_thresholded",
+    "ssd_scan",
 ]
