@@ -232,6 +232,23 @@ def selective_scan_fwd(
     backward. On CUDA, u/delta/z and a variable B/C may also be float16/bfloat16 (one
     dtype); the rest (A, D, delta_bias, initial_state, a constant B/C) is then float32,
     the dtype of last_state and the checkpoints."""
+    return _sel_fwd_cpu(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx,
+                        delta_softplus)  # fmt: skip
+
+
+def _eager_no_grad(named: dict[str, Tensor | None]) -> bool:
+    """True outside tracing when every tensor is a plain eager tensor and no gradient can
+    flow (grad mode off, or no input requires grad)."""
+    if torch.compiler.is_compiling():
+        return False
+    grad = torch.is_grad_enabled()
+    return all(
+        t is None or (type(t) is Tensor and not (grad and t.requires_grad)) for t in named.values()
+    )
+
+
+def _sel_fwd_cpu(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, delta_softplus):
+    """The CPU kernel on normalised tensors (see :func:`selective_scan_fwd`)."""
     batch, dim, length = u.shape
     n = A.shape[1]
     out = torch.empty_like(u, memory_format=torch.contiguous_format)
@@ -560,6 +577,16 @@ def selective_scan_fn(
     V.same_device({**named, "seq_idx": seq_idx}, "u")
     cdt = V.compute_dtype(named, "u")
     c = V.as_compute
+    if not u.is_cuda and _eager_no_grad(named):
+        # Nothing to differentiate, plain CPU tensors: the kernel directly. The dispatcher
+        # and the autograd wrapper cost more than a short scan (~150 µs at L = 1).
+        sq = None if seq_idx is None else seq_idx.to(torch.int64).contiguous()
+        out, last, _ = _sel_fwd_cpu(
+            c(u, cdt), c(delta, cdt), c(A, cdt), c(Bk, cdt), c(Ck, cdt), c(D, cdt), c(z, cdt),
+            c(delta_bias, cdt), c(initial_state, cdt), sq, bool(delta_softplus),
+        )  # fmt: skip
+        out = out.to(u.dtype)
+        return (out, last) if return_last_state else out
     # The CUDA kernels read float16/bfloat16 activations as they are (half the traffic);
     # the CPU kernels take everything in the compute dtype.
     act = u.dtype if u.is_cuda and u.dtype in _HALF else cdt
