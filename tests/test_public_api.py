@@ -50,6 +50,10 @@ PUBLIC = {
         "Bilinear", "Companion", "Diagonal", "LTI", "MAX_COND", "MAX_DENSE_ORDER",
         "MIN_POLE_SEPARATION", "RANK_TOL", "Shift",
     },
+    "bmojo_core.integrations.transformers": {
+        "MAMBA1_MODELS", "MAMBA2_MODELS", "Report", "disable", "enable", "status",
+        "use_bmojo_core",
+    },
     "bmojo_core.testing": {
         "assert_equivalent", "assert_same_markov", "bilinear_realizations", "chunkings",
         "companion_realizations", "diagonal_realizations", "input_sequences",

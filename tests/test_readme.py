@@ -24,3 +24,4 @@ def test_readme_examples_run():
     assert namespace["sampled"].shape == (2, 8)
     assert namespace["resumed"].positions.tolist() == [33 + 17] * 2
     assert namespace["stream"].positions.tolist() == [0, 58]
+    assert namespace["tokens"].shape == (1, 8)  # the transformers example

@@ -28,6 +28,7 @@ RANKS = {
     "inference": 3,
     "layers": 4,
     "realization": 4,
+    "integrations": 4,
     "testing": 5,
     "train": 5,
     "mqar": 5,

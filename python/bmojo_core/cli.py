@@ -38,6 +38,22 @@ def _cuda_rows() -> list[tuple[str, str]]:
     ]
 
 
+def _transformers_row() -> str:
+    """The transformers integration: its version and which model families it routes."""
+    import importlib.util
+
+    if importlib.util.find_spec("transformers") is None:
+        return "not installed (bmojo_core.integrations.transformers needs it)"
+    from importlib.metadata import version
+
+    from .integrations.transformers import MAMBA1_MODELS, MAMBA2_MODELS
+
+    return (
+        f"{version('transformers')}: integrations.transformers.enable() routes "
+        f"{', '.join(MAMBA1_MODELS)}; pending (no SSD kernel yet): {', '.join(MAMBA2_MODELS)}"
+    )
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     from .runtime.info import machine_info, machine_peak
 
@@ -68,6 +84,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
         ),
         ("CUDA usable", "yes" if info["cuda_available"] else "no"),
         *_cuda_rows(),
+        ("transformers", _transformers_row()),
     ]
     width = max(len(k) for k, _ in rows)
     for k, v in rows:

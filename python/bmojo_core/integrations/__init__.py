@@ -1,0 +1,2 @@
+"""Integrations with other libraries, each imported only when used
+(``import bmojo_core.integrations.transformers``)."""

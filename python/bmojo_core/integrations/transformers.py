@@ -1,0 +1,177 @@
+"""Run transformers' Mamba-family models on bmojo_core's kernels with one call.
+
+transformers (≥ 5) gives each Mamba-family modeling module a few module-level kernel hooks
+(``causal_conv1d_fn``, ``causal_conv1d_update``, ``mamba_selective_scan``, ...) that its
+mixers look up at call time: the peer package when it is installed, else a pure-torch
+fallback. :func:`enable` replaces those hooks with bmojo_core's ops in every installed
+module of the family; :func:`disable` puts the originals back; :func:`use_bmojo_core` is
+the context manager. Both are idempotent.
+
+Which modules and hooks exist is discovered from the installed transformers (a module is
+patched only where it exists and only for the hook names it defines). Routed now: the
+Mamba-1 family (Mamba, FalconMamba, Jamba, Zamba: the causal convolution, the selective
+scan and the decode step). ``mamba_inner_fn`` (Mamba-1's fused training path) is replaced
+by a function that returns None, which transformers documents as the way to fall back: the
+mixer then runs its unfused path, on our conv and scan, with autograd. The Mamba-2 family
+(Mamba2, Zamba2, Bamba, GraniteMoeHybrid, FalconH1, NemotronH) is listed as pending: its
+SSD scan has no bmojo_core kernel yet, and it keeps transformers' own functions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..ops.conv import causal_conv1d_fn, causal_conv1d_update
+from ..ops.scan import selective_scan_fn
+from ..ops.step import selective_state_update
+
+__all__ = [
+    "MAMBA1_MODELS",
+    "MAMBA2_MODELS",
+    "Report",
+    "disable",
+    "enable",
+    "status",
+    "use_bmojo_core",
+]
+
+MAMBA1_MODELS = ("mamba", "falcon_mamba", "jamba", "zamba")
+"""transformers model folders whose mixers follow Mamba-1 (routed by :func:`enable`)."""
+MAMBA2_MODELS = ("mamba2", "zamba2", "bamba", "granitemoehybrid", "falcon_h1", "nemotron_h")
+"""transformers model folders whose mixers follow Mamba-2 (pending: no SSD kernel yet)."""
+
+
+# ----------------------------------------------------------------------------- hooks
+# Each accepts the keywords transformers' mixers pass (and ignores the ones that only
+# choose among its own torch paths).
+
+
+def _selective_scan(hidden_states, dt, A, B, C, D=None, z=None, delta_bias=None,
+                    delta_softplus=False, return_last_state=False, **_: Any):  # fmt: skip
+    return selective_scan_fn(
+        hidden_states, dt, A, B, C, D, z, delta_bias, delta_softplus, return_last_state
+    )
+
+
+def _selective_state_update(state, hidden_states, dt, A, B, C, D=None, dt_bias=None,
+                            dt_softplus=False, z=None, **_: Any):  # fmt: skip
+    return selective_state_update(state, hidden_states, dt, A, B, C, D, z, dt_bias, dt_softplus)
+
+
+def _conv_fn(hidden_states, weight, bias=None, activation=None, seq_idx=None, **_: Any):
+    return causal_conv1d_fn(hidden_states, weight, bias, seq_idx=seq_idx, activation=activation)
+
+
+def _conv_update(hidden_states, conv_state, weight, bias=None, activation=None, **_: Any):
+    return causal_conv1d_update(hidden_states, conv_state, weight, bias, activation)
+
+
+def _inner_fn(*_: Any, **__: Any) -> None:
+    """Mamba-1's fused training path: None makes the mixer take its unfused path (on our
+    conv and scan, with autograd), as transformers' own torch version does."""
+    return None
+
+
+MAMBA1_HOOKS = {
+    "causal_conv1d_fn": _conv_fn,
+    "causal_conv1d_update": _conv_update,
+    "mamba_inner_fn": _inner_fn,
+    "mamba_selective_scan": _selective_scan,
+    "mamba_selective_state_update": _selective_state_update,
+}
+
+
+# ----------------------------------------------------------------------------- state
+
+
+@dataclass
+class Report:
+    """What :func:`enable` did: ``patched`` maps each module to the hooks now on
+    bmojo_core; ``pending`` lists installed modules left on transformers' functions (and
+    why); ``missing`` the family models this transformers does not have."""
+
+    patched: dict[str, list[str]] = field(default_factory=dict)
+    pending: dict[str, str] = field(default_factory=dict)
+    missing: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [f"{m}: {', '.join(h)}" for m, h in self.patched.items()]
+        lines += [f"{m}: not routed ({why})" for m, why in self.pending.items()]
+        if self.missing:
+            lines.append(f"not in this transformers: {', '.join(self.missing)}")
+        return "\n".join(lines)
+
+
+_ORIGINALS: dict[tuple[str, str], Any] = {}
+"""(module, hook) → the function transformers had there before :func:`enable`."""
+
+
+def _module(model: str):
+    try:
+        return importlib.import_module(f"transformers.models.{model}.modeling_{model}")
+    except ImportError:
+        return None
+
+
+def enable() -> Report:
+    """Routes every installed Mamba-1-family modeling module of transformers to
+    bmojo_core (see the module doc) and reports what it patched. Calling it twice is
+    harmless. Raises ``ImportError`` when transformers is not installed."""
+    importlib.import_module("transformers")
+    report = Report()
+    for model in MAMBA1_MODELS:
+        mod = _module(model)
+        if mod is None:
+            report.missing.append(model)
+            continue
+        done = []
+        for name, fn in MAMBA1_HOOKS.items():
+            if not hasattr(mod, name):
+                continue
+            key = (mod.__name__, name)
+            if key not in _ORIGINALS:
+                _ORIGINALS[key] = getattr(mod, name)
+            setattr(mod, name, fn)
+            done.append(name)
+        report.patched[mod.__name__] = done
+    for model in MAMBA2_MODELS:
+        mod = _module(model)
+        if mod is None:
+            report.missing.append(model)
+        else:
+            report.pending[mod.__name__] = "Mamba-2 SSD: no bmojo_core kernel yet"
+    return report
+
+
+def disable() -> None:
+    """Puts back every function :func:`enable` replaced (harmless when nothing is)."""
+    for (modname, name), fn in list(_ORIGINALS.items()):
+        mod = importlib.import_module(modname)
+        setattr(mod, name, fn)
+        del _ORIGINALS[(modname, name)]
+
+
+def status() -> dict[str, list[str]]:
+    """The hooks currently routed to bmojo_core, by module."""
+    out: dict[str, list[str]] = {}
+    for modname, name in _ORIGINALS:
+        out.setdefault(modname, []).append(name)
+    return out
+
+
+@contextlib.contextmanager
+def use_bmojo_core() -> Iterator[Report]:
+    """``with use_bmojo_core(): ...`` runs the block with :func:`enable` and restores the
+    previous routing afterwards."""
+    before = set(_ORIGINALS)
+    report = enable()
+    try:
+        yield report
+    finally:
+        for key in set(_ORIGINALS) - before:
+            modname, name = key
+            setattr(importlib.import_module(modname), name, _ORIGINALS.pop(key))

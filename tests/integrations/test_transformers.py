@@ -1,0 +1,151 @@
+"""bmojo_core.integrations.transformers: tiny random-config models of every Mamba-1-family
+model the installed transformers has (no downloads). With ``enable()`` the logits equal
+transformers' own CPU path, greedy generation is identical through the cache, a training
+step's gradients are equal, bf16 runs; ``disable()`` restores the original functions."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+
+import pytest
+import torch
+from conftest import needs
+
+HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
+pytestmark = needs(HAS_TRANSFORMERS, "transformers")
+
+V = 64
+
+
+def _models():
+    import transformers as tf
+
+    common = dict(vocab_size=V, hidden_size=32, tie_word_embeddings=False)
+    mamba_like = dict(common, num_hidden_layers=2, state_size=8, expand=2, conv_kernel=4)
+    hybrid = dict(common, intermediate_size=64, num_attention_heads=4, mamba_d_state=8,
+                  mamba_d_conv=4, mamba_expand=2, mamba_dt_rank=4)  # fmt: skip
+    out = {}
+    if hasattr(tf, "MambaConfig"):
+        out["mamba"] = (tf.MambaConfig(**mamba_like), tf.MambaForCausalLM)
+    if hasattr(tf, "FalconMambaConfig"):
+        out["falcon_mamba"] = (tf.FalconMambaConfig(**mamba_like), tf.FalconMambaForCausalLM)
+    if hasattr(tf, "JambaConfig"):
+        cfg = tf.JambaConfig(**hybrid, num_hidden_layers=2, num_key_value_heads=2, num_experts=2,
+                             num_experts_per_tok=1, expert_layer_period=2, expert_layer_offset=1,
+                             attn_layer_period=2, attn_layer_offset=1)  # fmt: skip
+        out["jamba"] = (cfg, tf.JambaForCausalLM)
+    if hasattr(tf, "ZambaConfig"):
+        cfg = tf.ZambaConfig(**hybrid, num_hidden_layers=6, num_key_value_heads=4,
+                             attention_hidden_size=64, attention_head_dim=16, n_mamba_heads=2,
+                             attn_layer_period=2, attn_layer_offset=1)  # fmt: skip
+        out["zamba"] = (cfg, tf.ZambaForCausalLM)
+    return out
+
+
+MODELS = sorted(_models()) if HAS_TRANSFORMERS else []
+
+
+@pytest.fixture
+def tt():
+    from bmojo_core.integrations import transformers as tt
+
+    tt.disable()
+    yield tt
+    tt.disable()
+
+
+def _build(name, dtype=torch.float32):
+    cfg, cls = _models()[name]
+    torch.manual_seed(0)
+    return cls(cfg).to(dtype).eval()
+
+
+def _module(name):
+    return importlib.import_module(f"transformers.models.{name}.modeling_{name}")
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_logits_and_generation_equal_transformers(tt, name, monkeypatch):
+    calls: dict[str, int] = {}
+    for op in ("selective_scan_fn", "selective_state_update", "causal_conv1d_fn",
+               "causal_conv1d_update"):  # fmt: skip
+        real = getattr(tt, op)
+
+        def counted(*a, _real=real, _op=op, **k):
+            calls[_op] = calls.get(_op, 0) + 1
+            return _real(*a, **k)
+
+        monkeypatch.setattr(tt, op, counted)
+    model = _build(name)
+    ids = torch.randint(0, V, (2, 13), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(ids).logits
+        want_gen = model.generate(ids, max_new_tokens=6, do_sample=False)
+        report = tt.enable()
+        assert set(report.patched[_module(name).__name__]) >= {
+            "causal_conv1d_fn", "causal_conv1d_update", "mamba_selective_scan",
+            "mamba_selective_state_update",
+        }  # fmt: skip
+        got = model(ids).logits
+        got_gen = model.generate(ids, max_new_tokens=6, do_sample=False)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert torch.equal(got_gen, want_gen)
+    assert set(calls) == {"selective_scan_fn", "selective_state_update", "causal_conv1d_fn",
+                          "causal_conv1d_update"}, calls  # our ops ran  # fmt: skip
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_training_step_gradients_equal(tt, name):
+    model = _build(name).train()
+    ids = torch.randint(0, V, (2, 11), generator=torch.Generator().manual_seed(2))
+
+    def grads():
+        model.zero_grad()
+        model(ids, labels=ids).loss.backward()
+        return {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+    want = grads()
+    tt.enable()
+    got = grads()
+    assert set(got) == set(want)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=2e-3, atol=2e-4, msg=k)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_bf16_runs(tt, name):
+    model = _build(name, torch.bfloat16)
+    ids = torch.randint(0, V, (1, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = model(ids).logits.float()
+        tt.enable()
+        got = model(ids).logits.float()
+        gen = model.generate(ids, max_new_tokens=3, do_sample=False)
+    assert gen.shape == (1, 12)
+    torch.testing.assert_close(got, want, rtol=0.1, atol=0.1)
+
+
+def test_enable_disable_idempotent_and_restoring(tt):
+    mod = _module(MODELS[0])
+    orig = {n: getattr(mod, n) for n in tt.MAMBA1_HOOKS if hasattr(mod, n)}
+    r1, r2 = tt.enable(), tt.enable()
+    assert r1.patched == r2.patched and tt.status()
+    assert all(getattr(mod, n) is tt.MAMBA1_HOOKS[n] for n in orig)
+    tt.disable()
+    tt.disable()
+    assert all(getattr(mod, n) is f for n, f in orig.items()) and not tt.status()
+    with tt.use_bmojo_core() as report:
+        assert mod.__name__ in report.patched
+        assert mod.mamba_selective_scan is tt.MAMBA1_HOOKS["mamba_selective_scan"]
+    assert all(getattr(mod, n) is f for n, f in orig.items())
+    assert "Mamba-2" in str(report) or not report.pending
+
+
+def test_import_is_lazy():
+    import subprocess
+    import sys
+
+    code = ("import sys, bmojo_core; assert 'transformers' not in sys.modules; "
+            "import bmojo_core.integrations; assert 'transformers' not in sys.modules")  # fmt: skip
+    subprocess.run([sys.executable, "-c", code], check=True)
