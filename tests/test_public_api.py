@@ -15,9 +15,10 @@ PUBLIC = {
         "BmojoError", "BmojoTypeError", "BmojoValueError", "EideticStore", "SelectiveSSM",
         "SlidingWindowAttention", "Stream", "__version__", "bilinear_scan", "causal_conv1d_fn",
         "causal_conv1d_update", "companion_scan", "cuda", "diag_scan", "eidetic_select",
-        "gather_positions", "get_num_threads", "innovation_scores", "layers", "realization",
-        "reference", "selective_scan_fn", "selective_state_update", "set_num_threads",
-        "set_simd_level", "simd_level", "simd_levels", "stream",
+        "gather_positions", "get_num_threads", "innovation_scores", "layers",
+        "mamba_chunk_scan_combined", "realization", "reference", "selective_scan_fn",
+        "selective_state_update", "set_num_threads", "set_simd_level", "simd_level",
+        "simd_levels", "stream",
     },
     "bmojo_core.errors": {
         "BmojoCompileError", "BmojoCudaError", "BmojoError", "BmojoTypeError", "BmojoValueError",
@@ -33,7 +34,7 @@ PUBLIC = {
     "bmojo_core.ops": {
         "EideticStore", "bilinear_scan", "causal_conv1d_fn", "causal_conv1d_update",
         "companion_scan", "diag_scan", "eidetic_select", "gather_positions", "innovation_scores",
-        "reference", "selective_scan_fn", "selective_state_update",
+        "mamba_chunk_scan_combined", "reference", "selective_scan_fn", "selective_state_update",
     },
     "bmojo_core.ops.reference": {
         "bilinear_scan", "causal_conv1d", "causal_conv1d_update", "companion_scan", "diag_scan",

@@ -48,10 +48,8 @@ def _transformers_row() -> str:
 
     from .integrations.transformers import MAMBA1_MODELS, MAMBA2_MODELS
 
-    return (
-        f"{version('transformers')}: integrations.transformers.enable() routes "
-        f"{', '.join(MAMBA1_MODELS)}; pending (no SSD kernel yet): {', '.join(MAMBA2_MODELS)}"
-    )
+    models = ", ".join(MAMBA1_MODELS + MAMBA2_MODELS)
+    return f"{version('transformers')}: integrations.transformers.enable() routes {models}"
 
 
 def _cmd_info(args: argparse.Namespace) -> int:

@@ -8,25 +8,28 @@ module of the family; :func:`disable` puts the originals back; :func:`use_bmojo_
 the context manager. Both are idempotent.
 
 Which modules and hooks exist is discovered from the installed transformers (a module is
-patched only where it exists and only for the hook names it defines). Routed now: the
-Mamba-1 family (Mamba, FalconMamba, Jamba, Zamba: the causal convolution, the selective
-scan and the decode step). ``mamba_inner_fn`` (Mamba-1's fused training path) is replaced
-by a function that returns None, which transformers documents as the way to fall back: the
-mixer then runs its unfused path, on our conv and scan, with autograd. The Mamba-2 family
-(Mamba2, Zamba2, Bamba, GraniteMoeHybrid, FalconH1, NemotronH) is listed as pending: its
-SSD scan has no bmojo_core kernel yet, and it keeps transformers' own functions.
+patched only where it exists and only for the hook names it defines): the Mamba-1 family
+(Mamba, FalconMamba, Jamba, Zamba: the causal convolution, the selective scan and the
+decode step) and the Mamba-2 family (Mamba2, Zamba2, Bamba, GraniteMoeHybrid, FalconH1,
+NemotronH: the causal convolution, the SSD scan :func:`~bmojo_core.ops.ssd.
+mamba_chunk_scan_combined` and the heads-layout decode step). The fused training paths
+(``mamba_inner_fn``, ``mamba2_split_conv1d_scan_combined``) are replaced by functions that
+return None, which is how transformers' own torch versions decline: the mixer then runs
+its unfused path, on our ops, with autograd.
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..ops.conv import causal_conv1d_fn, causal_conv1d_update
 from ..ops.scan import selective_scan_fn
+from ..ops.ssd import mamba_chunk_scan_combined
 from ..ops.step import selective_state_update
 
 __all__ = [
@@ -42,7 +45,7 @@ __all__ = [
 MAMBA1_MODELS = ("mamba", "falcon_mamba", "jamba", "zamba")
 """transformers model folders whose mixers follow Mamba-1 (routed by :func:`enable`)."""
 MAMBA2_MODELS = ("mamba2", "zamba2", "bamba", "granitemoehybrid", "falcon_h1", "nemotron_h")
-"""transformers model folders whose mixers follow Mamba-2 (pending: no SSD kernel yet)."""
+"""transformers model folders whose mixers follow Mamba-2 (routed by :func:`enable`)."""
 
 
 # ----------------------------------------------------------------------------- hooks
@@ -76,12 +79,36 @@ def _inner_fn(*_: Any, **__: Any) -> None:
     return None
 
 
+def _chunk_scan(hidden_states, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None,
+                initial_states=None, seq_idx=None, cu_seqlens=None, dt_softplus=False,
+                dt_limit=(0.0, math.inf), return_final_states=False,
+                return_varlen_states=False, **_: Any):  # fmt: skip
+    return mamba_chunk_scan_combined(
+        hidden_states, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx,
+        cu_seqlens, dt_softplus, tuple(dt_limit), return_final_states, return_varlen_states,
+    )  # fmt: skip
+
+
+def _split_conv_scan(*_: Any, **__: Any) -> None:
+    """Mamba-2's fused training path: None makes the mixer take its unfused path (our conv
+    and SSD scan, with autograd), as transformers' own torch version does."""
+    return None
+
+
 MAMBA1_HOOKS = {
     "causal_conv1d_fn": _conv_fn,
     "causal_conv1d_update": _conv_update,
     "mamba_inner_fn": _inner_fn,
     "mamba_selective_scan": _selective_scan,
     "mamba_selective_state_update": _selective_state_update,
+}
+
+MAMBA2_HOOKS = {
+    "causal_conv1d_fn": _conv_fn,
+    "causal_conv1d_update": _conv_update,
+    "mamba2_chunk_scan": _chunk_scan,
+    "mamba2_selective_state_update": _selective_state_update,
+    "mamba2_split_conv1d_scan_combined": _split_conv_scan,
 }
 
 
@@ -118,32 +145,30 @@ def _module(model: str):
 
 
 def enable() -> Report:
-    """Routes every installed Mamba-1-family modeling module of transformers to
+    """Routes every installed Mamba-family modeling module of transformers to
     bmojo_core (see the module doc) and reports what it patched. Calling it twice is
     harmless. Raises ``ImportError`` when transformers is not installed."""
     importlib.import_module("transformers")
     report = Report()
-    for model in MAMBA1_MODELS:
-        mod = _module(model)
-        if mod is None:
-            report.missing.append(model)
-            continue
-        done = []
-        for name, fn in MAMBA1_HOOKS.items():
-            if not hasattr(mod, name):
+    for models, hooks in ((MAMBA1_MODELS, MAMBA1_HOOKS), (MAMBA2_MODELS, MAMBA2_HOOKS)):
+        for model in models:
+            mod = _module(model)
+            if mod is None:
+                report.missing.append(model)
                 continue
-            key = (mod.__name__, name)
-            if key not in _ORIGINALS:
-                _ORIGINALS[key] = getattr(mod, name)
-            setattr(mod, name, fn)
-            done.append(name)
-        report.patched[mod.__name__] = done
-    for model in MAMBA2_MODELS:
-        mod = _module(model)
-        if mod is None:
-            report.missing.append(model)
-        else:
-            report.pending[mod.__name__] = "Mamba-2 SSD: no bmojo_core kernel yet"
+            done = []
+            for name, fn in hooks.items():
+                if not hasattr(mod, name):
+                    continue
+                key = (mod.__name__, name)
+                if key not in _ORIGINALS:
+                    _ORIGINALS[key] = getattr(mod, name)
+                setattr(mod, name, fn)
+                done.append(name)
+            if done:
+                report.patched[mod.__name__] = done
+            else:
+                report.pending[mod.__name__] = "defines none of the known kernel hooks"
     return report
 
 

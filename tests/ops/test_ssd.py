@@ -1,0 +1,179 @@
+"""mamba_chunk_scan_combined (design §2.4) against the fp64 reference written from the
+recurrence (bmojo_core.reference.ssd_scan): every option, gradients in fp64, chunk_size
+invariance, pieces through states == whole, packed == separate, threads bitwise,
+torch.compile, bad input."""
+
+from __future__ import annotations
+
+import math
+
+import bmojo_core as bm
+import pytest
+import torch
+from bmojo_core.ops.reference import ssd_scan
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+SEQ = ("x", "dt", "B", "C", "z")
+
+
+def inputs(b, length, h, p, g, n, *, seed=0, dtype=torch.float64, d_hp=False, opts=True):
+    gen = torch.Generator().manual_seed(seed)
+
+    def r(*s):
+        return torch.randn(*s, generator=gen, dtype=torch.float64).to(dtype)
+
+    kw = dict(x=r(b, length, h, p), dt=r(b, length, h) * 0.5,
+              A=(-torch.rand(h, generator=gen, dtype=torch.float64) - 0.2).to(dtype),
+              B=r(b, length, g, n), C=r(b, length, g, n))  # fmt: skip
+    if opts:
+        kw.update(D=r(h, p) if d_hp else r(h), z=r(b, length, h, p), dt_bias=r(h) * 0.1,
+                  initial_states=r(b, h, p, n), dt_softplus=True)  # fmt: skip
+    return kw
+
+
+def call(kw, **extra):
+    return bm.mamba_chunk_scan_combined(**kw, chunk_size=extra.pop("chunk_size", 16), **extra)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    b=st.integers(1, 2), length=st.sampled_from([0, 1, 2, 5, 17, 64]), h=st.integers(1, 4),
+    p=st.integers(1, 3), n=st.integers(1, 5), grouped=st.booleans(), d_hp=st.booleans(),
+    opts=st.booleans(), limit=st.booleans(),
+)  # fmt: skip
+def test_matches_reference_fp64(b, length, h, p, n, grouped, d_hp, opts, limit):
+    g = h if grouped and h > 1 else 1
+    kw = inputs(b, length, h, p, g, n, d_hp=d_hp, opts=opts, seed=length + 7 * h)
+    dl = (0.05, 0.8) if limit else (0.0, math.inf)
+    out, last = call(kw, dt_limit=dl, return_final_states=True)
+    want, want_last = ssd_scan(**kw, dt_limit=dl, return_final_states=True)
+    torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(last, want_last, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_low_precision_io(dtype):
+    kw = inputs(2, 33, 4, 8, 2, 16, seed=1)
+    low = {k: (v.to(dtype) if isinstance(v, torch.Tensor) and k in SEQ else
+               v.float() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}  # fmt: skip
+    out, last = call(low, return_final_states=True)
+    assert out.dtype == dtype and last.dtype == torch.float32
+    want = ssd_scan(**{k: (v.double() if isinstance(v, torch.Tensor) else v)
+                       for k, v in low.items()})  # fmt: skip
+    tol = 2e-3 if dtype == torch.float32 else 5e-2
+    torch.testing.assert_close(out.double(), want, rtol=tol, atol=tol * 10)
+
+
+def test_chunk_size_does_not_change_results():
+    kw = inputs(2, 50, 2, 3, 1, 4)
+    ref = call(kw, chunk_size=1)
+    for cs in (2, 7, 64, 256):
+        assert torch.equal(call(kw, chunk_size=cs), ref)
+
+
+def test_gradcheck_every_input():
+    kw = inputs(1, 6, 2, 2, 1, 3, d_hp=True)
+    names = ["x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_states"]
+    ts = [kw[k].clone().requires_grad_() for k in names]
+
+    def f(*args):
+        o, s = bm.mamba_chunk_scan_combined(
+            **dict(zip(names, args, strict=True)), chunk_size=4, dt_softplus=True,
+            return_final_states=True,
+        )  # fmt: skip
+        return o, s
+
+    assert torch.autograd.gradcheck(f, ts, atol=1e-7, rtol=1e-5)
+
+
+def test_gradcheck_with_dt_limit_and_packing():
+    kw = inputs(1, 7, 2, 2, 2, 2)
+    seq = torch.tensor([[0, 0, 0, 1, 1, 2, 2]])
+    names = ["x", "dt", "B", "C", "initial_states"]
+    ts = [kw[k].clone().requires_grad_() for k in names]
+
+    def f(*args):
+        k = {**kw, **dict(zip(names, args, strict=True))}
+        return call(k, seq_idx=seq, dt_limit=(0.1, 1.5), return_final_states=True)
+
+    assert torch.autograd.gradcheck(f, ts, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("lens", [(3, 4), (1, 1, 5), (6,), (2, 0, 3)])
+def test_packed_and_varlen_match_reference(lens):
+    total = sum(lens)
+    kw = inputs(1, total, 2, 2, 1, 3, seed=total)
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()])
+    got = call(kw, cu_seqlens=cu, return_final_states=True, return_varlen_states=True)
+    want = ssd_scan(**kw, cu_seqlens=cu, return_final_states=True, return_varlen_states=True)
+    for a, w in zip(got, want, strict=True):
+        torch.testing.assert_close(a, w, rtol=1e-10, atol=1e-10)
+    seq = torch.repeat_interleave(torch.arange(len(lens)), torch.tensor(lens))[None]
+    o2 = call(kw, seq_idx=seq)
+    torch.testing.assert_close(o2, want[0], rtol=1e-10, atol=1e-10)
+
+
+def test_pieces_through_states_equal_whole():
+    kw = inputs(2, 40, 3, 2, 1, 4)
+    out, last = call(kw, return_final_states=True)
+    first = {k: (v[:, :17] if k in SEQ else v) for k, v in kw.items()}
+    second = {k: (v[:, 17:] if k in SEQ else v) for k, v in kw.items()}
+    o1, s1 = call(first, return_final_states=True)
+    o2, s2 = call({**second, "initial_states": s1}, return_final_states=True)
+    torch.testing.assert_close(torch.cat([o1, o2], 1), out, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(s2, last, rtol=1e-12, atol=1e-12)
+
+
+def test_threads_bitwise(restore_runtime):
+    kw = inputs(2, 70, 4, 8, 2, 16, dtype=torch.float32)
+    bm.set_num_threads(1)
+    a = call(kw, return_final_states=True)
+    bm.set_num_threads(2)
+    b = call(kw, return_final_states=True)
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def test_torch_compile():
+    kw = inputs(1, 9, 2, 2, 1, 3, dtype=torch.float32)
+    f = torch.compile(lambda k: call(k), fullgraph=False)
+    torch.testing.assert_close(f(kw), call(kw), rtol=1e-6, atol=1e-6)
+
+
+BAD = [
+    ("x", lambda k: k["x"][0], "x"),
+    ("dt shape", lambda k: k["dt"][..., :1], "dt"),
+    ("A shape", lambda k: k["A"][None], "A"),
+    ("B groups", lambda k: k["B"].expand(-1, -1, 3, -1), "B"),
+    ("C shape", lambda k: k["C"][..., :1], "C"),
+    ("D shape", lambda k: k["D"][:1], "D"),
+    ("z shape", lambda k: k["z"][..., :1], "z"),
+    ("dt_bias", lambda k: k["dt_bias"][:1], "dt_bias"),
+    ("initial_states", lambda k: k["initial_states"][..., :1], "initial_states"),
+]
+
+
+@pytest.mark.parametrize("case", BAD, ids=lambda c: c[0])
+def test_bad_input_names_the_argument(case):
+    _, edit, name = case
+    kw = inputs(1, 5, 2, 2, 1, 3)
+    arg = name if name in kw else "x"
+    kw[arg] = edit(kw)
+    with pytest.raises(bm.BmojoError, match=name):
+        call(kw)
+
+
+def test_bad_options():
+    kw = inputs(2, 5, 2, 2, 1, 3)
+    for extra, name in (
+        (dict(chunk_size=0), "chunk_size"), (dict(chunk_size=2.0), "chunk_size"),
+        (dict(dt_limit=(1.0, 0.5)), "dt_limit"), (dict(dt_limit=3), "dt_limit"),
+        (dict(cu_seqlens=torch.tensor([0, 5])), "cu_seqlens"),
+        (dict(return_varlen_states=True), "return_varlen_states"),
+        (dict(seq_idx=torch.zeros(2, 5)), "seq_idx"),
+    ):  # fmt: skip
+        with pytest.raises(bm.BmojoError, match=name):
+            call(kw, **extra)
+    one = inputs(1, 5, 2, 2, 1, 3)
+    with pytest.raises(bm.BmojoValueError, match="cu_seqlens"):
+        call(one, cu_seqlens=torch.tensor([0, 3, 2, 5]))
