@@ -177,3 +177,114 @@ def test_bad_options():
     one = inputs(1, 5, 2, 2, 1, 3)
     with pytest.raises(bm.BmojoValueError, match="cu_seqlens"):
         call(one, cu_seqlens=torch.tensor([0, 3, 2, 5]))
+
+
+# ----------------------------------------------------------------------------- fused block
+
+
+def split_inputs(b, length, h, p, g, n, k=4, *, seed=0, d_hp=False, out_dim=5):
+    gen = torch.Generator().manual_seed(seed)
+
+    def r(*s):
+        return torch.randn(*s, generator=gen, dtype=torch.float64)
+
+    dim = h * p
+    conv_dim = dim + 2 * g * n
+    return dict(
+        zxbcdt=r(b, length, 2 * dim + 2 * g * n + h), conv1d_weight=r(conv_dim, k) * 0.5,
+        conv1d_bias=r(conv_dim) * 0.1, dt_bias=r(h) * 0.1,
+        A=-torch.rand(h, generator=gen, dtype=torch.float64) - 0.2,
+        D=r(h, p) if d_hp else r(h), rmsnorm_weight=1 + 0.1 * r(dim),
+        outproj_weight=r(out_dim, dim) * 0.3, outproj_bias=r(out_dim), ngroups=g,
+        headdim=None if d_hp else p,
+    )  # fmt: skip
+
+
+def split_ref(kw, *, norm_before_gate, use_norm=True, use_out=True, seq_idx=None,
+              initial_states=None, dt_limit=(0.0, math.inf)):  # fmt: skip
+    """The block from the oracles: reference conv, reference SSD, the gated RMSNorm and
+    the projection written out."""
+    from bmojo_core.ops.reference import causal_conv1d
+
+    zx, D, g = kw["zxbcdt"], kw["D"], kw["ngroups"]
+    h = D.shape[0]
+    p = D.shape[1] if D.dim() == 2 else kw["headdim"]
+    dim = h * p
+    n = (zx.shape[-1] - 2 * dim - h) // (2 * g)
+    b, length, _ = zx.shape
+    z, xbc, dt = torch.split(zx, [dim, dim + 2 * g * n, h], dim=-1)
+    xbc, _ = causal_conv1d(xbc.transpose(1, 2), kw["conv1d_weight"], kw["conv1d_bias"],
+                           seq_idx=seq_idx, activation="silu")  # fmt: skip
+    x, B, C = torch.split(xbc.transpose(1, 2), [dim, g * n, g * n], dim=-1)
+    y, last = ssd_scan(
+        x.reshape(b, length, h, p), dt, kw["A"], B.reshape(b, length, g, n),
+        C.reshape(b, length, g, n), D=D, z=None if use_norm else z.reshape(b, length, h, p),
+        dt_bias=kw["dt_bias"], initial_states=initial_states, seq_idx=seq_idx,
+        dt_softplus=True, dt_limit=dt_limit, return_final_states=True,
+    )  # fmt: skip
+    y = y.reshape(b, length, dim)
+    if use_norm:
+        gate = torch.nn.functional.silu(z)
+        v = y if norm_before_gate else y * gate
+        gs = dim // g
+        vg = v.reshape(b, length, g, gs)
+        v = (vg / torch.sqrt(vg.pow(2).mean(-1, keepdim=True) + 1e-6)).reshape(b, length, dim)
+        v = v * kw["rmsnorm_weight"]
+        y = v * gate if norm_before_gate else v
+    if use_out:
+        y = y @ kw["outproj_weight"].T + kw["outproj_bias"]
+    return y, last
+
+
+def split_call(kw, *, norm_before_gate, use_norm=True, use_out=True, **extra):
+    args = dict(kw)
+    if not use_norm:
+        args["rmsnorm_weight"] = None
+    if not use_out:
+        args["outproj_weight"] = args["outproj_bias"] = None
+    return bm.mamba_split_conv1d_scan_combined(
+        **args, chunk_size=8, norm_before_gate=norm_before_gate, rmsnorm_eps=1e-6,
+        return_final_states=True, **extra,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("norm_before_gate", [True, False])
+@pytest.mark.parametrize("use_norm, use_out, d_hp", [(True, True, False), (True, False, True),
+                                                      (False, True, False)])  # fmt: skip
+def test_split_block_matches_oracles(norm_before_gate, use_norm, use_out, d_hp):
+    kw = split_inputs(2, 19, 4, 3, 2, 5, d_hp=d_hp)
+    h0 = torch.randn(2, 4, 3, 5, dtype=torch.float64)
+    got = split_call(kw, norm_before_gate=norm_before_gate, use_norm=use_norm, use_out=use_out,
+                     initial_states=h0, dt_limit=(0.0, 3.0))  # fmt: skip
+    want = split_ref(kw, norm_before_gate=norm_before_gate, use_norm=use_norm, use_out=use_out,
+                     initial_states=h0, dt_limit=(0.0, 3.0))  # fmt: skip
+    for a, w in zip(got, want, strict=True):
+        torch.testing.assert_close(a, w, rtol=1e-10, atol=1e-10)
+
+
+def test_split_block_packed_and_gradcheck():
+    kw = split_inputs(1, 9, 2, 2, 1, 3, seed=3)
+    seq = torch.tensor([[0, 0, 0, 0, 1, 1, 1, 2, 2]])
+    got = split_call(kw, norm_before_gate=False, seq_idx=seq)
+    want = split_ref(kw, norm_before_gate=False, seq_idx=seq)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-10, atol=1e-10)
+    names = ["zxbcdt", "conv1d_weight", "conv1d_bias", "dt_bias", "A", "D", "rmsnorm_weight",
+             "outproj_weight", "outproj_bias"]  # fmt: skip
+    ts = [kw[k].clone().requires_grad_() for k in names]
+
+    def f(*args):
+        return split_call({**kw, **dict(zip(names, args, strict=True))}, norm_before_gate=True)
+
+    assert torch.autograd.gradcheck(f, ts, atol=1e-7, rtol=1e-5)
+
+
+def test_split_block_bad_input():
+    kw = split_inputs(1, 5, 2, 2, 1, 3)
+    for edit, name in (
+        (dict(zxbcdt=kw["zxbcdt"][..., :-1]), "zxbcdt"), (dict(headdim=None), "headdim"),
+        (dict(ngroups=3), "ngroups"), (dict(rmsnorm_weight=kw["rmsnorm_weight"][:3]),
+        "rmsnorm_weight"), (dict(outproj_weight=kw["outproj_weight"][:, :3]), "outproj_weight"),
+        (dict(conv1d_weight=kw["conv1d_weight"][:3]), "weight"),
+    ):  # fmt: skip
+        with pytest.raises(bm.BmojoError, match=name):
+            split_call({**kw, **edit}, norm_before_gate=True)

@@ -11,10 +11,10 @@ Which modules and hooks exist is discovered from the installed transformers (a m
 patched only where it exists and only for the hook names it defines): the Mamba-1 family
 (Mamba, FalconMamba, Jamba, Zamba: the causal convolution, the selective scan and the
 decode step) and the Mamba-2 family (Mamba2, Zamba2, Bamba, GraniteMoeHybrid, FalconH1,
-NemotronH: the causal convolution, the SSD scan :func:`~bmojo_core.ops.ssd.
-mamba_chunk_scan_combined` and the heads-layout decode step). The fused training paths
-(``mamba_inner_fn``, ``mamba2_split_conv1d_scan_combined``) are replaced by functions that
-return None, which is how transformers' own torch versions decline: the mixer then runs
+NemotronH: the causal convolution, the SSD scan, Mamba-2's fused training block
+:func:`~bmojo_core.ops.ssd.mamba_split_conv1d_scan_combined` and the heads-layout decode
+step). Mamba-1's fused training path ``mamba_inner_fn`` is replaced by a function that
+returns None, which is how transformers' own torch version declines: the mixer then runs
 its unfused path, on our ops, with autograd.
 """
 
@@ -29,7 +29,7 @@ from typing import Any
 
 from ..ops.conv import causal_conv1d_fn, causal_conv1d_update
 from ..ops.scan import selective_scan_fn
-from ..ops.ssd import mamba_chunk_scan_combined
+from ..ops.ssd import mamba_chunk_scan_combined, mamba_split_conv1d_scan_combined
 from ..ops.step import selective_state_update
 
 __all__ = [
@@ -89,10 +89,16 @@ def _chunk_scan(hidden_states, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=
     )  # fmt: skip
 
 
-def _split_conv_scan(*_: Any, **__: Any) -> None:
-    """Mamba-2's fused training path: None makes the mixer take its unfused path (our conv
-    and SSD scan, with autograd), as transformers' own torch version does."""
-    return None
+def _split_conv_scan(zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, chunk_size,
+                     initial_states=None, seq_idx=None, dt_limit=(0.0, math.inf),
+                     return_final_states=False, activation="silu", rmsnorm_weight=None,
+                     rmsnorm_eps=1e-6, outproj_weight=None, outproj_bias=None, headdim=None,
+                     ngroups=1, norm_before_gate=True, **_: Any):  # fmt: skip
+    return mamba_split_conv1d_scan_combined(
+        zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, chunk_size, initial_states,
+        seq_idx, tuple(dt_limit), return_final_states, activation, rmsnorm_weight,
+        rmsnorm_eps, outproj_weight, outproj_bias, headdim, ngroups, norm_before_gate,
+    )  # fmt: skip
 
 
 MAMBA1_HOOKS = {

@@ -22,9 +22,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _validate as V
+from .conv import causal_conv1d_fn
 from .scan import selective_scan_fn
 
-__all__ = ["mamba_chunk_scan_combined"]
+__all__ = ["gated_rms_norm", "mamba_chunk_scan_combined", "mamba_split_conv1d_scan_combined"]
 
 
 def _softplus(x: Tensor) -> Tensor:
@@ -192,3 +193,101 @@ def _varlen(x, dt, A, B, C, D, z, dt_bias, h0, seqs, softplus, limit, final):
     varlen = torch.stack(states)
     # The packed scan's final state: after the last sequence that has positions.
     return (out, last[None], varlen) if final else (out, varlen)
+
+
+def gated_rms_norm(
+    x: Tensor, z: Tensor | None, weight: Tensor, eps: float, group_size: int,
+    norm_before_gate: bool,
+) -> Tensor:  # fmt: skip
+    """Mamba-2's gated RMSNorm over groups of ``group_size`` of the last axis, in float32
+    (float64 for float64 inputs): ``RMSNorm(x) · silu(z)`` if ``norm_before_gate``, else
+    ``RMSNorm(x · silu(z))``; returns x's dtype."""
+    cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    h = x.to(cdt)
+    if z is not None and not norm_before_gate:
+        h = h * F.silu(z.to(cdt))
+    *lead, d = h.shape
+    g = h.reshape(*lead, d // group_size, group_size)
+    g = g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + eps)
+    h = g.reshape(*lead, d) * weight.to(cdt)
+    if z is not None and norm_before_gate:
+        h = h * F.silu(z.to(cdt))
+    return h.to(x.dtype)
+
+
+def mamba_split_conv1d_scan_combined(
+    zxbcdt: Tensor,
+    conv1d_weight: Tensor,
+    conv1d_bias: Tensor | None,
+    dt_bias: Tensor | None,
+    A: Tensor,
+    D: Tensor,
+    chunk_size: int,
+    initial_states: Tensor | None = None,
+    seq_idx: Tensor | None = None,
+    dt_limit: tuple[float, float] = (0.0, math.inf),
+    return_final_states: bool = False,
+    activation: str | None = "silu",
+    rmsnorm_weight: Tensor | None = None,
+    rmsnorm_eps: float = 1e-6,
+    outproj_weight: Tensor | None = None,
+    outproj_bias: Tensor | None = None,
+    headdim: int | None = None,
+    ngroups: int = 1,
+    norm_before_gate: bool = True,
+):
+    """Mamba-2's fused block, mamba_ssm's signature: split ``zxbcdt (b, l, 2·dim + 2·g·n +
+    h)`` into ``z``, ``xBC``, ``dt``; causal depthwise conv of ``xBC`` (``conv1d_weight
+    (dim + 2·g·n, K)``, activation); split into ``x``, ``B``, ``C``; the SSD scan (Δ =
+    softplus(dt + dt_bias), ``dt_limit``); then the gated RMSNorm with ``rmsnorm_weight
+    (dim,)`` over groups of ``dim / ngroups`` (``norm_before_gate`` either way; without
+    it the gate is ``y · silu(z)``), then ``outproj_weight (out, dim)``/``outproj_bias``.
+    ``D (h,)`` needs ``headdim``; ``D (h, p)`` gives it. Returns ``out`` (and the final
+    states ``(b, h, p, n)`` if ``return_final_states``). Differentiable in every input."""
+    V.device_tensor("zxbcdt", zxbcdt)
+    V.shape("zxbcdt", zxbcdt, (None, None, None), "(batch, L, 2*dim + 2*ngroups*N + heads)")
+    V.device_tensor("D", D)
+    if D.dim() == 2:
+        h, p = D.shape
+    elif D.dim() == 1:
+        h = D.shape[0]
+        if headdim is None:
+            raise V.BmojoValueError("headdim: required when D has shape (heads,)")
+        p = V.int_arg("headdim", headdim, 1)
+    else:
+        raise V.BmojoValueError(f"D: expected (heads,) or (heads, head_dim), got {tuple(D.shape)}")
+    g = V.int_arg("ngroups", ngroups, 1)
+    if h % g:
+        raise V.BmojoValueError(f"ngroups: {g} must divide the number of heads {h}")
+    b, length, total = zxbcdt.shape
+    dim = h * p
+    rest = total - 2 * dim - h
+    if rest <= 0 or rest % (2 * g):
+        raise V.BmojoValueError(
+            f"zxbcdt: last axis {total} is not 2*dim + 2*ngroups*N + heads for dim={dim}, "
+            f"heads={h}, ngroups={g}"
+        )
+    n = rest // (2 * g)
+    z, xbc, dt = torch.split(zxbcdt, [dim, dim + 2 * g * n, h], dim=-1)
+    xbc = causal_conv1d_fn(
+        xbc.transpose(1, 2), conv1d_weight, conv1d_bias, seq_idx=seq_idx, activation=activation
+    ).transpose(1, 2)
+    x, B, C = torch.split(xbc, [dim, g * n, g * n], dim=-1)
+    gate = z.reshape(b, length, h, p)
+    out, last = mamba_chunk_scan_combined(
+        x.reshape(b, length, h, p), dt.to(x.dtype), A, B.reshape(b, length, g, n),
+        C.reshape(b, length, g, n), chunk_size, D=D, z=None if rmsnorm_weight is not None
+        else gate, dt_bias=dt_bias, initial_states=initial_states, seq_idx=seq_idx,
+        dt_softplus=True, dt_limit=dt_limit, return_final_states=True,
+    )  # fmt: skip
+    out = out.reshape(b, length, dim)
+    if rmsnorm_weight is not None:
+        V.device_tensor("rmsnorm_weight", rmsnorm_weight)
+        V.shape("rmsnorm_weight", rmsnorm_weight, (dim,), "(dim,)")
+        eps = V.number_arg("rmsnorm_eps", rmsnorm_eps)
+        out = gated_rms_norm(out, z, rmsnorm_weight, eps, dim // g, bool(norm_before_gate))
+    if outproj_weight is not None:
+        V.device_tensor("outproj_weight", outproj_weight)
+        V.shape("outproj_weight", outproj_weight, (None, dim), "(out_dim, dim)")
+        out = F.linear(out.to(outproj_weight.dtype), outproj_weight, outproj_bias)
+    return (out, last) if return_final_states else out
