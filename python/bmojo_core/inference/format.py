@@ -227,9 +227,8 @@ def _read_v1(data: bytes) -> Saved:
         name = e.get("name")
         if not isinstance(name, str) or name in tensors:
             raise bad(f"invalid or repeated tensor name {name!r:.80}")
-        names = {"float32": "F32", "float64": "F64", "int64": "I64", "bool": "BOOL",
-                 "float16": "F16", "bfloat16": "BF16"}  # fmt: skip
-        tensors[name] = (names.get(e.get("dtype"), e.get("dtype")), e.get("shape"),
+        code = _V1_CODES.get(e.get("dtype"), e.get("dtype"))
+        tensors[name] = (code, e.get("shape"),
                          e.get("offset"), e.get("nbytes"))  # fmt: skip
     return Saved(header, tensors, body[_V1_PRE.size + hlen :], data, 1)
 
@@ -239,6 +238,8 @@ def _is_int(v: object) -> bool:
 
 
 _CODES = {v: k for k, v in _ST_DTYPES.items()}
+_V1_CODES = {dtype_name(dt): code for dt, code in _CODES.items()}
+"""Format 1 names dtypes as torch does ("float32"); both formats are checked by code."""
 
 
 def decode(

@@ -69,7 +69,7 @@ class Stream:
         self._plan: _decode.DecodePlan | None = None
         own = stream_pieces(model.vocab_size, model.dtype)
         layer_pieces = model.layer_state_pieces()
-        self.pieces: list[Piece] = _pieces(model)
+        self.pieces: list[Piece] = _pieces(own, layer_pieces)
         """The state's declaration, in the order it is saved."""
         self._native: NativeState | None = None
         with V.allocating("batch_size"):
@@ -263,7 +263,8 @@ class Stream:
         b = saved.header.get("batch_size")
         if isinstance(b, bool) or not isinstance(b, int) or b < 1:
             raise _format.bad(f"invalid batch_size {b!r:.40}")
-        state = _format.decode(saved, _header(model), _pieces(model), b)
+        pieces = _pieces(stream_pieces(model.vocab_size, model.dtype), model.layer_state_pieces())
+        state = _format.decode(saved, _header(model), pieces, b)
         _check_state(state, model, _format.bad)
         stream = cls(model, b)  # as many bytes as the data held: checked above
         with torch.no_grad():
@@ -281,11 +282,12 @@ def _header(model) -> dict:
     }
 
 
-def _pieces(model) -> list[Piece]:
-    """The declaration of ``model``'s stream state, in the order it is saved."""
-    return stream_pieces(model.vocab_size, model.dtype) + [
+def _pieces(own: list[Piece], layers: list[list[Piece]]) -> list[Piece]:
+    """A stream's declaration, in the order it is saved: its own pieces, then each block's
+    under ``layers.{i}.``."""
+    return own + [
         dataclasses.replace(p, name=layer_name(i, p.name))
-        for i, ps in enumerate(model.layer_state_pieces())
+        for i, ps in enumerate(layers)
         for p in ps
     ]
 

@@ -180,10 +180,13 @@ def enable() -> Report:
 
 def disable() -> None:
     """Puts back every function :func:`enable` replaced (harmless when nothing is)."""
-    for (modname, name), fn in list(_ORIGINALS.items()):
-        mod = importlib.import_module(modname)
-        setattr(mod, name, fn)
-        del _ORIGINALS[(modname, name)]
+    _restore(set(_ORIGINALS))
+
+
+def _restore(keys: set[tuple[str, str]]) -> None:
+    """Puts back the original functions of ``keys`` (module, hook) and forgets them."""
+    for modname, name in keys:
+        setattr(importlib.import_module(modname), name, _ORIGINALS.pop((modname, name)))
 
 
 def status() -> dict[str, list[str]]:
@@ -203,6 +206,4 @@ def use_bmojo_core() -> Iterator[Report]:
     try:
         yield report
     finally:
-        for key in set(_ORIGINALS) - before:
-            modname, name = key
-            setattr(importlib.import_module(modname), name, _ORIGINALS.pop(key))
+        _restore(set(_ORIGINALS) - before)

@@ -15,7 +15,6 @@ results do not depend on it.
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 import torch.nn.functional as F
@@ -79,8 +78,6 @@ def mamba_chunk_scan_combined(
         )
     V.device_tensor("C", C)
     V.shape("C", C, (b, length, g, n), "(batch, L, groups, N) like B")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral):
-        raise V.BmojoTypeError(f"chunk_size: expected an int >= 1, got {chunk_size!r}")
     V.int_arg("chunk_size", chunk_size, 1)
     if D is not None:
         V.device_tensor("D", D)
