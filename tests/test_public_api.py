@@ -19,7 +19,7 @@ PUBLIC = {
         "mamba_chunk_scan_combined", "mamba_split_conv1d_scan_combined", "realization",
         "reference", "selective_scan_fn",
         "selective_state_update", "set_num_threads", "set_simd_level", "simd_level",
-        "simd_levels", "stream",
+        "simd_levels", "ssd_state_update", "stream",
     },
     "bmojo_core.errors": {
         "BmojoCompileError", "BmojoCudaError", "BmojoError", "BmojoTypeError", "BmojoValueError",
@@ -36,7 +36,7 @@ PUBLIC = {
         "EideticStore", "bilinear_scan", "causal_conv1d_fn", "causal_conv1d_update",
         "companion_scan", "diag_scan", "eidetic_select", "gather_positions", "innovation_scores",
         "mamba_chunk_scan_combined", "mamba_split_conv1d_scan_combined", "reference",
-        "selective_scan_fn", "selective_state_update",
+        "selective_scan_fn", "selective_state_update", "ssd_state_update",
     },
     "bmojo_core.ops.reference": {
         "bilinear_scan", "causal_conv1d", "causal_conv1d_update", "companion_scan", "diag_scan",

@@ -39,6 +39,7 @@ from .ops import (
     reference,
     selective_scan_fn,
     selective_state_update,
+    ssd_state_update,
 )
 from .runtime import (
     cuda,
@@ -83,6 +84,7 @@ __all__ = [
     "reference",
     "selective_scan_fn",
     "selective_state_update",
+    "ssd_state_update",
     "set_num_threads",
     "set_simd_level",
     "simd_level",

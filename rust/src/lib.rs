@@ -1,6 +1,6 @@
 //! `bmojo_core._core`: the Python binding of the kernel crate and the CUDA shim.
 //!
-//! One submodule per Python op module: `_core.runtime`, `_core.scan`, `_core.step`,
+//! One submodule per Python op module: `_core.runtime`, `_core.scan`, `_core.ssd`, `_core.step`,
 //! `_core.conv`, `_core.companion`, `_core.bilinear`, `_core.eidetic`, `_core.decode`,
 //! `_core.cuda` (each also importable as `bmojo_core._core.<name>`). Functions take NumPy
 //! arrays (zero-copy views of torch CPU tensors made by the Python layer, which also
@@ -19,6 +19,7 @@ mod decode;
 mod eidetic;
 mod runtime;
 mod scan;
+mod ssd;
 mod step;
 
 use pyo3::prelude::*;
@@ -47,6 +48,7 @@ fn submodule(
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     submodule(m, "runtime", runtime::register)?;
     submodule(m, "scan", scan::register)?;
+    submodule(m, "ssd", ssd::register)?;
     submodule(m, "step", step::register)?;
     submodule(m, "conv", conv::register)?;
     submodule(m, "companion", companion::register)?;

@@ -125,13 +125,100 @@ def test_pieces_through_states_equal_whole():
     torch.testing.assert_close(s2, last, rtol=1e-12, atol=1e-12)
 
 
+def _outputs_and_grads(kw, **extra):
+    """Outputs, final state and the gradient of every float input of one call."""
+    leaves = {k: v.clone().requires_grad_() for k, v in kw.items()
+              if isinstance(v, torch.Tensor) and v.is_floating_point()}  # fmt: skip
+    out, last = call({**kw, **leaves}, return_final_states=True, **extra)
+    gen = torch.Generator().manual_seed(5)
+    w1 = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(out.dtype)
+    w2 = torch.randn(last.shape, generator=gen, dtype=torch.float64).to(last.dtype)
+    ((out * w1).sum() + (last * w2).sum()).backward()
+    return {"out": out.detach(), "last": last.detach(),
+            **{"d" + k: v.grad for k, v in leaves.items()}}  # fmt: skip
+
+
+def _reference_grads(kw, **extra):
+    leaves = {k: v.clone().requires_grad_() for k, v in kw.items()
+              if isinstance(v, torch.Tensor) and v.is_floating_point()}  # fmt: skip
+    out, last = ssd_scan(**{**kw, **leaves}, return_final_states=True, **extra)
+    gen = torch.Generator().manual_seed(5)
+    w1 = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(out.dtype)
+    w2 = torch.randn(last.shape, generator=gen, dtype=torch.float64).to(last.dtype)
+    ((out * w1).sum() + (last * w2).sum()).backward()
+    return {"out": out.detach(), "last": last.detach(),
+            **{"d" + k: v.grad for k, v in leaves.items()}}  # fmt: skip
+
+
+# Shapes that cross several backward checkpoints (CHECKPOINT_CHUNK steps), with a state
+# width that is not a multiple of any vector width and more head channels than lanes.
+LONG = [
+    dict(b=2, length=3 * bm.ops.ssd.CHECKPOINT_CHUNK + 5, h=4, p=19, g=2, n=37),
+    dict(b=1, length=2 * bm.ops.ssd.CHECKPOINT_CHUNK, h=3, p=8, g=1, n=16),
+]
+
+
+@pytest.mark.parametrize("shape", LONG, ids=str)
+@pytest.mark.parametrize("packed, d_hp, limit", [(False, False, False), (True, True, True)])
+def test_gradients_over_many_checkpoints_match_reference(shape, packed, d_hp, limit):
+    kw = inputs(*shape.values(), seed=shape["n"], d_hp=d_hp)
+    extra = {}
+    if packed:
+        length = shape["length"]
+        third = length // 3
+        cut = torch.tensor([0] * third + [1] * third + [3] * (length - 2 * third))
+        extra["seq_idx"] = cut[None].expand(shape["b"], length).contiguous()
+    if limit:
+        extra["dt_limit"] = (0.2, 1.1)
+    got = _outputs_and_grads(kw, **extra)
+    want = _reference_grads(kw, **extra)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-9, atol=1e-9, msg=k)
+
+
 def test_threads_bitwise(restore_runtime):
     kw = inputs(2, 70, 4, 8, 2, 16, dtype=torch.float32)
     bm.set_num_threads(1)
-    a = call(kw, return_final_states=True)
-    bm.set_num_threads(2)
-    b = call(kw, return_final_states=True)
-    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    a = _outputs_and_grads(kw)
+    for threads in (2, 3):
+        bm.set_num_threads(threads)
+        b = _outputs_and_grads(kw)
+        for k in a:
+            assert torch.equal(a[k], b[k]), (threads, k)
+
+
+def test_every_simd_level_vs_scalar(restore_runtime):
+    kw = inputs(2, 75, 3, 21, 1, 37, dtype=torch.float32, d_hp=True)
+    bm.set_simd_level("scalar")
+    want = _outputs_and_grads(kw)
+    ref = _reference_grads(inputs(2, 75, 3, 21, 1, 37, d_hp=True))
+    for level in bm.simd_levels():
+        bm.set_simd_level(level)
+        assert bm.simd_level() == level
+        got = _outputs_and_grads(kw)
+        for k in want:
+            scale = max(1.0, want[k].abs().max().item())
+            torch.testing.assert_close(got[k] / scale, want[k] / scale, rtol=1e-4, atol=1e-5,
+                                       msg=f"{level} {k}")  # fmt: skip
+            torch.testing.assert_close(got[k].double() / scale, ref[k] / scale, rtol=1e-4,
+                                       atol=1e-5, msg=f"{level} {k} vs fp64")  # fmt: skip
+
+
+@pytest.mark.parametrize("opts", [True, False])
+def test_opcheck(opts):
+    kw = inputs(2, 37, 2, 3, 1, 5, dtype=torch.float64, d_hp=opts, opts=opts)
+    z = lambda k: kw.get(k)  # noqa: E731
+    seq = torch.tensor([[0] * 20 + [1] * 17, [0] * 37])
+    args = (kw["x"], kw["dt"], kw["A"], kw["B"], kw["C"], z("D"), z("z"), z("dt_bias"),
+            z("initial_states"), seq if opts else None, opts, opts, 0.1, 2.0)  # fmt: skip
+    leaves = tuple(a.clone().requires_grad_() if isinstance(a, torch.Tensor) and
+                   a.is_floating_point() else a for a in args)  # fmt: skip
+    torch.library.opcheck(torch.ops.bmojo.ssd_fwd.default, args)
+    torch.library.opcheck(torch.ops.bmojo.ssd_fwd.default, leaves)
+    out, last, ck = torch.ops.bmojo.ssd_fwd(*args)
+    bwd = (*args[:5], z("D"), z("z"), z("dt_bias"), args[9], opts, opts, 0.1, 2.0, ck,
+           torch.randn_like(out), torch.randn_like(last))  # fmt: skip
+    torch.library.opcheck(torch.ops.bmojo.ssd_bwd.default, bwd)
 
 
 def test_torch_compile():

@@ -14,4 +14,5 @@ from . import decode as decode
 from . import eidetic as eidetic
 from . import runtime as runtime
 from . import scan as scan
+from . import ssd as ssd
 from . import step as step

@@ -343,8 +343,8 @@ def run_case(case: Case, *, with_reference: bool = True) -> Result:
         reference_label=case.reference_label if case.reference else "",
         params=dict(case.params),
     )
-    if case.group == "peer" and not case.params.get("available", True):
-        res.skipped = f"{case.reference_label}: not installed"
+    if not case.params.get("available", True):
+        res.skipped = f"{case.params.get('requires', case.reference_label)}: not installed"
         return res
     try:
         with kernel_threads(case.threads):

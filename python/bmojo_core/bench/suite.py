@@ -21,9 +21,11 @@ from .scan import (
     scan_cases,
 )
 from .scan import warm_up_reference as warm_up_scan_reference
+from .ssd import ssd_cases
 from .step import decode_cases
 from .step import warm_up_reference as warm_up_step_reference
 from .throughput import throughput_cases
+from .transformers import transformers_cases
 
 __all__ = ["GROUPS", "REGISTRY", "build_cases", "run_suite"]
 
@@ -37,6 +39,8 @@ REGISTRY: tuple[tuple[str, Callable[[bool], list[Case]]], ...] = (
     ("companion", companion_cases),
     ("conv", conv_cases),
     ("bilinear", bilinear_cases),
+    ("ssd", ssd_cases),
+    ("transformers", transformers_cases),
     ("peer", peer_cases),
 )
 

@@ -5,7 +5,8 @@ pure-torch oracles of every family are in :mod:`.reference`.
 
 * :mod:`.scan`: ``diag_scan``, ``selective_scan_fn`` (Mamba-1);
 * :mod:`.ssd`: ``mamba_chunk_scan_combined`` (Mamba-2's SSD),
-  ``mamba_split_conv1d_scan_combined`` (its fused block);
+  ``mamba_split_conv1d_scan_combined`` (its fused block), ``ssd_state_update`` (its
+  decoding step);
 * :mod:`.step`: ``selective_state_update`` (decode step);
 * :mod:`.conv`: ``causal_conv1d_fn``, ``causal_conv1d_update``;
 * :mod:`.companion`: ``companion_scan``;
@@ -21,7 +22,7 @@ from .companion import companion_scan
 from .conv import causal_conv1d_fn, causal_conv1d_update
 from .eidetic import EideticStore, eidetic_select, gather_positions, innovation_scores
 from .scan import diag_scan, selective_scan_fn
-from .ssd import mamba_chunk_scan_combined, mamba_split_conv1d_scan_combined
+from .ssd import mamba_chunk_scan_combined, mamba_split_conv1d_scan_combined, ssd_state_update
 from .step import selective_state_update
 
 __all__ = [
@@ -39,4 +40,5 @@ __all__ = [
     "reference",
     "selective_scan_fn",
     "selective_state_update",
+    "ssd_state_update",
 ]

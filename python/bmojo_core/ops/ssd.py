@@ -1,15 +1,12 @@
 """The multi-head SSD scan of Mamba-2 (design §2.4), a drop-in for mamba_ssm's
-``mamba_chunk_scan_combined``.
+``mamba_chunk_scan_combined``, and Mamba-2's fused block built on it.
 
-**Computation (interim).** An SSD head of width p is p channels of Mamba-1's selective
-scan that share one scalar decay: ``A`` repeated over the head's channels and state
-columns, ``dt`` over its channels, ``B``/``C`` grouped. This module maps the SSD onto the
-selective-scan kernel (:func:`~bmojo_core.ops.scan.selective_scan_fn`: Rust, SIMD levels
-chosen at run time, threads bitwise invariant, autograd, packed sequences), so every
-property of that op carries over; a dedicated SSD kernel, which computes each decay once
-per (token, head) instead of once per state element, is the next step and will not change
-this function's contract. ``chunk_size`` is accepted for compatibility and ignored:
-results do not depend on it.
+The scan is a torch custom op (``bmojo::ssd_fwd`` / ``bmojo::ssd_bwd``) over the Rust
+kernel ``rust/kernels/src/ssd.rs``: the direct recurrence with each head's (P, N) state
+in L1 and one decay per (token, head); backward from checkpoints every
+``CHECKPOINT_CHUNK`` steps; SIMD level chosen at run time; bitwise independent of the
+thread count. float16/bfloat16 inputs are computed in float32 and returned in their dtype.
+``chunk_size`` is accepted for compatibility and ignored: results do not depend on it.
 """
 
 from __future__ import annotations
@@ -21,10 +18,21 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _validate as V
+from ._native import core, view, view_opt
 from .conv import causal_conv1d_fn
-from .scan import selective_scan_fn
+from .scan import _eager_no_grad
 
-__all__ = ["gated_rms_norm", "mamba_chunk_scan_combined", "mamba_split_conv1d_scan_combined"]
+__all__ = [
+    "CHECKPOINT_CHUNK",
+    "gated_rms_norm",
+    "mamba_chunk_scan_combined",
+    "mamba_split_conv1d_scan_combined",
+    "ssd_bwd",
+    "ssd_fwd",
+    "ssd_state_update",
+]
+
+CHECKPOINT_CHUNK: int = core.ssd.CHECKPOINT_CHUNK
 
 
 def _softplus(x: Tensor) -> Tensor:
@@ -137,32 +145,178 @@ def _boundaries(cu: Tensor, b: int, length: int) -> list[int]:
     return s
 
 
-def _scan(x, dt, A, B, C, D, z, dt_bias, h0, seq_idx, softplus, limit):
-    """The SSD as a selective scan over h·p channels (see the module doc)."""
+# ----------------------------------------------------------------------------- the op
+
+
+def _n_chunks(length: int) -> int:
+    return (length + CHECKPOINT_CHUNK - 1) // CHECKPOINT_CHUNK
+
+
+def _limit_arg(limit: bool, lo: float, hi: float):
+    return (lo, hi) if limit else None
+
+
+@torch.library.custom_op("bmojo::ssd_fwd", mutates_args=(), device_types="cpu")
+def ssd_fwd(
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None,
+    z: Tensor | None,
+    dt_bias: Tensor | None,
+    initial_states: Tensor | None,
+    seq_idx: Tensor | None,
+    dt_softplus: bool,
+    limit: bool,
+    dt_min: float,
+    dt_max: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Normalised SSD scan: every float input contiguous in one dtype (float32/float64),
+    ``seq_idx`` int64; Δ clamped to ``[dt_min, dt_max]`` after the softplus if ``limit``.
+    Returns ``out (b, h, l, p)`` (head-major), ``last_state (b, h, p, n)`` and the
+    checkpoints ``(b, h, ceil(l / CHECKPOINT_CHUNK), p, n)`` that feed the backward."""
+    return _fwd_cpu(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, dt_softplus,
+                    _limit_arg(limit, dt_min, dt_max), True)  # fmt: skip
+
+
+def _fwd_cpu(x, dt, A, B, C, D, z, dt_bias, h0, seq_idx, softplus, limit, ckpt: bool):
     b, length, h, p = x.shape
     n = B.shape[3]
-    dim = h * p
-    u = x.permute(0, 2, 3, 1).reshape(b, dim, length)
-    lo, hi = limit
-    bias = None
-    if (lo, hi) != (0.0, math.inf):
-        # The clamp comes after the softplus: applied here, the kernel gets Δ itself.
-        d = dt if dt_bias is None else dt + dt_bias.to(dt.dtype)
-        d = (_softplus(d) if softplus else d).clamp(min=lo, max=hi)
-        softplus = False
-    else:
-        d = dt
-        bias = None if dt_bias is None else dt_bias.repeat_interleave(p)
-    delta = d.permute(0, 2, 1).repeat_interleave(p, dim=1)
-    a = A.repeat_interleave(p)[:, None].expand(dim, n)
-    dd = None if D is None else (D.repeat_interleave(p) if D.dim() == 1 else D.reshape(dim))
-    zz = None if z is None else z.permute(0, 2, 3, 1).reshape(b, dim, length)
-    init = None if h0 is None else h0.reshape(b, dim, n)
-    out, last = selective_scan_fn(
-        u, delta.to(u.dtype), a, B.permute(0, 2, 3, 1), C.permute(0, 2, 3, 1), dd, zz, bias,
-        bool(softplus), True, initial_state=init, seq_idx=seq_idx,
+    out = x.new_empty(b, h, length, p)
+    last = x.new_empty(b, h, p, n)
+    cks = x.new_empty(b, h, _n_chunks(length), p, n) if ckpt else x.new_empty(0)
+    core.ssd.ssd_fwd(
+        view(x), view(dt), view(A), view(B), view(C), view_opt(D), view_opt(z),
+        view_opt(dt_bias), view_opt(h0), view_opt(seq_idx), softplus, limit,
+        out.numpy(), last.numpy(), cks.numpy(),
     )  # fmt: skip
-    return out.reshape(b, h, p, length).permute(0, 3, 1, 2), last.reshape(b, h, p, n)
+    return out, last, cks
+
+
+@ssd_fwd.register_fake
+def _(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, dt_softplus, limit, dt_min,
+      dt_max):  # fmt: skip
+    b, length, h, p = x.shape
+    n = B.shape[3]
+    return (
+        x.new_empty(b, h, length, p),
+        x.new_empty(b, h, p, n),
+        x.new_empty(b, h, _n_chunks(length), p, n),
+    )
+
+
+@torch.library.custom_op("bmojo::ssd_bwd", mutates_args=(), device_types="cpu")
+def ssd_bwd(
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None,
+    z: Tensor | None,
+    dt_bias: Tensor | None,
+    seq_idx: Tensor | None,
+    dt_softplus: bool,
+    limit: bool,
+    dt_min: float,
+    dt_max: float,
+    checkpoints: Tensor,
+    dout: Tensor,
+    dlast_state: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients ``(dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinitial_states)`` from
+    ``dout (b, h, l, p)``; ``dx``/``dz`` are head-major ``(b, h, l, p)`` and ``ddt``
+    ``(b, h, l)``; those of absent optional inputs are empty. Deterministic."""
+    b, length, h, p = x.shape
+    n = B.shape[3]
+    dx = x.new_empty(b, h, length, p)
+    ddt = x.new_empty(b, h, length)
+    dA, dB, dC = torch.empty_like(A), torch.empty_like(B), torch.empty_like(C)
+    dh0 = x.new_empty(b, h, p, n)
+    dD = torch.empty_like(D) if D is not None else x.new_empty(0)
+    dz = x.new_empty(b, h, length, p) if z is not None else x.new_empty(0)
+    dbias = torch.empty_like(dt_bias) if dt_bias is not None else x.new_empty(0)
+    core.ssd.ssd_bwd(
+        view(x), view(dt), view(A), view(B), view(C), view_opt(D), view_opt(z),
+        view_opt(dt_bias), view_opt(seq_idx), dt_softplus, _limit_arg(limit, dt_min, dt_max),
+        view(checkpoints), view(dout), view_opt(dlast_state), dx.numpy(), ddt.numpy(),
+        dA.numpy(), dB.numpy(), dC.numpy(), None if D is None else dD.numpy(),
+        None if z is None else dz.numpy(), None if dt_bias is None else dbias.numpy(),
+        dh0.numpy(),
+    )  # fmt: skip
+    return dx, ddt, dA, dB, dC, dD, dz, dbias, dh0
+
+
+@ssd_bwd.register_fake
+def _(x, dt, A, B, C, D, z, dt_bias, seq_idx, dt_softplus, limit, dt_min, dt_max,
+      checkpoints, dout, dlast_state):  # fmt: skip
+    b, length, h, p = x.shape
+    n = B.shape[3]
+    return (
+        x.new_empty(b, h, length, p),
+        x.new_empty(b, h, length),
+        torch.empty_like(A),
+        torch.empty_like(B),
+        torch.empty_like(C),
+        x.new_empty(0) if D is None else torch.empty_like(D),
+        x.new_empty(0) if z is None else x.new_empty(b, h, length, p),
+        x.new_empty(0) if dt_bias is None else torch.empty_like(dt_bias),
+        x.new_empty(b, h, p, n),
+    )
+
+
+def _setup(ctx, inputs, output):
+    x, dt, A, B, C, D, z, dt_bias, h0, seq_idx, softplus, limit, lo, hi = inputs
+    ctx.flags = (softplus, limit, lo, hi)
+    ctx.present = (D is not None, z is not None, dt_bias is not None, h0 is not None)
+    ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, seq_idx, output[2])
+
+
+def _backward(ctx, dout, dlast, _dckpt):
+    x, dt, A, B, C, D, z, dt_bias, seq_idx, ckpt = ctx.saved_tensors
+    b, length, h, p = x.shape
+    if dout is None:
+        dout = x.new_zeros(b, h, length, p)
+    dx, ddt, dA, dB, dC, dD, dz, dbias, dh0 = torch.ops.bmojo.ssd_bwd(
+        x, dt, A, B, C, D, z, dt_bias, seq_idx, *ctx.flags, ckpt, dout.contiguous(),
+        None if dlast is None else dlast.contiguous(),
+    )  # fmt: skip
+    has_d, has_z, has_bias, has_h0 = ctx.present
+    return (
+        dx.transpose(1, 2), ddt.transpose(1, 2), dA, dB, dC,
+        dD if has_d else None,
+        dz.transpose(1, 2) if has_z else None,
+        dbias if has_bias else None,
+        dh0 if has_h0 else None,
+        None, None, None, None, None,
+    )  # fmt: skip
+
+
+ssd_fwd.register_autograd(_backward, setup_context=_setup)
+
+
+def _scan(x, dt, A, B, C, D, z, dt_bias, h0, seq_idx, softplus, limit):
+    """The SSD through the op (or straight to the kernel when nothing is differentiated):
+    ``out (b, l, h, p)`` in x's dtype and the final state in the compute dtype."""
+    named = {"x": x, "dt": dt, "A": A, "B": B, "C": C, "D": D, "z": z, "dt_bias": dt_bias,
+             "initial_states": h0}  # fmt: skip
+    V.same_device({**named, "seq_idx": seq_idx}, "x")
+    cdt = V.compute_dtype(named, "x")
+    c = V.as_compute
+    lo, hi = limit
+    has_limit = (lo, hi) != (0.0, math.inf)
+    sq = None if seq_idx is None else seq_idx.to(torch.int64).contiguous()
+    args = (c(x, cdt), c(dt, cdt), c(A, cdt), c(B, cdt), c(C, cdt), c(D, cdt), c(z, cdt),
+            c(dt_bias, cdt), c(h0, cdt), sq, bool(softplus))  # fmt: skip
+    if _eager_no_grad(named):
+        out, last, _ = _fwd_cpu(*args, (lo, hi) if has_limit else None, False)
+    else:
+        out, last, _ = torch.ops.bmojo.ssd_fwd(*args, has_limit, float(lo), float(hi))
+    # One copy into mamba_ssm's contiguous (b, l, h, p) layout, casting on the way.
+    b, length, h, p = x.shape
+    return x.new_empty(b, length, h, p).copy_(out.transpose(1, 2)), last
 
 
 def _varlen(x, dt, A, B, C, D, z, dt_bias, h0, seqs, softplus, limit, final):
@@ -288,3 +442,134 @@ def mamba_split_conv1d_scan_combined(
         V.shape("outproj_weight", outproj_weight, (None, dim), "(out_dim, dim)")
         out = F.linear(out.to(outproj_weight.dtype), outproj_weight, outproj_bias)
     return (out, last) if return_final_states else out
+
+
+# ----------------------------------------------------------------------------- decoding
+
+
+def ssd_state_update(
+    state: Tensor,
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    dt_bias: Tensor | None = None,
+    dt_softplus: bool = False,
+) -> Tensor:
+    """One Mamba-2 decoding step with one decay per head, updating ``state (batch, heads,
+    P, N)`` in place: ``x``, ``z`` ``(batch, heads, P)``; ``dt (batch, heads)``; ``A``,
+    ``dt_bias`` ``(heads,)``; ``B``, ``C`` ``(batch, groups, N)``; ``D (heads,)`` or
+    ``(heads, P)``. Returns ``out (batch, heads, P)``. Plain contiguous CPU tensors in the
+    state's dtype (float32/float64) go straight to the kernel; anything else is validated
+    and converted first. A failed call leaves ``state`` as it was.
+
+    :func:`~bmojo_core.ops.selective_state_update` takes this path by itself when it
+    receives Mamba-2's layout the way transformers passes it (``A`` expanded to
+    ``(heads, P, N)``, ``dt``/``D``/``dt_bias`` expanded over P, with zero strides)."""
+    out = _state_update_fast(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+    if out is not None:
+        return out
+    V.device_tensor("x", x)
+    V.shape("x", x, (None, None, None), "(batch, heads, head_dim)")
+    b, h, p = x.shape
+    V.device_tensor("B", B)
+    V.shape("B", B, (b, None, None), "(batch, groups, N)")
+    n = B.shape[2]
+    V.device_tensor("state", state)
+    V.shape("state", state, (b, h, p, n), "(batch, heads, head_dim, N) like x and B")
+    if state.is_cuda:
+        raise V.BmojoValueError("state: ssd_state_update runs on CPU tensors")
+    for name, t, shp, desc in (
+        ("dt", dt, (b, h), "(batch, heads)"),
+        ("A", A, (h,), "(heads,)"),
+        ("B", B, (b, None, n), "(batch, groups, N)"),
+        ("C", C, (b, None, n), "(batch, groups, N)"),
+        ("z", z, (b, h, p), "(batch, heads, head_dim) like x"),
+        ("dt_bias", dt_bias, (h,), "(heads,)"),
+    ):
+        if t is not None:
+            V.device_tensor(name, t)
+            V.shape(name, t, shp, desc)
+    if D is not None:
+        V.device_tensor("D", D)
+        if tuple(D.shape) not in ((h,), (h, p)):
+            raise V.BmojoValueError(f"D: expected shape ({h},) or ({h}, {p}), got {tuple(D.shape)}")
+    named = {"state": state, "x": x, "dt": dt, "A": A, "B": B, "C": C, "D": D, "z": z,
+             "dt_bias": dt_bias}  # fmt: skip
+    V.same_device(named, "state")
+    V.writable("state", state, {k: v for k, v in named.items() if k != "state"})
+    cdt = V.compute_dtype(named, "state")
+    if state.dtype != cdt:
+        raise V.BmojoTypeError(
+            "state: expected float32 or float64 (updated in place), got "
+            f"{V.dtype_name(state.dtype)}"
+        )
+    if not state.is_contiguous():
+        raise V.BmojoValueError("state: expected a contiguous tensor (it is updated in place)")
+    c = V.as_compute
+    out = core.ssd.ssd_state_update(
+        state.numpy(), *(view(c(t, cdt)) for t in (x, dt, A, B, C)),
+        *(view_opt(c(t, cdt)) for t in (D, z, dt_bias)), bool(dt_softplus),
+    )  # fmt: skip
+    return torch.from_numpy(out).to(x.dtype)
+
+
+def _state_update_fast(state, x, dt, A, B, C, D, z, dt_bias, softplus):
+    """The kernel on plain contiguous CPU tensors of the state's dtype (the decode hot
+    path: no validation in Python, the kernel checks every shape exactly); None when the
+    inputs need the validating path."""
+    if torch.compiler.is_compiling() or not _eager_no_grad(
+        {
+            "state": state,
+            "x": x,
+            "dt": dt,
+            "A": A,
+            "B": B,
+            "C": C,
+            "D": D,
+            "z": z,
+            "dt_bias": dt_bias,
+        }  # fmt: skip
+    ):
+        return None
+    try:
+        out = core.ssd.ssd_state_update(
+            state.numpy(), x.numpy(), dt.numpy(), A.numpy(), B.numpy(), C.numpy(),
+            None if D is None else D.numpy(), None if z is None else z.numpy(),
+            None if dt_bias is None else dt_bias.numpy(), bool(softplus),
+        )  # fmt: skip
+    except (TypeError, ValueError, RuntimeError, AttributeError):
+        return None
+    return torch.from_numpy(out)
+
+
+def tied_head_update(state, x, dt, A, B, C, D, z, dt_bias, softplus) -> Tensor | None:
+    """Mamba-2's decode layout as transformers passes it to ``selective_state_update``:
+    ``state (b, h, p, n)``, ``x`` ``(b, h, p)``, ``A (h, p, n)`` with zero strides over
+    (p, n), ``dt (b, h, p)`` and ``D``/``dt_bias`` ``(h, p)`` with zero strides over p: the
+    per-head step on views of one element per head (no copy). None when the layout is
+    anything else (then the general step runs)."""
+    if not (isinstance(state, Tensor) and isinstance(A, Tensor) and isinstance(dt, Tensor)):
+        return None
+    if state.dim() != 4 or A.dim() != 3 or A.stride(1) != 0 or A.stride(2) != 0:
+        return None
+    if dt.dim() != 3 or dt.stride(2) != 0 or not isinstance(B, Tensor) or B.dim() != 3:
+        return None
+
+    def per_head(t):
+        if t is None:
+            return None
+        if t.dim() != 2 or t.stride(1) != 0:
+            return t
+        return t[:, 0]
+
+    if dt_bias is not None and (dt_bias.dim() != 2 or dt_bias.stride(1) != 0):
+        return None
+    # The per-token inputs are small, often views into the projection: contiguous copies
+    # cost less than the kernel call (the state and A, the large ones, are never copied).
+    c = [None if t is None else t.contiguous() for t in (x, dt[:, :, 0], B, C, z)]
+    return _state_update_fast(state, c[0], c[1], A[:, 0, 0], c[2], c[3], per_head(D), c[4],
+                              per_head(dt_bias), softplus)  # fmt: skip

@@ -22,6 +22,7 @@ from .. import _validate as V
 from ..runtime import cuda as _cuda
 from ..runtime import launch as CU
 from ._native import core, inout, view, view_opt
+from .ssd import tied_head_update
 
 _K_STEP = _cuda.declare("step.cu", "selective_state_update")
 _STEP_NT = 128  # threads per block: one per channel
@@ -215,6 +216,12 @@ def selective_state_update(
         if out is not None:
             return out
     elif intermediate_states is None and not torch.compiler.is_compiling():
+        if state_batch_indices is None:
+            # Mamba-2's layout (one decay per head, expanded with zero strides): the
+            # per-head step on views, without materialising A over (P, N).
+            out = tied_head_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+            if out is not None:
+                return out
         # The decode path: plain contiguous CPU tensors already in the state's dtype, in
         # the (slots, dim, N) layout. The kernel checks every shape exactly and validates
         # everything before writing; on any mismatch (or a tensor NumPy cannot view) the

@@ -2,7 +2,8 @@
 //!
 //! * [`cpu`]: the machinery: SIMD vocabulary and vector math, run-time choice of
 //!   AVX-512 / AVX2+FMA / baseline (SSE2 or NEON) / scalar, the thread pool and teams;
-//! * [`diag`], [`selective`], [`step`]: the diagonal scans;
+//! * [`diag`], [`selective`], [`step`]: the diagonal scans; [`ssd`]: Mamba-2's multi-head
+//!   SSD scan;
 //! * [`companion`], [`conv`], [`bilinear`]: canonical, nilpotent and bilinear realizations;
 //! * [`eidetic`]: innovation scores and the bounded eidetic store;
 //! * [`decode`]: the fused streaming decode step of a B'MOJO language model;
@@ -20,6 +21,7 @@ pub mod eidetic;
 pub mod error;
 pub mod selective;
 mod slots;
+pub mod ssd;
 pub mod step;
 
 pub use cpu::{Level, SimdElem};
