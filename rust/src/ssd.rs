@@ -1,7 +1,7 @@
 //! `bmojo_core._core.ssd`: Mamba-2's multi-head SSD scan (design §2.4), forward and
 //! backward.
 
-use bmojo_kernels::ssd::{self, BwdOut, FwdOut, SsdArgs, StepArgs};
+use bmojo_kernels::ssd::{self, BwdOut, FwdOut, RowStrides, SsdArgs, StepArgs};
 use bmojo_kernels::SimdElem;
 use numpy::{Element, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::prelude::*;
@@ -26,11 +26,16 @@ struct Raw<'a, 'py> {
     seq_idx: Opt<'a, 'py>,
     softplus: bool,
     limit: Option<(f64, f64)>,
+    /// `(batch, len, heads, head_dim, groups, N)`.
+    dims: (usize, usize, usize, usize, usize, usize),
+    /// Row strides of `(x, dt, B, C, z)`.
+    rows: (usize, usize, usize, usize, usize),
 }
 
 /// Typed read-only views of the inputs.
 struct Inputs<'py, T: Element> {
     dims: [usize; 6],
+    rows: RowStrides,
     x: PyReadonlyArrayDyn<'py, T>,
     dt: PyReadonlyArrayDyn<'py, T>,
     a: PyReadonlyArrayDyn<'py, T>,
@@ -47,8 +52,6 @@ struct Inputs<'py, T: Element> {
 
 impl<'py> Raw<'_, 'py> {
     fn borrow<T: Element + SimdElem>(&self) -> Result<Inputs<'py, T>> {
-        let sx = shape(self.x, "x", 4)?;
-        let sb = shape(self.b, "B", 4)?;
         let limit = match self.limit {
             Some((lo, hi)) if !(0.0 <= lo && lo <= hi) => {
                 return Err(PyBmojoErr::value(format!(
@@ -59,7 +62,14 @@ impl<'py> Raw<'_, 'py> {
             None => None,
         };
         Ok(Inputs {
-            dims: [sx[0], sx[1], sx[2], sx[3], sb[2], sb[3]],
+            dims: [self.dims.0, self.dims.1, self.dims.2, self.dims.3, self.dims.4, self.dims.5],
+            rows: RowStrides {
+                x: self.rows.0,
+                dt: self.rows.1,
+                b: self.rows.2,
+                c: self.rows.3,
+                z: self.rows.4,
+            },
             x: ro(self.x, "x")?,
             dt: ro(self.dt, "dt")?,
             a: ro(self.a, "A")?,
@@ -113,17 +123,21 @@ impl<T: Element + Copy> Inputs<'_, T> {
             seq_idx: self.seq_idx.as_ref().map(slice),
             softplus: self.softplus,
             limit: self.limit,
+            rows: self.rows,
         }
     }
 }
 
-/// Forward: `x (batch, L, heads, P)`, `dt (batch, L, heads)`, `a (heads,)`, `b`/`c`
-/// `(batch, L, groups, N)`, `d (heads,)|(heads, P)`, `z` like x, `dt_bias (heads,)`,
+/// Forward, with `dims = (batch, L, heads, P, groups, N)` and the per-token inputs read
+/// as rows (one per (batch, time), `rows` their strides for `(x, dt, B, C, z)`, each
+/// array a flat span of exactly `(batch·L − 1)·stride + width` elements): `x (batch, L,
+/// heads, P)`, `dt (batch, L, heads)`, `a (heads,)`, `b`/`c` `(batch, L, groups, N)`, `d (heads,)|(heads, P)`, `z` like x, `dt_bias (heads,)`,
 /// `h0 (batch, heads, P, N)`, `seq_idx (batch, L)` int64, `limit` Δ's clamp (or None);
 /// writes `out (batch, heads, L, P)`, `last (batch, heads, P, N)` and `ckpt (batch,
 /// heads, ceil(L / CHECKPOINT_CHUNK), P, N)` (an empty array: no checkpoints).
 #[pyfunction]
-#[pyo3(signature = (x, dt, a, b, c, d, z, dt_bias, h0, seq_idx, softplus, limit, out, last, ckpt))]
+#[pyo3(signature = (x, dt, a, b, c, d, z, dt_bias, h0, seq_idx, softplus, limit, dims, rows, out, last,
+                    ckpt))]
 #[allow(clippy::too_many_arguments)]
 fn ssd_fwd(
     py: Python<'_>,
@@ -139,6 +153,8 @@ fn ssd_fwd(
     seq_idx: Option<Bound<'_, PyAny>>,
     softplus: bool,
     limit: Option<(f64, f64)>,
+    dims: (usize, usize, usize, usize, usize, usize),
+    rows: (usize, usize, usize, usize, usize),
     out: Bound<'_, PyAny>,
     last: Bound<'_, PyAny>,
     ckpt: Bound<'_, PyAny>,
@@ -186,6 +202,8 @@ fn ssd_fwd(
         seq_idx: &seq_idx,
         softplus,
         limit,
+        dims,
+        rows,
     };
     by_float!(is_f64(&x, "x")?, go(py, &raw, &out, &last, &ckpt))
 }
@@ -195,7 +213,7 @@ fn ssd_fwd(
 /// L)`, `da`, `ddt_bias` `(heads,)`, `db`, `dc` like B, `dd` like D, `dh0` like the state
 /// (`dd`, `dz`, `ddt_bias` exactly when D, z, dt_bias are given).
 #[pyfunction]
-#[pyo3(signature = (x, dt, a, b, c, d, z, dt_bias, seq_idx, softplus, limit, ckpt, dout, dlast,
+#[pyo3(signature = (x, dt, a, b, c, d, z, dt_bias, seq_idx, softplus, limit, dims, rows, ckpt, dout, dlast,
                     dx, ddt, da, db, dc, dd, dz, ddt_bias, dh0))]
 #[allow(clippy::too_many_arguments)]
 fn ssd_bwd(
@@ -211,6 +229,8 @@ fn ssd_bwd(
     seq_idx: Option<Bound<'_, PyAny>>,
     softplus: bool,
     limit: Option<(f64, f64)>,
+    dims: (usize, usize, usize, usize, usize, usize),
+    rows: (usize, usize, usize, usize, usize),
     ckpt: Bound<'_, PyAny>,
     dout: Bound<'_, PyAny>,
     dlast: Option<Bound<'_, PyAny>>,
@@ -303,6 +323,8 @@ fn ssd_bwd(
         seq_idx: &seq_idx,
         softplus,
         limit,
+        dims,
+        rows,
     };
     let grads = [&dx, &ddt, &da, &db, &dc, &dh0];
     let opt_grads = [&dd, &dz, &ddt_bias];

@@ -407,6 +407,21 @@ def _bmojo_op_names() -> list[str]:
 
 def _exercise_public_api():
     """Calls of every public entry point (forward and backward) with a range of options."""
+    gen = torch.Generator().manual_seed(2)
+    for opts in (True, False):
+        b, L, h, p, g, n = 2, 70, 2, 3, 1, 5
+
+        def r(*shape):
+            return torch.randn(*shape, generator=gen, dtype=torch.float64).requires_grad_()
+
+        x, dt, B, C = r(b, L, h, p), r(b, L, h), r(b, L, g, n), r(b, L, g, n)
+        A = (-torch.rand(h, generator=gen, dtype=torch.float64)).requires_grad_()
+        extra = dict(D=r(h, p), z=r(b, L, h, p), dt_bias=r(h), initial_states=r(b, h, p, n),
+                     seq_idx=torch.tensor([[0] * 40 + [1] * 30] * 2), dt_softplus=True,
+                     dt_limit=(0.1, 2.0)) if opts else {}  # fmt: skip
+        out, last = bm.mamba_chunk_scan_combined(x, dt, A, B, C, 16, **extra,
+                                                 return_final_states=True)  # fmt: skip
+        (out.sum() + last.sum()).backward()
     for bc, opts in (("var", True), ("const", False), ("group", True), ("const/var", False)):
         kw = make_scan_inputs(
             2,

@@ -375,3 +375,32 @@ def test_split_block_bad_input():
     ):  # fmt: skip
         with pytest.raises(bm.BmojoError, match=name):
             split_call({**kw, **edit}, norm_before_gate=True)
+
+
+def test_column_slices_of_one_projection_read_in_place_equal_contiguous():
+    """Mamba-2 blocks pass x, B, C, dt (and z) as column slices of one projection: the
+    kernel reads their rows in place; results and gradients equal those of contiguous
+    copies bitwise (the same computation)."""
+    b, length, h, p, g, n = 2, 70, 3, 4, 1, 9
+    gen = torch.Generator().manual_seed(11)
+    sizes = [h * p, h * p, g * n, g * n, h]
+    proj = torch.randn(b, length, sum(sizes), generator=gen, dtype=torch.float64)
+    A = -torch.rand(h, generator=gen, dtype=torch.float64) - 0.2
+
+    def run(contiguous):
+        leaf = proj.clone().requires_grad_()
+        z, x, B, C, dt = torch.split(leaf, sizes, dim=-1)
+        parts = [x.reshape(b, length, h, p), dt, B.reshape(b, length, g, n),
+                 C.reshape(b, length, g, n), z.reshape(b, length, h, p)]  # fmt: skip
+        if contiguous:
+            parts = [t.contiguous() for t in parts]
+        else:
+            assert not parts[0].is_contiguous() and not parts[2].is_contiguous()
+        x, dt, B, C, z = parts
+        out, last = bm.mamba_chunk_scan_combined(x, dt, A, B, C, 8, z=z, dt_softplus=True,
+                                                 return_final_states=True)  # fmt: skip
+        (out.sum() + last.square().sum()).backward()
+        return out, last, leaf.grad
+
+    for a, c in zip(run(False), run(True), strict=True):
+        assert torch.equal(a, c)

@@ -479,6 +479,21 @@ def _sel_backward(ctx, dout, dlast, _dckpt):
 selective_scan_fwd.register_autograd(_sel_backward, setup_context=_sel_setup)
 
 
+def _one_step(u, delta, A, B, C, D, z, delta_bias, h0, softplus, cdt):
+    """A length-1 scan as one step of the decode kernel (CPU, no gradient)."""
+    c = V.as_compute
+    batch, dim, _ = u.shape
+    n = A.shape[1]
+    last = c(h0, cdt).clone() if h0 is not None else u.new_zeros(batch, dim, n, dtype=cdt)
+    col = (lambda t: None if t is None else c(t[..., 0], cdt))  # noqa: E731
+    out = core.step.selective_state_update(
+        last.numpy(), view(col(u)), view(col(delta)), view(c(A, cdt)), view(col(B)),
+        view(col(C)), view_opt(c(D, cdt)), view_opt(col(z)), view_opt(c(delta_bias, cdt)),
+        softplus, None, None, None,
+    )  # fmt: skip
+    return torch.from_numpy(out)[..., None], last
+
+
 def _check_bc(name: str, t: Tensor, batch: int, dim: int, n: int, length: int) -> Tensor:
     """B/C: (dim, N) constant, (batch, N, L) variable or (batch, G, N, L) grouped;
     returns the kernel layout ((dim, N) or (batch, G, N, L))."""
@@ -581,6 +596,13 @@ def selective_scan_fn(
         # Nothing to differentiate, plain CPU tensors: the kernel directly. The dispatcher
         # and the autograd wrapper cost more than a short scan (~150 µs at L = 1).
         sq = None if seq_idx is None else seq_idx.to(torch.int64).contiguous()
+        if length == 1 and Bk.dim() == 4 and Ck.dim() == 4 and Bk.shape[1] == Ck.shape[1]:
+            # One position is one decoding step from the initial state: the step kernel
+            # has none of the scan's per-block set-up (chunk buffers, transposes).
+            out, last = _one_step(u, delta, A, Bk, Ck, D, z, delta_bias, initial_state,
+                                  bool(delta_softplus), cdt)  # fmt: skip
+            out = out.to(u.dtype)
+            return (out, last) if return_last_state else out
         out, last, _ = _sel_fwd_cpu(
             c(u, cdt), c(delta, cdt), c(A, cdt), c(Bk, cdt), c(Ck, cdt), c(D, cdt), c(z, cdt),
             c(delta_bias, cdt), c(initial_state, cdt), sq, bool(delta_softplus),

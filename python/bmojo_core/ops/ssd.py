@@ -173,12 +173,48 @@ def ssd_fwd(
     dt_min: float,
     dt_max: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Normalised SSD scan: every float input contiguous in one dtype (float32/float64),
-    ``seq_idx`` int64; Δ clamped to ``[dt_min, dt_max]`` after the softplus if ``limit``.
+    """Normalised SSD scan: every float input in one dtype (float32/float64), ``A``,
+    ``D``, ``dt_bias``, ``initial_states`` contiguous (``x``, ``dt``, ``B``, ``C``, ``z``
+    may be column slices: their rows are read in place), ``seq_idx`` int64; Δ clamped to ``[dt_min, dt_max]`` after the softplus if ``limit``.
     Returns ``out (b, h, l, p)`` (head-major), ``last_state (b, h, p, n)`` and the
     checkpoints ``(b, h, ceil(l / CHECKPOINT_CHUNK), p, n)`` that feed the backward."""
     return _fwd_cpu(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, dt_softplus,
                     _limit_arg(limit, dt_min, dt_max), True)  # fmt: skip
+
+
+def _rows(t: Tensor | None, width: int):
+    """``t (b, l, ...)`` as the kernel reads it: a flat NumPy span of its (b, l) rows and
+    their stride, in place when each row's ``width`` trailing elements are contiguous
+    and the rows evenly spaced (column slices of one projection, as Mamba-2 blocks pass
+    them), else a contiguous copy."""
+    if t is None:
+        return None, width
+    b, length = t.shape[:2]
+    rows = b * length
+    inner = t.shape[2:]
+    step = 1
+    ok = rows > 0
+    for size, stride in zip(reversed(inner), reversed(t.stride()[2:]), strict=True):
+        ok = ok and (size == 1 or stride == step)
+        step *= size
+    if ok:
+        rs = t.stride(1) if length > 1 else (t.stride(0) if b > 1 else width)
+        ok = rs >= width and (b == 1 or t.stride(0) == length * rs)
+    if not ok:
+        return view(t), width
+    flat = t.detach().as_strided(((rows - 1) * rs + width,), (1,))
+    return flat.numpy(), rs
+
+
+def _dims_rows(x, dt, B, C, z):
+    """The kernels' dims ``(b, l, h, p, g, n)``, the row views of the per-token inputs and
+    their strides."""
+    b, length, h, p = x.shape
+    g, n = B.shape[2], B.shape[3]
+    (xv, xs), (dv, ds), (bv, bs), (cv, cs), (zv, zs) = (
+        _rows(x, h * p), _rows(dt, h), _rows(B, g * n), _rows(C, g * n), _rows(z, h * p)
+    )  # fmt: skip
+    return (b, length, h, p, g, n), (xv, dv, bv, cv, zv), (xs, ds, bs, cs, zs)
 
 
 def _fwd_cpu(x, dt, A, B, C, D, z, dt_bias, h0, seq_idx, softplus, limit, ckpt: bool):
@@ -187,10 +223,10 @@ def _fwd_cpu(x, dt, A, B, C, D, z, dt_bias, h0, seq_idx, softplus, limit, ckpt: 
     out = x.new_empty(b, h, length, p)
     last = x.new_empty(b, h, p, n)
     cks = x.new_empty(b, h, _n_chunks(length), p, n) if ckpt else x.new_empty(0)
+    dims, (xv, dv, bv, cv, zv), rows = _dims_rows(x, dt, B, C, z)
     core.ssd.ssd_fwd(
-        view(x), view(dt), view(A), view(B), view(C), view_opt(D), view_opt(z),
-        view_opt(dt_bias), view_opt(h0), view_opt(seq_idx), softplus, limit,
-        out.numpy(), last.numpy(), cks.numpy(),
+        xv, dv, view(A), bv, cv, view_opt(D), zv, view_opt(dt_bias), view_opt(h0),
+        view_opt(seq_idx), softplus, limit, dims, rows, out.numpy(), last.numpy(), cks.numpy(),
     )  # fmt: skip
     return out, last, cks
 
@@ -233,15 +269,15 @@ def ssd_bwd(
     n = B.shape[3]
     dx = x.new_empty(b, h, length, p)
     ddt = x.new_empty(b, h, length)
-    dA, dB, dC = torch.empty_like(A), torch.empty_like(B), torch.empty_like(C)
+    dA, dB, dC = torch.empty_like(A), B.new_empty(B.shape), C.new_empty(C.shape)
     dh0 = x.new_empty(b, h, p, n)
     dD = torch.empty_like(D) if D is not None else x.new_empty(0)
     dz = x.new_empty(b, h, length, p) if z is not None else x.new_empty(0)
     dbias = torch.empty_like(dt_bias) if dt_bias is not None else x.new_empty(0)
+    dims, (xv, dv, bv, cv, zv), rows = _dims_rows(x, dt, B, C, z)
     core.ssd.ssd_bwd(
-        view(x), view(dt), view(A), view(B), view(C), view_opt(D), view_opt(z),
-        view_opt(dt_bias), view_opt(seq_idx), dt_softplus, _limit_arg(limit, dt_min, dt_max),
-        view(checkpoints), view(dout), view_opt(dlast_state), dx.numpy(), ddt.numpy(),
+        xv, dv, view(A), bv, cv, view_opt(D), zv, view_opt(dt_bias), view_opt(seq_idx),
+        dt_softplus, _limit_arg(limit, dt_min, dt_max), dims, rows, view(checkpoints), view(dout), view_opt(dlast_state), dx.numpy(), ddt.numpy(),
         dA.numpy(), dB.numpy(), dC.numpy(), None if D is None else dD.numpy(),
         None if z is None else dz.numpy(), None if dt_bias is None else dbias.numpy(),
         dh0.numpy(),
@@ -258,8 +294,8 @@ def _(x, dt, A, B, C, D, z, dt_bias, seq_idx, dt_softplus, limit, dt_min, dt_max
         x.new_empty(b, h, length, p),
         x.new_empty(b, h, length),
         torch.empty_like(A),
-        torch.empty_like(B),
-        torch.empty_like(C),
+        B.new_empty(B.shape),
+        C.new_empty(C.shape),
         x.new_empty(0) if D is None else torch.empty_like(D),
         x.new_empty(0) if z is None else x.new_empty(b, h, length, p),
         x.new_empty(0) if dt_bias is None else torch.empty_like(dt_bias),
@@ -308,7 +344,10 @@ def _scan(x, dt, A, B, C, D, z, dt_bias, h0, seq_idx, softplus, limit):
     lo, hi = limit
     has_limit = (lo, hi) != (0.0, math.inf)
     sq = None if seq_idx is None else seq_idx.to(torch.int64).contiguous()
-    args = (c(x, cdt), c(dt, cdt), c(A, cdt), c(B, cdt), c(C, cdt), c(D, cdt), c(z, cdt),
+    def rows(t):  # per-token inputs keep their strides (the kernel reads rows in place)
+        return None if t is None else t.to(cdt)
+
+    args = (rows(x), rows(dt), c(A, cdt), rows(B), rows(C), c(D, cdt), rows(z),
             c(dt_bias, cdt), c(h0, cdt), sq, bool(softplus))  # fmt: skip
     if _eager_no_grad(named):
         out, last, _ = _fwd_cpu(*args, (lo, hi) if has_limit else None, False)

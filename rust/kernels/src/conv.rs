@@ -177,6 +177,26 @@ fn pre_row<V: Vector, const KC: usize>(r: &Row<'_, V::E>, wv: &[V], out: &mut [V
             }
             acc.store(&mut out[t..t + w]);
             t += w;
+        } else if t >= km && t + w > l && r.st.is_none() && km + w <= 64 {
+            // The row's last positions: one vector block over a zero-padded window.
+            if let Some(t0) = run.take() {
+                if act {
+                    silu_inplace::<V>(&mut out[t0..t]);
+                }
+            }
+            let mut win = [V::E::ZERO; 64];
+            win[..l - t + km].copy_from_slice(&r.x[t - km..l]);
+            let mut acc = bias;
+            for (k, wk) in wv.iter().enumerate() {
+                acc = wk.fma(V::load(&win[k..]), acc);
+            }
+            if act {
+                acc = acc.mul(sigmoid(acc));
+            }
+            let mut lane = [V::E::ZERO; 16];
+            acc.store(&mut lane);
+            out[t..l].copy_from_slice(&lane[..l - t]);
+            t = l;
         } else {
             run.get_or_insert(t);
             out[t] = r.pre_at(t);
@@ -328,6 +348,24 @@ impl<T: SimdElem> Kernel<T> for FwdTask<'_, '_, T> {
             mut fin,
         } = self;
         let (l, km) = (s.len, s.width - 1);
+        if l < km + V::W {
+            // No row is long enough for a vector block: every position is computed one at
+            // a time, and the SiLU runs once over the whole task (the same vector
+            // arithmetic per element as the fused blocks) instead of once per short row.
+            for i in 0..rows {
+                let r = row(s, st, r0 + i);
+                for (t, o) in out[i * l..(i + 1) * l].iter_mut().enumerate() {
+                    *o = r.pre_at(t);
+                }
+                if let Some(f) = fin.as_deref_mut() {
+                    final_row(r.x, r.init, &mut f[i * km..(i + 1) * km]);
+                }
+            }
+            if s.silu {
+                silu_inplace::<V>(out);
+            }
+            return;
+        }
         let mut wv = Vec::with_capacity(s.width);
         for i in 0..rows {
             let r = row(s, st, r0 + i);

@@ -55,6 +55,46 @@ pub struct SsdArgs<'a, T> {
     pub softplus: bool,
     /// Δ clamped to `[lo, hi]` after the softplus (mamba_ssm's `dt_limit`), when given.
     pub limit: Option<(T, T)>,
+    /// Distances between consecutive (batch, time) rows of the per-token inputs.
+    pub rows: RowStrides,
+}
+
+/// Row strides (in elements) of the per-token inputs: row `(b, t)` of `x` starts at
+/// `(b·len + t)·x`. Mamba-2 blocks pass `x`, `B`, `C`, `dt` as column slices of one
+/// projection, so reading them in place saves a copy of each; the natural strides are
+/// those of contiguous arrays.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RowStrides {
+    pub x: usize,
+    pub dt: usize,
+    pub b: usize,
+    pub c: usize,
+    pub z: usize,
+}
+
+impl RowStrides {
+    /// The strides of contiguous inputs.
+    pub fn natural(heads: usize, hdim: usize, groups: usize, dstate: usize) -> Self {
+        RowStrides {
+            x: heads * hdim,
+            dt: heads,
+            b: groups * dstate,
+            c: groups * dstate,
+            z: heads * hdim,
+        }
+    }
+}
+
+/// Elements a strided input of `rows` rows of `width` spans (`usize::MAX`, which no
+/// slice matches, if that overflows).
+fn span(rows: usize, stride: usize, width: usize) -> usize {
+    if rows == 0 {
+        return 0;
+    }
+    (rows - 1)
+        .checked_mul(stride)
+        .and_then(|x| x.checked_add(width))
+        .unwrap_or(usize::MAX)
 }
 
 pub fn n_chunks(len: usize) -> usize {
@@ -97,17 +137,39 @@ impl<T: Elem> SsdArgs<'_, T> {
                 return Err(Error::expected("dt_limit", "low <= high"));
             }
         }
+        // Every size the kernels multiply out must fit: the largest is a state per
+        // (batch, head) and per time step (the checkpoints) or an output of (b, h, l, p).
+        let fits = [bt, l, h, p, n]
+            .iter()
+            .try_fold(1usize, |acc, &x| acc.checked_mul(x.max(1)))
+            .is_some_and(|x| x.checked_mul(g.max(1) * 8).is_some());
+        if !fits {
+            return Err(Error::expected("x", "sizes whose product fits in memory"));
+        }
+        let (rs, rows) = (self.rows, bt * l);
+        for (name, stride, width) in [
+            ("x", rs.x, h * p),
+            ("dt", rs.dt, h),
+            ("B", rs.b, g * n),
+            ("C", rs.c, g * n),
+            ("z", rs.z, h * p),
+        ] {
+            if stride < width {
+                return Err(Error::value(
+                    name,
+                    format!("a row stride >= {width}"),
+                    stride,
+                ));
+            }
+        }
+        let z_span = span(rows, rs.z, h * p);
         check_lens(&[
-            ("x", self.x.len(), bt * l * h * p),
-            ("dt", self.dt.len(), bt * l * h),
+            ("x", self.x.len(), span(rows, rs.x, h * p)),
+            ("dt", self.dt.len(), span(rows, rs.dt, h)),
             ("A", self.a.len(), h),
-            ("B", self.b.len(), bt * l * g * n),
-            ("C", self.c.len(), bt * l * g * n),
-            (
-                "z",
-                self.z.map_or(bt * l * h * p, <[T]>::len),
-                bt * l * h * p,
-            ),
+            ("B", self.b.len(), span(rows, rs.b, g * n)),
+            ("C", self.c.len(), span(rows, rs.c, g * n)),
+            ("z", self.z.map_or(z_span, <[T]>::len), z_span),
             ("dt_bias", self.dt_bias.map_or(h, <[T]>::len), h),
             (
                 "initial_states",
@@ -141,17 +203,24 @@ impl<T: Elem> SsdArgs<'_, T> {
         }
     }
 
-    /// Offset of `x[b, t, h, 0]` (also of `z` and of the input gradient's rows).
+    /// Offset of `x[b, t, h, 0]` (and of that row of the input gradient).
     #[inline(always)]
     fn xrow(&self, b: usize, t: usize, h: usize) -> usize {
-        ((b * self.len + t) * self.heads + h) * self.hdim
+        (b * self.len + t) * self.rows.x + h * self.hdim
     }
 
-    /// Offset of `B[b, t, group(h), 0]`.
+    /// Offset of `z[b, t, h, 0]`.
     #[inline(always)]
-    fn bcrow(&self, b: usize, t: usize, h: usize) -> usize {
-        let grp = h / (self.heads / self.groups);
-        ((b * self.len + t) * self.groups + grp) * self.dstate
+    fn zrow(&self, b: usize, t: usize, h: usize) -> usize {
+        (b * self.len + t) * self.rows.z + h * self.hdim
+    }
+
+    /// Offsets of `B[b, t, group(h), 0]` and `C[b, t, group(h), 0]`.
+    #[inline(always)]
+    fn bcrow(&self, b: usize, t: usize, h: usize) -> (usize, usize) {
+        let grp = h / (self.heads / self.groups) * self.dstate;
+        let r = b * self.len + t;
+        (r * self.rows.b + grp, r * self.rows.c + grp)
     }
 }
 
@@ -181,7 +250,7 @@ struct Steps<T> {
 
 #[inline(always)]
 fn steps<T: SimdElem>(s: &SsdArgs<'_, T>, t: Task, grad: bool) -> Steps<T> {
-    let (l, h) = (s.len, s.heads);
+    let l = s.len;
     let a = s.a[t.h];
     let bias = s.dt_bias.map_or(T::ZERO, |x| x[t.h]);
     let mut st = Steps {
@@ -190,7 +259,7 @@ fn steps<T: SimdElem>(s: &SsdArgs<'_, T>, t: Task, grad: bool) -> Steps<T> {
         gate: Vec::with_capacity(if grad { l } else { 0 }),
     };
     for k in 0..l {
-        let pre = s.dt[(t.b * l + k) * h + t.h] + bias;
+        let pre = s.dt[(t.b * l + k) * s.rows.dt + t.h] + bias;
         let mut d = if s.softplus {
             scalar(pre, softplus)
         } else {
@@ -315,9 +384,9 @@ impl<T: SimdElem> Kernel<T> for Fwd<'_, '_, T> {
             if s.reset(t.b, k) {
                 state.fill(V::zero());
             }
-            let bc = s.bcrow(t.b, k, t.h);
-            load_row(&s.b[bc..], n, &mut bv, &mut tmp);
-            load_row(&s.c[bc..], n, &mut cv, &mut tmp);
+            let (bo, co) = s.bcrow(t.b, k, t.h);
+            load_row(&s.b[bo..], n, &mut bv, &mut tmp);
+            load_row(&s.c[co..], n, &mut cv, &mut tmp);
             let (delta, av) = (st.delta[k], V::splat(st.decay[k]));
             let xs = &s.x[s.xrow(t.b, k, t.h)..][..p];
             for (r, &xr) in xs.iter().enumerate() {
@@ -337,7 +406,7 @@ impl<T: SimdElem> Kernel<T> for Fwd<'_, '_, T> {
                 let xr = xs[r];
                 let mut v = y + s.d_at(t.h, r) * xr;
                 if let Some(z) = s.z {
-                    v = v * silu(z[s.xrow(t.b, k, t.h) + r]).0;
+                    v = v * silu(z[s.zrow(t.b, k, t.h) + r]).0;
                 }
                 *o = v;
             }
@@ -549,8 +618,8 @@ impl<T: SimdElem> Kernel<T> for Bwd<'_, '_, T> {
                         let tt = t0 + j;
                         let (prev, cur) = sbuf[j * ps..(j + 2) * ps].split_at_mut(ps);
                         let keep = !s.reset(blk.b, tt);
-                        let bc = s.bcrow(blk.b, tt, hh);
-                        load_row(&s.b[bc..], n, &mut bv, &mut tmp);
+                        let (bo, _) = s.bcrow(blk.b, tt, hh);
+                        load_row(&s.b[bo..], n, &mut bv, &mut tmp);
                         let (delta, av) = (st.delta[tt], V::splat(st.decay[tt]));
                         let xs = &s.x[s.xrow(blk.b, tt, hh) + r0..][..nr];
                         for (r, &xr) in xs.iter().enumerate() {
@@ -572,12 +641,13 @@ impl<T: SimdElem> Kernel<T> for Bwd<'_, '_, T> {
                         let tt = t0 + j;
                         let (prev, cur) = sbuf[j * ps..(j + 2) * ps].split_at(ps);
                         let keep = !s.reset(blk.b, tt);
-                        let bc = s.bcrow(blk.b, tt, hh);
-                        load_row(&s.b[bc..], n, &mut bv, &mut tmp);
-                        load_row(&s.c[bc..], n, &mut cv, &mut tmp);
+                        let (bo, co) = s.bcrow(blk.b, tt, hh);
+                        load_row(&s.b[bo..], n, &mut bv, &mut tmp);
+                        load_row(&s.c[co..], n, &mut cv, &mut tmp);
                         let (delta, decay) = (st.delta[tt], st.decay[tt]);
                         let av = V::splat(decay);
                         let xo = s.xrow(blk.b, tt, hh) + r0;
+                        let zo = s.zrow(blk.b, tt, hh) + r0;
                         let xs = &s.x[xo..][..nr];
                         let go = &dout[tt * p + r0..][..nr];
                         // The gate: dy = dout·silu(z), dz = dout·y·silu'(z), y recomputed.
@@ -591,7 +661,7 @@ impl<T: SimdElem> Kernel<T> for Bwd<'_, '_, T> {
                             }
                             sum_vectors(&acc[..nr], &mut sums[..nr]);
                             for r in 0..nr {
-                                let zr = z[xo + r];
+                                let zr = z[zo + r];
                                 let (sl, sg) = silu(zr);
                                 let y = sums[r] + s.d_at(hh, r0 + r) * xs[r];
                                 // silu'(z) = σ(z)(1 + z(1 − σ(z)))
@@ -868,6 +938,7 @@ impl<T: SimdElem> StepArgs<'_, T> {
             seq_idx: None,
             softplus: self.softplus,
             limit: None,
+            rows: RowStrides::natural(self.heads, self.hdim, self.groups, self.dstate),
         }
     }
 }
@@ -896,9 +967,9 @@ impl<T: SimdElem> Kernel<T> for StepTask<'_, '_, T> {
             vec![V::zero(); nv],
             vec![V::zero(); nv],
         );
-        let bc = s.bcrow(t.b, 0, t.h);
-        load_row(&s.b[bc..], n, &mut bv, &mut tmp);
-        load_row(&s.c[bc..], n, &mut cv, &mut tmp);
+        let (bo, co) = s.bcrow(t.b, 0, t.h);
+        load_row(&s.b[bo..], n, &mut bv, &mut tmp);
+        load_row(&s.c[co..], n, &mut cv, &mut tmp);
         let xo = s.xrow(t.b, 0, t.h);
         let mut acc = vec![V::zero(); p];
         let mut ys = vec![T::ZERO; p];
@@ -919,7 +990,7 @@ impl<T: SimdElem> Kernel<T> for StepTask<'_, '_, T> {
         for (r, (o, &y)) in out.iter_mut().zip(&ys).enumerate() {
             let mut v = y + s.d_at(t.h, r) * s.x[xo + r];
             if let Some(z) = s.z {
-                v = v * silu(z[xo + r]).0;
+                v = v * silu(z[s.zrow(t.b, 0, t.h) + r]).0;
             }
             *o = v;
         }
