@@ -1,4 +1,4 @@
-"""The CUDA kernels of the conv, companion, bilinear and eidetic ops, run without a GPU.
+"""The CUDA kernels of the conv, companion, bilinear, eidetic and SSD ops, run without a GPU.
 
 The shared harness (``tests/cuda_emu/harness.py``, also used by test_cuda_emulated.py)
 compiles ``cuda/*.cu`` as host C++ behind an emulation prelude and replaces
@@ -18,8 +18,8 @@ import bmojo_core
 import pytest
 import torch
 from bmojo_core import cuda as _cuda
-from bmojo_core.errors import BmojoValueError
-from bmojo_core.ops import bilinear, companion, conv, eidetic
+from bmojo_core.errors import BmojoTypeError, BmojoValueError
+from bmojo_core.ops import bilinear, companion, conv, eidetic, ssd
 from conftest import needs, stable_seed
 from cuda_emu import harness as H
 
@@ -393,3 +393,127 @@ def test_every_declared_kernel_has_its_entry_points(emu):
 
 def test_simd_levels_known():
     assert "scalar" in bmojo_core.simd_levels()
+
+
+# ------------------------------------------------------------------------------------- ssd
+
+
+def _ssd_seq(b, length, cuts):
+    """seq_idx (b, L) changing at the positions `cuts` (row r shifted by r)."""
+    seq = torch.zeros(b, length, dtype=torch.int64)
+    for r in range(b):
+        for c in cuts:
+            if 0 < c + r < length:
+                seq[r, c + r :] += 1
+    return seq
+
+
+def _ssd_args(g, b, length, h, p, grp, n, dtype, *, opts, d_hp=False, cuts=None):
+    def r(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+
+    x, dt = r(b, length, h, p), r(b, length, h, scale=0.5)
+    A = (-torch.rand(h, generator=g, dtype=torch.float64) - 0.2).to(dtype)
+    B, C = r(b, length, grp, n), r(b, length, grp, n)
+    D = (r(h, p) if d_hp else r(h)) if opts else None
+    z = r(b, length, h, p) if opts else None
+    bias = r(h, scale=0.1) if opts else None
+    h0 = r(b, h, p, n) if opts else None
+    seq = None if cuts is None else _ssd_seq(b, length, cuts)
+    return x, dt, A, B, C, D, z, bias, h0, seq
+
+
+SSD_GRADS = ("dx", "ddt", "dA", "dB", "dC", "dD", "dz", "ddt_bias", "dinitial_states")
+
+
+def _ssd_check(g, args, dtype, softplus, limit, dlast):
+    """The CUDA implementations against the CPU ops: forward outputs, final state,
+    checkpoints and every gradient (relative to the reference's scale)."""
+    lim = (True, *limit) if limit else (False, 0.0, float("inf"))
+    fargs = (*args, softplus, *lim)
+    want = torch.ops.bmojo.ssd_fwd(*fargs)
+    got = cuda_impl(ssd.ssd_fwd)(*fargs)
+    for w, o, what in zip(want, got, ("out", "last_state", "checkpoints"), strict=True):
+        _ssd_close(o, w, dtype, what)
+    x, dt, A, B, C, D, z, bias, _, seq = args
+    dout = torch.randn(want[0].shape, generator=g, dtype=dtype)
+    dl = torch.randn(want[1].shape, generator=g, dtype=dtype) if dlast else None
+    bargs = (x, dt, A, B, C, D, z, bias, seq, softplus, *lim, want[2], dout, dl)
+    want = torch.ops.bmojo.ssd_bwd(*bargs)
+    got = cuda_impl(ssd.ssd_bwd)(*bargs)
+    for w, o, what in zip(want, got, SSD_GRADS, strict=True):
+        _ssd_close(o, w, dtype, what)
+
+
+def _ssd_close(got, want, dtype, what):
+    assert got.shape == want.shape and got.dtype == want.dtype, what
+    if want.numel() == 0:
+        return
+    scale = want.abs().max().item() + 1.0
+    err = (got - want).abs().max().item() / scale
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    assert err <= tol, f"{what}: max error {err:.3g} (relative to {scale:.3g})"
+
+
+SSD_CASES = [
+    # batch, L, heads, P, groups, N, dtype, optional inputs, D (h, p), resets, softplus,
+    # dt_limit, dlast
+    (1, 0, 2, 3, 1, 4, torch.float64, True, False, None, True, None, True),
+    (2, 1, 2, 3, 2, 100, torch.float64, True, True, None, True, (0.05, 0.8), False),
+    (1, 7, 3, 2, 1, 33, torch.float32, False, False, None, False, None, False),
+    (2, 150, 4, 3, 2, 7, torch.float64, True, True, (1, 64, 100), True, (0.05, 0.8), True),
+    (1, 150, 2, 5, 1, 40, torch.float32, True, False, (37,), True, None, True),
+    (1, 65, 2, 2, 2, 130, torch.float64, True, False, (64,), False, (0.3, 2.0), True),
+    (1, 9, 1, 1, 1, 256, torch.float64, True, True, None, True, None, True),
+    (1, 20, 2, 9, 1, 64, torch.float32, True, False, (3,), True, None, True),  # 2 row blocks
+]
+
+
+@pytest.mark.parametrize("case", SSD_CASES, ids=str)
+def test_ssd_fwd_bwd(emu, case):
+    b, length, h, p, grp, n, dtype, opts, d_hp, cuts, softplus, limit, dlast = case
+    g = gen("ssd", case)
+    args = _ssd_args(g, b, length, h, p, grp, n, dtype, opts=opts, d_hp=d_hp, cuts=cuts)
+    _ssd_check(g, args, dtype, softplus, limit, dlast)
+
+
+@pytest.mark.parametrize("dtype", DT)
+def test_ssd_row_blocks_and_windows(emu, monkeypatch, dtype):
+    """Several row blocks per head (2 rows each, the last one partial) and the backward in
+    three launches of 64 steps: the partials summed in the same fixed order."""
+    monkeypatch.setattr(ssd, "_CUDA_MAXW", 2)
+    monkeypatch.setattr(ssd, "_CUDA_PART_ELEMS", 1)
+    g = gen("ssd-blocks", dtype)
+    args = _ssd_args(g, 2, 150, 2, 5, 1, 6, dtype, opts=True, cuts=(20, 64, 130))
+    _ssd_check(g, args, dtype, True, (0.05, 0.9), True)
+
+
+def test_ssd_kernel_constants_match_the_op():
+    """The chunk and block sizes ssd.cu is compiled with are the ones the wrapper assumes."""
+    text = (H.CUDA_DIR / "ssd.cu").read_text()
+
+    def define(name):
+        return int(text.split(f"#define {name} ", 1)[1].split()[0])
+
+    assert define("BM_SSD_CHUNK") == ssd.CHECKPOINT_CHUNK == 64
+    assert define("BM_SSD_MAXW") == ssd._CUDA_MAXW
+    assert define("BM_SSD_CHUNK") // define("BM_SSD_SB") == ssd._CUDA_NSUB
+
+
+def test_ssd_bad_input_raises_before_launch(emu):
+    f64 = dict(dtype=torch.float64)
+    x, dt, A = torch.zeros(1, 3, 2, 2, **f64), torch.zeros(1, 3, 2, **f64), torch.zeros(2, **f64)
+    B = torch.zeros(1, 3, 1, 257, **f64)
+    fwd = cuda_impl(ssd.ssd_fwd)
+    rest = (None, None, None, None, None, False, False, 0.0, 0.0)
+    before = len(emu)
+    with pytest.raises(BmojoValueError, match="N = 257"):
+        fwd(x, dt, A, B, B, *rest)
+    B = torch.zeros(1, 3, 1, 4, **f64)
+    with pytest.raises(BmojoTypeError, match="dt"):
+        fwd(x, dt.float(), A, B, B, *rest)
+    with pytest.raises(BmojoValueError, match="groups"):
+        fwd(x, dt, A, torch.zeros(1, 3, 3, 4, **f64), torch.zeros(1, 3, 3, 4, **f64), *rest)
+    with pytest.raises(BmojoValueError, match="dt_limit"):
+        fwd(x, dt, A, B, B, *rest[:6], True, 1.0, 0.5)
+    assert len(emu) == before

@@ -1,4 +1,4 @@
-"""CUDA kernels of the causal conv, companion, bilinear and eidetic ops on a GPU.
+"""CUDA kernels of the causal conv, companion, bilinear, eidetic and SSD ops on a GPU.
 
 Skipped without CUDA. Each test compares the CUDA result with the CPU op (already verified
 against fp64 oracles) in every dtype and option; gradcheck in fp64 on small sizes;
@@ -18,9 +18,12 @@ from bmojo_core import (
     companion_scan,
     eidetic_select,
     innovation_scores,
+    mamba_chunk_scan_combined,
+    mamba_split_conv1d_scan_combined,
 )
 from bmojo_core import cuda as _cuda
 from bmojo_core.errors import BmojoValueError
+from bmojo_core.ops import ssd
 from conftest import TOL, stable_seed
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -460,3 +463,207 @@ def test_graph_replay_companion_innovation_store():
         assert torch.equal(outs[2], scores)
         assert torch.equal(store.positions, ref_store.positions)
         assert torch.equal(store.count, ref_store.count)
+
+
+# ------------------------------------------------------------------------------------- ssd
+
+
+def _ssd_kw(g, b, length, h, p, grp, n, dtype, *, opts=True, d_hp=False):
+    def r(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+
+    kw = dict(x=r(b, length, h, p), dt=r(b, length, h, scale=0.5),
+              A=(-torch.rand(h, generator=g, dtype=torch.float64) - 0.2).to(dtype),
+              B=r(b, length, grp, n), C=r(b, length, grp, n))  # fmt: skip
+    if opts:
+        kw.update(D=r(h, p) if d_hp else r(h), z=r(b, length, h, p), dt_bias=r(h, scale=0.1),
+                  initial_states=r(b, h, p, n), dt_softplus=True)  # fmt: skip
+    return kw
+
+
+def _ssd_run(kw, dev, fn=mamba_chunk_scan_combined, seed=1, **extra):
+    """Output, final state and the gradient of every float input of one call on `dev`."""
+    leaves = {k: v.to(dev).requires_grad_() for k, v in kw.items()
+              if isinstance(v, torch.Tensor) and v.is_floating_point()}  # fmt: skip
+    rest = {k: (v.to(dev) if isinstance(v, torch.Tensor) else v)
+            for k, v in {**kw, **extra}.items() if k not in leaves}  # fmt: skip
+    out, last = fn(**leaves, **rest, return_final_states=True)
+    g = gen("ssd-weights", seed)
+    w1 = torch.randn(out.shape, generator=g, dtype=torch.float64).to(dev)
+    w2 = torch.randn(last.shape, generator=g, dtype=torch.float64).to(dev)
+    loss = (out.double() * w1).sum() + (last.double() * w2).sum()
+    grads = torch.autograd.grad(loss, list(leaves.values()))
+    return out.detach(), last.detach(), dict(zip(leaves, grads, strict=True))
+
+
+def _rel_close(got, ref, dtype, what):
+    """Relative to the reference's scale (gradients are sums over batch and time)."""
+    assert got.shape == ref.shape and got.dtype == ref.dtype, what
+    assert got.device.type == "cuda", what
+    scale = ref.abs().max().item() + 1.0 if ref.numel() else 1.0
+    close(got.double() / scale, ref.double() / scale, dtype, what)
+
+
+def _ssd_same(kw, dtype, **extra):
+    """The CUDA path against the CPU op (verified against the fp64 oracle)."""
+    ref = _ssd_run(kw, "cpu", chunk_size=64, **extra)
+    got = _ssd_run(kw, DEV, chunk_size=64, **extra)
+    _rel_close(got[0], ref[0], dtype, "out")
+    _rel_close(got[1], ref[1], dtype, "final_states")
+    for k, r in ref[2].items():
+        _rel_close(got[2][k], r, dtype, f"d{k}")
+    return got
+
+
+SSD_SHAPES = [
+    # batch, L, heads, P, groups, N, optional inputs, D (h, p), packed, dt_limit
+    (2, 150, 4, 5, 2, 40, True, True, True, (0.05, 0.8)),
+    (1, 67, 2, 64, 1, 128, False, False, False, None),  # Mamba-2's head dim and N
+    (2, 1, 3, 3, 3, 256, True, False, False, None),
+    (1, 200, 2, 17, 1, 33, True, False, True, (0.0, 1.5)),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SSD_SHAPES, ids=str)
+def test_ssd_parity(dtype, shape):
+    b, length, h, p, grp, n, opts, d_hp, packed, limit = shape
+    g = gen("ssd", dtype, shape)
+    kw = _ssd_kw(g, b, length, h, p, grp, n, dtype, opts=opts, d_hp=d_hp)
+    extra = {}
+    if packed:
+        extra["seq_idx"] = torch.randint(0, 4, (b, length), generator=g).sort(1).values.int()
+    if limit is not None:
+        extra["dt_limit"] = limit
+    out, last, _ = _ssd_same(kw, dtype, **extra)
+    assert out.dtype == dtype
+    assert last.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64))
+def test_ssd_varlen_and_empty(dtype):
+    g = gen("ssd-varlen", dtype)
+    kw = _ssd_kw(g, 1, 70, 2, 3, 1, 6, dtype)
+    cu_seq = torch.tensor([0, 5, 5, 66, 70])
+    for extra in (dict(cu_seqlens=cu_seq, return_varlen_states=True), dict(cu_seqlens=cu_seq)):
+        ref = mamba_chunk_scan_combined(**kw, chunk_size=64, return_final_states=True, **extra)
+        got = mamba_chunk_scan_combined(**{k: cu(v) for k, v in {**kw, **extra}.items()},
+                                        chunk_size=64, return_final_states=True)  # fmt: skip
+        for r, o in zip(ref, got, strict=True):
+            assert o.device.type == "cuda"
+            close(o, r, dtype)
+    empty = _ssd_kw(g, 2, 0, 2, 3, 1, 6, dtype)
+    _ssd_same(empty, dtype)
+
+
+def test_ssd_deterministic_and_windows(monkeypatch):
+    """The backward is bitwise reproducible, and the same (to rounding) when it runs in
+    windows of one chunk."""
+    g = gen("ssd-det")
+    kw = _ssd_kw(g, 2, 300, 4, 64, 2, 128, torch.float32)
+    first = _ssd_run(kw, DEV, chunk_size=64)
+    second = _ssd_run(kw, DEV, chunk_size=64)
+    for k in first[2]:
+        assert torch.equal(first[2][k], second[2][k]), k
+    monkeypatch.setattr(ssd, "_CUDA_PART_ELEMS", 1)
+    windows = _ssd_run(kw, DEV, chunk_size=64)
+    for k in first[2]:
+        _rel_close(windows[2][k], first[2][k], torch.float32, k)
+
+
+def test_ssd_gradcheck_cuda():
+    g = gen("ssd-gradcheck")
+    kw = _ssd_kw(g, 1, 70, 2, 2, 1, 3, torch.float64, d_hp=True)
+    names = ["x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_states"]
+    ts = [kw[k].to(DEV).requires_grad_() for k in names]
+    seq = torch.tensor([[0] * 30 + [1] * 34 + [2] * 6], device=DEV)
+
+    def f(*args):
+        return mamba_chunk_scan_combined(
+            **dict(zip(names, args, strict=True)), chunk_size=64, dt_softplus=True,
+            seq_idx=seq, dt_limit=(0.05, 1.5), return_final_states=True,
+        )  # fmt: skip
+
+    assert torch.autograd.gradcheck(f, ts, atol=1e-7, rtol=1e-5)
+
+
+def test_ssd_no_grad_fast_path_equals_the_op():
+    g = gen("ssd-fast")
+    kw = {k: cu(v) for k, v in _ssd_kw(g, 2, 90, 3, 8, 1, 64, torch.float32).items()}
+    with torch.no_grad():
+        fast = mamba_chunk_scan_combined(**kw, chunk_size=64, return_final_states=True)
+    x = kw["x"].clone().requires_grad_()
+    slow = mamba_chunk_scan_combined(**{**kw, "x": x}, chunk_size=64, return_final_states=True)
+    for a, b in zip(fast, slow, strict=True):
+        assert torch.equal(a, b.detach())
+
+
+def test_ssd_mamba2_block_parity():
+    """Mamba-2's fused block (conv + SSD + gated RMSNorm) on CUDA against the CPU."""
+    g = gen("ssd-block")
+    b, length, h, p, grp, n, k = 2, 80, 4, 8, 2, 16, 4
+    dim = h * p
+    kw = dict(
+        zxbcdt=torch.randn(b, length, 2 * dim + 2 * grp * n + h, generator=g),
+        conv1d_weight=torch.randn(dim + 2 * grp * n, k, generator=g) * 0.5,
+        conv1d_bias=torch.randn(dim + 2 * grp * n, generator=g) * 0.1,
+        dt_bias=torch.randn(h, generator=g) * 0.1, A=-torch.rand(h, generator=g) - 0.2,
+        D=torch.randn(h, generator=g), rmsnorm_weight=torch.rand(dim, generator=g) + 0.5,
+        outproj_weight=torch.randn(24, dim, generator=g) * 0.1,
+    )  # fmt: skip
+    common = dict(chunk_size=64, headdim=p, ngroups=grp, norm_before_gate=False)
+    ref = _ssd_run(kw, "cpu", fn=mamba_split_conv1d_scan_combined, **common)
+    got = _ssd_run(kw, DEV, fn=mamba_split_conv1d_scan_combined, **common)
+    for r, o, what in ((ref[0], got[0], "out"), (ref[1], got[1], "final_states")):
+        _rel_close(o, r, torch.float32, what)
+    for name, r in ref[2].items():
+        _rel_close(got[2][name], r, torch.float32, f"d{name}")
+
+
+def test_ssd_opcheck_cuda():
+    g = gen("ssd-opcheck")
+    kw = {k: cu(v) for k, v in _ssd_kw(g, 2, 70, 2, 3, 1, 5, torch.float64, d_hp=True).items()}
+    seq = torch.tensor([[0] * 40 + [1] * 30, [0] * 70], device=DEV)
+    args = (kw["x"], kw["dt"], kw["A"], kw["B"], kw["C"], kw["D"], kw["z"], kw["dt_bias"],
+            kw["initial_states"], seq, True, True, 0.1, 2.0)  # fmt: skip
+    leaves = tuple(a.clone().requires_grad_() if isinstance(a, torch.Tensor) and
+                   a.is_floating_point() else a for a in args)  # fmt: skip
+    torch.library.opcheck(torch.ops.bmojo.ssd_fwd.default, args)
+    torch.library.opcheck(torch.ops.bmojo.ssd_fwd.default, leaves)
+    out, last, ck = torch.ops.bmojo.ssd_fwd(*args)
+    bwd = (*args[:8], seq, True, True, 0.1, 2.0, ck, torch.randn_like(out),
+           torch.randn_like(last))  # fmt: skip
+    torch.library.opcheck(torch.ops.bmojo.ssd_bwd.default, bwd)
+
+
+def test_ssd_graph_replay():
+    """The no-grad scan captured once and replayed on new inputs equals eager calls."""
+    g = gen("ssd-graph")
+    kw = {k: cu(v) for k, v in _ssd_kw(g, 2, 40, 2, 4, 1, 8, torch.float32).items()}
+    kw.pop("initial_states")
+
+    def run():
+        with torch.no_grad():
+            return mamba_chunk_scan_combined(**kw, chunk_size=64, return_final_states=True)
+
+    run()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = run()
+    for step in range(2):
+        kw["x"].copy_(torch.randn(kw["x"].shape, generator=gen("ssd-graph", step)).to(DEV))
+        graph.replay()
+        want = run()
+        for o, w in zip(outs, want, strict=True):
+            assert torch.equal(o, w)
+
+
+def test_ssd_cuda_errors():
+    g = gen("ssd-errors")
+    kw = {k: cu(v) for k, v in _ssd_kw(g, 1, 5, 2, 2, 1, 257, torch.float32).items()}
+    with pytest.raises(BmojoValueError, match="N = 257"):
+        mamba_chunk_scan_combined(**kw, chunk_size=64)
+    kw = {k: cu(v) for k, v in _ssd_kw(g, 1, 5, 2, 2, 1, 4, torch.float32).items()}
+    with pytest.raises(BmojoValueError, match="^A: expected a tensor on cuda"):
+        mamba_chunk_scan_combined(**{**kw, "A": kw["A"].cpu()}, chunk_size=64)

@@ -25,7 +25,7 @@ from conftest import STRICT, needs
 # Every op module: importing them registers their kernel declarations.
 OP_MODULES = (
     "ops.scan", "ops.step", "ops.conv", "ops.companion", "ops.bilinear", "ops.eidetic",
-    "layers", "inference.stream",
+    "ops.ssd", "layers", "inference.stream",
 )  # fmt: skip
 for _m in OP_MODULES:
     importlib.import_module(f"bmojo_core.{_m}")
@@ -111,7 +111,7 @@ def test_embedded_sources_are_the_cuda_folder():
     got = cuda.sources()
     for name in ("common.cuh", "scan.cu", "step.cu", "conv.cu", "companion.cu"):
         assert name in got
-    assert {"bilinear.cu", "eidetic.cu"} <= set(got)
+    assert {"bilinear.cu", "eidetic.cu", "ssd.cu"} <= set(got)
     if not REPO_CUDA.is_dir() and not STRICT:
         pytest.skip("not running from a source checkout")
     on_disk = {p.name: p.read_text() for p in REPO_CUDA.iterdir() if p.suffix in (".cu", ".cuh")}

@@ -1,7 +1,8 @@
-"""The CUDA implementations of the scan and step ops against the kernels' C signatures,
-without a GPU: the launcher is replaced by a recorder, the ops' CUDA functions run on CPU
-tensors, and every launch is checked against the `extern "C"` parameter lists of
-cuda/scan.cu and cuda/step.cu as the emulator reads them from the compiled sources
+"""The CUDA implementations of the scan, step and SSD ops against the kernels' C
+signatures, without a GPU: the launcher is replaced by a recorder, the ops' CUDA functions
+run on CPU tensors, and every launch is checked against the `extern "C"` parameter lists
+of cuda/scan.cu, cuda/step.cu and cuda/ssd.cu as the emulator reads them from the
+compiled sources
 (argument count, codes, pointer dtypes, contiguity, launch limits), and every result
 against the op's fake implementation (shapes, dtypes)."""
 
@@ -10,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 from bmojo_core import cuda as _cuda
-from bmojo_core.ops import scan, step
+from bmojo_core.ops import scan, ssd, step
 from conftest import make_scan_inputs, make_step_inputs, needs
 from cuda_emu import harness as H
 
@@ -176,3 +177,51 @@ def test_declared_kernels():
         assert (src, name) in names
         for suffix in _cuda.DTYPES:  # every declared entry point is instantiated
             assert f"{name}_{suffix}" in emu.lib(src).sigs, (name, suffix)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "n", "rows"),
+    [(torch.float32, 128, 8), (torch.float64, 128, 4), (torch.float64, 256, 2),
+     (torch.float32, 256, 4), (torch.float32, 16, 8)],
+)  # fmt: skip
+def test_ssd_launches(dtype, n, rows, launches, monkeypatch):
+    """Mamba-2's head dim 64: forward blocks of 8 rows; backward blocks of as many rows as
+    its shared memory holds; the backward in windows of whole chunks when its partials
+    would exceed the bound (here two launches over 200 steps), then one dt launch."""
+    b, length, h, p, g = 2, 200, 4, 64, 2
+    monkeypatch.setattr(ssd, "_CUDA_PART_ELEMS", 2 * b * h * (p // rows) * n * 128)
+    x = torch.randn(b, length, h, p, dtype=dtype)
+    dt, A = torch.rand(b, length, h, dtype=dtype), -torch.rand(h, dtype=dtype)
+    B, C = torch.randn(b, length, g, n, dtype=dtype), torch.randn(b, length, g, n, dtype=dtype)
+    D, bias, h0 = torch.randn(h, p, dtype=dtype), torch.randn(h, dtype=dtype), None
+    seq = torch.zeros(b, length, dtype=torch.int64)
+    args = (x, dt, A, B, C, D, x, bias, h0, seq, True, True, 0.0, 5.0)
+    out, last, ckpt = ssd._ssd_fwd_cuda(*args)
+    same_meta((out, last, ckpt), (x.new_empty(b, h, length, p), x.new_empty(b, h, p, n),
+                                  x.new_empty(b, h, 4, p, n)))  # fmt: skip
+    grads = ssd._ssd_bwd_cuda(*args[:8], seq, True, True, 0.0, 5.0, ckpt,
+                              torch.randn_like(out), torch.randn_like(last))  # fmt: skip
+    same_meta(grads, (out, dt.new_empty(b, h, length), A, B, C, D, out, bias, last))
+    sfx = "f64" if dtype == torch.float64 else "f32"
+    nmax = 32 if n <= 32 else n  # the entry point of the smallest bound 32, 64, 128, 256
+    assert launches[:3] == [
+        (f"ssd_fwd_n{nmax}", sfx, (8, h, b), (256, 1, 1)),
+        (f"ssd_bwd_n{nmax}", sfx, (p // rows, h, b), (32 * rows, 1, 1)),
+        (f"ssd_bwd_n{nmax}", sfx, (p // rows, h, b), (32 * rows, 1, 1)),
+    ]
+    assert [c[0] for c in launches[3:]] == ["ssd_bwd_dt"]
+
+
+def test_ssd_empty_launches_nothing(launches):
+    f64 = dict(dtype=torch.float64)
+    x, B = torch.zeros(2, 0, 3, 4, **f64), torch.zeros(2, 0, 1, 5, **f64)
+    args = (x, torch.zeros(2, 0, 3, **f64), torch.zeros(3, **f64), B, B, None, None, None)
+    h0 = torch.randn(2, 3, 4, 5, **f64)
+    out, last, ckpt = ssd._ssd_fwd_cuda(*args, h0, None, False, False, 0.0, 0.0)
+    assert [c[0] for c in launches] == ["ssd_fwd_n32"]  # writes the final state (= h0)
+    assert out.shape == (2, 3, 0, 4) and ckpt.shape == (2, 3, 0, 4, 5)
+    launches.clear()
+    dlast = torch.randn(2, 3, 4, 5, **f64)
+    grads = ssd._ssd_bwd_cuda(*args, None, False, False, 0.0, 0.0, ckpt, out, dlast)
+    assert launches == []
+    assert torch.equal(grads[8], dlast) and torch.equal(grads[2], torch.zeros(3, **f64))

@@ -1,5 +1,7 @@
 """``bmojo_core._core.ssd``: Mamba-2's multi-head SSD scan (forward, backward) and its
-decoding step."""
+decoding step. ``dims`` is ``(batch, L, heads, head_dim, groups, N)``; ``x``, ``dt``,
+``B``, ``C``, ``z`` are flat spans of their (batch, time) rows, ``rows`` their row
+strides."""
 
 import numpy as np
 import numpy.typing as npt
@@ -22,6 +24,8 @@ def ssd_fwd(
     seq_idx: _I | None,
     softplus: bool,
     limit: tuple[float, float] | None,
+    dims: tuple[int, int, int, int, int, int],
+    rows: tuple[int, int, int, int, int],
     out: _F,
     last: _F,
     ckpt: _F,
@@ -38,6 +42,8 @@ def ssd_bwd(
     seq_idx: _I | None,
     softplus: bool,
     limit: tuple[float, float] | None,
+    dims: tuple[int, int, int, int, int, int],
+    rows: tuple[int, int, int, int, int],
     ckpt: _F,
     dout: _F,
     dlast: _F | None,

@@ -485,7 +485,7 @@ def _one_step(u, delta, A, B, C, D, z, delta_bias, h0, softplus, cdt):
     batch, dim, _ = u.shape
     n = A.shape[1]
     last = c(h0, cdt).clone() if h0 is not None else u.new_zeros(batch, dim, n, dtype=cdt)
-    col = (lambda t: None if t is None else c(t[..., 0], cdt))  # noqa: E731
+    col = lambda t: None if t is None else c(t[..., 0], cdt)  # noqa: E731
     out = core.step.selective_state_update(
         last.numpy(), view(col(u)), view(col(delta)), view(c(A, cdt)), view(col(B)),
         view(col(C)), view_opt(c(D, cdt)), view_opt(col(z)), view_opt(c(delta_bias, cdt)),

@@ -5,7 +5,9 @@ The scan is a torch custom op (``bmojo::ssd_fwd`` / ``bmojo::ssd_bwd``) over the
 kernel ``rust/kernels/src/ssd.rs``: the direct recurrence with each head's (P, N) state
 in L1 and one decay per (token, head); backward from checkpoints every
 ``CHECKPOINT_CHUNK`` steps; SIMD level chosen at run time; bitwise independent of the
-thread count. float16/bfloat16 inputs are computed in float32 and returned in their dtype.
+thread count. A CUDA kernel (``cuda/ssd.cu``, compiled by NVRTC) is registered beside it:
+one warp per state row, the row's columns in registers, checkpoints every 64 steps, no
+atomics. float16/bfloat16 inputs are computed in float32 and returned in their dtype.
 ``chunk_size`` is accepted for compatibility and ignored: results do not depend on it.
 """
 
@@ -18,9 +20,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _validate as V
+from ..runtime import cuda as _cuda
+from ..runtime import launch as CU
 from ._native import core, view, view_opt
 from .conv import causal_conv1d_fn
-from .scan import _eager_no_grad
+from .scan import _eager_no_grad, _want
 
 __all__ = [
     "CHECKPOINT_CHUNK",
@@ -108,7 +112,8 @@ def mamba_chunk_scan_combined(
         seqs = _boundaries(cu_seqlens, b, length)
         if seq_idx is None:
             seq_idx = torch.repeat_interleave(
-                torch.arange(len(seqs) - 1, device=x.device), torch.tensor(seqs).diff()
+                torch.arange(len(seqs) - 1, device=x.device),
+                torch.tensor(seqs, device=x.device).diff(),
             )[None]
     elif return_varlen_states:
         raise V.BmojoValueError("return_varlen_states: needs cu_seqlens")
@@ -175,9 +180,10 @@ def ssd_fwd(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Normalised SSD scan: every float input in one dtype (float32/float64), ``A``,
     ``D``, ``dt_bias``, ``initial_states`` contiguous (``x``, ``dt``, ``B``, ``C``, ``z``
-    may be column slices: their rows are read in place), ``seq_idx`` int64; Δ clamped to ``[dt_min, dt_max]`` after the softplus if ``limit``.
-    Returns ``out (b, h, l, p)`` (head-major), ``last_state (b, h, p, n)`` and the
-    checkpoints ``(b, h, ceil(l / CHECKPOINT_CHUNK), p, n)`` that feed the backward."""
+    may be column slices: their rows are read in place), ``seq_idx`` int64; Δ clamped to
+    ``[dt_min, dt_max]`` after the softplus if ``limit``. Returns ``out (b, h, l, p)``
+    (head-major), ``last_state (b, h, p, n)`` and the checkpoints
+    ``(b, h, ceil(l / CHECKPOINT_CHUNK), p, n)`` that feed the backward."""
     return _fwd_cpu(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, dt_softplus,
                     _limit_arg(limit, dt_min, dt_max), True)  # fmt: skip
 
@@ -277,9 +283,10 @@ def ssd_bwd(
     dims, (xv, dv, bv, cv, zv), rows = _dims_rows(x, dt, B, C, z)
     core.ssd.ssd_bwd(
         xv, dv, view(A), bv, cv, view_opt(D), zv, view_opt(dt_bias), view_opt(seq_idx),
-        dt_softplus, _limit_arg(limit, dt_min, dt_max), dims, rows, view(checkpoints), view(dout), view_opt(dlast_state), dx.numpy(), ddt.numpy(),
-        dA.numpy(), dB.numpy(), dC.numpy(), None if D is None else dD.numpy(),
-        None if z is None else dz.numpy(), None if dt_bias is None else dbias.numpy(),
+        dt_softplus, _limit_arg(limit, dt_min, dt_max), dims, rows, view(checkpoints),
+        view(dout), view_opt(dlast_state), dx.numpy(), ddt.numpy(), dA.numpy(), dB.numpy(),
+        dC.numpy(), None if D is None else dD.numpy(), None if z is None else dz.numpy(),
+        None if dt_bias is None else dbias.numpy(),
         dh0.numpy(),
     )  # fmt: skip
     return dx, ddt, dA, dB, dC, dD, dz, dbias, dh0
@@ -333,6 +340,190 @@ def _backward(ctx, dout, dlast, _dckpt):
 ssd_fwd.register_autograd(_backward, setup_context=_setup)
 
 
+# ----------------------------------------------------------------------------- CUDA
+#
+# cuda/ssd.cu, compiled by NVRTC on first use: grid (ceil(P / nw), heads, batch), one warp
+# per state row (nw rows per block), the lanes over N (at most 256) with the state in
+# registers. Float inputs in one dtype (float32/float64; the public path converts
+# float16/bfloat16 to float32 as on the CPU). The backward writes per-block partials that
+# are summed here in a fixed order: deterministic, no atomics.
+
+# One forward and one backward entry point per bound 32·NJ on N (NJ columns per lane).
+_CUDA_NMAX = (32, 64, 128, 256)
+_K_FWD = {m: _cuda.declare("ssd.cu", f"ssd_fwd_n{m}", dtypes=("f32", "f64")) for m in _CUDA_NMAX}
+_K_BWD = {m: _cuda.declare("ssd.cu", f"ssd_bwd_n{m}", dtypes=("f32", "f64")) for m in _CUDA_NMAX}
+_K_BWD_DT = _cuda.declare("ssd.cu", "ssd_bwd_dt", dtypes=("f32", "f64"))
+_CUDA_MAXW = 8  # most warps (state rows) per block (BM_SSD_MAXW)
+_CUDA_NSUB = 8  # backward states kept per chunk in shared memory (BM_SSD_NSUB)
+# Dynamic shared memory of the backward, (_CUDA_NSUB + 2) * nw * N elements: within the
+# 48 KiB a launch gets without opting in, less the kernel's static buffers (under 8 KiB).
+_CUDA_SMEM_BWD = 40 * 1024
+# Most elements of the backward's dB/dC partials (2 * batch * heads * tiles * N per step):
+# longer sequences go through several launches, each over a window of whole chunks.
+_CUDA_PART_ELEMS = 1 << 24
+
+
+def _cuda_check(x, dt, A, B, C, D, z, dt_bias, h0, seq_idx, limit, extra=()):
+    """Dtype and shape contract of the CUDA kernels (the public path always meets it):
+    every float tensor in x's dtype, float32 or float64; ``seq_idx`` int64."""
+    if x.dtype not in (torch.float32, torch.float64):
+        raise V.BmojoTypeError(
+            f"x: the CUDA kernel expects float32 or float64, got {V.dtype_name(x.dtype)}"
+        )
+    named = (("dt", dt), ("A", A), ("B", B), ("C", C), ("D", D), ("z", z),
+             ("dt_bias", dt_bias), ("initial_states", h0), *extra)  # fmt: skip
+    for name, t in named:
+        _want(name, t, x.dtype)
+    _want("seq_idx", seq_idx, torch.int64)
+    V.shape("x", x, (None, None, None, None), "(batch, L, heads, head_dim)")
+    b, length, h, p = x.shape
+    V.shape("B", B, (b, length, None, None), "(batch, L, groups, N)")
+    g, n = B.shape[2], B.shape[3]
+    if h == 0 or p == 0 or n == 0 or g == 0 or h % g:
+        raise V.BmojoValueError(
+            f"x: expected heads, head_dim and N >= 1 with groups dividing heads, got x "
+            f"{tuple(x.shape)} and B {tuple(B.shape)}"
+        )
+    if n > _CUDA_NMAX[-1]:
+        raise V.BmojoValueError(f"B: N = {n} is larger than the CUDA kernel's {_CUDA_NMAX[-1]}")
+    if b > CU.MAX_GRID_Y or h > CU.MAX_GRID_Y or length >= 2**31:
+        raise V.BmojoValueError(
+            f"x: at most {CU.MAX_GRID_Y} batch rows and heads and 2**31 - 1 steps on CUDA, "
+            f"got {tuple(x.shape)}"
+        )
+    V.shape("dt", dt, (b, length, h), "(batch, L, heads)")
+    V.shape("A", A, (h,), "(heads,)")
+    V.shape("C", C, (b, length, g, n), "(batch, L, groups, N) like B")
+    if D is not None and tuple(D.shape) not in ((h,), (h, p)):
+        raise V.BmojoValueError(f"D: expected shape ({h},) or ({h}, {p}), got {tuple(D.shape)}")
+    for name, t, shp in (
+        ("z", z, (b, length, h, p)),
+        ("dt_bias", dt_bias, (h,)),
+        ("initial_states", h0, (b, h, p, n)),
+        ("seq_idx", seq_idx, (b, length)),
+    ):
+        if t is not None:
+            V.shape(name, t, shp, str(shp))
+    if limit is not None and not limit[0] <= limit[1]:
+        raise V.BmojoValueError(f"dt_limit: expected low <= high, got {tuple(limit)}")
+
+
+def _cuda_dims(x, B, D, softplus, limit):
+    """The kernels' dimension and flag arguments (fmt ``iiiiiiiidd``)."""
+    _, length, h, p = x.shape
+    lo, hi = limit if limit is not None else (0.0, math.inf)
+    return (length, h, p, B.shape[2], B.shape[3], int(D is not None and D.dim() == 2),
+            int(bool(softplus)), int(limit is not None), float(lo), float(hi))  # fmt: skip
+
+
+def _c(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.contiguous()
+
+
+def _nmax(n: int) -> int:
+    """The entry points' bound on N for N state columns."""
+    return next(m for m in _CUDA_NMAX if n <= m)
+
+
+def _fwd_cuda(x, dt, A, B, C, D, z, dt_bias, h0, seq_idx, softplus, limit, ckpt: bool):
+    """The forward kernel (same contract as :func:`_fwd_cpu`; inputs made contiguous)."""
+    x, dt, A, B, C, D, z, dt_bias, h0, seq_idx = map(
+        _c, (x, dt, A, B, C, D, z, dt_bias, h0, seq_idx)
+    )
+    _cuda_check(x, dt, A, B, C, D, z, dt_bias, h0, seq_idx, limit)
+    b, length, h, p = x.shape
+    n = B.shape[3]
+    out = x.new_empty(b, h, length, p)
+    last = x.new_empty(b, h, p, n)
+    cks = x.new_empty(b, h, _n_chunks(length), p, n) if ckpt else x.new_empty(0)
+    if b:
+        nw = min(_CUDA_MAXW, p)
+        _K_FWD[_nmax(n)].launch(
+            CU.suffix(x), grid=(-(-p // nw), h, b), block=(32 * nw, 1, 1),
+            args=(x, dt, A, B, C, CU.ptr(D), CU.ptr(z), CU.ptr(dt_bias), CU.ptr(h0),
+                  CU.ptr(seq_idx), out, last, cks if cks.numel() else 0,
+                  *_cuda_dims(x, B, D, softplus, limit)),
+            fmt="p" * 13 + "i" * 8 + "dd", device=x.device,
+        )  # fmt: skip
+    return out, last, cks
+
+
+@ssd_fwd.register_kernel("cuda")
+def _ssd_fwd_cuda(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, dt_softplus, limit,
+                  dt_min, dt_max):  # fmt: skip
+    return _fwd_cuda(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, dt_softplus,
+                     _limit_arg(limit, dt_min, dt_max), True)  # fmt: skip
+
+
+def _bwd_rows_per_block(p: int, n: int, esize: int) -> int:
+    """Warps (state rows) per backward block: as many as the shared memory holds, <= 8."""
+    fit = _CUDA_SMEM_BWD // ((_CUDA_NSUB + 2) * n * esize)
+    return max(1, min(_CUDA_MAXW, p, fit))
+
+
+def _bwd_window(length: int, per_step: int) -> int:
+    """Steps per backward launch (whole chunks) so that the partials stay bounded."""
+    w = max(1, _CUDA_PART_ELEMS // max(1, per_step) // CHECKPOINT_CHUNK) * CHECKPOINT_CHUNK
+    return min(w, _n_chunks(length) * CHECKPOINT_CHUNK)
+
+
+@ssd_bwd.register_kernel("cuda")
+def _ssd_bwd_cuda(x, dt, A, B, C, D, z, dt_bias, seq_idx, dt_softplus, limit, dt_min, dt_max,
+                  checkpoints, dout, dlast_state):  # fmt: skip
+    x, dt, A, B, C, D, z, dt_bias, seq_idx, checkpoints, dout, dlast = map(
+        _c, (x, dt, A, B, C, D, z, dt_bias, seq_idx, checkpoints, dout, dlast_state)
+    )
+    lim = _limit_arg(limit, dt_min, dt_max)
+    extra = (("checkpoints", checkpoints), ("dout", dout), ("dlast_state", dlast))
+    _cuda_check(x, dt, A, B, C, D, z, dt_bias, None, seq_idx, lim, extra)
+    b, length, h, p = x.shape
+    g, n = B.shape[2], B.shape[3]
+    V.shape("checkpoints", checkpoints, (b, h, _n_chunks(length), p, n), "(b, h, chunks, p, n)")
+    V.shape("dout", dout, (b, h, length, p), "(batch, heads, L, head_dim)")
+    if dlast is not None:
+        V.shape("dlast_state", dlast, (b, h, p, n), "(batch, heads, head_dim, N)")
+    dims = _cuda_dims(x, B, D, dt_softplus, lim)
+    dx = x.new_empty(b, h, length, p)
+    dz = x.new_empty(b, h, length, p) if z is not None else x.new_empty(0)
+    dB, dC = B.new_empty(B.shape), C.new_empty(C.shape)
+    ddt, pdA = x.new_empty(b, h, length), x.new_empty(b, h, length)
+    # The adjoint carried from the end (dlast) to the start (dinitial_states), in place.
+    dh0 = dlast.clone() if dlast is not None else x.new_zeros(b, h, p, n)
+    pD = x.new_zeros(b, h, p)
+    if b and length:
+        nw = _bwd_rows_per_block(p, n, x.element_size())
+        ntile = -(-p // nw)
+        win = _bwd_window(length, 2 * b * h * ntile * n)
+        pB, pC = x.new_empty(b, h, ntile, win, n), x.new_empty(b, h, ntile, win, n)
+        pxg, pgs = x.new_empty(b, h, ntile, length), x.new_empty(b, h, ntile, length)
+        smem = (_CUDA_NSUB + 2) * nw * n * x.element_size()
+        for t_lo in reversed(range(0, length, win)):
+            t_hi = min(length, t_lo + win)
+            _K_BWD[_nmax(n)].launch(
+                CU.suffix(x), grid=(ntile, h, b), block=(32 * nw, 1, 1),
+                args=(x, dt, A, B, C, CU.ptr(D), CU.ptr(z), CU.ptr(dt_bias), CU.ptr(seq_idx),
+                      checkpoints, dout, dh0, dx, dz if z is not None else 0, pB, pC, pxg, pgs,
+                      pD, *dims, t_lo, t_hi, win),
+                fmt="p" * 19 + "i" * 8 + "dd" + "iii", shared_mem=smem, device=x.device,
+            )  # fmt: skip
+            # dB, dC of the window: the blocks of each group's heads summed in order.
+            tw = t_hi - t_lo
+            for part, dst in ((pB, dB), (pC, dC)):
+                s = part.view(b, g, h // g * ntile, win, n)[:, :, :, :tw].sum(2)
+                dst[:, t_lo:t_hi].copy_(s.transpose(1, 2))
+        _K_BWD_DT.launch(
+            CU.suffix(x), grid=CU.grid1(b * h * length), block=(CU.BLOCK, 1, 1),
+            args=(dt, A, CU.ptr(dt_bias), pxg, pgs, ddt, pdA, *dims, b, ntile),
+            fmt="p" * 7 + "i" * 8 + "dd" + "ii", device=x.device,
+        )  # fmt: skip
+    dA = pdA.sum((0, 2))
+    dbias = ddt.sum((0, 2)) if dt_bias is not None else x.new_empty(0)
+    dD = x.new_empty(0)
+    if D is not None:
+        dD = pD.sum(0) if D.dim() == 2 else pD.sum(0).sum(-1)
+    return dx, ddt, dA, dB, dC, dD, dz, dbias, dh0
+
+
 def _scan(x, dt, A, B, C, D, z, dt_bias, h0, seq_idx, softplus, limit):
     """The SSD through the op (or straight to the kernel when nothing is differentiated):
     ``out (b, l, h, p)`` in x's dtype and the final state in the compute dtype."""
@@ -344,13 +535,15 @@ def _scan(x, dt, A, B, C, D, z, dt_bias, h0, seq_idx, softplus, limit):
     lo, hi = limit
     has_limit = (lo, hi) != (0.0, math.inf)
     sq = None if seq_idx is None else seq_idx.to(torch.int64).contiguous()
+
     def rows(t):  # per-token inputs keep their strides (the kernel reads rows in place)
         return None if t is None else t.to(cdt)
 
     args = (rows(x), rows(dt), c(A, cdt), rows(B), rows(C), c(D, cdt), rows(z),
             c(dt_bias, cdt), c(h0, cdt), sq, bool(softplus))  # fmt: skip
     if _eager_no_grad(named):
-        out, last, _ = _fwd_cpu(*args, (lo, hi) if has_limit else None, False)
+        fwd = _fwd_cuda if x.is_cuda else _fwd_cpu  # the kernel directly, no dispatcher
+        out, last, _ = fwd(*args, (lo, hi) if has_limit else None, False)
     else:
         out, last, _ = torch.ops.bmojo.ssd_fwd(*args, has_limit, float(lo), float(hi))
     # One copy into mamba_ssm's contiguous (b, l, h, p) layout, casting on the way.

@@ -31,6 +31,7 @@ const SOURCES: &[(&str, &str)] = &[
     ("companion.cu", include_str!("../../../cuda/companion.cu")),
     ("bilinear.cu", include_str!("../../../cuda/bilinear.cu")),
     ("eidetic.cu", include_str!("../../../cuda/eidetic.cu")),
+    ("ssd.cu", include_str!("../../../cuda/ssd.cu")),
 ];
 
 /// Every embedded source, `(file name, text)`.

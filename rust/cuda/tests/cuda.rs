@@ -78,6 +78,7 @@ fn sources_are_embedded() {
         "companion.cu",
         "bilinear.cu",
         "eidetic.cu",
+        "ssd.cu",
     ] {
         assert!(names.contains(&want), "{want} not embedded");
     }

@@ -55,6 +55,14 @@ COOPERATIVE = frozenset(
         "bilinear_scan_bwd",
         "companion_scan_fwd",
         "companion_scan_bwd",
+        "ssd_fwd_n32",
+        "ssd_fwd_n64",
+        "ssd_fwd_n128",
+        "ssd_fwd_n256",
+        "ssd_bwd_n32",
+        "ssd_bwd_n64",
+        "ssd_bwd_n128",
+        "ssd_bwd_n256",
     }
 )
 """Kernels whose threads share memory, barriers or shuffles: run as real threads."""
