@@ -62,7 +62,14 @@ impl<'py> Raw<'_, 'py> {
             None => None,
         };
         Ok(Inputs {
-            dims: [self.dims.0, self.dims.1, self.dims.2, self.dims.3, self.dims.4, self.dims.5],
+            dims: [
+                self.dims.0,
+                self.dims.1,
+                self.dims.2,
+                self.dims.3,
+                self.dims.4,
+                self.dims.5,
+            ],
             rows: RowStrides {
                 x: self.rows.0,
                 dt: self.rows.1,
@@ -133,11 +140,11 @@ impl<T: Element + Copy> Inputs<'_, T> {
 /// array a flat span of exactly `(batch·L − 1)·stride + width` elements): `x (batch, L,
 /// heads, P)`, `dt (batch, L, heads)`, `a (heads,)`, `b`/`c` `(batch, L, groups, N)`, `d (heads,)|(heads, P)`, `z` like x, `dt_bias (heads,)`,
 /// `h0 (batch, heads, P, N)`, `seq_idx (batch, L)` int64, `limit` Δ's clamp (or None);
-/// writes `out (batch, heads, L, P)`, `last (batch, heads, P, N)` and `ckpt (batch,
+/// writes `out (batch, heads, L, P)` (`(batch, L, heads, P)` if `token_major`), `last (batch, heads, P, N)` and `ckpt (batch,
 /// heads, ceil(L / CHECKPOINT_CHUNK), P, N)` (an empty array: no checkpoints).
 #[pyfunction]
 #[pyo3(signature = (x, dt, a, b, c, d, z, dt_bias, h0, seq_idx, softplus, limit, dims, rows, out, last,
-                    ckpt))]
+                    ckpt, token_major=false))]
 #[allow(clippy::too_many_arguments)]
 fn ssd_fwd(
     py: Python<'_>,
@@ -158,6 +165,7 @@ fn ssd_fwd(
     out: Bound<'_, PyAny>,
     last: Bound<'_, PyAny>,
     ckpt: Bound<'_, PyAny>,
+    token_major: bool,
 ) -> Result<()> {
     fn go<T: SimdElem + Element>(
         py: Python<'_>,
@@ -165,6 +173,7 @@ fn ssd_fwd(
         out: &Bound<'_, PyAny>,
         last: &Bound<'_, PyAny>,
         ckpt: &Bound<'_, PyAny>,
+        token_major: bool,
     ) -> Result<()> {
         let i = raw.borrow::<T>()?;
         let (mut o, mut l, mut k) = (
@@ -183,6 +192,7 @@ fn ssd_fwd(
         let s = i.args();
         let fo = FwdOut {
             out: o.as_slice_mut()?,
+            token_major,
             last: l.as_slice_mut()?,
             ckpt: k.as_slice_mut()?,
         };
@@ -205,7 +215,10 @@ fn ssd_fwd(
         dims,
         rows,
     };
-    by_float!(is_f64(&x, "x")?, go(py, &raw, &out, &last, &ckpt))
+    by_float!(
+        is_f64(&x, "x")?,
+        go(py, &raw, &out, &last, &ckpt, token_major)
+    )
 }
 
 /// Backward from the forward's checkpoints: `dout (batch, heads, L, P)`, `dlast (batch,

@@ -29,6 +29,7 @@ def ssd_fwd(
     out: _F,
     last: _F,
     ckpt: _F,
+    token_major: bool = False,
 ) -> None: ...
 def ssd_bwd(
     x: _F,

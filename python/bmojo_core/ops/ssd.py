@@ -223,16 +223,18 @@ def _dims_rows(x, dt, B, C, z):
     return (b, length, h, p, g, n), (xv, dv, bv, cv, zv), (xs, ds, bs, cs, zs)
 
 
-def _fwd_cpu(x, dt, A, B, C, D, z, dt_bias, h0, seq_idx, softplus, limit, ckpt: bool):
+def _fwd_cpu(x, dt, A, B, C, D, z, dt_bias, h0, seq_idx, softplus, limit, ckpt: bool,
+             token_major: bool = False):  # fmt: skip
     b, length, h, p = x.shape
     n = B.shape[3]
-    out = x.new_empty(b, h, length, p)
+    out = x.new_empty(b, length, h, p) if token_major else x.new_empty(b, h, length, p)
     last = x.new_empty(b, h, p, n)
     cks = x.new_empty(b, h, _n_chunks(length), p, n) if ckpt else x.new_empty(0)
     dims, (xv, dv, bv, cv, zv), rows = _dims_rows(x, dt, B, C, z)
     core.ssd.ssd_fwd(
         xv, dv, view(A), bv, cv, view_opt(D), zv, view_opt(dt_bias), view_opt(h0),
         view_opt(seq_idx), softplus, limit, dims, rows, out.numpy(), last.numpy(), cks.numpy(),
+        token_major,
     )  # fmt: skip
     return out, last, cks
 
@@ -541,9 +543,12 @@ def _scan(x, dt, A, B, C, D, z, dt_bias, h0, seq_idx, softplus, limit):
 
     args = (rows(x), rows(dt), c(A, cdt), rows(B), rows(C), c(D, cdt), rows(z),
             c(dt_bias, cdt), c(h0, cdt), sq, bool(softplus))  # fmt: skip
+    if _eager_no_grad(named) and not x.is_cuda:
+        # The kernel directly (no dispatcher), writing mamba_ssm's (b, l, h, p) layout.
+        out, last, _ = _fwd_cpu(*args, (lo, hi) if has_limit else None, False, True)
+        return out.to(x.dtype), last
     if _eager_no_grad(named):
-        fwd = _fwd_cuda if x.is_cuda else _fwd_cpu  # the kernel directly, no dispatcher
-        out, last, _ = fwd(*args, (lo, hi) if has_limit else None, False)
+        out, last, _ = _fwd_cuda(*args, (lo, hi) if has_limit else None, False)
     else:
         out, last, _ = torch.ops.bmojo.ssd_fwd(*args, has_limit, float(lo), float(hi))
     # One copy into mamba_ssm's contiguous (b, l, h, p) layout, casting on the way.

@@ -336,11 +336,47 @@ fn silu<T: SimdElem>(z: T) -> (T, T) {
 // Forward
 // --------------------------------------------------------------------------------------
 
+/// Where a forward task writes its outputs.
+enum OutRows<'s, T> {
+    /// Head-major: this task's own `(len, P)` block.
+    Own(&'s mut [T]),
+    /// Token-major `(batch, len, heads, P)`, shared by all tasks (each writes only its own
+    /// (batch row, head) rows).
+    Shared(&'s TokenMajor<T>),
+}
+
+/// The token-major output `(batch, len, heads, P)` written by every task at once: task
+/// (b, h) writes exactly the elements `[b, t, h, 0..P)` for every t, so the tasks' index
+/// sets are disjoint. Saves the head-major → token-major copy of the output.
+struct TokenMajor<T> {
+    ptr: *mut T,
+    len: usize,
+}
+
+// SAFETY: a TokenMajor is only made in `forward` from a `&mut [T]` that stays borrowed for
+// as long as the tasks run (so nothing else reads or writes it), and the tasks write
+// disjoint elements of it (see `write`): sharing it between threads creates no data race.
+unsafe impl<T: Send> Send for TokenMajor<T> {}
+// SAFETY: as above; `&TokenMajor` only allows writes at disjoint indices.
+unsafe impl<T: Send> Sync for TokenMajor<T> {}
+
+impl<T: Copy> TokenMajor<T> {
+    /// Writes `v` at index `i` (< `len`, checked). Callers write each index from one task
+    /// only: the task of (batch row, head) writes the indices of its own rows.
+    #[inline(always)]
+    fn write(&self, i: usize, v: T) {
+        assert!(i < self.len, "token-major output index out of range");
+        // SAFETY: `i < len` keeps the write inside the borrowed slice, which outlives every
+        // task; no two tasks write the same index and nobody reads the slice while the
+        // tasks run, so this write races with nothing.
+        unsafe { self.ptr.add(i).write(v) }
+    }
+}
+
 struct Fwd<'s, 'a, T> {
     s: &'s SsdArgs<'a, T>,
     t: Task,
-    /// `(len, P)` of this (batch row, head).
-    out: &'s mut [T],
+    out: OutRows<'s, T>,
     /// `(P, N)`.
     last: &'s mut [T],
     /// `(n_chunks, P, N)`, or empty when no backward will follow.
@@ -354,7 +390,7 @@ impl<T: SimdElem> Kernel<T> for Fwd<'_, '_, T> {
         let Fwd {
             s,
             t,
-            out,
+            mut out,
             last,
             ckpt,
         } = self;
@@ -401,14 +437,16 @@ impl<T: SimdElem> Kernel<T> for Fwd<'_, '_, T> {
                 acc[r] = y;
             }
             sum_vectors(&acc, &mut ys);
-            let orow = &mut out[k * p..(k + 1) * p];
-            for (r, (o, &y)) in orow.iter_mut().zip(&ys).enumerate() {
+            for (r, &y) in ys.iter().enumerate() {
                 let xr = xs[r];
                 let mut v = y + s.d_at(t.h, r) * xr;
                 if let Some(z) = s.z {
                     v = v * silu(z[s.zrow(t.b, k, t.h) + r]).0;
                 }
-                *o = v;
+                match &mut out {
+                    OutRows::Own(o) => o[k * p + r] = v,
+                    OutRows::Shared(o) => o.write(((t.b * l + k) * s.heads + t.h) * p + r, v),
+                }
             }
         }
         for r in 0..p {
@@ -422,10 +460,12 @@ impl<T: SimdElem> Kernel<T> for Fwd<'_, '_, T> {
     }
 }
 
-/// Outputs of the forward: `out (batch, heads, len, P)`, `last (batch, heads, P, N)` and
-/// the checkpoints `(batch, heads, n_chunks(len), P, N)` (empty: none, for inference).
+/// Outputs of the forward: `out (batch, heads, len, P)` (or `(batch, len, heads, P)` if
+/// `token_major`), `last (batch, heads, P, N)` and the checkpoints `(batch, heads,
+/// n_chunks(len), P, N)` (empty: none, for inference).
 pub struct FwdOut<'a, T> {
     pub out: &'a mut [T],
+    pub token_major: bool,
     pub last: &'a mut [T],
     pub ckpt: &'a mut [T],
 }
@@ -441,7 +481,16 @@ pub fn forward<T: SimdElem>(level: Level, s: &SsdArgs<'_, T>, o: FwdOut<'_, T>) 
     ])?;
     let tasks = s.tasks();
     let k = tasks.len();
-    let outs = pool::split_lengths(o.out, &vec![l * p; k]);
+    let shared = TokenMajor {
+        ptr: o.out.as_mut_ptr(),
+        len: o.out.len(),
+    };
+    let outs: Vec<OutRows<'_, T>> = if o.token_major {
+        (0..k).map(|_| OutRows::Shared(&shared)).collect()
+    } else {
+        let own = pool::split_lengths(o.out, &vec![l * p; k]);
+        own.into_iter().map(OutRows::Own).collect()
+    };
     let lasts = pool::split_lengths(o.last, &vec![p * n; k]);
     let ckpts = pool::split_lengths(o.ckpt, &vec![nck * p * n; k]);
     let items: Vec<_> = tasks.into_iter().zip(outs).zip(lasts).zip(ckpts).collect();
