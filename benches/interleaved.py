@@ -4,7 +4,7 @@ thread settings. For each op and size it prints the time the op adds to the patt
 bmojo_core and with the pure-torch path transformers falls back to (its own formulas), and
 their ratio: a ratio below 1 is a call pattern bmojo_core makes slower.
 
-    python benches/interleaved.py [--repeat 30]
+    python benches/interleaved.py [--repeat 60]
 """
 
 from __future__ import annotations
@@ -75,38 +75,45 @@ def cases(batch: int, length: int):
            lambda: torch_conv(u, w, b))  # fmt: skip
 
 
-def pattern(op, rows: int, repeat: int) -> float:
-    """Median seconds of matmul → op → matmul (the caller subtracts the matmuls alone)."""
+def _pattern_once(op, h, w1, w2) -> float:
+    """Seconds of one matmul → op → matmul (h is not carried from one call to the next:
+    repeated products would shrink it into denormals, which slow the matmuls down)."""
+    t0 = time.perf_counter()
+    xz = h @ w1
+    op()
+    xz[:, :D] @ w2
+    return time.perf_counter() - t0
+
+
+def added_time(ours, ref, rows: int, repeat: int) -> tuple[float, float]:
+    """Median time each op adds to the matmul pair, bmojo_core's and torch's. The base
+    pattern (matmuls alone) and the two ops run in alternation inside every repeat, so slow
+    phases of the machine hit all three alike and cancel in the per-repeat differences."""
     w1, w2 = torch.randn(DM, 2 * D) / 30, torch.randn(D, DM) / 30
     h = torch.randn(rows, DM)
-    ts = []
+    for f in (lambda: None, ours, ref):
+        _pattern_once(f, h, w1, w2)  # warm-up
+    d_ours, d_ref = [], []
     for _ in range(repeat):
-        t0 = time.perf_counter()
-        for _ in range(4):
-            # h is not carried from one matmul pair to the next: repeated products would
-            # shrink it into denormals, which slow every later matmul down.
-            xz = h @ w1
-            op()
-            xz[:, :D] @ w2
-        ts.append((time.perf_counter() - t0) / 4)
-    return statistics.median(ts)
+        base = min(_pattern_once(lambda: None, h, w1, w2) for _ in range(2))
+        d_ours.append(_pattern_once(ours, h, w1, w2) - base)
+        d_ref.append(_pattern_once(ref, h, w1, w2) - base)
+    return statistics.median(d_ours), statistics.median(d_ref)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--repeat", type=int, default=30)
+    ap.add_argument("--repeat", type=int, default=60)
     args = ap.parse_args()
     print(f"threads: torch {torch.get_num_threads()}, bmojo_core {bm.get_num_threads()}")
     print(f"{'op':24s} {'batch':>5s} {'L':>5s} {'bmojo_core':>11s} {'torch':>11s} {'ratio':>7s}")
     with torch.no_grad():
         for batch, length in ((1, 1), (8, 1), (1, 8), (1, 64), (1, 1024), (8, 256)):
             rows = batch  # decode-sized matmuls: the hand-over between pools is measured
-            base = pattern(lambda: None, rows, args.repeat)
             for name, ours, ref in cases(batch, length):
                 slow = name == "selective_scan_fn" and length >= 256  # the torch loop
-                rep = max(3, args.repeat // 10) if slow else args.repeat
-                o = pattern(ours, rows, rep) - base
-                t = pattern(ref, rows, rep) - base
+                rep = max(3, args.repeat // 20) if slow else args.repeat
+                o, t = added_time(ours, ref, rows, rep)
                 print(f"{name:24s} {batch:5d} {length:5d} {o * 1e6:9.0f}us {t * 1e6:9.0f}us "
                       f"{t / max(o, 1e-9):7.2f}", flush=True)  # fmt: skip
 

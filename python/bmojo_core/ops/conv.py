@@ -24,6 +24,7 @@ from .. import _validate as V
 from ..runtime import cuda as _cuda
 from ..runtime import launch as CU
 from ._native import core, inout, view, view_opt
+from .scan import _eager_no_grad
 
 # CUDA kernels (cuda/conv.cu): element-wise forward / backward, weight-gradient partials
 # reduced in chunk order, and the update (one thread per row and channel).
@@ -61,12 +62,17 @@ def causal_conv1d_fwd(
     """Normalised forward: x (B, D, L), weight (D, K), bias (D,), initial_states
     (B, D, K-1) all float32 or all float64; seq_idx (B, L) int64. Returns (out,
     final_states)."""
+    return _fwd_cpu(x, weight, bias, seq_idx, initial_states, silu)
+
+
+def _fwd_cpu(x, weight, bias, seq_idx, initial_states, silu, final: bool = True):
+    """The CPU kernel; the final states only if ``final`` (else None)."""
     b, d, length = x.shape
     out = x.new_empty(b, d, length)
-    fin = x.new_empty(b, d, weight.shape[1] - 1)
+    fin = x.new_empty(b, d, weight.shape[1] - 1) if final else None
     core.conv.causal_conv1d_fwd(
         view(x), view(weight), view_opt(bias), view_opt(seq_idx),
-        view_opt(initial_states), silu, out.numpy(), fin.numpy(),
+        view_opt(initial_states), silu, out.numpy(), None if fin is None else fin.numpy(),
     )  # fmt: skip
     return out, fin
 
@@ -313,7 +319,7 @@ def causal_conv1d_fn(
     cdt = V.compute_dtype(
         {"x": x, "weight": weight, "bias": bias, "initial_states": initial_states}, "x"
     )
-    out, fin = torch.ops.bmojo.causal_conv1d_fwd(
+    args = (
         x.to(cdt).contiguous(),
         weight.to(cdt).contiguous(),
         V.as_compute(bias, cdt),
@@ -321,6 +327,13 @@ def causal_conv1d_fn(
         V.as_compute(initial_states, cdt),
         silu,
     )
+    named = {"x": x, "weight": weight, "bias": bias, "initial_states": initial_states}
+    if not x.is_cuda and _eager_no_grad(named):
+        # Nothing to differentiate, plain CPU tensors: the kernel directly (the dispatcher
+        # and the autograd wrapper cost more than a short convolution).
+        out, fin = _fwd_cpu(*args, final=return_final_states)
+    else:
+        out, fin = torch.ops.bmojo.causal_conv1d_fwd(*args)
     out = out.to(x.dtype)
     if not return_final_states:
         return out

@@ -177,15 +177,22 @@ fn pre_row<V: Vector, const KC: usize>(r: &Row<'_, V::E>, wv: &[V], out: &mut [V
             }
             acc.store(&mut out[t..t + w]);
             t += w;
-        } else if t >= km && t + w > l && r.st.is_none() && km + w <= 64 {
-            // The row's last positions: one vector block over a zero-padded window.
+        } else if r.st.is_none() && km + w <= 64 {
+            // The row's first or last positions: one vector block over a window padded
+            // with the initial state (or zeros) before the row and zeros after it.
             if let Some(t0) = run.take() {
                 if act {
                     silu_inplace::<V>(&mut out[t0..t]);
                 }
             }
             let mut win = [V::E::ZERO; 64];
-            win[..l - t + km].copy_from_slice(&r.x[t - km..l]);
+            for (i, v) in win[..km + w].iter_mut().enumerate() {
+                let j = t as isize - km as isize + i as isize;
+                if j < l as isize {
+                    *v = r.tap(t, j);
+                }
+            }
+            let valid = w.min(l - t);
             let mut acc = bias;
             for (k, wk) in wv.iter().enumerate() {
                 acc = wk.fma(V::load(&win[k..]), acc);
@@ -195,8 +202,8 @@ fn pre_row<V: Vector, const KC: usize>(r: &Row<'_, V::E>, wv: &[V], out: &mut [V
             }
             let mut lane = [V::E::ZERO; 16];
             acc.store(&mut lane);
-            out[t..l].copy_from_slice(&lane[..l - t]);
-            t = l;
+            out[t..t + valid].copy_from_slice(&lane[..valid]);
+            t += valid;
         } else {
             run.get_or_insert(t);
             out[t] = r.pre_at(t);

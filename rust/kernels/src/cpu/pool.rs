@@ -86,7 +86,10 @@ pub(super) fn pool() -> Option<Arc<rayon::ThreadPool>> {
 /// Runs `f(i, item)` for every item, in parallel when there is enough `work` (a rough
 /// count of elementary operations) to pay for waking the pool.
 pub fn for_each<I: Send, F: Fn(usize, I) + Sync + Send>(items: Vec<I>, work: usize, f: F) {
-    const MIN_PARALLEL_WORK: usize = 1 << 17;
+    // About 0.2 ms of work on one core. Below it, waking the pool costs more than it saves
+    // whenever the call follows a torch matmul, whose OpenMP workers keep spinning on the
+    // cores for milliseconds afterwards (benches/interleaved.py).
+    const MIN_PARALLEL_WORK: usize = 1 << 19;
     if items.len() > 1 && work >= MIN_PARALLEL_WORK {
         if let Some(p) = pool() {
             p.install(|| {
