@@ -16,7 +16,8 @@ PUBLIC = {
         "SlidingWindowAttention", "Stream", "__version__", "bilinear_scan", "causal_conv1d_fn",
         "causal_conv1d_update", "companion_scan", "cuda", "diag_scan", "eidetic_select",
         "gather_positions", "get_num_threads", "innovation_scores", "layers",
-        "mamba_chunk_scan_combined", "mamba_split_conv1d_scan_combined", "realization",
+        "mamba_chunk_scan_combined", "mamba_inner_fn", "mamba_split_conv1d_scan_combined",
+        "realization",
         "reference", "selective_scan_fn",
         "selective_state_update", "set_num_threads", "set_simd_level", "simd_level",
         "simd_levels", "ssd_state_update", "stream",
@@ -35,8 +36,8 @@ PUBLIC = {
     "bmojo_core.ops": {
         "EideticStore", "bilinear_scan", "causal_conv1d_fn", "causal_conv1d_update",
         "companion_scan", "diag_scan", "eidetic_select", "gather_positions", "innovation_scores",
-        "mamba_chunk_scan_combined", "mamba_split_conv1d_scan_combined", "reference",
-        "selective_scan_fn", "selective_state_update", "ssd_state_update",
+        "mamba_chunk_scan_combined", "mamba_inner_fn", "mamba_split_conv1d_scan_combined",
+        "reference", "selective_scan_fn", "selective_state_update", "ssd_state_update",
     },
     "bmojo_core.ops.reference": {
         "bilinear_scan", "causal_conv1d", "causal_conv1d_update", "companion_scan", "diag_scan",

@@ -138,7 +138,7 @@ def test_training_step_gradients_equal(tt, name, monkeypatch):
     ops = (
         ("mamba_split_conv1d_scan_combined", "mamba_chunk_scan_combined")
         if name in MAMBA2
-        else ("selective_scan_fn",)
+        else ("selective_scan_fn", "mamba_inner_fn")
     )
     for op in ops:
         real = getattr(tt, op)
@@ -157,6 +157,8 @@ def test_training_step_gradients_equal(tt, name, monkeypatch):
     assert calls, f"none of {ops} ran"
     if name == "mamba2":  # trains through the fused block (hybrids with a cache: unfused)
         assert "mamba_split_conv1d_scan_combined" in calls
+    if name == "mamba":  # through Mamba-1's fused block (FalconMamba's normed one declines)
+        assert "mamba_inner_fn" in calls
     assert set(got) == set(want)
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=2e-3, atol=2e-4, msg=k)

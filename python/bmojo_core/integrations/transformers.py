@@ -13,9 +13,12 @@ patched only where it exists and only for the hook names it defines): the Mamba-
 decode step) and the Mamba-2 family (Mamba2, Zamba2, Bamba, GraniteMoeHybrid, FalconH1,
 NemotronH: the causal convolution, the SSD scan, Mamba-2's fused training block
 :func:`~bmojo_core.ops.ssd.mamba_split_conv1d_scan_combined` and the heads-layout decode
-step). Mamba-1's fused training path ``mamba_inner_fn`` is replaced by a function that
-returns None, which is how transformers' own torch version declines: the mixer then runs
-its unfused path, on our ops, with autograd.
+step). Mamba-1's fused training path ``mamba_inner_fn`` runs
+:func:`~bmojo_core.ops.inner.mamba_inner_fn`, except for FalconMamba's variant with RMS
+norms on B, C and Δ (``b_rms_weight``, ...): there transformers' torch path normalises Δ's
+low-rank input before its projection while mamba_ssm's kernel normalises after it, so the
+hook declines by returning None — transformers' documented fallback, its own torch version
+does the same — and the mixer runs its unfused path on our conv and scan, with autograd.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..ops.conv import causal_conv1d_fn, causal_conv1d_update
+from ..ops.inner import mamba_inner_fn
 from ..ops.scan import selective_scan_fn
 from ..ops.ssd import mamba_chunk_scan_combined, mamba_split_conv1d_scan_combined
 from ..ops.step import selective_state_update
@@ -73,10 +77,19 @@ def _conv_update(hidden_states, conv_state, weight, bias=None, activation=None, 
     return causal_conv1d_update(hidden_states, conv_state, weight, bias, activation)
 
 
-def _inner_fn(*_: Any, **__: Any) -> None:
-    """Mamba-1's fused training path: None makes the mixer take its unfused path (on our
-    conv and scan, with autograd), as transformers' own torch version does."""
-    return None
+def _inner_fn(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight,
+              out_proj_weight, out_proj_bias, A, B=None, C=None, D=None, delta_bias=None,
+              delta_softplus=True, b_rms_weight=None, c_rms_weight=None, dt_rms_weight=None,
+              b_c_dt_rms_eps=1e-6, **_: Any):  # fmt: skip
+    """Mamba-1's fused training path on :func:`mamba_inner_fn`; None (transformers' way to
+    decline: the mixer runs its unfused path, on our ops) for FalconMamba's normed
+    variant, whose Δ norm transformers places before the projection (see module doc)."""
+    if any(w is not None for w in (b_rms_weight, c_rms_weight, dt_rms_weight)):
+        return None
+    return mamba_inner_fn(
+        xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight,
+        out_proj_bias, A, B, C, D, delta_bias, delta_softplus=delta_softplus,
+    )  # fmt: skip
 
 
 def _chunk_scan(hidden_states, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None,

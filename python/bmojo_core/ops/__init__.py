@@ -4,6 +4,7 @@ registered side by side, plus the public function that checks its arguments; the
 pure-torch oracles of every family are in :mod:`.reference`.
 
 * :mod:`.scan`: ``diag_scan``, ``selective_scan_fn`` (Mamba-1);
+* :mod:`.inner`: ``mamba_inner_fn`` (Mamba-1's fused block, composed from the ops);
 * :mod:`.ssd`: ``mamba_chunk_scan_combined`` (Mamba-2's SSD),
   ``mamba_split_conv1d_scan_combined`` (its fused block), ``ssd_state_update`` (its
   decoding step);
@@ -21,6 +22,7 @@ from .bilinear import bilinear_scan
 from .companion import companion_scan
 from .conv import causal_conv1d_fn, causal_conv1d_update
 from .eidetic import EideticStore, eidetic_select, gather_positions, innovation_scores
+from .inner import mamba_inner_fn
 from .scan import diag_scan, selective_scan_fn
 from .ssd import mamba_chunk_scan_combined, mamba_split_conv1d_scan_combined, ssd_state_update
 from .step import selective_state_update
@@ -36,6 +38,7 @@ __all__ = [
     "gather_positions",
     "innovation_scores",
     "mamba_chunk_scan_combined",
+    "mamba_inner_fn",
     "mamba_split_conv1d_scan_combined",
     "reference",
     "selective_scan_fn",
