@@ -596,7 +596,19 @@ def _explicit_calls() -> dict:
         _, store = bm.eidetic_select(scores.double(), 3, 2, policy, tau, return_store=True)
         args = (store["positions"], store["scores"], store["count"], scores.double(), policy, tau)
         push.append((torch.ops.bmojo.eidetic_push.default, args, {}))
-    return {"selective_state_update": calls, "eidetic_push": push}
+    ssd_steps = []
+    for opts in (False, True):
+        gen = torch.Generator().manual_seed(5)
+
+        def f(*shape, gen=gen):
+            return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+        b, h, p, g, n = 2, 4, 3, 2, 5
+        args = (f(b, h, p, n), f(b, h, p), f(b, h), -f(h).abs(), f(b, g, n), f(b, g, n),
+                f(h, p) if opts else None, f(b, h, p) if opts else None,
+                f(h) if opts else None, opts)  # fmt: skip
+        ssd_steps.append((torch.ops.bmojo.ssd_state_update.default, args, {}))
+    return {"selective_state_update": calls, "eidetic_push": push, "ssd_state_update": ssd_steps}
 
 
 def test_ops_exist():

@@ -34,6 +34,7 @@ __all__ = [
     "ssd_bwd",
     "ssd_fwd",
     "ssd_state_update",
+    "ssd_state_update_op",
 ]
 
 CHECKPOINT_CHUNK: int = core.ssd.CHECKPOINT_CHUNK
@@ -747,11 +748,38 @@ def ssd_state_update(
     if not state.is_contiguous():
         raise V.BmojoValueError("state: expected a contiguous tensor (it is updated in place)")
     c = V.as_compute
+    out = torch.ops.bmojo.ssd_state_update(
+        state, *(c(t, cdt) for t in (x, dt, A, B, C, D, z, dt_bias)), bool(dt_softplus)
+    )
+    return out.to(x.dtype)
+
+
+@torch.library.custom_op("bmojo::ssd_state_update", mutates_args=("state",), device_types="cpu")
+def ssd_state_update_op(
+    state: Tensor,
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None,
+    z: Tensor | None,
+    dt_bias: Tensor | None,
+    dt_softplus: bool,
+) -> Tensor:
+    """Normalised decoding step (the op behind :func:`ssd_state_update` when it validates,
+    and under tracing): contiguous tensors in the state's dtype, float32/float64; updates
+    ``state (b, h, p, n)`` in place, returns ``out (b, h, p)``."""
     out = core.ssd.ssd_state_update(
-        state.numpy(), *(view(c(t, cdt)) for t in (x, dt, A, B, C)),
-        *(view_opt(c(t, cdt)) for t in (D, z, dt_bias)), bool(dt_softplus),
+        state.numpy(), view(x), view(dt), view(A), view(B), view(C), view_opt(D),
+        view_opt(z), view_opt(dt_bias), bool(dt_softplus),
     )  # fmt: skip
-    return torch.from_numpy(out).to(x.dtype)
+    return torch.from_numpy(out)
+
+
+@ssd_state_update_op.register_fake
+def _(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
+    return x.new_empty(x.shape)
 
 
 def _state_update_fast(state, x, dt, A, B, C, D, z, dt_bias, softplus):
