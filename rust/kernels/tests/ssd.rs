@@ -200,6 +200,37 @@ fn cases() -> Vec<Case> {
             opts: true,
             d_hp: false,
         },
+        // state widths of 4, 8 and 16 vectors at AVX-512 f32 (B and C held in registers)
+        Case {
+            b: 1,
+            l: 40,
+            h: 2,
+            p: 3,
+            g: 1,
+            n: 64,
+            opts: true,
+            d_hp: false,
+        },
+        Case {
+            b: 2,
+            l: 33,
+            h: 2,
+            p: 5,
+            g: 2,
+            n: 128,
+            opts: true,
+            d_hp: true,
+        },
+        Case {
+            b: 1,
+            l: 17,
+            h: 1,
+            p: 2,
+            g: 1,
+            n: 256,
+            opts: false,
+            d_hp: false,
+        },
     ]
 }
 
