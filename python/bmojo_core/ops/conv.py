@@ -23,8 +23,7 @@ from torch import Tensor
 from .. import _validate as V
 from ..runtime import cuda as _cuda
 from ..runtime import launch as CU
-from ._native import core, inout, view, view_opt
-from .scan import _eager_no_grad
+from ._native import core, eager_no_grad, inout, view, view_opt
 
 # CUDA kernels (cuda/conv.cu): element-wise forward / backward, weight-gradient partials
 # reduced in chunk order, and the update (one thread per row and channel).
@@ -328,7 +327,7 @@ def causal_conv1d_fn(
         silu,
     )
     named = {"x": x, "weight": weight, "bias": bias, "initial_states": initial_states}
-    if not x.is_cuda and _eager_no_grad(named):
+    if not x.is_cuda and eager_no_grad(named):
         # Nothing to differentiate, plain CPU tensors: the kernel directly (the dispatcher
         # and the autograd wrapper cost more than a short convolution).
         out, fin = _fwd_cpu(*args, final=return_final_states)

@@ -20,7 +20,7 @@ from torch import Tensor
 from .. import _validate as V
 from ..runtime import cuda as _cuda
 from ..runtime import launch as CU
-from ._native import core, view, view_opt
+from ._native import core, eager_no_grad, view, view_opt
 
 CHUNK: int = core.scan.CHECKPOINT_CHUNK
 
@@ -234,17 +234,6 @@ def selective_scan_fwd(
     the dtype of last_state and the checkpoints."""
     return _sel_fwd_cpu(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx,
                         delta_softplus)  # fmt: skip
-
-
-def _eager_no_grad(named: dict[str, Tensor | None]) -> bool:
-    """True outside tracing when every tensor is a plain eager tensor and no gradient can
-    flow (grad mode off, or no input requires grad)."""
-    if torch.compiler.is_compiling():
-        return False
-    grad = torch.is_grad_enabled()
-    return all(
-        t is None or (type(t) is Tensor and not (grad and t.requires_grad)) for t in named.values()
-    )
 
 
 def _sel_fwd_cpu(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, delta_softplus):
@@ -485,7 +474,10 @@ def _one_step(u, delta, A, B, C, D, z, delta_bias, h0, softplus, cdt):
     batch, dim, _ = u.shape
     n = A.shape[1]
     last = c(h0, cdt).clone() if h0 is not None else u.new_zeros(batch, dim, n, dtype=cdt)
-    col = lambda t: None if t is None else c(t[..., 0], cdt)  # noqa: E731
+
+    def col(t):  # the one position of a (..., 1) tensor
+        return None if t is None else c(t[..., 0], cdt)
+
     out = core.step.selective_state_update(
         last.numpy(), view(col(u)), view(col(delta)), view(c(A, cdt)), view(col(B)),
         view(col(C)), view_opt(c(D, cdt)), view_opt(col(z)), view_opt(c(delta_bias, cdt)),
@@ -592,7 +584,7 @@ def selective_scan_fn(
     V.same_device({**named, "seq_idx": seq_idx}, "u")
     cdt = V.compute_dtype(named, "u")
     c = V.as_compute
-    if not u.is_cuda and _eager_no_grad(named):
+    if not u.is_cuda and eager_no_grad(named):
         # Nothing to differentiate, plain CPU tensors: the kernel directly. The dispatcher
         # and the autograd wrapper cost more than a short scan (~150 µs at L = 1).
         sq = None if seq_idx is None else seq_idx.to(torch.int64).contiguous()

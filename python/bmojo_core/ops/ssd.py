@@ -22,9 +22,9 @@ from torch import Tensor
 from .. import _validate as V
 from ..runtime import cuda as _cuda
 from ..runtime import launch as CU
-from ._native import core, view, view_opt
+from ._native import core, eager_no_grad, view, view_opt
 from .conv import causal_conv1d_fn
-from .scan import _eager_no_grad, _want
+from .scan import _want
 
 __all__ = [
     "CHECKPOINT_CHUNK",
@@ -38,6 +38,12 @@ __all__ = [
 ]
 
 CHECKPOINT_CHUNK: int = core.ssd.CHECKPOINT_CHUNK
+
+
+def _check_d(D: Tensor | None, h: int, p: int) -> None:
+    """``D`` is per head ``(h,)`` or per channel ``(h, p)``."""
+    if D is not None and tuple(D.shape) not in ((h,), (h, p)):
+        raise V.BmojoValueError(f"D: expected shape ({h},) or ({h}, {p}), got {tuple(D.shape)}")
 
 
 def _softplus(x: Tensor) -> Tensor:
@@ -94,8 +100,7 @@ def mamba_chunk_scan_combined(
     V.int_arg("chunk_size", chunk_size, 1)
     if D is not None:
         V.device_tensor("D", D)
-        if tuple(D.shape) not in ((h,), (h, p)):
-            raise V.BmojoValueError(f"D: expected shape ({h},) or ({h}, {p}), got {tuple(D.shape)}")
+        _check_d(D, h, p)
     for name, t, shp, desc in (
         ("z", z, (b, length, h, p), "(batch, L, heads, head_dim) like x"),
         ("dt_bias", dt_bias, (h,), "(heads,)"),
@@ -397,8 +402,7 @@ def _cuda_check(x, dt, A, B, C, D, z, dt_bias, h0, seq_idx, limit, extra=()):
     V.shape("dt", dt, (b, length, h), "(batch, L, heads)")
     V.shape("A", A, (h,), "(heads,)")
     V.shape("C", C, (b, length, g, n), "(batch, L, groups, N) like B")
-    if D is not None and tuple(D.shape) not in ((h,), (h, p)):
-        raise V.BmojoValueError(f"D: expected shape ({h},) or ({h}, {p}), got {tuple(D.shape)}")
+    _check_d(D, h, p)
     for name, t, shp in (
         ("z", z, (b, length, h, p)),
         ("dt_bias", dt_bias, (h,)),
@@ -544,11 +548,11 @@ def _scan(x, dt, A, B, C, D, z, dt_bias, h0, seq_idx, softplus, limit):
 
     args = (rows(x), rows(dt), c(A, cdt), rows(B), rows(C), c(D, cdt), rows(z),
             c(dt_bias, cdt), c(h0, cdt), sq, bool(softplus))  # fmt: skip
-    if _eager_no_grad(named) and not x.is_cuda:
+    if eager_no_grad(named) and not x.is_cuda:
         # The kernel directly (no dispatcher), writing mamba_ssm's (b, l, h, p) layout.
         out, last, _ = _fwd_cpu(*args, (lo, hi) if has_limit else None, False, True)
         return out.to(x.dtype), last
-    if _eager_no_grad(named):
+    if eager_no_grad(named):
         out, last, _ = _fwd_cuda(*args, (lo, hi) if has_limit else None, False)
     else:
         out, last, _ = torch.ops.bmojo.ssd_fwd(*args, has_limit, float(lo), float(hi))
@@ -733,8 +737,7 @@ def ssd_state_update(
             V.shape(name, t, shp, desc)
     if D is not None:
         V.device_tensor("D", D)
-        if tuple(D.shape) not in ((h,), (h, p)):
-            raise V.BmojoValueError(f"D: expected shape ({h},) or ({h}, {p}), got {tuple(D.shape)}")
+        _check_d(D, h, p)
     named = {"state": state, "x": x, "dt": dt, "A": A, "B": B, "C": C, "D": D, "z": z,
              "dt_bias": dt_bias}  # fmt: skip
     V.same_device(named, "state")
@@ -786,7 +789,7 @@ def _state_update_fast(state, x, dt, A, B, C, D, z, dt_bias, softplus):
     """The kernel on plain contiguous CPU tensors of the state's dtype (the decode hot
     path: no validation in Python, the kernel checks every shape exactly); None when the
     inputs need the validating path."""
-    if torch.compiler.is_compiling() or not _eager_no_grad(
+    if torch.compiler.is_compiling() or not eager_no_grad(
         {
             "state": state,
             "x": x,
