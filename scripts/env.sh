@@ -66,7 +66,7 @@ unset PYTHONHOME
 _bmojo_python="$BMOJO_VENV/bin/python"
 
 # --- requirements (skipped when the stamp matches) -------------------------------------------
-_bmojo_reqs=(torch numpy scipy safetensors transformers control matplotlib hypothesis pytest pytest-xdist pytest-benchmark tqdm ruff maturin)
+_bmojo_reqs=(torch numpy scipy safetensors transformers control matplotlib hypothesis pytest pytest-xdist pytest-benchmark tqdm ruff "maturin[zig]" auditwheel uv)
 _bmojo_req_stamp="$BMOJO_VENV/.bmojo_requirements.stamp"
 _bmojo_req_key="requirements: ${_bmojo_reqs[*]}; pip args: ${BMOJO_PIP_ARGS:-}; python: $(
   "$_bmojo_python" -c 'import sys; print(sys.version.split()[0])'

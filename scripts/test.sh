@@ -4,7 +4,9 @@
 #   bash scripts/test.sh
 #
 # Steps: cargo fmt --check, cargo clippy -D warnings, cargo test (release), ruff check,
-# ruff format --check, pytest (2 xdist workers; BMOJO_TEST_WORKERS overrides). Every step
+# ruff format --check, pytest (2 xdist workers; BMOJO_TEST_WORKERS overrides), and the wheel
+# tests (scripts/wheel_test.sh: the release wheel in fresh venvs against the newest and the
+# oldest declared torch, and the sdist build; BMOJO_TEST_WHEEL=0 skips them). Every step
 # runs even when an earlier one fails; the exit status is non-zero if any step failed.
 set -euo pipefail
 
@@ -54,6 +56,9 @@ step "cargo test" cargo test --workspace --release
 step "ruff check" ruff check python tests benches
 step "ruff format" ruff format --check python tests benches
 step "pytest" env BMOJO_TEST_STRICT=1 python -m pytest -q -n "${BMOJO_TEST_WORKERS:-2}" tests
+if [ "${BMOJO_TEST_WHEEL:-1}" = "1" ]; then
+  step "wheel tests" bash scripts/wheel_test.sh
+fi
 
 echo
 if [ "${#failed[@]}" -ne 0 ]; then

@@ -52,6 +52,30 @@ def needs(available: bool, what: str):
     return pytest.mark.skipif(not available and not STRICT, reason=f"needs {what}")
 
 
+def transformers_with_torch() -> bool:
+    """transformers is installed and runs its PyTorch models with the installed torch (a
+    transformers too new for this torch imports, but disables its models)."""
+    import importlib.util
+
+    if importlib.util.find_spec("transformers") is None:
+        return False
+    from transformers.utils import is_torch_available
+
+    return is_torch_available()
+
+
+if tuple(int(p) for p in torch.__version__.split(".")[:2]) < (2, 6):
+
+    @pytest.fixture(autouse=True)
+    def _undo_inductor_fast_math():
+        """torch < 2.6's inductor builds its C++ kernels with -ffast-math, and loading one
+        turns on flush-to-zero/denormals-are-zero for the whole thread: every later test in
+        that worker would compute without subnormals (hypothesis refuses to run then).
+        Turn them back off after each test."""
+        yield
+        torch.set_flush_denormal(False)
+
+
 # ---------------------------------------------------------------------------------------
 # tolerances (design §1; measured against an fp64 reference)
 # ---------------------------------------------------------------------------------------

@@ -11,10 +11,11 @@ import importlib.util
 
 import pytest
 import torch
-from conftest import needs
+from conftest import needs, transformers_with_torch
 
-HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
-pytestmark = needs(HAS_TRANSFORMERS, "transformers")
+USABLE = transformers_with_torch()
+
+pytestmark = needs(USABLE, "transformers with PyTorch support")
 
 V = 64
 
@@ -80,7 +81,7 @@ def _models():
 MAMBA2 = {"mamba2", "bamba", "granitemoehybrid", "falcon_h1", "nemotron_h", "zamba2"}
 
 
-MODELS = sorted(_models()) if HAS_TRANSFORMERS else []
+MODELS = sorted(_models()) if USABLE else []
 
 
 @pytest.fixture

@@ -5,17 +5,16 @@ through final/initial states == whole; packed == per-sequence; cu_seqlens == seq
 
 from __future__ import annotations
 
-import importlib.util
 import math
 
 import pytest
 import torch
 from bmojo_core.ops.reference import selective_scan, ssd_scan
-from conftest import needs
+from conftest import needs, transformers_with_torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
+HAS_TRANSFORMERS = transformers_with_torch()
 
 
 def inputs(b, length, h, p, g, n, *, seed=0, dtype=torch.float64, d_hp=False):

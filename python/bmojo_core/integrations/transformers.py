@@ -166,8 +166,17 @@ def _module(model: str):
 def enable() -> Report:
     """Routes every installed Mamba-family modeling module of transformers to
     bmojo_core (see the module doc) and reports what it patched. Calling it twice is
-    harmless. Raises ``ImportError`` when transformers is not installed."""
-    importlib.import_module("transformers")
+    harmless. Raises ``ImportError`` when transformers is not installed, or when it refuses
+    the installed torch (it then runs without PyTorch models, so there is nothing to route)."""
+    transformers = importlib.import_module("transformers")
+    if not transformers.utils.is_torch_available():
+        import torch
+
+        raise ImportError(
+            f"transformers {transformers.__version__} does not support the installed torch "
+            f"{torch.__version__} (it disabled its PyTorch models); install a transformers "
+            "release that supports this torch, or a newer torch"
+        )
     report = Report()
     for models, hooks in ((MAMBA1_MODELS, MAMBA1_HOOKS), (MAMBA2_MODELS, MAMBA2_HOOKS)):
         for model in models:

@@ -19,6 +19,7 @@ from .. import _validate as V
 from ..runtime import cuda as _cuda
 from ..runtime import launch as CU
 from ..runtime.settings import get_num_threads
+from ._library import custom_op
 from ._native import core, view, view_opt
 
 # CUDA kernels (cuda/bilinear.cu): one block per batch row, sequential in time, the n×n
@@ -117,7 +118,7 @@ def _cuda_bwd(A, per_step, N, v, initial_state, xs, dxs, dlast):
 # ----------------------------------------------------------------------------- modulated
 
 
-@torch.library.custom_op("bmojo::bilinear_scan_fwd", mutates_args=(), device_types="cpu")
+@custom_op("bmojo::bilinear_scan_fwd", mutates_args=(), device_types="cpu")
 def bilinear_scan_fwd(
     b: Tensor, A0: Tensor, N: Tensor, v: Tensor, initial_state: Tensor | None, parallel: bool
 ) -> tuple[Tensor, Tensor]:
@@ -143,7 +144,7 @@ def _(b, A0, N, v, initial_state, parallel):
     return torch.empty_like(b), b.new_empty(b.shape[0], b.shape[2])
 
 
-@torch.library.custom_op("bmojo::bilinear_scan_bwd", mutates_args=(), device_types="cpu")
+@custom_op("bmojo::bilinear_scan_bwd", mutates_args=(), device_types="cpu")
 def bilinear_scan_bwd(
     b: Tensor,
     A0: Tensor,
@@ -206,7 +207,7 @@ bilinear_scan_fwd.register_autograd(_mod_backward, setup_context=_mod_setup)
 # ----------------------------------------------------------------------------- per-step A
 
 
-@torch.library.custom_op("bmojo::bilinear_tv_scan_fwd", mutates_args=(), device_types="cpu")
+@custom_op("bmojo::bilinear_tv_scan_fwd", mutates_args=(), device_types="cpu")
 def bilinear_tv_scan_fwd(
     b: Tensor, A: Tensor, initial_state: Tensor | None, parallel: bool
 ) -> tuple[Tensor, Tensor]:
@@ -229,7 +230,7 @@ def _(b, A, initial_state, parallel):
     return torch.empty_like(b), b.new_empty(b.shape[0], b.shape[2])
 
 
-@torch.library.custom_op("bmojo::bilinear_tv_scan_bwd", mutates_args=(), device_types="cpu")
+@custom_op("bmojo::bilinear_tv_scan_bwd", mutates_args=(), device_types="cpu")
 def bilinear_tv_scan_bwd(
     b: Tensor,
     A: Tensor,

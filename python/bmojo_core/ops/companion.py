@@ -18,6 +18,7 @@ from torch import Tensor
 from .. import _validate as V
 from ..runtime import cuda as _cuda
 from ..runtime import launch as CU
+from ._library import custom_op
 from ._native import core, view, view_opt
 
 # CUDA kernels (cuda/companion.cu): one thread per (batch, channel) lane, sequential in time
@@ -35,7 +36,7 @@ def _y_is_s(c, D) -> bool:
     return c is None and D is None
 
 
-@torch.library.custom_op("bmojo::companion_scan_fwd", mutates_args=(), device_types="cpu")
+@custom_op("bmojo::companion_scan_fwd", mutates_args=(), device_types="cpu")
 def companion_scan_fwd(
     u: Tensor,
     alpha: Tensor,
@@ -100,7 +101,7 @@ def _(u, alpha, beta, c, D, initial_state):
     )
 
 
-@torch.library.custom_op("bmojo::companion_scan_bwd", mutates_args=(), device_types="cpu")
+@custom_op("bmojo::companion_scan_bwd", mutates_args=(), device_types="cpu")
 def companion_scan_bwd(
     u: Tensor,
     alpha: Tensor,

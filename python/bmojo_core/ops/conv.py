@@ -23,6 +23,7 @@ from torch import Tensor
 from .. import _validate as V
 from ..runtime import cuda as _cuda
 from ..runtime import launch as CU
+from ._library import custom_op
 from ._native import core, eager_no_grad, inout, view, view_opt
 
 # CUDA kernels (cuda/conv.cu): element-wise forward / backward, weight-gradient partials
@@ -49,7 +50,7 @@ def _silu(activation) -> bool:
 # ----------------------------------------------------------------------------- ops
 
 
-@torch.library.custom_op("bmojo::causal_conv1d_fwd", mutates_args=(), device_types="cpu")
+@custom_op("bmojo::causal_conv1d_fwd", mutates_args=(), device_types="cpu")
 def causal_conv1d_fwd(
     x: Tensor,
     weight: Tensor,
@@ -105,7 +106,7 @@ def _(x, weight, bias, seq_idx, initial_states, silu):
     return x.new_empty(b, d, length), x.new_empty(b, d, weight.shape[1] - 1)
 
 
-@torch.library.custom_op("bmojo::causal_conv1d_bwd", mutates_args=(), device_types="cpu")
+@custom_op("bmojo::causal_conv1d_bwd", mutates_args=(), device_types="cpu")
 def causal_conv1d_bwd(
     x: Tensor,
     weight: Tensor,
@@ -212,9 +213,7 @@ def _backward(ctx, dout, dfinal):
 causal_conv1d_fwd.register_autograd(_backward, setup_context=_setup)
 
 
-@torch.library.custom_op(
-    "bmojo::causal_conv1d_update", mutates_args=("conv_state",), device_types="cpu"
-)
+@custom_op("bmojo::causal_conv1d_update", mutates_args=("conv_state",), device_types="cpu")
 def causal_conv1d_update_op(
     x: Tensor,
     conv_state: Tensor,
@@ -367,7 +366,7 @@ def causal_conv1d_update(
     ``BmojoError`` before anything is written.
     """
     silu = _silu(activation)
-    if not getattr(x, "is_cuda", False) and not torch.compiler.is_compiling():
+    if not torch.compiler.is_compiling() and not getattr(x, "is_cuda", False):
         # Decode path: plain contiguous CPU tensors of one float dtype go straight to the
         # kernel, which checks every shape and validates slots before writing. On any
         # mismatch the validating path below raises a clear error or converts.

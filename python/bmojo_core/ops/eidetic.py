@@ -42,6 +42,7 @@ from torch import Tensor
 from .. import _validate as V
 from ..runtime import cuda as _cuda
 from ..runtime import launch as CU
+from ._library import custom_op
 from ._native import core, inout, view
 
 __all__ = [
@@ -132,7 +133,7 @@ def _innovation_outputs(y: Tensor, weights: Tensor, count: Tensor):
 # ----------------------------------------------------------------------------- ops
 
 
-@torch.library.custom_op("bmojo::innovation_scores", mutates_args=(), device_types="cpu")
+@custom_op("bmojo::innovation_scores", mutates_args=(), device_types="cpu")
 def innovation_scores_op(
     y: Tensor,
     weights: Tensor,
@@ -192,7 +193,7 @@ def _(y, weights, history, count, ema, chi2, rate, floor):
     return y.new_empty(b, length), y.new_empty(b, k, d), count.new_empty(b), y.new_empty(b, 2)
 
 
-@torch.library.custom_op("bmojo::eidetic_select", mutates_args=(), device_types="cpu")
+@custom_op("bmojo::eidetic_select", mutates_args=(), device_types="cpu")
 def eidetic_select_op(
     scores: Tensor,
     positions: Tensor,
@@ -256,9 +257,7 @@ def _(scores, positions, store_scores, start, chunk, policy, threshold):
     )
 
 
-@torch.library.custom_op(
-    "bmojo::eidetic_push", mutates_args=("positions", "scores", "count"), device_types="cpu"
-)
+@custom_op("bmojo::eidetic_push", mutates_args=("positions", "scores", "count"), device_types="cpu")
 def eidetic_push_op(
     positions: Tensor,
     scores: Tensor,

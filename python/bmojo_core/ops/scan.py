@@ -20,6 +20,7 @@ from torch import Tensor
 from .. import _validate as V
 from ..runtime import cuda as _cuda
 from ..runtime import launch as CU
+from ._library import custom_op
 from ._native import core, eager_no_grad, view, view_opt
 
 CHUNK: int = core.scan.CHECKPOINT_CHUNK
@@ -53,7 +54,7 @@ def _n_chunks(length):
 # ----------------------------------------------------------------------------- diagonal
 
 
-@torch.library.custom_op("bmojo::diag_scan_fwd", mutates_args=(), device_types="cpu")
+@custom_op("bmojo::diag_scan_fwd", mutates_args=(), device_types="cpu")
 def diag_scan_fwd(
     a: Tensor, b: Tensor, initial_state: Tensor | None, reverse: bool
 ) -> tuple[Tensor, Tensor]:
@@ -94,7 +95,7 @@ def _(a, b, initial_state, reverse):
     return torch.empty_like(b), b.new_empty(b.shape[0])
 
 
-@torch.library.custom_op("bmojo::diag_scan_bwd", mutates_args=(), device_types="cpu")
+@custom_op("bmojo::diag_scan_bwd", mutates_args=(), device_types="cpu")
 def diag_scan_bwd(
     a: Tensor,
     h: Tensor,
@@ -212,7 +213,7 @@ def diag_scan(
 # ----------------------------------------------------------------------------- selective
 
 
-@torch.library.custom_op("bmojo::selective_scan_fwd", mutates_args=(), device_types="cpu")
+@custom_op("bmojo::selective_scan_fwd", mutates_args=(), device_types="cpu")
 def selective_scan_fwd(
     u: Tensor,
     delta: Tensor,
@@ -315,7 +316,7 @@ def _(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, delta_softplu
     )
 
 
-@torch.library.custom_op("bmojo::selective_scan_bwd", mutates_args=(), device_types="cpu")
+@custom_op("bmojo::selective_scan_bwd", mutates_args=(), device_types="cpu")
 def selective_scan_bwd(
     u: Tensor,
     delta: Tensor,

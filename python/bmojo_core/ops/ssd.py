@@ -22,6 +22,7 @@ from torch import Tensor
 from .. import _validate as V
 from ..runtime import cuda as _cuda
 from ..runtime import launch as CU
+from ._library import custom_op
 from ._native import core, eager_no_grad, view, view_opt
 from .conv import causal_conv1d_fn
 from .scan import _want
@@ -167,7 +168,7 @@ def _limit_arg(limit: bool, lo: float, hi: float):
     return (lo, hi) if limit else None
 
 
-@torch.library.custom_op("bmojo::ssd_fwd", mutates_args=(), device_types="cpu")
+@custom_op("bmojo::ssd_fwd", mutates_args=(), device_types="cpu")
 def ssd_fwd(
     x: Tensor,
     dt: Tensor,
@@ -257,7 +258,7 @@ def _(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, dt_softplus, limit
     )
 
 
-@torch.library.custom_op("bmojo::ssd_bwd", mutates_args=(), device_types="cpu")
+@custom_op("bmojo::ssd_bwd", mutates_args=(), device_types="cpu")
 def ssd_bwd(
     x: Tensor,
     dt: Tensor,
@@ -757,7 +758,7 @@ def ssd_state_update(
     return out.to(x.dtype)
 
 
-@torch.library.custom_op("bmojo::ssd_state_update", mutates_args=("state",), device_types="cpu")
+@custom_op("bmojo::ssd_state_update", mutates_args=("state",), device_types="cpu")
 def ssd_state_update_op(
     state: Tensor,
     x: Tensor,

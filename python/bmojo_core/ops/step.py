@@ -21,6 +21,7 @@ from torch import Tensor
 from .. import _validate as V
 from ..runtime import cuda as _cuda
 from ..runtime import launch as CU
+from ._library import custom_op
 from ._native import core, inout, view, view_opt
 from .ssd import tied_head_update
 
@@ -38,7 +39,7 @@ def _run(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, slots, snaps, out) -
     )  # fmt: skip
 
 
-@torch.library.custom_op(
+@custom_op(
     "bmojo::selective_state_update",
     mutates_args=("state", "intermediate_states"),
     device_types="cpu",
