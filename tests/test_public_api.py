@@ -70,7 +70,7 @@ PUBLIC = {
         "ExperimentConfig", "IGNORE_INDEX", "MODELS", "MQARConfig", "ModelSpec", "format_table",
         "make_batch", "make_mixed_batch", "make_test_set", "model_specs", "plot_accuracy",
         "plot_sweep", "query_positions", "run_experiment", "save_results", "summarize",
-        "sweep_specs",
+        "sweep_specs", "value_lags",
     },
 }  # fmt: skip
 

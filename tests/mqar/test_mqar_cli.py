@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -18,7 +19,9 @@ import torch
 from bmojo_core import mqar
 from bmojo_core.cli import main
 from bmojo_core.errors import BmojoTypeError, BmojoValueError
-from bmojo_core.mqar import experiment
+from bmojo_core.mqar import experiment, value_lags
+from bmojo_core.mqar.experiment import _seed
+from bmojo_core.mqar.stats import recall_ceiling, wilson_interval
 
 ATTENTION = ("swa", "bmojo-f", "bmojo")
 
@@ -49,12 +52,35 @@ def test_files_and_table(quick):
     cfg = mqar.ExperimentConfig.quick()
     assert res["config"]["num_kv"] == list(cfg.num_kv)
     assert [r["model"] for r in res["runs"]] == list(mqar.MODELS) * len(cfg.num_kv)
-    header = next(line for line in text.splitlines() if line.startswith("accuracy (%)"))
-    assert header.split()[2:] == [f"N={n}" for n in cfg.num_kv]
+    lines = text.splitlines()
+    top = next(i for i, line in enumerate(lines) if line.startswith("accuracy % (95% interval)"))
+    assert lines[top].split()[4:] == [f"N={n}" for n in cfg.num_kv]
+    lines = lines[top:]
     for label in ("SSM", "SWA (w=28)", "B'MOJO-F", "B'MOJO", "neg. flip"):
-        row = next(line for line in text.splitlines() if line.startswith(label))
+        row = next(line for line in lines if line.startswith(label))
         assert len(row.split()) >= len(cfg.num_kv) + 1
+        if label != "neg. flip":  # accuracy (low-high) per N
+            assert len(re.findall(r"\d+\.\d \(\d+\.\d-\d+\.\d\)", row)) == len(cfg.num_kv)
+    ceil = lines.index(next(line for line in lines if line.startswith("ceiling %")))
+    labels = [line.split("  ")[1] for line in lines[ceil + 1 : ceil + 4]]
+    assert labels == ["SWA (w=28)", "B'MOJO-F", "B'MOJO"]  # the SSM has no exact ceiling
     assert "results written to" in text
+
+
+def test_intervals_and_ceilings(quick):
+    """Each run's interval is the Wilson interval of its saved correctness and its ceiling
+    the share of its test set's answers within its window (plus its eidetic tokens)."""
+    res, _, _ = quick
+    cfg = mqar.ExperimentConfig.quick()
+    specs = cfg.specs()
+    for r in res["runs"]:
+        ok = torch.tensor(r["correct"])
+        assert r["ci95"] == list(wilson_interval(int(ok.sum()), ok.numel()))
+        assert r["ci95"][0] <= r["accuracy"] <= r["ci95"][1]
+        test = mqar.make_test_set(cfg.task(r["num_kv"]), cfg.test_size, _seed(cfg, 1, r["num_kv"]))
+        spec = specs[r["model"]]
+        assert r["ceiling"] == recall_ceiling(value_lags(*test), spec.window, spec.n_eidetic)
+        assert (r["ceiling"] is None) == (r["model"] == "ssm")
 
 
 def test_accuracy_and_flip_rate_match_saved_correctness(quick):
@@ -99,7 +125,7 @@ def test_subprocess_worker_reproduces_in_process_runs(quick, tmp_path):
     cmd += ["--models", "ssm", "swa", "--workers", "2", "--no-progress"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert "accuracy (%)" in proc.stdout and "neg. flip" not in proc.stdout
+    assert "accuracy %" in proc.stdout and "neg. flip" not in proc.stdout
     with open(tmp_path / "results.json", encoding="utf-8") as f:
         sub = json.load(f)
     assert "flip_rate" not in sub

@@ -8,6 +8,7 @@ from .data import (
     make_mixed_batch,
     make_test_set,
     query_positions,
+    value_lags,
 )
 from .experiment import (
     MODELS,
@@ -37,4 +38,5 @@ __all__ = [
     "save_results",
     "summarize",
     "sweep_specs",
+    "value_lags",
 ]

@@ -48,6 +48,7 @@ __all__ = [
     "make_mixed_batch",
     "make_test_set",
     "query_positions",
+    "value_lags",
 ]
 
 
@@ -233,3 +234,30 @@ def query_positions(labels: Tensor) -> Tensor:
     n = int(counts[0]) if counts.numel() else 0
     pos = torch.arange(labels.shape[1], device=labels.device).expand_as(labels)
     return pos[mask].view(labels.shape[0], n)
+
+
+def value_lags(inputs: Tensor, labels: Tensor) -> Tensor:
+    """``(batch, num_queries)`` int64: for every labelled query (in the order of
+    :func:`query_positions`), how far back its answer sits, ``t - p`` with ``t`` the query
+    position and ``p`` the position of the value token in the context block (the key
+    ``inputs[b, t]`` is at ``p - 1``). A model whose attention covers ``[t - w + 1, t]``
+    sees the answer of a query iff its lag is ``< w``. Every row must be an MQAR row with
+    the same number of queries (a test set of one N)."""
+    if not isinstance(inputs, Tensor) or not isinstance(labels, Tensor):
+        raise BmojoTypeError("inputs, labels: expected tensors")
+    if inputs.shape != labels.shape or inputs.dim() != 2:
+        raise BmojoValueError(
+            f"inputs, labels: expected two (batch, seq_len) tensors of one shape, got "
+            f"{tuple(inputs.shape)} and {tuple(labels.shape)}"
+        )
+    qpos = query_positions(labels)  # (B, N)
+    n = qpos.shape[1]
+    if 2 * n > inputs.shape[1]:
+        raise BmojoValueError(f"labels: {n} queries per row do not fit a context block")
+    keys = inputs[:, 0 : 2 * n : 2]  # (B, N) context keys, pair j at positions 2j, 2j+1
+    asked = inputs.gather(1, qpos)  # (B, N) the key each query asks for
+    hit = asked.unsqueeze(2) == keys.unsqueeze(1)  # (B, query, pair)
+    if not bool((hit.sum(2) == 1).all()):
+        raise BmojoValueError("inputs: a query's key is not exactly one key of its context")
+    pair = hit.to(torch.int64).argmax(2)
+    return qpos - (2 * pair + 1)

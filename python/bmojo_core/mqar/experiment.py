@@ -52,7 +52,8 @@ from ..errors import BmojoTypeError, BmojoValueError
 from ..layers import BMojoLM
 from ..runtime import get_num_threads, set_num_threads
 from ..train import evaluate, negative_flip_rate, train
-from .data import MQARConfig, make_batch, make_mixed_batch, make_test_set
+from .data import MQARConfig, make_batch, make_mixed_batch, make_test_set, value_lags
+from .stats import recall_ceiling, wilson_interval
 
 __all__ = [
     "MODELS",
@@ -351,10 +352,13 @@ def _run_one(cfg: ExperimentConfig, name: str, n: int | None) -> list[dict[str, 
         for task in tasks:
             test = make_test_set(task, cfg.test_size, _seed(cfg, 1, task.num_kv))
             loss, acc, ok = evaluate(model, *test, batch_size=64)
+            lo, hi = wilson_interval(int(ok.sum()), ok.numel())
             out.append({
                 "model": name,
                 "num_kv": task.num_kv,
                 "accuracy": acc,
+                "ci95": [lo, hi],
+                "ceiling": recall_ceiling(value_lags(*test), spec.window, spec.n_eidetic),
                 "test_loss": loss,
                 "train_loss": math.fsum(tail) / len(tail),
                 "params": sum(p.numel() for p in model.parameters()),
@@ -393,6 +397,9 @@ def run_experiment(
 
     Returns a JSON-ready dict: ``config``, ``models`` (the specs), ``chance`` (2 / V),
     ``runs`` (one per (model, N), N-major: ``model``, ``num_kv``, ``accuracy``,
+    ``ci95`` (the accuracy's 95 % Wilson interval over the test queries), ``ceiling``
+    (the share of test queries whose answer the model's window and eidetic tokens can
+    hold, :func:`~bmojo_core.mqar.stats.recall_ceiling`; None for the pure SSM),
     ``test_loss``, ``train_loss`` (mean over the last 10% of steps), ``params``, ``time_s``
     (wall time of the training, shared by every N of a mixture), ``cpu_s`` (CPU time of
     the training process over it: the wall time on an idle machine), and ``correct``: the per-query

@@ -11,24 +11,54 @@ from typing import Any
 __all__ = ["format_table", "plot_accuracy", "plot_sweep", "save_results", "summarize"]
 
 
+def _cells(results: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
+    """model → str(N) → the run (older results without intervals get them empty)."""
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for r in results["runs"]:
+        out.setdefault(r["model"], {})[str(r["num_kv"])] = r
+    return out
+
+
 def format_table(results: dict[str, Any]) -> str:
-    """The accuracy table: rows = models (or sweep variants), columns = N (test accuracy
-    in %), then the negative flip rate B'MOJO-F → B'MOJO (% of test queries) when both
-    were run."""
+    """The accuracy table: rows = models (or sweep variants), columns = N: test accuracy
+    in % with its 95 % interval over the test queries; then the negative flip rate
+    B'MOJO-F → B'MOJO (% of test queries) when both were run; then the ceiling of each
+    attention model (% of test queries whose answer its window and eidetic tokens can
+    hold)."""
     nkv = [str(n) for n in results["config"]["num_kv"]]
-    rows = [[results["models"][m]["label"]] + [f"{100 * acc[n]:.1f}" for n in nkv]
-            for m, acc in results["accuracy"].items()]  # fmt: skip
+    cells = _cells(results)
+
+    def acc_cell(m: str, n: str) -> str:
+        run = cells.get(m, {}).get(n, {})
+        a = results["accuracy"][m][n]
+        if "ci95" not in run:
+            return f"{100 * a:.1f}"
+        lo, hi = run["ci95"]
+        return f"{100 * a:.1f} ({100 * lo:.1f}-{100 * hi:.1f})"
+
+    rows = [[results["models"][m]["label"]] + [acc_cell(m, n) for n in nkv]
+            for m in results["accuracy"]]  # fmt: skip
     if "flip_rate" in results:
         rows.append(["neg. flip F→B'MOJO"] + [f"{100 * results['flip_rate'][n]:.1f}" for n in nkv])
-    head = ["accuracy (%)"] + [f"N={n}" for n in nkv]
-    width = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    ceil_rows = []
+    for m in results["accuracy"]:
+        c = [cells.get(m, {}).get(n, {}).get("ceiling") for n in nkv]
+        if any(v is not None for v in c):
+            ceil_rows.append([f"  {results['models'][m]['label']}"]
+                             + ["-" if v is None else f"{100 * v:.1f}" for v in c])  # fmt: skip
+    head = ["accuracy % (95% interval)"] + [f"N={n}" for n in nkv]
+    sub = ["ceiling % (window + eidetic)"] + [""] * len(nkv)
+    table = [head, *rows] + ([sub, *ceil_rows] if ceil_rows else [])
+    width = [max(len(r[i]) for r in table) for i in range(len(head))]
 
     def line(r: Sequence[str]) -> str:
-        cells = [c.rjust(w) for c, w in zip(r[1:], width[1:], strict=True)]
-        return "  ".join([r[0].ljust(width[0]), *cells])
+        cells_ = [c.rjust(w) for c, w in zip(r[1:], width[1:], strict=True)]
+        return "  ".join([r[0].ljust(width[0]), *cells_]).rstrip()
 
     out = [line(head), "  ".join("-" * w for w in width)]
     out += [line(r) for r in rows]
+    if ceil_rows:
+        out += [line(sub)] + [line(r) for r in ceil_rows]
     out.append(f"chance = 1/(V/2) = {100 * results['chance']:.2f}%")
     return "\n".join(out)
 
