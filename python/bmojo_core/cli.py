@@ -6,7 +6,8 @@
     bmojo bench [--quick] [--json PATH] [--only NAME] [--threads N] [--simd LEVEL]
     bmojo mqar  [--quick] [--out DIR] [--models M ...] [--num-kv N ...] [--steps S]
                 [--batch-size B] [--lr LR] [--per-n] [--eidetic-sweep E,E,...]
-                [--seed S] [--schedule {cosine,greedy}] [--workers W] [--threads N]
+                [--seed S] [--seeds K] [--resume DIR] [--schedule {cosine,greedy}]
+                [--workers W] [--threads N]
                 [--no-progress]
 """
 
@@ -143,6 +144,7 @@ def _cmd_mqar(args: argparse.Namespace) -> int:
             ("mixture", False if args.per_n else None),
             ("eidetic_sweep", args.eidetic_sweep),
             ("seed", args.seed),
+            ("seeds", args.seeds),
             ("schedule", args.schedule),
             ("threads", args.threads),
             ("workers", args.workers),
@@ -177,9 +179,18 @@ def _cmd_mqar(args: argparse.Namespace) -> int:
             f"  {s.label:<14} window {s.window:>3}, fading {s.n_fading:>2}, "
             f"eidetic {s.n_eidetic:>2}  ({budget})"
         )
+    out = args.resume if args.resume is not None else args.out
     progress = not args.no_progress
-    results = mqar.run_experiment(cfg, progress=progress, log=None if progress else print)
-    paths = mqar.save_results(results, args.out)
+    results = mqar.run_experiment(
+        cfg,
+        progress=progress,
+        log=None if progress else print,
+        record=out,
+        resume=args.resume is not None,
+    )
+    if results["resumed"]:
+        print(f"{results['resumed']} training(s) read back from {out}/trainings")
+    paths = mqar.save_results(results, out)
     print()
     print(mqar.format_table(results))
     print()
@@ -259,7 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--out",
         metavar="DIR",
         default="mqar-results",
-        help="directory for results.json and accuracy.png (default: mqar-results/)",
+        help="directory for results.json, accuracy.png and trainings/ (one file per finished "
+        "training; default: mqar-results/)",
     )
     p_mqar.add_argument(
         "--models",
@@ -284,6 +296,18 @@ def build_parser() -> argparse.ArgumentParser:
         "the default window and fading tokens, instead of the four models",
     )
     p_mqar.add_argument("--seed", type=int, metavar="S", help="seed (data, init, test sets)")
+    p_mqar.add_argument(
+        "--seeds",
+        type=int,
+        metavar="K",
+        help="train everything with K seeds (S, S+1, ...): mean accuracy and seed spread",
+    )
+    p_mqar.add_argument(
+        "--resume",
+        metavar="DIR",
+        help="write results to DIR and skip the trainings already recorded in DIR/trainings "
+        "under the same settings (every run records its trainings there as they finish)",
+    )
     p_mqar.add_argument(
         "--schedule", choices=("cosine", "greedy"), help="learning-rate schedule (default cosine)"
     )

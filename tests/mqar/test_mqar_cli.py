@@ -316,3 +316,91 @@ def test_greedy_schedule_runs():
     res = mqar.run_experiment(cfg, progress=False)
     assert set(res["flip_rate"]) == {"2"} and 0 <= res["flip_rate"]["2"] <= 1
     assert len(res["runs"]) == 2 and all(len(r["correct"]) == 8 for r in res["runs"])
+
+
+def _small(**kw):
+    base = dict(models=("ssm", "swa"), steps=12, test_size=16, workers=1)
+    base.update(kw)
+    return mqar.ExperimentConfig.quick(**base)
+
+
+def _untimed(run):
+    return {k: v for k, v in run.items() if k not in ("time_s", "cpu_s")}
+
+
+def _same(a, b):
+    """The same results, but the wall and CPU times of trainings run again."""
+    for key in ("accuracy", "ci95", "ceiling"):
+        assert a[key] == b[key], key
+    assert a.get("spread") == b.get("spread")
+    assert [_untimed(r) for r in a["runs"]] == [_untimed(r) for r in b["runs"]]
+
+
+def test_resume_skips_finished_trainings_and_gives_the_same_table(tmp_path, monkeypatch):
+    cfg = _small()
+    first = mqar.run_experiment(cfg, progress=False, record=tmp_path)
+    files = sorted(p.name for p in (tmp_path / "trainings").iterdir())
+    assert files == ["ssm-mix-seed0.json", "swa-mix-seed0.json"]
+    (tmp_path / "trainings" / "swa-mix-seed0.json").unlink()  # an interrupted experiment
+    calls = []
+    real = experiment._run_one
+    monkeypatch.setattr(experiment, "_run_one", lambda c, n, k: calls.append(n) or real(c, n, k))
+    again = mqar.run_experiment(cfg, progress=False, record=tmp_path, resume=True)
+    assert calls == ["swa"] and again["resumed"] == 1
+    _same(first, again)
+    assert mqar.format_table(first) == mqar.format_table(again)
+    assert mqar.summarize(first) == mqar.summarize(again)
+    calls.clear()
+    assert mqar.run_experiment(cfg, progress=False, record=tmp_path, resume=True)["resumed"] == 2
+    assert calls == []
+    # other settings, a damaged record, or no resume: trained again
+    (tmp_path / "trainings" / "ssm-mix-seed0.json").write_text('{"key": ')
+    other = mqar.run_experiment(_small(lr=1e-3), progress=False, record=tmp_path, resume=True)
+    assert sorted(calls) == ["ssm", "swa"] and other["resumed"] == 0
+    calls.clear()
+    mqar.run_experiment(_small(lr=1e-3), progress=False, record=tmp_path)
+    assert sorted(calls) == ["ssm", "swa"]
+
+
+def test_resume_from_the_command_line(tmp_path, capsys):
+    argv = ["mqar", "--quick", "--models", "ssm", "--steps", "8", "--workers", "1",
+            "--no-progress", "--resume", str(tmp_path)]  # fmt: skip
+    assert main(argv) == 0
+    first = capsys.readouterr().out
+    assert main(argv) == 0
+    again = capsys.readouterr().out
+    assert "1 training(s) read back" in again and "read back" not in first
+
+    def table(text):
+        return text[text.index("accuracy % (95% interval)") : text.index("total time")]
+
+    assert table(first) == table(again)
+
+
+def test_seeds_mean_and_spread():
+    two = mqar.run_experiment(_small(seeds=2, seed=3), progress=False)
+    one = {s: mqar.run_experiment(_small(seed=s), progress=False) for s in (3, 4)}
+    assert [(r["model"], r["num_kv"], r["seed"]) for r in two["runs"]] == [
+        (m, n, s) for n in (2, 4) for m in ("ssm", "swa") for s in (3, 4)
+    ]
+    for r in two["runs"]:  # each seed's training is the single-seed experiment's
+        (same,) = [
+            x
+            for x in one[r["seed"]]["runs"]
+            if (x["model"], x["num_kv"]) == (r["model"], r["num_kv"])
+        ]
+        assert _untimed(r) == _untimed(same)
+    for m in ("ssm", "swa"):
+        for n in ("2", "4"):
+            accs = [one[s]["accuracy"][m][n] for s in (3, 4)]
+            assert two["accuracy"][m][n] == pytest.approx(sum(accs) / 2, abs=1e-15)
+            assert two["spread"][m][n] == [min(accs), max(accs)]
+            k = sum(
+                sum(map(sum, r["correct"]))
+                for r in two["runs"]
+                if (r["model"], str(r["num_kv"])) == (m, n)
+            )
+            assert two["ci95"][m][n] == list(wilson_interval(k, 2 * 16 * int(n)))
+    text = mqar.format_table(two)
+    assert "seed spread % (2 seeds)" in text
+    assert "holds beyond the intervals and the seed spread" in mqar.summarize(two)

@@ -37,11 +37,13 @@ Conventions of the experiment:
 
 from __future__ import annotations
 
+import json
 import math
 import numbers
+import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -153,7 +155,9 @@ class ExperimentConfig:
     ``batch_size``, ``lr``, ``weight_decay`` (matrices only), ``schedule`` ("cosine" with
     ``warmup_frac`` of linear warm-up, or "greedy": GreedyLR driven by the training loss
     averaged over ``steps // 20`` steps, after the same warm-up). ``test_size`` rows in the
-    fixed test set of each N; ``seed`` fixes data, initialisation and test sets.
+    fixed test set of each N; ``seed`` fixes data, initialisation and test sets;
+    ``seeds`` > 1 repeats every training with the seeds ``seed, seed + 1, ...`` (the table
+    then shows the mean and the seed-to-seed spread).
     ``workers`` trainings at a time, each in its own process (1: in this process) on
     ``threads`` torch (and kernel) threads (None: leave as is). One thread per process is
     the default because these small tensors run far slower on 2 threads in one process
@@ -184,6 +188,7 @@ class ExperimentConfig:
     warmup_frac: float = 0.05
     test_size: int = 256
     seed: int = 0
+    seeds: int = 1
     workers: int = 2
     threads: int | None = 1
 
@@ -214,7 +219,8 @@ class ExperimentConfig:
             self.task(n)
         for name, lo in (("d_model", 1), ("n_layers", 1), ("d_state", 1), ("n_heads", 1),
                          ("window", 1), ("n_fading", 0), ("n_eidetic", 0), ("steps", 1),
-                         ("batch_size", 1), ("test_size", 1), ("seed", 0)):  # fmt: skip
+                         ("batch_size", 1), ("test_size", 1), ("seed", 0),
+                         ("seeds", 1)):  # fmt: skip
             int_arg(name, getattr(self, name), lo)
         if self.mixture and self.batch_size < len(self.num_kv):
             raise BmojoValueError(
@@ -349,13 +355,14 @@ def _run_one(cfg: ExperimentConfig, name: str, n: int | None) -> list[dict[str, 
         cpu_s = time.process_time() - cpu0  # this process's CPU time: robust to load
         tail = hist["train_loss"][-max(1, cfg.steps // 10) :]
         out = []
-        for task in tasks:
+        for task in tasks:  # (the seed of the test set: _seed(cfg, 1, N))
             test = make_test_set(task, cfg.test_size, _seed(cfg, 1, task.num_kv))
             loss, acc, ok = evaluate(model, *test, batch_size=64)
             lo, hi = wilson_interval(int(ok.sum()), ok.numel())
             out.append({
                 "model": name,
                 "num_kv": task.num_kv,
+                "seed": cfg.seed,
                 "accuracy": acc,
                 "ci95": [lo, hi],
                 "ceiling": recall_ceiling(value_lags(*test), spec.window, spec.n_eidetic),
@@ -387,72 +394,107 @@ def run_experiment(
     *,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    record: str | os.PathLike | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Trains and scores every model of ``cfg`` (default: the default experiment): one
-    training per model on the mixture of N (``cfg.mixture``) or one per (model, N),
-    ``cfg.workers`` trainings at a time in spawned processes (1: in this process), each on
-    ``cfg.threads`` torch threads. Every training is seeded on its own, so the results do
-    not depend on ``workers``. With ``workers > 1`` the trainings start in spawned
-    processes: call it from a script under ``if __name__ == "__main__":``.
+    training per model on the mixture of N (``cfg.mixture``) or one per (model, N), for
+    each of ``cfg.seeds`` seeds, ``cfg.workers`` trainings at a time in spawned processes
+    (1: in this process), each on ``cfg.threads`` torch threads. Every training is seeded
+    on its own, so the results do not depend on ``workers``. With ``workers > 1`` the
+    trainings start in spawned processes: call it from a script under
+    ``if __name__ == "__main__":``.
+
+    ``record``: a folder where every finished training is written at once
+    (``<record>/trainings/<model>-<mix|nN>-seed<s>.json``, with the settings it ran
+    under); with ``resume=True`` a training recorded there under the same settings (and
+    torch version) is read back instead of run again, so an interrupted experiment picks
+    up where it stopped and gives the same results.
 
     Returns a JSON-ready dict: ``config``, ``models`` (the specs), ``chance`` (2 / V),
-    ``runs`` (one per (model, N), N-major: ``model``, ``num_kv``, ``accuracy``,
-    ``ci95`` (the accuracy's 95 % Wilson interval over the test queries), ``ceiling``
-    (the share of test queries whose answer the model's window and eidetic tokens can
-    hold, :func:`~bmojo_core.mqar.stats.recall_ceiling`; None for the pure SSM),
+    ``runs`` (one per (model, N, seed), N-major: ``model``, ``num_kv``, ``seed``,
+    ``accuracy``, ``ci95`` (the accuracy's 95 % Wilson interval over the test queries),
+    ``ceiling`` (the share of test queries whose answer the model's window and eidetic
+    tokens can hold, :func:`~bmojo_core.mqar.stats.recall_ceiling`; None for the pure SSM),
     ``test_loss``, ``train_loss`` (mean over the last 10% of steps), ``params``, ``time_s``
     (wall time of the training, shared by every N of a mixture), ``cpu_s`` (CPU time of
-    the training process over it: the wall time on an idle machine), and ``correct``: the per-query
-    correctness, ``test_size`` rows of ``N`` 0/1 entries, the queries of a row in order of
-    position), ``accuracy`` (model → {str(N): accuracy}), ``flip_rate`` ({str(N): share
-    of the test queries that B'MOJO-F answers correctly and B'MOJO does not}, when both
-    are run), ``sweep`` (with ``eidetic_sweep``: ``window``, ``n_fading`` and the
-    ``n_eidetic`` values, in the order of the model keys) and ``time_s``. ``log``
-    receives one line per scored (model, N).
+    the training process over it: the wall time on an idle machine), and ``correct``: the
+    per-query correctness, ``test_size`` rows of ``N`` 0/1 entries, the queries of a row
+    in order of position), ``accuracy`` (model → {str(N): accuracy, the mean over seeds}),
+    ``ci95`` and ``ceiling`` (model → {str(N): ...} over the pooled queries of every seed),
+    ``spread`` (with several seeds: model → {str(N): [lowest, highest] accuracy over the
+    seeds}), ``flip_rate`` ({str(N): share of the test queries that B'MOJO-F answers
+    correctly and B'MOJO does not}, when both are run), ``sweep`` (with
+    ``eidetic_sweep``: ``window``, ``n_fading`` and the ``n_eidetic`` values, in the order
+    of the model keys), ``resumed`` (trainings read back from ``record``) and ``time_s``.
+    ``log`` receives one line per scored (model, N, seed).
     """
     cfg = ExperimentConfig() if cfg is None else cfg
     if not isinstance(cfg, ExperimentConfig):
         raise BmojoTypeError(f"cfg: expected an ExperimentConfig, got {type(cfg).__name__}")
     specs = cfg.specs()
+    seeds = [cfg.seed + k for k in range(cfg.seeds)]
     # costliest first, so that two workers finish close together (CPU time per step of the
     # default run: B'MOJO > B'MOJO-F > SSM > SWA; sweep variants by n_eidetic)
     cost = {"bmojo": 3, "bmojo-f": 2, "ssm": 1, "swa": 0}
     order = sorted(specs, key=lambda m: (-cost.get(m, 4), -specs[m].n_eidetic))
-    if cfg.mixture:
-        jobs: list[tuple[str, int | None]] = [(m, None) for m in order]
-    else:
-        jobs = [(m, n) for n in cfg.num_kv for m in order]
-    done: dict[tuple[str, int], dict[str, Any]] = {}
+    per_n: list[int | None] = [None] if cfg.mixture else list(cfg.num_kv)
+    jobs: list[tuple[str, int | None, int]] = [
+        (m, n, sd) for sd in seeds for n in per_n for m in order
+    ]
+    done: dict[tuple[str, int, int], dict[str, Any]] = {}
     bar = _tqdm(len(jobs) * cfg.steps, progress, "mqar")
     t0 = time.perf_counter()
+    recorder = _Recorder(cfg, record) if record is not None else None
+    resumed = 0
 
-    def finish(runs: list[dict[str, Any]]) -> None:
+    def finish(runs: list[dict[str, Any]], *, fresh: bool = True) -> None:
+        if fresh and recorder is not None:
+            recorder.save(runs)
         for run in runs:
-            done[(run["model"], run["num_kv"])] = run
+            done[(run["model"], run["num_kv"], run["seed"])] = run
             if log is not None:
                 label = specs[run["model"]].label
+                seed = f" seed {run['seed']}" if cfg.seeds > 1 else ""
                 log(
-                    f"{label:<20} N={run['num_kv']:<3} accuracy {run['accuracy']:6.1%}  "
+                    f"{label:<20} N={run['num_kv']:<3}{seed} accuracy {run['accuracy']:6.1%}  "
                     f"test loss {run['test_loss']:.3f}  ({run['time_s']:.1f} s)"
+                    + ("" if fresh else " [recorded]")
                 )
         if bar is not None:
-            bar.set_postfix_str(f"{len(done)}/{len(specs) * len(cfg.num_kv)} scored")
+            total = len(specs) * len(cfg.num_kv) * len(seeds)
+            bar.set_postfix_str(f"{len(done)}/{total} scored")
 
+    todo = []
+    for job in jobs:
+        runs = recorder.load(*job) if (recorder is not None and resume) else None
+        if runs is None:
+            todo.append(job)
+            continue
+        resumed += 1
+        finish(runs, fresh=False)
+        if bar is not None:
+            bar.update(cfg.steps)
     try:
         if cfg.workers == 1:
-            for name, n in jobs:
+            for name, n, sd in todo:
                 if bar is not None:
                     bar.set_description(specs[name].label + ("" if n is None else f" N={n}"))
                 steps0 = bar.n if bar is not None else 0
-                finish(_run_one(cfg, name, n))
+                finish(_run_one(_with_seed(cfg, sd), name, n))
                 if bar is not None:
                     bar.update(steps0 + cfg.steps - bar.n)
-        else:
-            _run_parallel(cfg, jobs, bar, finish)
+        elif todo:
+            _run_parallel(cfg, todo, bar, finish)
     finally:
         if bar is not None:
             bar.close()
-    runs = [done[(m, n)] for n in cfg.num_kv for m in specs]
+    runs = [done[(m, n, sd)] for n in cfg.num_kv for m in specs for sd in seeds]
+
+    def pooled(m: str, n: int) -> Tensor:
+        return torch.cat([torch.tensor(done[(m, n, sd)]["correct"], dtype=torch.bool)
+                          for sd in seeds])  # fmt: skip
+
     res: dict[str, Any] = {
         "config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()},
         "models": {
@@ -461,17 +503,40 @@ def run_experiment(
         "chance": 2 / cfg.vocab,
         "runs": runs,
         "accuracy": {
-            m: {str(r["num_kv"]): r["accuracy"] for r in runs if r["model"] == m} for m in specs
-        },
+            m: {
+                str(n): math.fsum(done[(m, n, sd)]["accuracy"] for sd in seeds) / len(seeds)
+                for n in cfg.num_kv
+            }
+            for m in specs
+        },  # fmt: skip
+        "ci95": {
+            m: {
+                str(n): list(wilson_interval(int(pooled(m, n).sum()), pooled(m, n).numel()))
+                for n in cfg.num_kv
+            }
+            for m in specs
+        },  # fmt: skip
+        "ceiling": {
+            m: {
+                str(n): _mean_or_none([done[(m, n, sd)]["ceiling"] for sd in seeds])
+                for n in cfg.num_kv
+            }
+            for m in specs
+        },  # fmt: skip
+        "resumed": resumed,
         "time_s": time.perf_counter() - t0,
         "torch": torch.__version__,
     }
+    if cfg.seeds > 1:
+        res["spread"] = {
+            m: {str(n): [min(done[(m, n, sd)]["accuracy"] for sd in seeds),
+                         max(done[(m, n, sd)]["accuracy"] for sd in seeds)]
+                for n in cfg.num_kv}
+            for m in specs
+        }  # fmt: skip
     if "bmojo-f" in specs and "bmojo" in specs:
-        correct = {(r["model"], r["num_kv"]): torch.tensor(r["correct"], dtype=torch.bool)
-                   for r in runs}  # fmt: skip
         res["flip_rate"] = {
-            str(n): negative_flip_rate(correct[("bmojo-f", n)], correct[("bmojo", n)])
-            for n in cfg.num_kv
+            str(n): negative_flip_rate(pooled("bmojo-f", n), pooled("bmojo", n)) for n in cfg.num_kv
         }
     if cfg.eidetic_sweep:
         res["sweep"] = {
@@ -482,9 +547,65 @@ def run_experiment(
     return res
 
 
+def _mean_or_none(values: list[float | None]) -> float | None:
+    return None if any(v is None for v in values) else math.fsum(values) / len(values)
+
+
+def _with_seed(cfg: ExperimentConfig, seed: int) -> ExperimentConfig:
+    """The settings of one training of a multi-seed experiment."""
+    return replace(cfg, seed=seed, seeds=1)
+
+
+class _Recorder:
+    """The trainings of an experiment on disk, one JSON file each, written atomically
+    (a temporary file renamed into place) so an interrupted run leaves only whole files.
+    A file holds the settings it ran under (everything that determines its results: the
+    config but ``workers`` and ``seeds``, the seed, the torch version) and is read back
+    only under the same ones."""
+
+    def __init__(self, cfg: ExperimentConfig, folder: str | os.PathLike) -> None:
+        self.cfg = cfg
+        self.folder = os.path.join(os.fspath(folder), "trainings")
+
+    def _key(self, seed: int) -> dict[str, Any]:
+        c = asdict(_with_seed(self.cfg, seed))
+        for k in ("workers", "seeds"):
+            c.pop(k)
+        return {"config": json.loads(json.dumps(c)), "torch": torch.__version__}
+
+    def _path(self, name: str, n: int | None, seed: int) -> str:
+        return os.path.join(
+            self.folder, f"{name}-{'mix' if n is None else f'n{n}'}-seed{seed}.json"
+        )
+
+    def load(self, name: str, n: int | None, seed: int) -> list[dict[str, Any]] | None:
+        try:
+            with open(self._path(name, n, seed), encoding="utf-8") as f:
+                rec = json.load(f)
+        except (OSError, ValueError):
+            return None
+        if not isinstance(rec, dict) or rec.get("key") != self._key(seed):
+            return None
+        runs = rec.get("runs")
+        want = sorted(self.cfg.num_kv if n is None else (n,))
+        if not isinstance(runs, list) or sorted(r.get("num_kv") for r in runs) != want:
+            return None
+        return runs
+
+    def save(self, runs: list[dict[str, Any]]) -> None:
+        name, seed = runs[0]["model"], runs[0]["seed"]
+        n = None if self.cfg.mixture else runs[0]["num_kv"]
+        os.makedirs(self.folder, exist_ok=True)
+        path = self._path(name, n, seed)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump({"key": self._key(seed), "runs": runs}, f, separators=(",", ":"))
+        os.replace(tmp, path)
+
+
 def _run_parallel(
     cfg: ExperimentConfig,
-    jobs: list[tuple[str, int | None]],
+    jobs: list[tuple[str, int | None, int]],
     bar: Any,
     finish: Callable[[list[dict[str, Any]]], None],
 ) -> None:
@@ -502,7 +623,7 @@ def _run_parallel(
         initializer=_init_worker,
         initargs=(q,),
     ) as pool:
-        pending = {pool.submit(_run_one, cfg, name, n) for name, n in jobs}
+        pending = {pool.submit(_run_one, _with_seed(cfg, sd), name, n) for name, n, sd in jobs}
         try:
             while pending:
                 ready, pending = wait(pending, timeout=0.25, return_when=FIRST_COMPLETED)

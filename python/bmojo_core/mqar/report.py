@@ -8,59 +8,98 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["format_table", "plot_accuracy", "plot_sweep", "save_results", "summarize"]
-
-
-def _cells(results: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
-    """model → str(N) → the run (older results without intervals get them empty)."""
-    out: dict[str, dict[str, dict[str, Any]]] = {}
-    for r in results["runs"]:
-        out.setdefault(r["model"], {})[str(r["num_kv"])] = r
-    return out
+__all__ = [
+    "CLAIMS",
+    "format_table",
+    "orderings",
+    "plot_accuracy",
+    "plot_sweep",
+    "save_results",
+    "summarize",
+]
 
 
 def format_table(results: dict[str, Any]) -> str:
     """The accuracy table: rows = models (or sweep variants), columns = N: test accuracy
-    in % with its 95 % interval over the test queries; then the negative flip rate
-    B'MOJO-F → B'MOJO (% of test queries) when both were run; then the ceiling of each
-    attention model (% of test queries whose answer its window and eidetic tokens can
+    in % (the mean over seeds) with its 95 % interval over the test queries; then the
+    negative flip rate B'MOJO-F → B'MOJO (% of test queries) when both were run; the
+    seed-to-seed spread (lowest-highest accuracy) with several seeds; and the ceiling of
+    each attention model (% of test queries whose answer its window and eidetic tokens can
     hold)."""
     nkv = [str(n) for n in results["config"]["num_kv"]]
-    cells = _cells(results)
+    models = list(results["accuracy"])
+    ci, ceiling = results.get("ci95", {}), results.get("ceiling", {})
+
+    def pct(v: float) -> str:
+        return f"{100 * v:.1f}"
 
     def acc_cell(m: str, n: str) -> str:
-        run = cells.get(m, {}).get(n, {})
-        a = results["accuracy"][m][n]
-        if "ci95" not in run:
-            return f"{100 * a:.1f}"
-        lo, hi = run["ci95"]
-        return f"{100 * a:.1f} ({100 * lo:.1f}-{100 * hi:.1f})"
+        a = pct(results["accuracy"][m][n])
+        return f"{a} ({pct(ci[m][n][0])}-{pct(ci[m][n][1])})" if m in ci else a
 
-    rows = [[results["models"][m]["label"]] + [acc_cell(m, n) for n in nkv]
-            for m in results["accuracy"]]  # fmt: skip
+    rows = [[results["models"][m]["label"]] + [acc_cell(m, n) for n in nkv] for m in models]
     if "flip_rate" in results:
-        rows.append(["neg. flip F→B'MOJO"] + [f"{100 * results['flip_rate'][n]:.1f}" for n in nkv])
-    ceil_rows = []
-    for m in results["accuracy"]:
-        c = [cells.get(m, {}).get(n, {}).get("ceiling") for n in nkv]
-        if any(v is not None for v in c):
-            ceil_rows.append([f"  {results['models'][m]['label']}"]
-                             + ["-" if v is None else f"{100 * v:.1f}" for v in c])  # fmt: skip
+        rows.append(["neg. flip F→B'MOJO"] + [pct(results["flip_rate"][n]) for n in nkv])
+    sections = []
+    if "spread" in results:
+        sections.append([f"seed spread % ({results['config']['seeds']} seeds)"] + [""] * len(nkv))
+        sections += [[f"  {results['models'][m]['label']}"]
+                     + [f"{pct(results['spread'][m][n][0])}-{pct(results['spread'][m][n][1])}"
+                        for n in nkv] for m in models]  # fmt: skip
+    bounded = [m for m in models if any(ceiling.get(m, {}).get(n) is not None for n in nkv)]
+    ceil_rows = [[f"  {results['models'][m]['label']}"]
+                 + ["-" if ceiling[m][n] is None else pct(ceiling[m][n]) for n in nkv]
+                 for m in bounded]  # fmt: skip
+    if ceil_rows:
+        sections += [["ceiling % (window + eidetic)"] + [""] * len(nkv), *ceil_rows]
     head = ["accuracy % (95% interval)"] + [f"N={n}" for n in nkv]
-    sub = ["ceiling % (window + eidetic)"] + [""] * len(nkv)
-    table = [head, *rows] + ([sub, *ceil_rows] if ceil_rows else [])
+    table = [head, *rows, *sections]
     width = [max(len(r[i]) for r in table) for i in range(len(head))]
 
     def line(r: Sequence[str]) -> str:
-        cells_ = [c.rjust(w) for c, w in zip(r[1:], width[1:], strict=True)]
-        return "  ".join([r[0].ljust(width[0]), *cells_]).rstrip()
+        cells = [c.rjust(w) for c, w in zip(r[1:], width[1:], strict=True)]
+        return "  ".join([r[0].ljust(width[0]), *cells]).rstrip()
 
     out = [line(head), "  ".join("-" * w for w in width)]
-    out += [line(r) for r in rows]
-    if ceil_rows:
-        out += [line(sub)] + [line(r) for r in ceil_rows]
+    out += [line(r) for r in rows + sections]
     out.append(f"chance = 1/(V/2) = {100 * results['chance']:.2f}%")
     return "\n".join(out)
+
+
+# The paper's claims, as "first recalls more than second".
+CLAIMS: tuple[tuple[str, str], ...] = (
+    ("bmojo", "bmojo-f"), ("bmojo", "swa"), ("bmojo", "ssm"), ("bmojo-f", "ssm"),
+    ("swa", "ssm"), ("bmojo-f", "swa"),
+)  # fmt: skip
+
+
+def _range(results: dict[str, Any], m: str, n: str) -> tuple[float, float]:
+    """The plausible range of model ``m``'s accuracy at ``n``: the widest of its pooled 95 %
+    interval and, per seed, that seed's interval."""
+    lo, hi = results["ci95"][m][n]
+    for r in results["runs"]:
+        if r["model"] == m and str(r["num_kv"]) == n and "ci95" in r:
+            lo, hi = min(lo, r["ci95"][0]), max(hi, r["ci95"][1])
+    return lo, hi
+
+
+def orderings(results: dict[str, Any]) -> dict[str, dict[str, str]]:
+    """For each claim of :data:`CLAIMS` whose two models were run, per N: ``"holds"`` when
+    the first model's range (:func:`_range`: its 95 % interval, widened by every seed's
+    own) lies above the second's, ``"reversed"`` when below, else ``"within noise"``."""
+    out: dict[str, dict[str, str]] = {}
+    acc = results["accuracy"]
+    if "ci95" not in results:
+        return out
+    for a, b in CLAIMS:
+        if a not in acc or b not in acc:
+            continue
+        verdict = {}
+        for n in acc[a]:
+            (alo, ahi), (blo, bhi) = _range(results, a, n), _range(results, b, n)
+            verdict[n] = "holds" if alo > bhi else "reversed" if ahi < blo else "within noise"
+        out[f"{a}>{b}"] = verdict
+    return out
 
 
 def summarize(results: dict[str, Any]) -> str:
@@ -98,6 +137,23 @@ def summarize(results: dict[str, Any]) -> str:
         )
     best_all = max(acc, key=lambda m: sum(acc[m].values()))
     lines.append(f"highest mean accuracy over N: {labels[best_all]}")
+    chance = results["chance"]
+    if "ci95" in results:
+        above = [
+            f"{labels[m]} {sum(results['ci95'][m][n][0] > chance for n in nkv)}/{len(nkv)}"
+            for m in acc
+        ]
+        lines.append("above chance beyond the 95% interval, values of N: " + ", ".join(above))
+    noise = "intervals and the seed spread" if "spread" in results else "95% intervals"
+    for claim, verdict in orderings(results).items():
+        a, b = claim.split(">")
+        held = [n for n in nkv if verdict[n] == "holds"]
+        rev = [n for n in nkv if verdict[n] == "reversed"]
+        text = f"{labels[a]} > {labels[b]}: holds beyond the {noise} at N = "
+        text += ", ".join(held) if held else "none"
+        if rev:
+            text += f"; reversed at N = {', '.join(rev)}"
+        lines.append(text)
     return "\n".join(lines)
 
 
