@@ -67,6 +67,7 @@ PUBLIC = {
         "GreedyLR", "IGNORE_INDEX", "cosine_schedule", "evaluate", "negative_flip_rate", "train",
     },
     "bmojo_core.mqar": {
+        "BUDGET_SCALES", "budget_specs", "memory_floats", "plot_budget",
         "ExperimentConfig", "IGNORE_INDEX", "MODELS", "MQARConfig", "ModelSpec", "format_table",
         "make_batch", "make_mixed_batch", "make_test_set", "model_specs", "plot_accuracy",
         "plot_sweep", "query_positions", "run_experiment", "save_results", "summarize",

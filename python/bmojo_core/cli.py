@@ -6,6 +6,7 @@
     bmojo bench [--quick] [--json PATH] [--only NAME] [--threads N] [--simd LEVEL]
     bmojo mqar  [--quick] [--out DIR] [--models M ...] [--num-kv N ...] [--steps S]
                 [--batch-size B] [--lr LR] [--per-n] [--eidetic-sweep E,E,...]
+                [--budget-sweep [K,K,...]]
                 [--seed S] [--seeds K] [--resume DIR] [--schedule {cosine,greedy}]
                 [--workers W] [--threads N]
                 [--no-progress]
@@ -143,6 +144,7 @@ def _cmd_mqar(args: argparse.Namespace) -> int:
             ("lr", args.lr),
             ("mixture", False if args.per_n else None),
             ("eidetic_sweep", args.eidetic_sweep),
+            ("budget_sweep", args.budget_sweep),
             ("seed", args.seed),
             ("seeds", args.seeds),
             ("schedule", args.schedule),
@@ -168,6 +170,11 @@ def _cmd_mqar(args: argparse.Namespace) -> int:
         f"{cfg.test_size} rows per N; {cfg.workers} worker(s) x {cfg.threads or 'default'} "
         "thread(s)"
     )
+    if cfg.budget_sweep:
+        print(
+            f"budget sweep: {', '.join(cfg.models)} at memory scales "
+            f"{', '.join(f'{k:g}' for k in cfg.budget_sweep)} of the default models"
+        )
     if cfg.eidetic_sweep:
         print(
             f"eidetic sweep: B'MOJO with window {cfg.window}, {cfg.n_fading} fading tokens, "
@@ -199,6 +206,15 @@ def _cmd_mqar(args: argparse.Namespace) -> int:
     print(f"total time {results['time_s']:.0f} s; results written to {paths['json']}", end="")
     print(f" and {paths['png']}" if "png" in paths else " (no plot: matplotlib is missing)")
     return 0
+
+
+def _float_list(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers like 0.25,0.5,1,2, got {text!r}"
+        ) from None
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -294,6 +310,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="E,E,...",
         help="B'MOJO with each number of eidetic tokens (e.g. 0,4,8,16,32; 0 = B'MOJO-F) at "
         "the default window and fading tokens, instead of the four models",
+    )
+    p_mqar.add_argument(
+        "--budget-sweep",
+        type=_float_list,
+        nargs="?",
+        const=(0.25, 0.5, 1.0, 2.0),
+        metavar="K,K,...",
+        help="train every model at several memory budgets, multiples K of its default memory "
+        "(default 0.25,0.5,1,2); plots accuracy vs memory in floats per N (budget_sweep.png)",
     )
     p_mqar.add_argument("--seed", type=int, metavar="S", help="seed (data, init, test sets)")
     p_mqar.add_argument(

@@ -404,3 +404,68 @@ def test_seeds_mean_and_spread():
     text = mqar.format_table(two)
     assert "seed spread % (2 seeds)" in text
     assert "holds beyond the intervals and the seed spread" in mqar.summarize(two)
+
+
+def _formula_floats(cfg, spec):
+    """Memory per the paper's count, from the architecture: per layer the SSM state
+    (d_inner x d_state) and conv buffer (d_inner x (d_conv - 1)) when the layer has an SSM,
+    plus keys and values (2 x d_model) of every attended token."""
+    d_inner, d_conv = 2 * cfg.d_model, 4
+    has_ssm = spec.window == 0 or spec.n_fading + spec.n_eidetic > 0
+    ssm = d_inner * (spec.d_state or cfg.d_state) + d_inner * (d_conv - 1) if has_ssm else 0
+    attn = 2 * cfg.d_model * (spec.window + spec.n_fading + spec.n_eidetic)
+    return cfg.n_layers * (ssm + attn)
+
+
+def test_budget_specs_and_memory_floats():
+    cfg = mqar.ExperimentConfig(budget_sweep=(0.25, 1, 2))
+    specs = cfg.specs()
+    assert list(specs) == [f"{m}@{k}" for m in mqar.MODELS for k in ("0.25", "1", "2")]
+    at1 = {m: specs[f"{m}@1"] for m in mqar.MODELS}
+    default = mqar.model_specs(cfg.window, cfg.n_fading, cfg.n_eidetic)
+    for m in ("swa", "bmojo-f", "bmojo"):  # scale 1 is the default model
+        d = default[m]
+        assert (at1[m].window, at1[m].n_fading, at1[m].n_eidetic) == (
+            d.window,
+            d.n_fading,
+            d.n_eidetic,
+        )
+    assert at1["ssm"].d_state == cfg.d_state and specs["ssm@2"].d_state == 2 * cfg.d_state
+    assert specs["bmojo@0.25"].label == "B'MOJO (w=8, f=2, e=4)"
+    floats = {}
+    for key, spec in specs.items():
+        model = cfg.build(spec)
+        floats[key] = mqar.memory_floats(model)
+        assert floats[key] == _formula_floats(cfg, spec), key
+        assert spec.base == key.split("@")[0]
+    for m in mqar.MODELS:  # more memory at every larger scale
+        assert floats[f"{m}@0.25"] < floats[f"{m}@1"] < floats[f"{m}@2"]
+    with pytest.raises(BmojoValueError, match="budget_sweep"):
+        mqar.ExperimentConfig(budget_sweep=(1, 1))
+    with pytest.raises(BmojoValueError, match="budget_sweep"):
+        mqar.ExperimentConfig(budget_sweep=(0,))
+    with pytest.raises(BmojoValueError, match="budget_sweep"):
+        mqar.ExperimentConfig(budget_sweep=(1,), eidetic_sweep=(0, 4))
+
+
+def test_budget_sweep_run_files_and_resume(tmp_path, capsys):
+    argv = ["mqar", "--quick", "--models", "ssm", "swa", "--budget-sweep", "0.5,1", "--steps",
+            "8", "--workers", "1", "--no-progress", "--resume", str(tmp_path)]  # fmt: skip
+    assert main(argv) == 0
+    first = capsys.readouterr().out
+    assert (tmp_path / "budget_sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with open(tmp_path / "results.json", encoding="utf-8") as f:
+        res = json.load(f)
+    assert sorted(res["budget"]) == ["ssm@0.5", "ssm@1", "swa@0.5", "swa@1"]
+    cfg = mqar.ExperimentConfig.quick(models=("ssm", "swa"), budget_sweep=(0.5, 1))
+    for key, b in res["budget"].items():
+        assert b["model"] == key.split("@")[0] and b["scale"] == float(key.split("@")[1])
+        assert b["floats"] == mqar.memory_floats(cfg.build(cfg.specs()[key]))
+    assert "accuracy with growing memory" in first
+    assert main(argv) == 0  # resumed: nothing trained again, the same table
+    again = capsys.readouterr().out
+    assert "4 training(s) read back" in again
+    assert (
+        first[first.index("accuracy %") :].split("total time")[0]
+        == (again[again.index("accuracy %") :].split("total time")[0])
+    )

@@ -11,27 +11,41 @@ from .data import (
     value_lags,
 )
 from .experiment import (
+    BUDGET_SCALES,
     MODELS,
     ExperimentConfig,
     ModelSpec,
+    budget_specs,
+    memory_floats,
     model_specs,
     run_experiment,
     sweep_specs,
 )
-from .report import format_table, plot_accuracy, plot_sweep, save_results, summarize
+from .report import (
+    format_table,
+    plot_accuracy,
+    plot_budget,
+    plot_sweep,
+    save_results,
+    summarize,
+)
 
 __all__ = [
+    "BUDGET_SCALES",
     "IGNORE_INDEX",
     "MODELS",
     "ExperimentConfig",
     "MQARConfig",
     "ModelSpec",
+    "budget_specs",
     "format_table",
     "make_batch",
     "make_mixed_batch",
     "make_test_set",
+    "memory_floats",
     "model_specs",
     "plot_accuracy",
+    "plot_budget",
     "plot_sweep",
     "query_positions",
     "run_experiment",

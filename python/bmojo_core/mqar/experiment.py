@@ -58,9 +58,12 @@ from .data import MQARConfig, make_batch, make_mixed_batch, make_test_set, value
 from .stats import recall_ceiling, wilson_interval
 
 __all__ = [
+    "BUDGET_SCALES",
     "MODELS",
     "ExperimentConfig",
     "ModelSpec",
+    "budget_specs",
+    "memory_floats",
     "model_specs",
     "run_experiment",
     "sweep_specs",
@@ -81,6 +84,8 @@ class ModelSpec:
     window: int
     n_fading: int
     n_eidetic: int
+    d_state: int | None = None  # None: the experiment's d_state
+    base: str = ""  # the model of MODELS this is a variant of ("": name itself)
 
     @property
     def attention_budget(self) -> int:
@@ -122,6 +127,55 @@ def sweep_specs(window: int, n_fading: int, n_eidetic: Sequence[int]) -> dict[st
     return out
 
 
+BUDGET_SCALES: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0)
+"""Default memory-budget levels of ``--budget-sweep``: multiples of the default models'
+memories (SSM d_state, window, fading and eidetic tokens all scaled alike)."""
+
+
+def budget_specs(
+    models: Sequence[str], scales: Sequence[float], window: int, n_fading: int, n_eidetic: int,
+    d_state: int,
+) -> dict[str, ModelSpec]:  # fmt: skip
+    """The memory-budget sweep: every model of ``models`` at each scale ``k`` of its
+    memory, keys ``<model>@<k>``: the SSM with ``d_state·k`` states; SWA with a window of
+    ``(window + n_fading + n_eidetic)·k``; B'MOJO-F with ``window·k`` and
+    ``(n_fading + n_eidetic)·k`` fading tokens; B'MOJO with ``window·k``,
+    ``n_fading·k`` fading and ``n_eidetic·k`` eidetic tokens (rounded, windows and
+    d_state at least 1). Budgets in floats: :func:`memory_floats`."""
+    out = {}
+    for m in models:
+        for k in scales:
+
+            def r(v: int, lo: int = 0, k: float = k) -> int:
+                return max(lo, round(v * k))
+
+            key = f"{m}@{k:g}"
+            if m == "ssm":
+                spec = ModelSpec(key, f"SSM (d_state={r(d_state, 1)})", 0, 0, 0, r(d_state, 1))
+            elif m == "swa":
+                w = r(window + n_fading + n_eidetic, 1)
+                spec = ModelSpec(key, f"SWA (w={w})", w, 0, 0)
+            elif m == "bmojo-f":
+                w, f = r(window, 1), r(n_fading + n_eidetic)
+                spec = ModelSpec(key, f"B'MOJO-F (w={w}, f={f})", w, f, 0)
+            else:
+                w, f, e = r(window, 1), r(n_fading), r(n_eidetic)
+                spec = ModelSpec(key, f"B'MOJO (w={w}, f={f}, e={e})", w, f, e)
+            out[key] = replace(spec, base=m)
+    return out
+
+
+def memory_floats(model: BMojoLM) -> int:
+    """The memory a model carries from token to token, in floats, as the paper's x-axis
+    counts it: per layer the SSM state and the causal conv's input buffer, plus the keys
+    and values of every token its attention reads (window, fading and eidetic tokens);
+    bookkeeping (positions, scores, innovation history) not counted."""
+    names = {"ssm", "conv", "ring_k", "ring_v", "mem_k", "mem_v"}
+    return sum(
+        math.prod(p.shape) for layer in model.layer_state_pieces() for p in layer if p.name in names
+    )
+
+
 SCHEDULES: tuple[str, ...] = ("cosine", "greedy")
 
 
@@ -136,6 +190,25 @@ def _ints(name: str, v: object, lo: int) -> tuple[int, ...]:
     return out
 
 
+def _scales(v: object) -> tuple[float, ...]:
+    if isinstance(v, numbers.Real) and not isinstance(v, bool):
+        v = (v,)
+    if not isinstance(v, (tuple, list)):
+        raise BmojoTypeError(f"budget_sweep: expected a sequence of numbers, got {v!r}")
+    out = []
+    for k in v:
+        if (
+            isinstance(k, bool)
+            or not isinstance(k, numbers.Real)
+            or not (math.isfinite(k) and k > 0)
+        ):
+            raise BmojoValueError(f"budget_sweep: expected finite scales > 0, got {k!r}")
+        out.append(float(k))
+    if len(set(out)) != len(out):
+        raise BmojoValueError(f"budget_sweep: scales must be distinct, got {out}")
+    return tuple(sorted(out))
+
+
 @dataclass(frozen=True)
 class ExperimentConfig:
     """Settings of ``bmojo mqar`` (defaults: the default experiment, under 8 minutes on 2
@@ -146,7 +219,9 @@ class ExperimentConfig:
     ``models``, ``d_model``, ``n_layers``, ``d_state``, ``n_heads``, ``window``,
     ``n_fading``, ``n_eidetic``; a non-empty ``eidetic_sweep`` replaces them by the
     variants of :func:`sweep_specs` (B'MOJO at ``window``/``n_fading`` with each
-    ``n_eidetic`` of the sweep).
+    ``n_eidetic`` of the sweep); a non-empty ``budget_sweep`` (scales, e.g.
+    :data:`BUDGET_SCALES`) by every model of ``models`` at each scale of its memory
+    (:func:`budget_specs`).
 
     Training (:func:`bmojo_core.train.train`, AdamW, fresh batches every step):
     ``mixture=True`` (default) trains each model once on batches that mix every N
@@ -179,6 +254,7 @@ class ExperimentConfig:
     n_fading: int = 8
     n_eidetic: int = 16
     eidetic_sweep: tuple[int, ...] = ()
+    budget_sweep: tuple[float, ...] = ()
     mixture: bool = True
     steps: int = 1400
     batch_size: int = 16
@@ -213,6 +289,9 @@ class ExperimentConfig:
         object.__setattr__(
             self, "eidetic_sweep", tuple(sorted(_ints("eidetic_sweep", self.eidetic_sweep, 0)))
         )
+        object.__setattr__(self, "budget_sweep", _scales(self.budget_sweep))
+        if self.budget_sweep and self.eidetic_sweep:
+            raise BmojoValueError("budget_sweep: cannot be combined with eidetic_sweep")
         if not isinstance(self.mixture, bool):
             raise BmojoTypeError(f"mixture: expected a bool, got {type(self.mixture).__name__}")
         for n in self.num_kv:  # MQARConfig checks vocab, seq_len, power_a, random_fill and N
@@ -268,13 +347,16 @@ class ExperimentConfig:
         """The models run: the sweep variants if ``eidetic_sweep``, else ``models``."""
         if self.eidetic_sweep:
             return sweep_specs(self.window, self.n_fading, self.eidetic_sweep)
+        if self.budget_sweep:
+            return budget_specs(self.models, self.budget_sweep, self.window, self.n_fading,
+                                self.n_eidetic, self.d_state)  # fmt: skip
         allspecs = model_specs(self.window, self.n_fading, self.n_eidetic)
         return {m: allspecs[m] for m in self.models}
 
     def build(self, spec: ModelSpec):
         return BMojoLM(
             self.vocab, self.d_model, self.n_layers, spec.window, spec.n_fading,
-            spec.n_eidetic, d_state=self.d_state,
+            spec.n_eidetic, d_state=spec.d_state or self.d_state,
             n_heads=self.n_heads if spec.window else None,
         )  # fmt: skip
 
@@ -437,7 +519,10 @@ def run_experiment(
     # costliest first, so that two workers finish close together (CPU time per step of the
     # default run: B'MOJO > B'MOJO-F > SSM > SWA; sweep variants by n_eidetic)
     cost = {"bmojo": 3, "bmojo-f": 2, "ssm": 1, "swa": 0}
-    order = sorted(specs, key=lambda m: (-cost.get(m, 4), -specs[m].n_eidetic))
+    order = sorted(
+        specs,
+        key=lambda m: (-cost.get(specs[m].base or m, 4), -specs[m].window - specs[m].n_eidetic),
+    )
     per_n: list[int | None] = [None] if cfg.mixture else list(cfg.num_kv)
     jobs: list[tuple[str, int | None, int]] = [
         (m, n, sd) for sd in seeds for n in per_n for m in order
@@ -538,6 +623,12 @@ def run_experiment(
         res["flip_rate"] = {
             str(n): negative_flip_rate(pooled("bmojo-f", n), pooled("bmojo", n)) for n in cfg.num_kv
         }
+    if cfg.budget_sweep:
+        res["budget"] = {
+            k: {"model": sp.base, "scale": float(k.split("@")[1]),
+                "floats": memory_floats(cfg.build(sp))}
+            for k, sp in specs.items()
+        }  # fmt: skip
     if cfg.eidetic_sweep:
         res["sweep"] = {
             "window": cfg.window,

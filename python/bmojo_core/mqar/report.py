@@ -13,6 +13,7 @@ __all__ = [
     "format_table",
     "orderings",
     "plot_accuracy",
+    "plot_budget",
     "plot_sweep",
     "save_results",
     "summarize",
@@ -109,6 +110,8 @@ def summarize(results: dict[str, Any]) -> str:
     labels = {m: results["models"][m]["label"] for m in acc}
     nkv = [str(n) for n in results["config"]["num_kv"]]
     lines = []
+    if "budget" in results:
+        return _summarize_budget(results)
     if "sweep" in results:
         es = results["sweep"]["n_eidetic"]
         keys = list(acc)
@@ -155,6 +158,76 @@ def summarize(results: dict[str, Any]) -> str:
             text += f"; reversed at N = {', '.join(rev)}"
         lines.append(text)
     return "\n".join(lines)
+
+
+def _summarize_budget(results: dict[str, Any]) -> str:
+    """Per N: each model's accuracy from its smallest to its largest memory, whether the
+    largest beats the smallest beyond their intervals, and the best model at about equal
+    memory (the largest budget every model reaches)."""
+    budget, acc, ci = results["budget"], results["accuracy"], results["ci95"]
+    labels = {k: results["models"][k]["label"] for k in acc}
+    bases = list(dict.fromkeys(b["model"] for b in budget.values()))
+    lines = []
+    for n in (str(n) for n in results["config"]["num_kv"]):
+        parts = []
+        for m in bases:
+            keys = sorted((k for k in budget if budget[k]["model"] == m),
+                          key=lambda k: budget[k]["floats"])  # fmt: skip
+            trend = " -> ".join(f"{100 * acc[k][n]:.1f}" for k in keys)
+            gain = ci[keys[-1]][n][0] > ci[keys[0]][n][1]
+            parts.append(f"{m} {trend}%" + (" (rises beyond noise)" if gain else ""))
+        lines.append(f"N={n}: accuracy with growing memory: " + "; ".join(parts))
+        cap = min(max(b["floats"] for b in budget.values() if b["model"] == m) for m in bases)
+        fair = {m: max((k for k in budget if budget[k]["model"] == m
+                        and budget[k]["floats"] <= cap),
+                       key=lambda k: budget[k]["floats"], default=None)
+                for m in bases}  # fmt: skip
+        fair = {m: k for m, k in fair.items() if k is not None}
+        if fair:
+            best = max(fair.values(), key=lambda k: acc[k][n])
+            lines.append(
+                f"N={n}: best within {cap} floats: {labels[best]} ({100 * acc[best][n]:.1f}%, "
+                f"{budget[best]['floats']} floats)"
+            )
+    return "\n".join(lines)
+
+
+def plot_budget(results: dict[str, Any], path: str | os.PathLike) -> None:
+    """Writes a PNG of test accuracy vs memory budget (floats, log scale), one panel per N,
+    one line per model with its 95 % intervals (the paper's figure)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import NullFormatter
+
+    nkv = [str(n) for n in results["config"]["num_kv"]]
+    budget, acc, ci = results["budget"], results["accuracy"], results["ci95"]
+    top = min(1.0, 1.15 * max(ci[k][n][1] for k in budget for n in nkv) + 0.02)
+    bases = list(dict.fromkeys(b["model"] for b in budget.values()))
+    names = {"ssm": "SSM", "swa": "SWA", "bmojo-f": "B'MOJO-F", "bmojo": "B'MOJO"}
+    fig = Figure(figsize=(3.2 * len(nkv), 3.4), dpi=120)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(nkv), squeeze=False)[0]
+    for ax, n in zip(axes, nkv, strict=True):
+        for m in bases:
+            keys = sorted((k for k in budget if budget[k]["model"] == m),
+                          key=lambda k: budget[k]["floats"])  # fmt: skip
+            x = [budget[k]["floats"] for k in keys]
+            y = [acc[k][n] for k in keys]
+            err = [[y[i] - ci[k][n][0] for i, k in enumerate(keys)],
+                   [ci[k][n][1] - y[i] for i, k in enumerate(keys)]]  # fmt: skip
+            ax.errorbar(x, y, yerr=err, marker="o", ms=3, capsize=2, label=names.get(m, m))
+        ax.axhline(results["chance"], color="gray", ls=":", lw=1)
+        ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_ylim(0, top)
+        ax.set_title(f"N={n}", fontsize=9)
+        ax.set_xlabel("memory (floats)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("test accuracy")
+    axes[0].legend(fontsize=7)
+    fig.suptitle(_title(results), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(os.fspath(path))
 
 
 def _title(results: dict[str, Any]) -> str:
@@ -218,7 +291,8 @@ def plot_sweep(results: dict[str, Any], path: str | os.PathLike) -> None:
 
 
 def save_results(results: dict[str, Any], out_dir: str | os.PathLike) -> dict[str, str]:
-    """Writes ``results.json`` and ``accuracy.png`` (the sweep: ``eidetic_sweep.png``;
+    """Writes ``results.json`` and ``accuracy.png`` (the sweeps: ``eidetic_sweep.png``,
+    ``budget_sweep.png``;
     skipped when matplotlib is missing) into ``out_dir`` (created). Returns the paths
     written."""
     os.makedirs(out_dir, exist_ok=True)
@@ -229,7 +303,10 @@ def save_results(results: dict[str, Any], out_dir: str | os.PathLike) -> dict[st
         import matplotlib  # noqa: F401
     except ImportError:
         return paths
-    if "sweep" in results:
+    if "budget" in results:
+        paths["png"] = os.path.join(out_dir, "budget_sweep.png")
+        plot_budget(results, paths["png"])
+    elif "sweep" in results:
         paths["png"] = os.path.join(out_dir, "eidetic_sweep.png")
         plot_sweep(results, paths["png"])
     else:
