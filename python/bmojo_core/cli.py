@@ -144,7 +144,10 @@ def _cmd_mqar(args: argparse.Namespace) -> int:
             ("lr", args.lr),
             ("mixture", False if args.per_n else None),
             ("eidetic_sweep", args.eidetic_sweep),
-            ("budget_sweep", args.budget_sweep),
+            (
+                "budget_sweep",
+                mqar.BUDGET_SCALES if args.budget_sweep == "default" else args.budget_sweep,
+            ),
             ("seed", args.seed),
             ("seeds", args.seeds),
             ("schedule", args.schedule),
@@ -315,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--budget-sweep",
         type=_float_list,
         nargs="?",
-        const=(0.25, 0.5, 1.0, 2.0),
+        const="default",
         metavar="K,K,...",
         help="train every model at several memory budgets, multiples K of its default memory "
         "(default 0.25,0.5,1,2); plots accuracy vs memory in floats per N (budget_sweep.png)",
