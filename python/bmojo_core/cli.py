@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 
 def _cuda_rows() -> list[tuple[str, str]]:
@@ -211,22 +212,22 @@ def _cmd_mqar(args: argparse.Namespace) -> int:
     return 0
 
 
-def _float_list(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated numbers like 0.25,0.5,1,2, got {text!r}"
-        ) from None
+def _list_of(kind: type, what: str, example: str) -> Callable[[str], tuple[Any, ...]]:
+    """An argparse type for a comma-separated list of ``kind`` values."""
+
+    def parse(text: str) -> tuple[Any, ...]:
+        try:
+            return tuple(kind(v) for v in text.split(","))
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated {what} like {example}, got {text!r}"
+            ) from None
+
+    return parse
 
 
-def _int_list(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers like 0,4,8,16,32, got {text!r}"
-        ) from None
+_int_list = _list_of(int, "integers", "0,4,8,16,32")
+_float_list = _list_of(float, "numbers", "0.25,0.5,1,2")
 
 
 def build_parser() -> argparse.ArgumentParser:
