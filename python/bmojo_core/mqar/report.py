@@ -160,31 +160,35 @@ def summarize(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _by_model(budget: dict[str, dict[str, Any]]) -> dict[str, list[str]]:
+    """The budget sweep's variants per model (in run order), smallest memory first."""
+    out: dict[str, list[str]] = {}
+    for k in sorted(budget, key=lambda k: budget[k]["floats"]):
+        out.setdefault(budget[k]["model"], []).append(k)
+    return {m: out[m] for m in dict.fromkeys(b["model"] for b in budget.values())}
+
+
 def _summarize_budget(results: dict[str, Any]) -> str:
     """Per N: each model's accuracy from its smallest to its largest memory, whether the
     largest beats the smallest beyond their intervals, and the best model at about equal
     memory (the largest budget every model reaches)."""
     budget, acc, ci = results["budget"], results["accuracy"], results["ci95"]
     labels = {k: results["models"][k]["label"] for k in acc}
-    bases = list(dict.fromkeys(b["model"] for b in budget.values()))
+    variants = _by_model(budget)
     lines = []
     for n in (str(n) for n in results["config"]["num_kv"]):
         parts = []
-        for m in bases:
-            keys = sorted((k for k in budget if budget[k]["model"] == m),
-                          key=lambda k: budget[k]["floats"])  # fmt: skip
+        for m, keys in variants.items():
             trend = " -> ".join(f"{100 * acc[k][n]:.1f}" for k in keys)
             gain = ci[keys[-1]][n][0] > ci[keys[0]][n][1]
             parts.append(f"{m} {trend}%" + (" (rises beyond noise)" if gain else ""))
         lines.append(f"N={n}: accuracy with growing memory: " + "; ".join(parts))
-        cap = min(max(b["floats"] for b in budget.values() if b["model"] == m) for m in bases)
-        fair = {m: max((k for k in budget if budget[k]["model"] == m
-                        and budget[k]["floats"] <= cap),
-                       key=lambda k: budget[k]["floats"], default=None)
-                for m in bases}  # fmt: skip
-        fair = {m: k for m, k in fair.items() if k is not None}
+        cap = min(budget[keys[-1]]["floats"] for keys in variants.values())
+        # each model's largest variant within the cap (keys run smallest memory first)
+        fair = [[k for k in keys if budget[k]["floats"] <= cap] for keys in variants.values()]
+        fair = [ks[-1] for ks in fair if ks]
         if fair:
-            best = max(fair.values(), key=lambda k: acc[k][n])
+            best = max(fair, key=lambda k: acc[k][n])
             lines.append(
                 f"N={n}: best within {cap} floats: {labels[best]} ({100 * acc[best][n]:.1f}%, "
                 f"{budget[best]['floats']} floats)"
@@ -202,15 +206,12 @@ def plot_budget(results: dict[str, Any], path: str | os.PathLike) -> None:
     nkv = [str(n) for n in results["config"]["num_kv"]]
     budget, acc, ci = results["budget"], results["accuracy"], results["ci95"]
     top = min(1.0, 1.15 * max(ci[k][n][1] for k in budget for n in nkv) + 0.02)
-    bases = list(dict.fromkeys(b["model"] for b in budget.values()))
     names = {"ssm": "SSM", "swa": "SWA", "bmojo-f": "B'MOJO-F", "bmojo": "B'MOJO"}
     fig = Figure(figsize=(3.2 * len(nkv), 3.4), dpi=120)
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, len(nkv), squeeze=False)[0]
     for ax, n in zip(axes, nkv, strict=True):
-        for m in bases:
-            keys = sorted((k for k in budget if budget[k]["model"] == m),
-                          key=lambda k: budget[k]["floats"])  # fmt: skip
+        for m, keys in _by_model(budget).items():
             x = [budget[k]["floats"] for k in keys]
             y = [acc[k][n] for k in keys]
             err = [[y[i] - ci[k][n][0] for i, k in enumerate(keys)],
