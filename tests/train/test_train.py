@@ -464,6 +464,42 @@ def test_train_deterministic_and_eval_fallbacks():
     assert h3["time_s"] > 0
 
 
+def test_lr_scale_gives_each_parameter_its_rate(monkeypatch):
+    """``lr_scale``: Adam's first step moves every entry with a gradient by its group's
+    rate (weight decay off), so the scaled layer moves 3x as far; GreedyLR's scalar bounds
+    are scaled per group; bad scales are refused by name."""
+    torch.manual_seed(0)
+    m = PrevToken()
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    scale = lambda name: 3.0 if name.startswith("head.0") else 1.0  # noqa: E731
+    train(m, prev_token_batch, steps=1, lr=1e-3, schedule="constant", weight_decay=0.0,
+          progress=False, lr_scale=scale)  # fmt: skip
+    for n, p in m.named_parameters():
+        step = (p.detach() - before[n]).abs().max().item()
+        assert step == pytest.approx(1e-3 * scale(n), rel=1e-3), n
+    from bmojo_core.train import loop
+
+    seen = {}
+
+    class Spy(loop.GreedyLR):
+        def __init__(self, opt, **kw):
+            seen.update(kw, lrs=[g["lr"] for g in opt.param_groups])
+            super().__init__(opt, **kw)
+
+    monkeypatch.setattr(loop, "GreedyLR", Spy)
+    train(PrevToken(), prev_token_batch, steps=1, lr=1e-3, schedule="greedy", progress=False,
+          lr_scale=scale, greedy_kwargs={"min_lr": 1e-4, "max_lr": 2e-3})  # fmt: skip
+    ks = [lr / 1e-3 for lr in seen["lrs"]]
+    assert sorted(ks) == pytest.approx([1, 1, 3, 3])  # (decayed, not) x (1, 3)
+    assert seen["min_lr"] == pytest.approx([1e-4 * k for k in ks])
+    assert seen["max_lr"] == pytest.approx([2e-3 * k for k in ks])
+    with pytest.raises(BmojoValueError, match="lr_scale.*head.0.weight"):
+        train(PrevToken(), prev_token_batch, steps=1, progress=False,
+              lr_scale=lambda n: 0.0 if n == "head.0.weight" else 1.0)  # fmt: skip
+    with pytest.raises(BmojoTypeError, match="lr_scale"):
+        train(PrevToken(), prev_token_batch, steps=1, progress=False, lr_scale=2.0)
+
+
 def test_progress_bar(capsys):
     if not STRICT:
         pytest.importorskip("tqdm")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import numbers
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -189,6 +190,7 @@ def train(
     min_ratio: float = 0.0,
     greedy_kwargs: Mapping[str, Any] | None = None,
     betas: tuple[float, float] = (0.9, 0.98),
+    lr_scale: Callable[[str], float] | None = None,
 ) -> dict[str, Any]:
     """Trains ``model`` in place with AdamW on a fresh batch per step.
 
@@ -201,7 +203,10 @@ def train(
     stepped every step), ``"greedy"`` (``GreedyLR(**greedy_kwargs)`` stepped after every
     evaluation with its loss) or ``"constant"``. Weight decay applies to parameters of
     dimension >= 2 only (not to biases or norm gains). ``grad_clip``: max global grad norm
-    (None: no clipping).
+    (None: no clipping). ``lr_scale(name)``: a parameter's peak rate as a multiple of
+    ``lr`` (by its name in ``model.named_parameters()``; None: 1 for all), e.g. a higher
+    rate for the SSM than for the attention; the schedules scale every group alike, and
+    a single ``min_lr``/``max_lr`` in ``greedy_kwargs`` is scaled per group too.
 
     Evaluation every ``eval_every`` steps and after the last one. ``eval_fn`` is either a
     ``(inputs, labels)`` test set (scored with ``evaluate``) or a callable ``model ->
@@ -243,19 +248,34 @@ def train(
             raise BmojoValueError(f"grad_clip: expected a value > 0 or None, got {grad_clip}")
     seed = int_arg("seed", seed, 0)
 
-    params = [p for p in model.parameters() if p.requires_grad]
+    if lr_scale is not None and not callable(lr_scale):
+        raise BmojoTypeError("lr_scale: expected a callable name -> float or None")
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
     if not params:
         raise BmojoValueError("model: has no trainable parameters")
+    # One group per (decayed?, rate scale), in order of first appearance.
+    by_key: dict[tuple[bool, float], list[Tensor]] = {}
+    for name, p in named:
+        k = 1.0 if lr_scale is None else number_arg(f"lr_scale({name!r})", lr_scale(name))
+        if not (math.isfinite(k) and k > 0):
+            raise BmojoValueError(f"lr_scale: expected a finite value > 0 for {name!r}, got {k}")
+        by_key.setdefault((p.dim() >= 2, k), []).append(p)
     groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        {"params": ps, "weight_decay": weight_decay if decay else 0.0, "lr": lr * k}
+        for (decay, k), ps in by_key.items()
     ]
-    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas)
+    scales = [k for _, k in by_key]
+    opt = torch.optim.AdamW(groups, lr=lr, betas=betas)
     sched: LRScheduler | None = None
     if schedule == "cosine":
         sched = cosine_schedule(opt, steps, warmup_steps, min_ratio)
     elif schedule == "greedy":
-        sched = GreedyLR(opt, **dict(greedy_kwargs or {}))
+        gk = dict(greedy_kwargs or {})
+        for key in ("min_lr", "max_lr"):
+            if isinstance(gk.get(key), numbers.Real) and not isinstance(gk[key], bool):
+                gk[key] = [gk[key] * k for k in scales]
+        sched = GreedyLR(opt, **gk)
 
     def run_eval() -> dict[str, float]:
         if eval_fn is None:
