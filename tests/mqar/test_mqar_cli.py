@@ -258,6 +258,10 @@ def test_label_mask_logits_match_full_forward():
         (["--eidetic-sweep=-1,4"], "eidetic_sweep"),
         (["--batch-size", "1"], "batch_size"),
         (["--lr", "0"], "lr"),
+        (["--short-frac", "1"], "short_frac"),
+        (["--short-frac=-0.1"], "short_frac"),
+        (["--short-len", "3"], "short_len"),
+        (["--short-len", "512"], "short_len"),  # longer than the rows
     ],
 )
 def test_bad_arguments(args, needle, capsys, tmp_path):
@@ -297,6 +301,34 @@ def test_config_validation():
     assert mqar.ExperimentConfig(eidetic_sweep=[8, 0]).eidetic_sweep == (0, 8)
     # models are kept in the canonical order whatever the order asked
     assert mqar.ExperimentConfig(models=("bmojo", "ssm")).models == ("ssm", "bmojo")
+
+
+def test_short_rows():
+    """Short rows: the N that fit, as many rows as keep the tokens per step, drawn on the
+    share of the steps asked for (from the training stream, so reproducible); none when
+    off or when no N fits a per-N training."""
+    cfg = mqar.ExperimentConfig()
+    tasks, rows = cfg.short_tasks(cfg.num_kv)
+    assert [(t.seq_len, t.num_kv) for t in tasks] == [(64, 4), (64, 8), (64, 16)]
+    assert rows * cfg.short_len == cfg.batch_size * cfg.seq_len
+    assert cfg.short_tasks((32,)) == ([], rows)
+    assert mqar.ExperimentConfig(short_frac=0).short_tasks(cfg.num_kv) == ([], 0)
+    # the share of short steps in a training stream, through _run_one's batch function
+    seen = []
+
+    def fake_train(model, batch, *, steps, **kw):
+        g = torch.Generator().manual_seed(kw["seed"])
+        seen.extend(batch(g)[0].shape for _ in range(steps))
+        raise KeyboardInterrupt  # stop before scoring
+
+    small = mqar.ExperimentConfig(models=("swa",), steps=400, short_frac=0.75, workers=1)
+    import unittest.mock as um
+
+    with um.patch.object(experiment, "train", fake_train), pytest.raises(KeyboardInterrupt):
+        experiment._run_one(small, "swa", None)
+    short = sum(s == (64, 64) for s in seen)
+    assert set(seen) == {(64, 64), (16, 256)}
+    assert 0.68 < short / len(seen) < 0.82, short
 
 
 def test_model_specs_equal_budget():

@@ -234,6 +234,8 @@ def plot_budget(results: dict[str, Any], path: str | os.PathLike) -> None:
 def _title(results: dict[str, Any]) -> str:
     c = results["config"]
     how = "mixture of N" if c["mixture"] else "one training per N"
+    if c.get("short_frac"):
+        how += f", {c['short_frac']:.0%} of steps on short rows (L={c['short_len']})"
     return f"MQAR, V={c['vocab']}, L={c['seq_len']}, {c['steps']} steps x {c['batch_size']}, {how}"
 
 
