@@ -5,7 +5,8 @@
     bmojo info                                   # versions, SIMD level, threads, CUDA
     bmojo bench [--quick] [--json PATH] [--only NAME] [--threads N] [--simd LEVEL]
     bmojo mqar  [--quick] [--out DIR] [--models M ...] [--num-kv N ...] [--steps S]
-                [--batch-size B] [--lr LR] [--per-n] [--eidetic-sweep E,E,...]
+                [--batch-size B] [--lr LR] [--model-lr MODEL=LR ...] [--ssm-lr LR]
+                [--per-n] [--short-frac F] [--short-len L] [--eidetic-sweep E,E,...]
                 [--budget-sweep [K,K,...]]
                 [--seed S] [--seeds K] [--resume DIR] [--schedule {cosine,greedy}]
                 [--workers W] [--threads N]
@@ -154,6 +155,12 @@ def _cmd_mqar(args: argparse.Namespace) -> int:
             ("steps", args.steps),
             ("batch_size", args.batch_size),
             ("lr", args.lr),
+            (
+                "model_lr",
+                args.model_lr
+                if args.model_lr is not None
+                else (() if args.lr is not None else None),
+            ),
             ("ssm_lr", args.ssm_lr),
             ("mixture", False if args.per_n else None),
             ("short_frac", args.short_frac),
@@ -161,7 +168,7 @@ def _cmd_mqar(args: argparse.Namespace) -> int:
             ("eidetic_sweep", args.eidetic_sweep),
             (
                 "budget_sweep",
-                mqar.BUDGET_SCALES if args.budget_sweep == "default" else args.budget_sweep,
+                mqar.BUDGET_SCALES if args.budget_sweep is _DEFAULT_SCALES else args.budget_sweep,
             ),
             ("seed", args.seed),
             ("seeds", args.seeds),
@@ -186,7 +193,8 @@ def _cmd_mqar(args: argparse.Namespace) -> int:
         f"({'mixing every N, one training per model' if cfg.mixture else 'one training per N'}"
         + _short_rows(cfg)
         + f"), lr {cfg.lr:g}"
-        + ("" if cfg.ssm_lr is None else f" (SSM {cfg.ssm_lr:g})")
+        + "".join(f", {m} {r:g}" for m, r in cfg.model_lr)
+        + ("" if cfg.ssm_lr is None else f" (SSM parameters {cfg.ssm_lr:g})")
         + f" ({cfg.schedule}), weight decay {cfg.weight_decay:g}; test set "
         f"{cfg.test_size} rows per N; {cfg.workers} worker(s) x {cfg.threads or 'default'} "
         "thread(s)"
@@ -247,6 +255,20 @@ _int_list = _list_of(int, "integers", "0,4,8,16,32")
 _float_list = _list_of(float, "numbers", "0.25,0.5,1,2")
 
 
+def _model_rate(text: str) -> tuple[str, float]:
+    name, sep, rate = text.partition("=")
+    try:
+        if sep:
+            return name, float(rate)
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"expected MODEL=LR like ssm=6e-3, got {text!r}")
+
+
+# A bare --budget-sweep; not a string, which argparse would pass through _float_list.
+_DEFAULT_SCALES = object()
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .runtime.info import package_version
 
@@ -297,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
         "test set and prints the accuracy table and the negative flip rate B'MOJO-F -> "
         "B'MOJO. Default: V=512, L=256, window 32 (+8 fading, +16 eidetic), N in 4 8 16 32, "
         "each model trained once on batches mixing every N (90% of the steps on short rows "
-        "of 64 tokens), lr 6e-3; about 7 minutes on 2 cores. "
+        "of 64 tokens), lr 2e-3 (the pure SSM 6e-3); about 7 minutes on 2 cores. "
         "--eidetic-sweep instead trains B'MOJO at window 32 and 8 fading tokens for each "
         "number of eidetic tokens (0 = B'MOJO-F) and reports accuracy vs n_eidetic per N.",
     )
@@ -320,12 +342,25 @@ def build_parser() -> argparse.ArgumentParser:
     p_mqar.add_argument("--num-kv", nargs="+", type=int, metavar="N", help="values of N")
     p_mqar.add_argument("--steps", type=int, metavar="S", help="training steps per run")
     p_mqar.add_argument("--batch-size", type=int, metavar="B", help="rows per training step")
-    p_mqar.add_argument("--lr", type=float, metavar="LR", help="peak learning rate")
+    p_mqar.add_argument(
+        "--lr",
+        type=float,
+        metavar="LR",
+        help="peak learning rate of every model (default 2e-3, the pure SSM 6e-3)",
+    )
+    p_mqar.add_argument(
+        "--model-lr",
+        nargs="+",
+        type=_model_rate,
+        metavar="MODEL=LR",
+        help="peak learning rate of some models instead of --lr (e.g. ssm=6e-3)",
+    )
     p_mqar.add_argument(
         "--ssm-lr",
         type=float,
         metavar="LR",
-        help="peak learning rate of the SSM's parameters (default: --lr)",
+        help="peak learning rate of the SSM's parameters in every model (default: the "
+        "model's rate)",
     )
     p_mqar.add_argument(
         "--per-n",
@@ -353,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--budget-sweep",
         type=_float_list,
         nargs="?",
-        const="default",
+        const=_DEFAULT_SCALES,
         metavar="K,K,...",
         help="train every model at several memory budgets, multiples K of its default memory "
         "(default 0.25,0.5,1,2); plots accuracy vs memory in floats per N (budget_sweep.png)",

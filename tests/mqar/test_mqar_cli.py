@@ -13,6 +13,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -100,6 +101,61 @@ def test_accuracy_and_flip_rate_match_saved_correctness(quick):
         assert rate == pytest.approx(by_hand / f.numel(), abs=1e-12)
         row = next(line for line in text.splitlines() if line.startswith("neg. flip"))
         assert f"{100 * rate:.1f}" in row.split()
+
+
+def _children(pid: int) -> list[int]:
+    """Live (not zombie) processes whose parent is ``pid``, read from /proc."""
+    out = []
+    for d in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{d}/stat", encoding="utf-8") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, ValueError, IndexError):
+            continue
+        if fields[0] != "Z" and int(fields[1]) == pid:
+            out.append(int(d))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_workers_stop_when_the_parent_dies(tmp_path):
+    """A worker whose parent was killed stops within a few training steps instead of
+    training on to the end (the process pool does not stop its workers then)."""
+    env = dict(os.environ)
+    src = os.path.dirname(os.path.dirname(os.path.dirname(mqar.__file__)))  # python/
+    env["PYTHONPATH"] = os.pathsep.join([src, env.get("PYTHONPATH", "")])
+    cmd = [sys.executable, "-m", "bmojo_core.cli", "mqar", "--quick", "--out", str(tmp_path)]
+    cmd += ["--models", "ssm", "swa", "--steps", "1000000", "--workers", "2", "--no-progress"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    workers: list[int] = []
+    try:
+        deadline = time.monotonic() + 120
+        while len(workers) < 2 and time.monotonic() < deadline:  # the pool and its tracker
+            time.sleep(0.5)
+            workers = _children(proc.pid)
+        assert len(workers) >= 2, "the workers did not start"
+        time.sleep(15)  # into their trainings (spawn, import, first steps)
+        proc.kill()
+        proc.wait()
+        deadline = time.monotonic() + 60
+        while any(map(_alive, workers)) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not any(map(_alive, workers)), "workers outlived their parent"
+    finally:
+        proc.kill()
+        for pid in workers:
+            try:
+                os.kill(pid, 9)
+            except OSError:
+                pass
 
 
 def test_attention_models_learn(quick):
@@ -262,6 +318,10 @@ def test_label_mask_logits_match_full_forward():
         (["--short-frac=-0.1"], "short_frac"),
         (["--short-len", "3"], "short_len"),
         (["--short-len", "512"], "short_len"),  # longer than the rows
+        (["--model-lr", "mamba=1e-3"], "model_lr"),
+        (["--model-lr", "ssm=0"], "model_lr"),
+        (["--model-lr", "ssm=1e-3", "ssm=2e-3"], "model_lr"),
+        (["--model-lr", "ssm=inf"], "model_lr"),
     ],
 )
 def test_bad_arguments(args, needle, capsys, tmp_path):
@@ -273,7 +333,12 @@ def test_bad_arguments(args, needle, capsys, tmp_path):
 
 @pytest.mark.parametrize(
     "args, needle",
-    [(["--schedule", "linear"], "--schedule"), (["--eidetic-sweep", "4,x"], "--eidetic-sweep")],
+    [
+        (["--schedule", "linear"], "--schedule"),
+        (["--eidetic-sweep", "4,x"], "--eidetic-sweep"),
+        (["--model-lr", "ssm"], "--model-lr"),  # not MODEL=LR
+        (["--model-lr", "ssm=x"], "--model-lr"),
+    ],
 )
 def test_bad_option_values_are_rejected_by_argparse(args, needle, capsys):
     with pytest.raises(SystemExit) as e:
@@ -329,6 +394,58 @@ def test_short_rows():
     short = sum(s == (64, 64) for s in seen)
     assert set(seen) == {(64, 64), (16, 256)}
     assert 0.68 < short / len(seen) < 0.82, short
+
+
+def test_learning_rates_per_model_and_per_parameter(tmp_path):
+    """The pure SSM at its own rate by default (budget variants too), the rest at lr;
+    --lr alone sets every model; ssm_lr scales the SSM's parameters against the model's
+    rate; the training gets the model's rate and that scale."""
+    cfg = mqar.ExperimentConfig()
+    assert (cfg.lr, cfg.model_lr) == (2e-3, (("ssm", 6e-3),))
+    assert [cfg.model_rate(m) for m in ("ssm", "swa", "bmojo-f", "bmojo")] == [
+        6e-3, 2e-3, 2e-3, 2e-3]  # fmt: skip
+    assert cfg.model_rate("ssm@0.5") == 6e-3 and cfg.model_rate("e4") == 2e-3
+    as_map = mqar.ExperimentConfig(model_lr={"bmojo": 1e-3, "ssm": 5e-3})
+    assert as_map.model_lr == (("ssm", 5e-3), ("bmojo", 1e-3))  # MODELS order
+    both = mqar.ExperimentConfig(ssm_lr=4e-3)
+    assert both.lr_scale("ssm", "layers.0.ssm.A_log") == pytest.approx(4e-3 / 6e-3)
+    assert both.lr_scale("bmojo", "layers.0.ssm.A_log") == pytest.approx(2.0)
+    assert both.lr_scale("bmojo", "layers.0.attn.qkv.weight") == 1.0
+    assert cfg.lr_scale("bmojo", "layers.0.ssm.A_log") == 1.0
+    with pytest.raises(BmojoTypeError, match="model_lr"):
+        mqar.ExperimentConfig(model_lr="ssm=1")
+    with pytest.raises(BmojoTypeError, match="model_lr"):
+        mqar.ExperimentConfig(model_lr=(("ssm", 1e-3, 2),))
+    # through the command line: --lr alone clears the per-model rates
+    from bmojo_core.cli import build_parser
+
+    assert build_parser().parse_args(["mqar", "--model-lr", "ssm=1e-3", "swa=2"]).model_lr == [
+        ("ssm", 1e-3), ("swa", 2.0)]  # fmt: skip
+    got = {}
+
+    def fake_run(c, **kw):
+        got["cfg"] = c
+        raise KeyboardInterrupt
+
+    import unittest.mock as um
+
+    for argv, want in (([], (("ssm", 6e-3),)), (["--lr", "1e-3"], ()),
+                       (["--lr", "1e-3", "--model-lr", "swa=3e-3"], (("swa", 3e-3),))):  # fmt: skip
+        with um.patch.object(mqar, "run_experiment", fake_run), pytest.raises(KeyboardInterrupt):
+            main(["mqar", "--no-progress", "--workers", "1", "--out", str(tmp_path), *argv])
+        assert got["cfg"].model_lr == want
+    # the training receives the model's rate and its parameter scale
+    seen = {}
+
+    def fake_train(model, batch, **kw):
+        seen[kw["lr"]] = kw["lr_scale"]("layers.0.ssm.A_log")
+        raise KeyboardInterrupt
+
+    small = mqar.ExperimentConfig(models=("ssm", "swa"), ssm_lr=3e-3, workers=1)
+    for name in ("ssm", "swa"):
+        with um.patch.object(experiment, "train", fake_train), pytest.raises(KeyboardInterrupt):
+            experiment._run_one(small, name, None)
+    assert seen == {6e-3: pytest.approx(0.5), 2e-3: pytest.approx(1.5)}
 
 
 def test_model_specs_equal_budget():
@@ -478,6 +595,15 @@ def test_budget_specs_and_memory_floats():
         mqar.ExperimentConfig(budget_sweep=(0,))
     with pytest.raises(BmojoValueError, match="budget_sweep"):
         mqar.ExperimentConfig(budget_sweep=(1,), eidetic_sweep=(0, 4))
+
+
+def test_bare_budget_sweep_means_the_default_scales():
+    from bmojo_core.cli import build_parser
+
+    args = build_parser().parse_args(["mqar", "--budget-sweep", "--out", "x"])
+    assert args.out == "x" and args.budget_sweep is not None
+    assert build_parser().parse_args(["mqar", "--budget-sweep", "1,2"]).budget_sweep == (1.0, 2.0)
+    assert build_parser().parse_args(["mqar"]).budget_sweep is None
 
 
 def test_budget_sweep_run_files_and_resume(tmp_path, capsys):

@@ -22,9 +22,13 @@ every window (SWA's 56 tokens see about a fifth of them at N = 4, B'MOJO-F's 32 
 so on full-length rows most of the gradient asks a window model for what it cannot see.
 Like Zoology and Based, the default mixes short rows (64 tokens, every N that fits) into
 the stream, on 90 % of the steps at equal tokens per step: the layers have no positional
-encoding, so what is learnt on short rows holds on long ones. Why lr 6e-3: the pure SSM
-stays near chance at 2e-3 in this budget and learns at 6e-3, while the attention models
-are indifferent to the choice. The README's MQAR section records each change's effect.
+encoding, so what is learnt on short rows holds on long ones. Why two learning rates
+(``model_lr``): the pure SSM stays near chance at 2e-3 in this budget and learns at 6e-3,
+while B'MOJO-F learns at 2e-3 and loses half its accuracy at 6e-3 (SWA and B'MOJO are
+indifferent), so the pure SSM trains at 6e-3 and the attention models at 2e-3 (as the
+paper trains the SSM at Mamba's rates and attention at GPT-3's; raising only the SSM
+parameters' rate inside B'MOJO-F, ``ssm_lr``, does not help it). The README's MQAR section
+records each change's effect.
 
 Conventions of the experiment:
 
@@ -46,12 +50,13 @@ Conventions of the experiment:
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import numbers
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -218,6 +223,31 @@ def _scales(v: object) -> tuple[float, ...]:
     return tuple(sorted(out))
 
 
+def _model_rates(v: object) -> tuple[tuple[str, float], ...]:
+    """``model_lr`` as (model, rate) pairs in the order of MODELS."""
+    if isinstance(v, Mapping):
+        v = tuple(v.items())
+    if isinstance(v, str) or not isinstance(v, (tuple, list)):
+        raise BmojoTypeError(f"model_lr: expected a mapping model -> rate, got {v!r}")
+    out: dict[str, float] = {}
+    for pair in v:
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise BmojoTypeError(f"model_lr: expected (model, rate) pairs, got {pair!r}")
+        m, r = pair
+        if m not in MODELS:
+            raise BmojoValueError(f"model_lr: unknown model {m!r}; expected some of {MODELS}")
+        if m in out:
+            raise BmojoValueError(f"model_lr: model {m!r} given twice")
+        if (
+            isinstance(r, bool)
+            or not isinstance(r, numbers.Real)
+            or not (math.isfinite(r) and r > 0)
+        ):
+            raise BmojoValueError(f"model_lr: expected a finite rate > 0 for {m!r}, got {r!r}")
+        out[m] = float(r)
+    return tuple((m, out[m]) for m in MODELS if m in out)
+
+
 @dataclass(frozen=True)
 class ExperimentConfig:
     """Settings of ``bmojo mqar`` (defaults: the default experiment, about 7 minutes on 2
@@ -240,7 +270,9 @@ class ExperimentConfig:
     on *short rows* instead: ``short_len`` tokens, the values of N that fit in them
     (``short_len >= 4 N``), as many rows as keep the tokens per step equal
     (``batch_size * seq_len // short_len``); see :meth:`short_tasks`. ``steps``,
-    ``batch_size``, ``lr``, ``ssm_lr`` (the SSM's parameters' peak rate, None: ``lr``;
+    ``batch_size``, ``lr`` (peak rate), ``model_lr`` (peak rates of some models instead of
+    ``lr``, by name in MODELS, e.g. ``{"ssm": 6e-3}``; :meth:`model_rate`), ``ssm_lr``
+    (the SSM's parameters' peak rate in every model, None: the model's rate;
     :meth:`lr_scale`), ``weight_decay`` (matrices only), ``schedule`` ("cosine" with
     ``warmup_frac`` of linear warm-up, or "greedy": GreedyLR driven by the training loss
     averaged over ``steps // 20`` steps, after the same warm-up). ``test_size`` rows in the
@@ -274,7 +306,8 @@ class ExperimentConfig:
     short_len: int = 64
     steps: int = 1400
     batch_size: int = 16
-    lr: float = 6e-3
+    lr: float = 2e-3
+    model_lr: Mapping[str, float] | tuple[tuple[str, float], ...] = (("ssm", 6e-3),)
     ssm_lr: float | None = None
     weight_decay: float = 0.1
     schedule: str = "cosine"
@@ -346,6 +379,7 @@ class ExperimentConfig:
             ):
                 want = "> 0" if name == "lr" else ">= 0"
                 raise BmojoValueError(f"{name}: expected a finite number {want}, got {v!r}")
+        object.__setattr__(self, "model_lr", _model_rates(self.model_lr))
         wf = self.warmup_frac
         if isinstance(wf, bool) or not isinstance(wf, numbers.Real) or not 0 <= wf < 1:
             raise BmojoValueError(f"warmup_frac: expected a number in [0, 1), got {wf!r}")
@@ -362,7 +396,8 @@ class ExperimentConfig:
         minute on 2 cores, and the attention-bearing models still learn above chance."""
         kw: dict[str, Any] = dict(
             vocab=128, seq_len=64, num_kv=(2, 4), window=16, n_fading=4, n_eidetic=8,
-            steps=200, batch_size=16, lr=3e-3, warmup_frac=0.1, test_size=128, short_len=32,
+            steps=200, batch_size=16, lr=3e-3, model_lr=(), warmup_frac=0.1, test_size=128,
+            short_len=32,
         )  # fmt: skip
         kw.update(overrides)
         return cls(**kw)
@@ -370,12 +405,18 @@ class ExperimentConfig:
     def task(self, num_kv: int) -> MQARConfig:
         return MQARConfig(self.vocab, self.seq_len, num_kv, self.power_a, self.random_fill)
 
-    def lr_scale(self, name: str) -> float:
-        """A parameter's peak rate relative to ``lr``: ``ssm_lr / lr`` for the SSM's
-        (every parameter of a layer's :class:`~bmojo_core.layers.SelectiveSSM`), 1 for
-        the rest (embedding, attention, MLPs, norms)."""
-        if self.ssm_lr is not None and ".ssm." in name:
-            return self.ssm_lr / self.lr
+    def model_rate(self, name: str) -> float:
+        """The peak rate of the model run under ``name`` (a key of :meth:`specs`; a budget
+        variant ``"ssm@0.5"`` takes its model's rate): its ``model_lr`` entry, else ``lr``."""
+        return dict(self.model_lr).get(name.split("@")[0], self.lr)
+
+    def lr_scale(self, name: str, param: str) -> float:
+        """The peak rate of parameter ``param`` (as named by ``named_parameters()``) of
+        model ``name``, relative to the model's rate: ``ssm_lr / model_rate(name)`` for the
+        SSM's (every parameter of a layer's :class:`~bmojo_core.layers.SelectiveSSM`) if
+        ``ssm_lr`` is set, 1 for the rest (embedding, attention, MLPs, norms)."""
+        if self.ssm_lr is not None and ".ssm." in param:
+            return self.ssm_lr / self.model_rate(name)
         return 1.0
 
     def short_tasks(self, num_kv: Sequence[int]) -> tuple[list[MQARConfig], int]:
@@ -429,12 +470,19 @@ def _tqdm(total: int, enabled: bool, desc: str):
 
 
 _QUEUE: Any = None  # a worker's progress queue (set by _init_worker)
+_PARENT: int | None = None  # a worker's parent process (set by _init_worker)
 _TICK = 10  # steps per progress message
 
 
-def _init_worker(queue: Any) -> None:
-    global _QUEUE
-    _QUEUE = queue
+def _init_worker(queue: Any, parent: int) -> None:
+    global _QUEUE, _PARENT
+    _QUEUE, _PARENT = queue, parent
+
+
+def _orphaned() -> bool:
+    """Whether this worker's parent has died (SIGKILL, or SIGTERM to it alone): the pool
+    does not stop its workers then, and a training left alone would run to its end."""
+    return _PARENT is not None and os.getppid() != _PARENT
 
 
 def _run_one(cfg: ExperimentConfig, name: str, n: int | None) -> list[dict[str, Any]]:
@@ -459,8 +507,11 @@ def _run_one(cfg: ExperimentConfig, name: str, n: int | None) -> list[dict[str, 
         def batch(g: torch.Generator) -> tuple[Tensor, Tensor]:
             # called once per step: the hook for progress
             count[0] += 1
-            if _QUEUE is not None and count[0] % _TICK == 0:
-                _QUEUE.put(_TICK)
+            if count[0] % _TICK == 0:
+                if _orphaned():
+                    os._exit(1)  # nobody is left to take the result
+                if _QUEUE is not None:
+                    _QUEUE.put(_TICK)
             if short and float(torch.rand((), generator=g, dtype=torch.float64)) < cfg.short_frac:
                 return make_mixed_batch(short, short_rows, g)
             if len(tasks) == 1:
@@ -468,21 +519,22 @@ def _run_one(cfg: ExperimentConfig, name: str, n: int | None) -> list[dict[str, 
             return make_mixed_batch(tasks, cfg.batch_size, g)
 
         greedy = cfg.schedule == "greedy"
+        lr = cfg.model_rate(name)
         warmup = int(cfg.warmup_frac * cfg.steps)
         cpu0 = time.process_time()
         hist = train(
             model,
             batch,
             steps=cfg.steps,
-            lr=cfg.lr,
+            lr=lr,
             weight_decay=cfg.weight_decay,
             schedule=cfg.schedule,
             eval_every=max(1, cfg.steps // 20) if greedy else None,
             seed=_seed(cfg, 0, key),
             progress=False,
             warmup_steps=warmup,
-            greedy_kwargs=_greedy_kwargs(cfg) if greedy else None,
-            lr_scale=cfg.lr_scale,
+            greedy_kwargs=_greedy_kwargs(lr) if greedy else None,
+            lr_scale=functools.partial(cfg.lr_scale, name),
         )
         if _QUEUE is not None and count[0] % _TICK:
             _QUEUE.put(count[0] % _TICK)
@@ -513,14 +565,14 @@ def _run_one(cfg: ExperimentConfig, name: str, n: int | None) -> list[dict[str, 
         set_num_threads(old_threads[1])
 
 
-def _greedy_kwargs(cfg: ExperimentConfig) -> dict[str, Any]:
+def _greedy_kwargs(lr: float) -> dict[str, Any]:
     """GreedyLR for this task, fed every ``steps // 20`` steps with the mean training loss:
     up to 2x the base rate while the loss improves, down by 0.7 after more than two stalled
     evaluations (the MQAR loss sits on a plateau near log(V/2) before the recall circuit
     forms, so one or two stalled evaluations must not cut the rate), never below 1/30 of
     the base rate."""
     return {"factor": 0.7, "patience": 2, "smooth": 2, "cooldown": 1,
-            "min_lr": cfg.lr / 30, "max_lr": cfg.lr * 2}  # fmt: skip
+            "min_lr": lr / 30, "max_lr": lr * 2}  # fmt: skip
 
 
 def run_experiment(
@@ -764,7 +816,7 @@ def _run_parallel(
         max_workers=min(cfg.workers, len(jobs)),
         mp_context=ctx,
         initializer=_init_worker,
-        initargs=(q,),
+        initargs=(q, os.getpid()),
     ) as pool:
         pending = {pool.submit(_run_one, _with_seed(cfg, sd), name, n) for name, n, sd in jobs}
         try:
