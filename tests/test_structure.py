@@ -29,6 +29,7 @@ RANKS = {
     "layers": 4,
     "realization": 4,
     "integrations": 4,
+    "distributed": 4,
     "testing": 5,
     "train": 5,
     "mqar": 5,

@@ -1,0 +1,7 @@
+"""Context parallelism on torch.distributed: the ops of :mod:`bmojo_core` over a sequence
+split along L in contiguous shards, one per rank of a process group (gloo or NCCL).
+Imported only when used; ``import bmojo_core`` does not load it."""
+
+from .scan import selective_scan_fn
+
+__all__ = ["selective_scan_fn"]

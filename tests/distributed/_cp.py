@@ -1,0 +1,149 @@
+"""The context-parallel cases, shared by the tests (single-process reference) and the
+worker processes (``python _cp.py STORE RANK WORLD OUT CASES``: one rank, gloo over a file
+store). A case builds its full-length fp64 inputs from its seed, splits the sequence into
+the case's shard lengths, and scores ``loss = Σ out·w + Σ last·v`` with fixed weights, so
+outputs and every gradient can be compared with the single-process op."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import sys
+from typing import Any
+
+import torch
+
+CASES: dict[str, dict[str, Any]] = {
+    # world 2: everything optional given, time-varying B/C, uneven shards
+    "full": dict(
+        lengths=(5, 7), bc="var", D=True, z=True, bias=True, softplus=True, h0=True, last=True
+    ),  # fmt: skip
+    # grouped B/C, packed sequences crossing and starting at shard boundaries
+    "packed2": dict(
+        lengths=(6, 6),
+        bc="group",
+        D=True,
+        bias=True,
+        softplus=True,
+        last=True,
+        seq=(0, 0, 0, 1, 1, 1, 2, 2, 2, 2, 2, 2),
+    ),  # fmt: skip
+    # constant B/C, no last state (the first rank's output is tied to the exchange)
+    "const2": dict(lengths=(3, 9), bc="const", D=True),
+    # world 3: an empty shard, a one-step shard, packed sequences
+    "packed3": dict(lengths=(4, 0, 1), bc="var", h0=True, last=True, seq=(0, 0, 1, 1, 1)),
+    "uneven3": dict(
+        lengths=(2, 9, 1),
+        bc="group",
+        D=True,
+        z=True,
+        bias=True,
+        softplus=True,
+        h0=True,
+        last=True,
+        seq=(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1),
+    ),  # fmt: skip
+}
+WORLD = {"full": 2, "packed2": 2, "const2": 2, "packed3": 3, "uneven3": 3}
+SHARDED = ("u", "delta", "z", "B", "C")  # split along their last dim when time-varying
+BATCH, DIM, N, G = 2, 4, 3, 2
+
+
+def inputs(name: str) -> dict[str, Any]:
+    case = CASES[name]
+    g = torch.Generator().manual_seed(sum(map(ord, name)))
+    length = sum(case["lengths"])
+
+    def r(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).requires_grad_()
+
+    kw: dict[str, Any] = {
+        "u": r(BATCH, DIM, length),
+        "delta": r(BATCH, DIM, length, scale=0.5),
+        "A": (-torch.rand(DIM, N, generator=g, dtype=torch.float64) - 0.2).requires_grad_(),
+    }
+    bc = case["bc"]
+    shape = {"var": (BATCH, N, length), "group": (BATCH, G, N, length), "const": (DIM, N)}[bc]
+    kw["B"], kw["C"] = r(*shape), r(*shape)
+    if case.get("D"):
+        kw["D"] = r(DIM)
+    if case.get("z"):
+        kw["z"] = r(BATCH, DIM, length)
+    if case.get("bias"):
+        kw["delta_bias"] = r(DIM, scale=0.3)
+    kw["delta_softplus"] = bool(case.get("softplus"))
+    kw["return_last_state"] = bool(case.get("last"))
+    if case.get("h0"):
+        kw["initial_state"] = r(BATCH, DIM, N)
+    if "seq" in case:
+        seq = torch.tensor(case["seq"], dtype=torch.int64)
+        kw["seq_idx"] = torch.stack([seq, torch.zeros_like(seq)])  # row 1: one sequence
+    w = torch.randn(BATCH, DIM, length, generator=g, dtype=torch.float64)
+    v = torch.randn(BATCH, DIM, N, generator=g, dtype=torch.float64)
+    return {"kw": kw, "w": w, "v": v, "bc": bc}
+
+
+def loss(out: Any, w: torch.Tensor, v: torch.Tensor, last: bool) -> torch.Tensor:
+    if last:
+        y, h = out
+        return (y * w).sum() + (h * v).sum()
+    return (out * w).sum()
+
+
+def shard(name: str, data: dict[str, Any], rank: int) -> dict[str, Any]:
+    """This rank's arguments: sequence-shaped tensors cut to its shard (as new leaves)."""
+    lengths = CASES[name]["lengths"]
+    lo = sum(lengths[:rank])
+    hi = lo + lengths[rank]
+    kw = {}
+    for k, t in data["kw"].items():
+        if isinstance(t, torch.Tensor):
+            t = t.detach()
+            time_varying = k in SHARDED and not (k in "BC" and data["bc"] == "const")
+            if time_varying or k == "seq_idx":
+                t = t[..., lo:hi].contiguous()
+            if t.is_floating_point():
+                t = t.clone().requires_grad_()
+        kw[k] = t
+    return {"kw": kw, "w": data["w"][..., lo:hi], "lo": lo, "hi": hi}
+
+
+def main(store: str, rank: int, world: int, out_dir: str, names: list[str]) -> None:
+    import torch.distributed as dist
+    from bmojo_core import distributed as bd
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=60))  # fmt: skip
+    results: dict[str, Any] = {}
+    try:
+        for name in names:
+            if name == "bad-shape":  # a bad argument on rank 1 only
+                d = shard("full", inputs("full"), min(rank, 1))
+                if rank == 1:
+                    d["kw"]["u"] = d["kw"]["u"][:, :, :-1]  # shorter than delta
+                try:
+                    bd.selective_scan_fn(**d["kw"])
+                    results[name] = "no error"
+                except Exception as exc:  # noqa: BLE001 - reported to the test
+                    results[name] = f"{type(exc).__name__}: {exc}"
+                continue
+            data = inputs(name)
+            d = shard(name, data, rank)
+            out = bd.selective_scan_fn(**d["kw"])
+            # the whole-sequence loss is the sum of the ranks' losses: the last state,
+            # returned on every rank, is scored on one
+            v = data["v"] if rank == world - 1 else torch.zeros_like(data["v"])
+            loss(out, d["w"], v, data["kw"]["return_last_state"]).backward()
+            res = {"out": (out[0] if isinstance(out, tuple) else out).detach()}
+            if isinstance(out, tuple):
+                res["last"] = out[1].detach()
+            res["grads"] = {k: t.grad for k, t in d["kw"].items()
+                            if isinstance(t, torch.Tensor) and t.grad is not None}  # fmt: skip
+            results[name] = res
+    finally:
+        torch.save(results, f"{out_dir}/rank{rank}.pt")
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], json.loads(sys.argv[5]))

@@ -1,0 +1,131 @@
+"""Context-parallel selective scan on 2 and 3 gloo processes spawned here: outputs, the
+last state and every gradient against the single-process op (fp64, 1e-12), uneven and
+empty shards, one-step shards, packed sequences crossing and starting at shard
+boundaries, an initial state; a bad argument on one rank fails every rank with the same
+error."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import _cp
+import pytest
+import torch
+from bmojo_core import selective_scan_fn
+from bmojo_core.errors import BmojoValueError
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _launch(tmp_path, world: int, names: list[str]) -> list[dict]:
+    env = dict(os.environ)
+    src = os.path.join(os.path.dirname(os.path.dirname(HERE)), "python")
+    env["PYTHONPATH"] = os.pathsep.join([src, env.get("PYTHONPATH", "")])
+    env["OMP_NUM_THREADS"] = "1"
+    store = tmp_path / "store"
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                os.path.join(HERE, "_cp.py"),
+                str(store),
+                str(r),
+                str(world),
+                str(tmp_path),
+                json.dumps(names),
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+        for r in range(world)
+    ]
+    logs = []
+    try:
+        for p in procs:
+            logs.append(p.communicate(timeout=240)[0])
+    finally:
+        for p in procs:
+            p.kill()
+    for r, p in enumerate(procs):
+        assert p.returncode == 0, f"rank {r} failed:\n{logs[r]}"
+    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+
+
+def _reference(name: str) -> dict:
+    data = _cp.inputs(name)
+    out = selective_scan_fn(**data["kw"])
+    _cp.loss(out, data["w"], data["v"], data["kw"]["return_last_state"]).backward()
+    return data, out
+
+
+def _check(name: str, ranks: list[dict]) -> None:
+    data, ref = _reference(name)
+    world = len(ranks)
+    last = data["kw"]["return_last_state"]
+    y = ref[0] if last else ref
+    got = torch.cat([r[name]["out"] for r in ranks], dim=-1)
+    torch.testing.assert_close(got, y.detach(), rtol=0, atol=1e-12)
+    if last:
+        for r in ranks:  # the state after the whole sequence, bitwise the same on every rank
+            assert torch.equal(r[name]["last"], ranks[0][name]["last"])
+        torch.testing.assert_close(ranks[0][name]["last"], ref[1].detach(), rtol=0, atol=1e-12)
+    for k, t in data["kw"].items():
+        if not (isinstance(t, torch.Tensor) and t.requires_grad):
+            continue
+        sharded = [_cp.shard(name, data, r) for r in range(world)]
+        grads = [ranks[r][name]["grads"].get(k) for r in range(world)]
+        if k == "initial_state":  # read on the first rank only
+            torch.testing.assert_close(grads[0], t.grad, rtol=0, atol=1e-12)
+            assert all(g is None or not g.any() for g in grads[1:]), k
+        elif sharded[0]["kw"][k].shape != t.shape:  # a shard: its slice of the gradient
+            got = torch.cat([g if g is not None else torch.zeros(0) for g in grads], dim=-1)
+            torch.testing.assert_close(got, t.grad, rtol=0, atol=1e-12, msg=k)
+        else:  # shared: each rank's part, summing to the whole
+            total = sum(g for g in grads if g is not None)
+            torch.testing.assert_close(total, t.grad, rtol=0, atol=1e-12, msg=k)
+
+
+@pytest.fixture(scope="module")
+def two(tmp_path_factory):
+    names = [n for n, w in _cp.WORLD.items() if w == 2] + ["bad-shape"]
+    return _launch(tmp_path_factory.mktemp("cp2"), 2, names)
+
+
+@pytest.fixture(scope="module")
+def three(tmp_path_factory):
+    names = [n for n, w in _cp.WORLD.items() if w == 3]
+    return _launch(tmp_path_factory.mktemp("cp3"), 3, names)
+
+
+@pytest.mark.parametrize("name", [n for n, w in _cp.WORLD.items() if w == 2])
+def test_two_ranks_equal_the_single_process_op(two, name):
+    _check(name, two)
+
+
+@pytest.mark.parametrize("name", [n for n, w in _cp.WORLD.items() if w == 3])
+def test_three_ranks_equal_the_single_process_op(three, name):
+    _check(name, three)
+
+
+def test_a_bad_argument_on_one_rank_fails_every_rank_alike(two):
+    msgs = [r["bad-shape"] for r in two]
+    assert msgs[0] == msgs[1], msgs
+    assert msgs[0].startswith("BmojoValueError:") and "(on rank 1 of 2)" in msgs[0], msgs[0]
+
+
+def test_needs_an_initialised_process_group():
+    from bmojo_core import distributed as bd
+
+    data = _cp.inputs("full")
+    with pytest.raises(BmojoValueError, match="group: torch.distributed is not initialised"):
+        bd.selective_scan_fn(**data["kw"])
+
+
+def test_not_imported_with_the_package():
+    code = "import sys, bmojo_core; assert 'bmojo_core.distributed' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
