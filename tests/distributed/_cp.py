@@ -44,8 +44,19 @@ CASES: dict[str, dict[str, Any]] = {
         seq=(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1),
     ),  # fmt: skip
 }
-WORLD = {"full": 2, "packed2": 2, "const2": 2, "packed3": 3, "uneven3": 3}
-SHARDED = ("u", "delta", "z", "B", "C")  # split along their last dim when time-varying
+# causal conv (op "conv"): width K, shards shorter than K-1 and empty, packed sequences
+CASES.update({
+    "conv2": dict(op="conv", k=4, lengths=(5, 6), bias=True, act="silu", h0=True, last=True),
+    "conv2short": dict(op="conv", k=4, lengths=(2, 7), bias=True, last=True,
+                       seq=(0, 0, 0, 0, 1, 1, 1, 1, 1)),
+    "conv2k1": dict(op="conv", k=1, lengths=(3, 4), bias=True, last=True),
+    "conv3": dict(op="conv", k=4, lengths=(1, 0, 1), h0=True, last=True),
+    "conv3seq": dict(op="conv", k=3, lengths=(3, 1, 4), act="silu",
+                     seq=(0, 0, 1, 1, 2, 2, 2, 2)),
+})  # fmt: skip
+WORLD = {"full": 2, "packed2": 2, "const2": 2, "packed3": 3, "uneven3": 3, "conv2": 2,
+         "conv2short": 2, "conv2k1": 2, "conv3": 3, "conv3seq": 3}  # fmt: skip
+SHARDED = ("u", "delta", "z", "B", "C", "x")  # split along their last dim when time-varying
 BATCH, DIM, N, G = 2, 4, 3, 2
 
 
@@ -56,6 +67,23 @@ def inputs(name: str) -> dict[str, Any]:
 
     def r(*shape, scale=1.0):
         return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).requires_grad_()
+
+    if case.get("op") == "conv":
+        k = case["k"]
+        kw = {"x": r(BATCH, DIM, length), "weight": r(DIM, k), "bias": None}
+        if case.get("bias"):
+            kw["bias"] = r(DIM)
+        if case.get("h0"):
+            kw["initial_states"] = r(BATCH, DIM, k - 1)
+        if "seq" in case:
+            seq = torch.tensor(case["seq"], dtype=torch.int64)
+            kw["seq_idx"] = torch.stack([seq, torch.zeros_like(seq)])
+        kw["return_final_states"] = bool(case.get("last"))
+        kw["activation"] = case.get("act")
+        w = torch.randn(BATCH, DIM, length, generator=g, dtype=torch.float64)
+        v = torch.randn(BATCH, DIM, k - 1, generator=g, dtype=torch.float64)
+        return {"kw": kw, "w": w, "v": v, "bc": None, "op": "conv", "last": kw[
+            "return_final_states"]}  # fmt: skip
 
     kw: dict[str, Any] = {
         "u": r(BATCH, DIM, length),
@@ -80,7 +108,7 @@ def inputs(name: str) -> dict[str, Any]:
         kw["seq_idx"] = torch.stack([seq, torch.zeros_like(seq)])  # row 1: one sequence
     w = torch.randn(BATCH, DIM, length, generator=g, dtype=torch.float64)
     v = torch.randn(BATCH, DIM, N, generator=g, dtype=torch.float64)
-    return {"kw": kw, "w": w, "v": v, "bc": bc}
+    return {"kw": kw, "w": w, "v": v, "bc": bc, "op": "scan", "last": kw["return_last_state"]}
 
 
 def loss(out: Any, w: torch.Tensor, v: torch.Tensor, last: bool) -> torch.Tensor:
@@ -129,11 +157,12 @@ def main(store: str, rank: int, world: int, out_dir: str, names: list[str]) -> N
                 continue
             data = inputs(name)
             d = shard(name, data, rank)
-            out = bd.selective_scan_fn(**d["kw"])
+            fn = bd.causal_conv1d_fn if data["op"] == "conv" else bd.selective_scan_fn
+            out = fn(**d["kw"])
             # the whole-sequence loss is the sum of the ranks' losses: the last state,
             # returned on every rank, is scored on one
             v = data["v"] if rank == world - 1 else torch.zeros_like(data["v"])
-            loss(out, d["w"], v, data["kw"]["return_last_state"]).backward()
+            loss(out, d["w"], v, data["last"]).backward()
             res = {"out": (out[0] if isinstance(out, tuple) else out).detach()}
             if isinstance(out, tuple):
                 res["last"] = out[1].detach()

@@ -2,6 +2,7 @@
 split along L in contiguous shards, one per rank of a process group (gloo or NCCL).
 Imported only when used; ``import bmojo_core`` does not load it."""
 
+from .conv import causal_conv1d_fn
 from .scan import selective_scan_fn
 
-__all__ = ["selective_scan_fn"]
+__all__ = ["causal_conv1d_fn", "selective_scan_fn"]

@@ -14,7 +14,7 @@ import sys
 import _cp
 import pytest
 import torch
-from bmojo_core import selective_scan_fn
+from bmojo_core import causal_conv1d_fn, selective_scan_fn
 from bmojo_core.errors import BmojoValueError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -58,15 +58,16 @@ def _launch(tmp_path, world: int, names: list[str]) -> list[dict]:
 
 def _reference(name: str) -> dict:
     data = _cp.inputs(name)
-    out = selective_scan_fn(**data["kw"])
-    _cp.loss(out, data["w"], data["v"], data["kw"]["return_last_state"]).backward()
+    fn = causal_conv1d_fn if data["op"] == "conv" else selective_scan_fn
+    out = fn(**data["kw"])
+    _cp.loss(out, data["w"], data["v"], data["last"]).backward()
     return data, out
 
 
 def _check(name: str, ranks: list[dict]) -> None:
     data, ref = _reference(name)
     world = len(ranks)
-    last = data["kw"]["return_last_state"]
+    last = data["last"]
     y = ref[0] if last else ref
     got = torch.cat([r[name]["out"] for r in ranks], dim=-1)
     torch.testing.assert_close(got, y.detach(), rtol=0, atol=1e-12)
@@ -79,7 +80,7 @@ def _check(name: str, ranks: list[dict]) -> None:
             continue
         sharded = [_cp.shard(name, data, r) for r in range(world)]
         grads = [ranks[r][name]["grads"].get(k) for r in range(world)]
-        if k == "initial_state":  # read on the first rank only
+        if k in ("initial_state", "initial_states"):  # read on the first rank only
             torch.testing.assert_close(grads[0], t.grad, rtol=0, atol=1e-12)
             assert all(g is None or not g.any() for g in grads[1:]), k
         elif sharded[0]["kw"][k].shape != t.shape:  # a shard: its slice of the gradient
