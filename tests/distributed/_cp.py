@@ -54,9 +54,19 @@ CASES.update({
     "conv3seq": dict(op="conv", k=3, lengths=(3, 1, 4), act="silu",
                      seq=(0, 0, 1, 1, 2, 2, 2, 2)),
 })  # fmt: skip
-WORLD = {"full": 2, "packed2": 2, "const2": 2, "packed3": 3, "uneven3": 3, "conv2": 2,
-         "conv2short": 2, "conv2k1": 2, "conv3": 3, "conv3seq": 3}  # fmt: skip
-SHARDED = ("u", "delta", "z", "B", "C", "x")  # split along their last dim when time-varying
+# Mamba-2 SSD (op "ssd", sequence on dim 1): per-head D, grouped B/C, limits, packing
+CASES.update({
+    "ssd2": dict(op="ssd", lengths=(5, 8), D="h", z=True, bias=True, softplus=True, h0=True,
+                 last=True, limit=(0.01, 2.0)),
+    "ssd2seq": dict(op="ssd", lengths=(7, 4), D="hp", bias=True, softplus=True, last=True,
+                    seq=(0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1)),
+    "ssd3": dict(op="ssd", lengths=(3, 0, 6), bias=True, softplus=True, h0=True,
+                 seq=(0, 0, 1, 1, 1, 1, 1, 1, 1)),
+})  # fmt: skip
+WORLD = {"ssd2": 2, "ssd2seq": 2, "ssd3": 3, "full": 2, "packed2": 2, "const2": 2,
+         "packed3": 3, "uneven3": 3, "conv2": 2, "conv2short": 2, "conv2k1": 2, "conv3": 3,
+         "conv3seq": 3}  # fmt: skip
+SHARDED = ("u", "delta", "z", "B", "C", "x", "dt")  # split along L when time-varying
 BATCH, DIM, N, G = 2, 4, 3, 2
 
 
@@ -68,6 +78,31 @@ def inputs(name: str) -> dict[str, Any]:
     def r(*shape, scale=1.0):
         return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).requires_grad_()
 
+    if case.get("op") == "ssd":
+        h, p, n = 4, 3, 5  # heads, head_dim, state; 2 groups
+        kw = {"x": r(BATCH, length, h, p), "dt": r(BATCH, length, h, scale=0.5),
+              "A": (-torch.rand(h, generator=g, dtype=torch.float64) - 0.2).requires_grad_(),
+              "B": r(BATCH, length, 2, n), "C": r(BATCH, length, 2, n),
+              "chunk_size": 4}  # fmt: skip
+        if case.get("D"):
+            kw["D"] = r(h) if case["D"] == "h" else r(h, p)
+        if case.get("z"):
+            kw["z"] = r(BATCH, length, h, p)
+        if case.get("bias"):
+            kw["dt_bias"] = r(h, scale=0.3)
+        if case.get("h0"):
+            kw["initial_states"] = r(BATCH, h, p, n)
+        if "seq" in case:
+            seq = torch.tensor(case["seq"], dtype=torch.int64)
+            kw["seq_idx"] = torch.stack([seq, torch.zeros_like(seq)])
+        kw["dt_softplus"] = bool(case.get("softplus"))
+        if "limit" in case:
+            kw["dt_limit"] = case["limit"]
+        kw["return_final_states"] = bool(case.get("last"))
+        w = torch.randn(BATCH, length, h, p, generator=g, dtype=torch.float64)
+        v = torch.randn(BATCH, h, p, n, generator=g, dtype=torch.float64)
+        return {"kw": kw, "w": w, "v": v, "bc": None, "op": "ssd", "axis": 1,
+                "last": kw["return_final_states"]}  # fmt: skip
     if case.get("op") == "conv":
         k = case["k"]
         kw = {"x": r(BATCH, DIM, length), "weight": r(DIM, k), "bias": None}
@@ -82,8 +117,8 @@ def inputs(name: str) -> dict[str, Any]:
         kw["activation"] = case.get("act")
         w = torch.randn(BATCH, DIM, length, generator=g, dtype=torch.float64)
         v = torch.randn(BATCH, DIM, k - 1, generator=g, dtype=torch.float64)
-        return {"kw": kw, "w": w, "v": v, "bc": None, "op": "conv", "last": kw[
-            "return_final_states"]}  # fmt: skip
+        return {"kw": kw, "w": w, "v": v, "bc": None, "op": "conv", "axis": -1,
+                "last": kw["return_final_states"]}  # fmt: skip
 
     kw: dict[str, Any] = {
         "u": r(BATCH, DIM, length),
@@ -108,7 +143,8 @@ def inputs(name: str) -> dict[str, Any]:
         kw["seq_idx"] = torch.stack([seq, torch.zeros_like(seq)])  # row 1: one sequence
     w = torch.randn(BATCH, DIM, length, generator=g, dtype=torch.float64)
     v = torch.randn(BATCH, DIM, N, generator=g, dtype=torch.float64)
-    return {"kw": kw, "w": w, "v": v, "bc": bc, "op": "scan", "last": kw["return_last_state"]}
+    return {"kw": kw, "w": w, "v": v, "bc": bc, "op": "scan", "axis": -1,
+            "last": kw["return_last_state"]}  # fmt: skip
 
 
 def loss(out: Any, w: torch.Tensor, v: torch.Tensor, last: bool) -> torch.Tensor:
@@ -128,12 +164,15 @@ def shard(name: str, data: dict[str, Any], rank: int) -> dict[str, Any]:
         if isinstance(t, torch.Tensor):
             t = t.detach()
             time_varying = k in SHARDED and not (k in "BC" and data["bc"] == "const")
-            if time_varying or k == "seq_idx":
-                t = t[..., lo:hi].contiguous()
+            if k == "seq_idx":
+                t = t[:, lo:hi].contiguous()
+            elif time_varying:
+                t = t.narrow(data["axis"] % t.dim(), lo, hi - lo).contiguous()
             if t.is_floating_point():
                 t = t.clone().requires_grad_()
         kw[k] = t
-    return {"kw": kw, "w": data["w"][..., lo:hi], "lo": lo, "hi": hi}
+    w = data["w"].narrow(data["axis"] % data["w"].dim(), lo, hi - lo)
+    return {"kw": kw, "w": w, "lo": lo, "hi": hi}
 
 
 def main(store: str, rank: int, world: int, out_dir: str, names: list[str]) -> None:
@@ -157,7 +196,8 @@ def main(store: str, rank: int, world: int, out_dir: str, names: list[str]) -> N
                 continue
             data = inputs(name)
             d = shard(name, data, rank)
-            fn = bd.causal_conv1d_fn if data["op"] == "conv" else bd.selective_scan_fn
+            fn = {"conv": bd.causal_conv1d_fn, "scan": bd.selective_scan_fn,
+                  "ssd": bd.mamba_chunk_scan_combined}[data["op"]]  # fmt: skip
             out = fn(**d["kw"])
             # the whole-sequence loss is the sum of the ranks' losses: the last state,
             # returned on every rank, is scored on one

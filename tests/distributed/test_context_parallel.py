@@ -14,7 +14,7 @@ import sys
 import _cp
 import pytest
 import torch
-from bmojo_core import causal_conv1d_fn, selective_scan_fn
+from bmojo_core import causal_conv1d_fn, mamba_chunk_scan_combined, selective_scan_fn
 from bmojo_core.errors import BmojoValueError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -58,7 +58,8 @@ def _launch(tmp_path, world: int, names: list[str]) -> list[dict]:
 
 def _reference(name: str) -> dict:
     data = _cp.inputs(name)
-    fn = causal_conv1d_fn if data["op"] == "conv" else selective_scan_fn
+    fn = {"conv": causal_conv1d_fn, "scan": selective_scan_fn,
+          "ssd": mamba_chunk_scan_combined}[data["op"]]  # fmt: skip
     out = fn(**data["kw"])
     _cp.loss(out, data["w"], data["v"], data["last"]).backward()
     return data, out
@@ -69,7 +70,8 @@ def _check(name: str, ranks: list[dict]) -> None:
     world = len(ranks)
     last = data["last"]
     y = ref[0] if last else ref
-    got = torch.cat([r[name]["out"] for r in ranks], dim=-1)
+    axis = data["axis"]
+    got = torch.cat([r[name]["out"] for r in ranks], dim=axis)
     torch.testing.assert_close(got, y.detach(), rtol=0, atol=1e-12)
     if last:
         for r in ranks:  # the state after the whole sequence, bitwise the same on every rank
@@ -84,7 +86,7 @@ def _check(name: str, ranks: list[dict]) -> None:
             torch.testing.assert_close(grads[0], t.grad, rtol=0, atol=1e-12)
             assert all(g is None or not g.any() for g in grads[1:]), k
         elif sharded[0]["kw"][k].shape != t.shape:  # a shard: its slice of the gradient
-            got = torch.cat([g if g is not None else torch.zeros(0) for g in grads], dim=-1)
+            got = torch.cat(grads, dim=axis if k != "seq_idx" else -1)
             torch.testing.assert_close(got, t.grad, rtol=0, atol=1e-12, msg=k)
         else:  # shared: each rank's part, summing to the whole
             total = sum(g for g in grads if g is not None)

@@ -4,5 +4,6 @@ Imported only when used; ``import bmojo_core`` does not load it."""
 
 from .conv import causal_conv1d_fn
 from .scan import selective_scan_fn
+from .ssd import mamba_chunk_scan_combined
 
-__all__ = ["causal_conv1d_fn", "selective_scan_fn"]
+__all__ = ["causal_conv1d_fn", "mamba_chunk_scan_combined", "selective_scan_fn"]

@@ -1,0 +1,87 @@
+"""The exchange of diagonal scans (Mamba-1, Mamba-2): a shard maps the state before it to
+the state after it affinely, ``h_out = P ⊙ h_in + s``, with ``P`` the product of its
+decays (0 in a row where a packed sequence starts inside it) and ``s`` its last state from
+a zero start. The ranks all-gather their ``(P, s)`` (``2 ·`` state size floats per rank),
+and every rank composes the prefix: the state before its shard and the state after the
+whole sequence (the same on every rank, computed alike). The backward of the gather sums
+each rank's gradient of every ``(P, s)`` over the ranks (one all-reduce) and hands it to
+the shard that produced it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..errors import BmojoTypeError, BmojoValueError
+from ._comm import gather
+
+
+def seq_meta(seq_idx: Any, axis: int) -> dict[str, Any]:
+    """The packed-sequence ids at the two ends of this shard (``axis``: the length axis of
+    ``seq_idx``'s (batch, L)), for :func:`chain`'s boundary check."""
+    if isinstance(seq_idx, Tensor) and seq_idx.dim() == 2 and seq_idx.shape[axis] > 0:
+        return {"first": seq_idx[:, 0].tolist(), "last": seq_idx[:, -1].tolist()}
+    return {}
+
+
+def starts_inside(seq_idx: Tensor | None) -> Tensor | None:
+    """Rows of this shard in which a new packed sequence starts after its first position."""
+    if seq_idx is None or seq_idx.shape[1] < 2:
+        return None
+    return (seq_idx[:, 1:] != seq_idx[:, :-1]).any(-1)
+
+
+def check_consistent(metas: list[dict[str, Any]], first_arg: str) -> None:
+    ref = metas[0]
+    for r, m in enumerate(metas[1:], 1):
+        if m.get("shape") != ref.get("shape"):
+            raise BmojoValueError(
+                f"{first_arg}: expected the same state shape on every rank, got "
+                f"{ref.get('shape')} on rank 0 and {m.get('shape')} on rank {r}"
+            )
+        if m["dtype"] != ref["dtype"]:
+            raise BmojoTypeError(
+                f"{first_arg}: expected the same compute dtype on every rank, got "
+                f"{ref['dtype']} on rank 0 and {m['dtype']} on rank {r}"
+            )
+        if m["seq_idx"] != ref["seq_idx"]:
+            raise BmojoValueError("seq_idx: expected on every rank or on none")
+
+
+def chain(p: Tensor, s: Tensor, metas: list[dict[str, Any]], group: Any, rank: int,
+          world: int) -> tuple[Tensor, Tensor, Tensor, bool]:  # fmt: skip
+    """``(state before this rank's shard, state after the whole sequence, the exchanged
+    tensor, whether the exchange is differentiated)``; ``p`` and ``s`` have the state's
+    shape, batch first."""
+    grad = any(m["grad"] for m in metas)
+    both = gather(torch.stack([p, s]), group, rank, world, grad=grad)  # (world, 2, *state)
+    starts = _boundary_starts(metas, s.device)
+    h = torch.zeros_like(s)
+    h_in = h
+    shape = (-1,) + (1,) * (s.dim() - 1)
+    for r in range(world):
+        if r == rank:
+            h_in = h
+        nxt = both[r, 0] * h + both[r, 1]
+        if r + 1 < world and starts[r + 1] is not None:
+            nxt = nxt * (~starts[r + 1]).to(nxt.dtype).view(shape)
+        h = nxt
+    return h_in, h, both, grad
+
+
+def _boundary_starts(metas: list[dict[str, Any]], device: torch.device) -> list[Tensor | None]:
+    """Per rank r: the rows in which a new packed sequence starts at r's first position
+    (its first id differs from the last id of the nearest non-empty shard before it)."""
+    out: list[Tensor | None] = [None] * len(metas)
+    prev = None
+    for r, m in enumerate(metas):
+        if "first" not in m:  # no seq_idx, or an empty shard: nothing starts here
+            continue
+        if prev is not None:
+            out[r] = torch.tensor(
+                [a != b for a, b in zip(m["first"], prev, strict=True)], device=device
+            )
+        prev = m["last"]
+    return out
