@@ -117,7 +117,7 @@ _wt_in_venv() {
 # stay with the source-tree suite).
 _wt_subset=(
   tests/wheel tests/test_public_api.py tests/ops tests/inference tests/layers tests/train
-  tests/mqar tests/runtime tests/realization tests/integrations
+  tests/mqar tests/runtime tests/realization tests/integrations tests/distributed
 )
 _wt_smoke=(tests/wheel tests/test_public_api.py tests/ops/test_selective_scan.py tests/ops/test_ssd.py)
 

@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import _cp
+import bmojo_core
 import pytest
 import torch
 from bmojo_core import causal_conv1d_fn, mamba_chunk_scan_combined, selective_scan_fn
@@ -22,7 +23,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 def _launch(tmp_path, world: int, names: list[str]) -> list[dict]:
     env = dict(os.environ)
-    src = os.path.join(os.path.dirname(os.path.dirname(HERE)), "python")
+    src = os.path.dirname(os.path.dirname(bmojo_core.__file__))  # the package under test
     env["PYTHONPATH"] = os.pathsep.join([src, env.get("PYTHONPATH", "")])
     env["OMP_NUM_THREADS"] = "1"
     store = tmp_path / "store"
