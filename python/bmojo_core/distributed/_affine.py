@@ -9,13 +9,14 @@ the shard that produced it."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..errors import BmojoTypeError, BmojoValueError
-from ._comm import gather
+from ._comm import agree, gather, resolve, tie
 
 
 def seq_meta(seq_idx: Any, axis: int) -> dict[str, Any]:
@@ -85,3 +86,44 @@ def _boundary_starts(metas: list[dict[str, Any]], device: torch.device) -> list[
             )
         prev = m["last"]
     return out
+
+
+def sharded_scan(
+    group: Any,
+    seq_idx: Tensor | None,
+    first_arg: str,
+    cdt: Callable[[], torch.dtype],  # also checks what the ops do not
+    whole: Callable[[], tuple[Tensor, Tensor]],
+    from_zero: Callable[[], Tensor],
+    decay: Callable[[Tensor], Tensor],
+    from_state: Callable[[Tensor], Tensor],
+    return_state: bool,
+):
+    """A diagonal scan over shards. The first rank runs ``whole()`` (its output and end
+    state from the known start); every other rank ``from_zero()`` (its end state from a
+    zero start) and ``decay(s)`` (its P), then, once the states are exchanged,
+    ``from_state(h_in)`` (its output from the state before its shard). Returns ``out`` or
+    ``(out, state after the whole sequence)``."""
+    group, rank, world = resolve(group)
+    meta: dict[str, Any] = {"seq_idx": seq_idx is not None, **seq_meta(seq_idx, 1)}
+    err: BaseException | None = None
+    local = None
+    try:
+        dtype = cdt()
+        if rank == 0:  # its start state is known: one scan gives its output and its end
+            local = whole()
+            s = local[1]
+            p = torch.zeros_like(s)
+        else:
+            s = from_zero()
+            p = decay(s)
+        meta.update(shape=tuple(s.shape), dtype=str(dtype), grad=bool(s.requires_grad))
+    except Exception as exc:  # every rank must hear of it before any waits on a collective
+        err = exc
+    metas = agree(group, err, meta)
+    check_consistent(metas, first_arg)
+    h_in, h_end, both, grad = chain(p, s, metas, group, rank, world)
+    out = local[0] if local is not None else from_state(h_in)
+    if grad and not return_state and rank == 0:
+        out = tie(out, both)  # so that this rank's backward reaches the exchange too
+    return (out, h_end) if return_state else out

@@ -19,37 +19,20 @@ from torch import Tensor
 
 from .. import _validate as V
 from ..ops import causal_conv1d_fn as _conv
+from ..ops.conv import check_args, silu_flag
 from ._comm import agree, gather, resolve
 
 __all__ = ["causal_conv1d_fn"]
 
 
-def _check(x, weight, bias, seq_idx, initial_states, rank: int) -> tuple[int, int, int, int]:
-    """The single-process op's argument checks on this rank's shard."""
-    V.device_tensor("x", x)
-    V.shape("x", x, (None, None, None), "(batch, dim, L)")
-    b, d, length = x.shape
-    V.device_tensor("weight", weight)
-    V.shape("weight", weight, (d, None), "(dim, K)")
-    k = weight.shape[1]
-    if k < 1:
-        raise V.BmojoValueError("weight: the width K must be >= 1, got 0")
-    if bias is not None:
-        V.device_tensor("bias", bias)
-        V.shape("bias", bias, (d,), "(dim,)")
-    if seq_idx is not None:
-        V.device_tensor("seq_idx", seq_idx, dtypes=V.INTS)
-        V.shape("seq_idx", seq_idx, (b, length), "(batch, L)")
-    if rank == 0 and initial_states is not None:
-        V.device_tensor("initial_states", initial_states)
-        V.shape("initial_states", initial_states, (b, d, k - 1), "(batch, dim, K-1)")
-        if seq_idx is not None:
-            raise V.BmojoValueError(
-                "seq_idx: cannot be combined with initial_states (as in causal-conv1d)"
-            )
+def _check(x, weight, bias, seq_idx, initial_states, activation, rank: int):
+    """The single-process op's argument checks on this rank's shard (``initial_states``
+    only where it is read: on the first rank)."""
+    out = check_args(x, weight, bias, seq_idx, initial_states if rank == 0 else None)
+    silu_flag(activation)
     V.same_device({"x": x, "weight": weight, "bias": bias, "seq_idx": seq_idx,
                    "initial_states": initial_states if rank == 0 else None}, "x")  # fmt: skip
-    return b, d, length, k
+    return out
 
 
 def causal_conv1d_fn(
@@ -84,11 +67,7 @@ def causal_conv1d_fn(
     err: BaseException | None = None
     meta: dict[str, Any] = {}
     try:
-        b, d, length, k = _check(x, weight, bias, seq_idx, initial_states, rank)
-        if activation not in (None, "silu", "swish"):
-            raise V.BmojoValueError(
-                f"activation: expected None, 'silu' or 'swish', got {activation!r}"
-            )
+        b, d, length, k = _check(x, weight, bias, seq_idx, initial_states, activation, rank)
         meta = {"shape": (b, d), "k": k, "length": length, "dtype": str(x.dtype),
                 "seq_idx": seq_idx is not None,
                 "grad": torch.is_grad_enabled() and any(

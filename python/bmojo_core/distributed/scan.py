@@ -15,8 +15,7 @@ from torch import Tensor
 
 from ..ops import selective_scan_fn as _scan
 from ..ops.reference._common import compute_dtype, softplus_thresholded
-from ._affine import chain, check_consistent, seq_meta, starts_inside
-from ._comm import agree, resolve, tie
+from ._affine import sharded_scan, starts_inside
 
 __all__ = ["selective_scan_fn"]
 
@@ -72,32 +71,24 @@ def selective_scan_fn(
     with the other ranks, so every rank must run it (as with DDP). A bad argument on any
     rank raises the same error, naming that rank, on every rank.
     """
-    group, rank, world = resolve(group)
-    meta: dict[str, Any] = {"seq_idx": seq_idx is not None, **seq_meta(seq_idx, 1)}
-    err: BaseException | None = None
-    local = None
-    try:
-        cdt = compute_dtype(u, delta, A, B, C, D, z, delta_bias, initial_state)
-        if rank == 0:  # its start state is known: one scan gives its output and its end
-            local = _scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, True,
-                          initial_state=initial_state, seq_idx=seq_idx)  # fmt: skip
-            s = local[1]
-            p = torch.zeros_like(s)
-        else:
-            _, s = _scan(u, delta, A, B, C, None, None, delta_bias, delta_softplus, True,
-                         seq_idx=seq_idx)  # fmt: skip
-            p = _decay(delta, A, delta_bias, bool(delta_softplus), seq_idx, cdt)
-        meta.update(shape=tuple(s.shape), dtype=str(cdt), grad=bool(s.requires_grad))
-    except Exception as exc:  # every rank must hear of it before any waits on a collective
-        err = exc
-    metas = agree(group, err, meta)
-    check_consistent(metas, "u")
-    h_in, h_end, both, grad = chain(p, s, metas, group, rank, world)
-    if rank == 0:
-        out = local[0]
-    else:
-        out = _scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, False,
-                    initial_state=h_in, seq_idx=seq_idx)  # fmt: skip
-    if grad and not return_last_state and rank == 0:
-        out = tie(out, both)  # so that this rank's backward reaches the exchange too
-    return (out, h_end) if return_last_state else out
+
+    def whole():
+        return _scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, True,
+                     initial_state=initial_state, seq_idx=seq_idx)  # fmt: skip
+
+    def from_zero():
+        return _scan(u, delta, A, B, C, None, None, delta_bias, delta_softplus, True,
+                     seq_idx=seq_idx)[1]  # fmt: skip
+
+    def decay(s):
+        return _decay(delta, A, delta_bias, bool(delta_softplus), seq_idx, s.dtype)
+
+    def from_state(h_in):
+        return _scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, False,
+                     initial_state=h_in, seq_idx=seq_idx)  # fmt: skip
+
+    def cdt():
+        return compute_dtype(u, delta, A, B, C, D, z, delta_bias, initial_state)
+
+    return sharded_scan(group, seq_idx, "u", cdt, whole, from_zero, decay, from_state,
+                        return_last_state)  # fmt: skip

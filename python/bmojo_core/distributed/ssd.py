@@ -14,8 +14,7 @@ from torch import Tensor
 from .. import _validate as V
 from ..ops import mamba_chunk_scan_combined as _ssd
 from ..ops.reference._common import compute_dtype, softplus_thresholded
-from ._affine import chain, check_consistent, seq_meta, starts_inside
-from ._comm import agree, resolve, tie
+from ._affine import sharded_scan, starts_inside
 
 __all__ = ["mamba_chunk_scan_combined"]
 
@@ -76,38 +75,29 @@ def mamba_chunk_scan_combined(
     (as with DDP). A bad argument on any rank raises the same error, naming that rank, on
     every rank.
     """
-    group, rank, world = resolve(group)
-    meta: dict[str, Any] = {"seq_idx": seq_idx is not None, **seq_meta(seq_idx, 1)}
-    err: BaseException | None = None
-    local = None
-    try:
+    args = (x, dt, A, B, C, chunk_size)
+
+    def cdt():
         if cu_seqlens is not None or return_varlen_states:
             raise V.BmojoValueError(
                 "cu_seqlens: not supported over shards (it numbers the sequences of one "
                 "batch row); pass seq_idx instead"
             )
-        args = (x, dt, A, B, C, chunk_size)
-        if rank == 0:  # its start state is known: one scan gives its output and its end
-            local = _ssd(*args, D, z, dt_bias, initial_states, seq_idx, None,
-                         dt_softplus, dt_limit, True)  # fmt: skip
-            s = local[1]
-            p = torch.zeros_like(s)
-        else:
-            _, s = _ssd(*args, None, None, dt_bias, None, seq_idx, None, dt_softplus,
-                        dt_limit, True)  # fmt: skip
-            p = _decay(dt, A, dt_bias, bool(dt_softplus), tuple(dt_limit), seq_idx, s)
-        cdt = compute_dtype(x, dt, A, B, C, D, z, dt_bias, initial_states)
-        meta.update(shape=tuple(s.shape), dtype=str(cdt), grad=bool(s.requires_grad))
-    except Exception as exc:  # every rank must hear of it before any waits on a collective
-        err = exc
-    metas = agree(group, err, meta)
-    check_consistent(metas, "x")
-    h_in, h_end, both, grad = chain(p, s, metas, group, rank, world)
-    if rank == 0:
-        out = local[0]
-    else:
-        out = _ssd(x, dt, A, B, C, chunk_size, D, z, dt_bias, h_in, seq_idx, None,
-                   dt_softplus, dt_limit, False)  # fmt: skip
-    if grad and not return_final_states and rank == 0:
-        out = tie(out, both)  # so that this rank's backward reaches the exchange too
-    return (out, h_end) if return_final_states else out
+        return compute_dtype(x, dt, A, B, C, D, z, dt_bias, initial_states)
+
+    def whole():
+        return _ssd(*args, D, z, dt_bias, initial_states, seq_idx, None, dt_softplus,
+                    dt_limit, True)  # fmt: skip
+
+    def from_zero():
+        return _ssd(*args, None, None, dt_bias, None, seq_idx, None, dt_softplus, dt_limit,
+                    True)[1]  # fmt: skip
+
+    def decay(s):
+        return _decay(dt, A, dt_bias, bool(dt_softplus), tuple(dt_limit), seq_idx, s)
+
+    def from_state(h_in):
+        return _ssd(*args, D, z, dt_bias, h_in, seq_idx, None, dt_softplus, dt_limit, False)
+
+    return sharded_scan(group, seq_idx, "x", cdt, whole, from_zero, decay, from_state,
+                        return_final_states)  # fmt: skip

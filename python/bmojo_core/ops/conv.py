@@ -39,7 +39,7 @@ _K_UPDATE = _cuda.declare("conv.cu", "causal_conv1d_update")
 _DW_CHUNK = 4096  # (batch, time) elements per weight-gradient partial (a fixed cut)
 
 
-def _silu(activation) -> bool:
+def silu_flag(activation) -> bool:
     if activation is None:
         return False
     if isinstance(activation, str) and activation in ("silu", "swish"):
@@ -258,6 +258,33 @@ def _(x, conv_state, weight, bias, silu, cache_seqlens, conv_state_indices):
 # ----------------------------------------------------------------------------- public
 
 
+def check_args(x, weight, bias, seq_idx, initial_states) -> tuple[int, int, int, int]:
+    """The checks of :func:`causal_conv1d_fn`'s tensors (also run on each shard by the
+    context-parallel op); returns ``(batch, dim, L, K)``."""
+    V.device_tensor("x", x)
+    V.shape("x", x, (None, None, None), "(batch, dim, L)")
+    b, d, length = x.shape
+    V.device_tensor("weight", weight)
+    V.shape("weight", weight, (d, None), "(dim, K)")
+    k = weight.shape[1]
+    if k < 1:
+        raise V.BmojoValueError("weight: the width K must be >= 1, got 0")
+    if bias is not None:
+        V.device_tensor("bias", bias)
+        V.shape("bias", bias, (d,), "(dim,)")
+    if seq_idx is not None:
+        V.device_tensor("seq_idx", seq_idx, dtypes=V.INTS)
+        V.shape("seq_idx", seq_idx, (b, length), "(batch, L)")
+    if initial_states is not None:
+        V.device_tensor("initial_states", initial_states)
+        V.shape("initial_states", initial_states, (b, d, k - 1), "(batch, dim, K-1)")
+    if seq_idx is not None and initial_states is not None:
+        raise V.BmojoValueError(
+            "seq_idx: cannot be combined with initial_states (as in causal-conv1d)"
+        )
+    return b, d, length, k
+
+
 def causal_conv1d_fn(
     x: Tensor,
     weight: Tensor,
@@ -282,28 +309,8 @@ def causal_conv1d_fn(
     L < K-1), written into ``final_states_out`` if given. Differentiable in ``x``,
     ``weight``, ``bias`` and ``initial_states``, also through ``final_states``.
     """
-    silu = _silu(activation)
-    V.device_tensor("x", x)
-    V.shape("x", x, (None, None, None), "(batch, dim, L)")
-    b, d, length = x.shape
-    V.device_tensor("weight", weight)
-    V.shape("weight", weight, (d, None), "(dim, K)")
-    k = weight.shape[1]
-    if k < 1:
-        raise V.BmojoValueError("weight: the width K must be >= 1, got 0")
-    if bias is not None:
-        V.device_tensor("bias", bias)
-        V.shape("bias", bias, (d,), "(dim,)")
-    if seq_idx is not None:
-        V.device_tensor("seq_idx", seq_idx, dtypes=V.INTS)
-        V.shape("seq_idx", seq_idx, (b, length), "(batch, L)")
-    if initial_states is not None:
-        V.device_tensor("initial_states", initial_states)
-        V.shape("initial_states", initial_states, (b, d, k - 1), "(batch, dim, K-1)")
-    if seq_idx is not None and initial_states is not None:
-        raise V.BmojoValueError(
-            "seq_idx: cannot be combined with initial_states (as in causal-conv1d)"
-        )
+    silu = silu_flag(activation)
+    b, d, length, k = check_args(x, weight, bias, seq_idx, initial_states)
     if final_states_out is not None:
         if not return_final_states:
             raise V.BmojoValueError("final_states_out: only valid with return_final_states=True")
@@ -365,7 +372,7 @@ def causal_conv1d_update(
     negative index is a padding row (output zero, nothing written). Bad input raises a
     ``BmojoError`` before anything is written.
     """
-    silu = _silu(activation)
+    silu = silu_flag(activation)
     if not torch.compiler.is_compiling() and not getattr(x, "is_cuda", False):
         # Decode path: plain contiguous CPU tensors of one float dtype go straight to the
         # kernel, which checks every shape and validates slots before writing. On any
