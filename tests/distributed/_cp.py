@@ -194,6 +194,20 @@ def main(store: str, rank: int, world: int, out_dir: str, names: list[str]) -> N
                 except Exception as exc:  # noqa: BLE001 - reported to the test
                     results[name] = f"{type(exc).__name__}: {exc}"
                 continue
+            if name in ("bad-cu", "mismatch"):  # cu_seqlens on rank 0; other dims on rank 1
+                d = shard("ssd2", inputs("ssd2"), rank)
+                if name == "bad-cu" and rank == 0:
+                    d["kw"]["cu_seqlens"] = torch.tensor([0, d["kw"]["x"].shape[1]])
+                if name == "mismatch" and rank == 1:
+                    d["kw"]["x"] = d["kw"]["x"][:, :, :, :2]
+                    d["kw"]["z"] = d["kw"]["z"][:, :, :, :2]
+                    d["kw"]["initial_states"] = None
+                try:
+                    bd.mamba_chunk_scan_combined(**d["kw"])
+                    results[name] = "no error"
+                except Exception as exc:  # noqa: BLE001 - reported to the test
+                    results[name] = f"{type(exc).__name__}: {exc}"
+                continue
             data = inputs(name)
             d = shard(name, data, rank)
             fn = {"conv": bd.causal_conv1d_fn, "scan": bd.selective_scan_fn,

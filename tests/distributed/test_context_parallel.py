@@ -96,7 +96,7 @@ def _check(name: str, ranks: list[dict]) -> None:
 
 @pytest.fixture(scope="module")
 def two(tmp_path_factory):
-    names = [n for n, w in _cp.WORLD.items() if w == 2] + ["bad-shape"]
+    names = [n for n, w in _cp.WORLD.items() if w == 2] + ["bad-shape", "bad-cu", "mismatch"]
     return _launch(tmp_path_factory.mktemp("cp2"), 2, names)
 
 
@@ -120,6 +120,14 @@ def test_a_bad_argument_on_one_rank_fails_every_rank_alike(two):
     msgs = [r["bad-shape"] for r in two]
     assert msgs[0] == msgs[1], msgs
     assert msgs[0].startswith("BmojoValueError:") and "(on rank 1 of 2)" in msgs[0], msgs[0]
+
+
+def test_unsupported_or_inconsistent_arguments_fail_every_rank_alike(two):
+    cu = [r["bad-cu"] for r in two]
+    assert cu[0] == cu[1] and cu[0].startswith("BmojoValueError: cu_seqlens:"), cu
+    assert "(on rank 0 of 2)" in cu[0]
+    mm = [r["mismatch"] for r in two]
+    assert mm[0] == mm[1] and "expected the same state shape on every rank" in mm[0], mm
 
 
 def test_needs_an_initialised_process_group():
