@@ -63,7 +63,17 @@ CASES.update({
     "ssd3": dict(op="ssd", lengths=(3, 0, 6), bias=True, softplus=True, h0=True,
                  seq=(0, 0, 1, 1, 1, 1, 1, 1, 1)),
 })  # fmt: skip
-WORLD = {"ssd2": 2, "ssd2seq": 2, "ssd3": 3, "full": 2, "packed2": 2, "const2": 2,
+# layers (sequence on dim 1): the Mamba-1 mixer, sliding-window attention (window 4)
+CASES.update(
+    {
+        "ssmlayer2": dict(op="ssmlayer", lengths=(2, 7)),
+        "ssmlayer3": dict(op="ssmlayer", lengths=(5, 0, 4)),
+        "swa2": dict(op="swa", lengths=(2, 9)),
+        "swa3": dict(op="swa", lengths=(1, 2, 6)),
+    }
+)
+WORLD_LAYERS = {"ssmlayer2": 2, "ssmlayer3": 3, "swa2": 2, "swa3": 3}
+WORLD = {**WORLD_LAYERS, "ssd2": 2, "ssd2seq": 2, "ssd3": 3, "full": 2, "packed2": 2, "const2": 2,
          "packed3": 3, "uneven3": 3, "conv2": 2, "conv2short": 2, "conv2k1": 2, "conv3": 3,
          "conv3seq": 3}  # fmt: skip
 SHARDED = ("u", "delta", "z", "B", "C", "x", "dt")  # split along L when time-varying
@@ -78,6 +88,10 @@ def inputs(name: str) -> dict[str, Any]:
     def r(*shape, scale=1.0):
         return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).requires_grad_()
 
+    if case.get("op") in ("ssmlayer", "swa"):
+        w = torch.randn(BATCH, length, 8, generator=g, dtype=torch.float64)
+        return {"kw": {"u": r(BATCH, length, 8)}, "w": w, "v": None, "bc": None,
+                "op": case["op"], "axis": 1, "last": False}  # fmt: skip
     if case.get("op") == "ssd":
         h, p, n = 4, 3, 5  # heads, head_dim, state; 2 groups
         kw = {"x": r(BATCH, length, h, p), "dt": r(BATCH, length, h, scale=0.5),
@@ -147,6 +161,16 @@ def inputs(name: str) -> dict[str, Any]:
             "last": kw["return_last_state"]}  # fmt: skip
 
 
+def module(name: str) -> torch.nn.Module:
+    """The case's layer, the same on every rank (seeded), in fp64."""
+    from bmojo_core.layers import SelectiveSSM, SlidingWindowAttention
+
+    torch.manual_seed(sum(map(ord, name)))
+    if CASES[name]["op"] == "ssmlayer":
+        return SelectiveSSM(8, d_state=4, d_conv=4, dtype=torch.float64)
+    return SlidingWindowAttention(8, 4, n_heads=2, dtype=torch.float64)
+
+
 def loss(out: Any, w: torch.Tensor, v: torch.Tensor, last: bool) -> torch.Tensor:
     if last:
         y, h = out
@@ -210,18 +234,26 @@ def main(store: str, rank: int, world: int, out_dir: str, names: list[str]) -> N
                 continue
             data = inputs(name)
             d = shard(name, data, rank)
-            fn = {"conv": bd.causal_conv1d_fn, "scan": bd.selective_scan_fn,
-                  "ssd": bd.mamba_chunk_scan_combined}[data["op"]]  # fmt: skip
-            out = fn(**d["kw"])
+            mod = None
+            if data["op"] in ("ssmlayer", "swa"):
+                mod = module(name)
+                fn = bd.selective_ssm if data["op"] == "ssmlayer" else bd.sliding_window_attention
+                out = fn(mod, d["kw"]["u"])
+            else:
+                fn = {"conv": bd.causal_conv1d_fn, "scan": bd.selective_scan_fn,
+                      "ssd": bd.mamba_chunk_scan_combined}[data["op"]]  # fmt: skip
+                out = fn(**d["kw"])
             # the whole-sequence loss is the sum of the ranks' losses: the last state,
             # returned on every rank, is scored on one
-            v = data["v"] if rank == world - 1 else torch.zeros_like(data["v"])
+            v = data["v"] if rank == world - 1 or data["v"] is None else 0 * data["v"]
             loss(out, d["w"], v, data["last"]).backward()
             res = {"out": (out[0] if isinstance(out, tuple) else out).detach()}
             if isinstance(out, tuple):
                 res["last"] = out[1].detach()
             res["grads"] = {k: t.grad for k, t in d["kw"].items()
                             if isinstance(t, torch.Tensor) and t.grad is not None}  # fmt: skip
+            if mod is not None:
+                res["params"] = {k: p.grad for k, p in mod.named_parameters()}
             results[name] = res
     finally:
         torch.save(results, f"{out_dir}/rank{rank}.pt")

@@ -59,9 +59,13 @@ def _launch(tmp_path, world: int, names: list[str]) -> list[dict]:
 
 def _reference(name: str) -> dict:
     data = _cp.inputs(name)
-    fn = {"conv": causal_conv1d_fn, "scan": selective_scan_fn,
-          "ssd": mamba_chunk_scan_combined}[data["op"]]  # fmt: skip
-    out = fn(**data["kw"])
+    if data["op"] in ("ssmlayer", "swa"):
+        data["module"] = _cp.module(name)
+        out = data["module"](data["kw"]["u"])
+    else:
+        fn = {"conv": causal_conv1d_fn, "scan": selective_scan_fn,
+              "ssd": mamba_chunk_scan_combined}[data["op"]]  # fmt: skip
+        out = fn(**data["kw"])
     _cp.loss(out, data["w"], data["v"], data["last"]).backward()
     return data, out
 
@@ -92,6 +96,9 @@ def _check(name: str, ranks: list[dict]) -> None:
         else:  # shared: each rank's part, summing to the whole
             total = sum(g for g in grads if g is not None)
             torch.testing.assert_close(total, t.grad, rtol=0, atol=1e-12, msg=k)
+    for k, p in data.get("module", torch.nn.Module()).named_parameters():  # a layer's
+        total = sum(r[name]["params"][k] for r in ranks if r[name]["params"][k] is not None)
+        torch.testing.assert_close(total, p.grad, rtol=0, atol=1e-12, msg=k)
 
 
 @pytest.fixture(scope="module")

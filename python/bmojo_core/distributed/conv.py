@@ -20,7 +20,8 @@ from torch import Tensor
 from .. import _validate as V
 from ..ops import causal_conv1d_fn as _conv
 from ..ops.conv import check_args, silu_flag
-from ._comm import agree, gather, resolve
+from ._comm import agree, resolve
+from ._halo import before, exchange
 
 __all__ = ["causal_conv1d_fn"]
 
@@ -96,60 +97,33 @@ def causal_conv1d_fn(
             return out
         return out, x.new_zeros(b, d, 0)
     grad = any(m["grad"] for m in metas)
-    tail = x[..., length - n :]
-    tail = torch.cat([tail.new_zeros(b, d, h - n), tail], dim=-1)  # right-aligned
-    init = initial_states if (rank == 0 and initial_states is not None) else None
-    init = x.new_zeros(b, d, h) if init is None else init.to(x.dtype)
-    parts = gather(torch.stack([tail, init]), group, rank, world, grad=grad)  # (W, 2, b, d, h)
-
-    def before(r: int) -> tuple[Tensor, list[list[int]] | None]:
-        """The h inputs before rank r's shard (oldest first), and their packed-sequence ids
-        (None for the positions before the sequence, where a sentinel cuts every tap)."""
-        pieces, ids, need = [], [], h
-        for j in range(r - 1, -1, -1):
-            take = min(need, min(metas[j]["length"], h))
-            if take:
-                pieces.append(parts[j, 0, :, :, h - take :])
-                if metas[0]["seq_idx"]:
-                    ids.append([row[len(row) - take :] for row in metas[j]["tail_ids"]])
-                need -= take
-            if not need:
-                break
-        if need:
-            pieces.append(parts[0, 1, :, :, h - need :])
-            if metas[0]["seq_idx"]:
-                ids.append(None)
-        pieces.reverse()
-        ids.reverse()
-        halo = torch.cat(pieces, dim=-1) if len(pieces) > 1 else pieces[0]
-        if not metas[0]["seq_idx"]:
-            return halo, None
-        return halo, _halo_ids(ids, need, metas, b)
-
-    halo, ids = before(rank)
+    lengths = [m["length"] for m in metas]
+    parts = exchange(x, h, initial_states, group, rank, world, grad)
+    halo, where = before(parts, lengths, rank, h, fill=True)
     ext = torch.cat([halo, x], dim=-1)
     sq = None
     if seq_idx is not None:
+        ids = _halo_ids(where, metas, b)
         sq = torch.cat([torch.tensor(ids, dtype=seq_idx.dtype, device=seq_idx.device),
                         seq_idx], dim=-1)  # fmt: skip
     out = _conv(ext, weight, bias, sq, None, False, None, activation)[..., h:]
     if not return_final_states:
         return out
-    final, _ = before(world)
-    return out, final
+    return out, before(parts, lengths, world, h, fill=True)[0]
 
 
-def _halo_ids(ids: list[list[list[int]] | None], before_start: int,
-              metas: list[dict[str, Any]], batch: int) -> list[list[int]]:  # fmt: skip
-    """Row-wise ids of the halo positions: those of the shards they come from, and for
-    the positions before the sequence an id that differs from the sequence's first (so no
-    tap reaches them: with seq_idx the start sees zeros, as in the single-process op)."""
+def _halo_ids(where: list[tuple[int, int]], metas: list[dict[str, Any]],
+              batch: int) -> list[list[int]]:  # fmt: skip
+    """Row-wise packed-sequence ids of the halo positions: those of the shards they come
+    from; before the sequence (zeros, as the single-process op reads there with seq_idx)
+    an id unlike the sequence's first, so that no tap crosses into them."""
     first = next((m["first_ids"] for m in metas if m.get("first_ids")), [[0]] * batch)
     rows: list[list[int]] = [[] for _ in range(batch)]
-    for piece in ids:
+    for j, take in where:
         for i in range(batch):
-            if piece is None:
-                rows[i] += [first[i][0] - 1] * before_start
+            if j < 0:
+                rows[i] += [first[i][0] - 1] * take
             else:
-                rows[i] += piece[i]
+                tail = metas[j]["tail_ids"][i]
+                rows[i] += tail[len(tail) - take :]
     return rows

@@ -82,11 +82,17 @@ class SelectiveSSM(nn.Module):
 
     def forward(self, u: Tensor) -> Tensor:
         """Parallel forward (bmojo_core's causal conv and selective scan)."""
+        return self.forward_with(u, causal_conv1d_fn, selective_scan_fn)
+
+    def forward_with(self, u: Tensor, conv: Any, scan: Any) -> Tensor:
+        """The parallel forward on the given conv and scan (the signatures of
+        :func:`~bmojo_core.causal_conv1d_fn` and :func:`~bmojo_core.selective_scan_fn`):
+        :mod:`bmojo_core.distributed` passes its context-parallel ones."""
         xz = self.in_proj(u).transpose(1, 2)  # (batch, 2 di, L)
         x, z = xz.chunk(2, dim=1)
-        x = causal_conv1d_fn(x, self.conv_weight, self.conv_bias, activation="silu")
+        x = conv(x, self.conv_weight, self.conv_bias, activation="silu")
         delta, b, c = self._proj(x.transpose(1, 2))
-        y = selective_scan_fn(
+        y = scan(
             x, delta.transpose(1, 2), -torch.exp(self.A_log), b.transpose(1, 2),
             c.transpose(1, 2), self.D, z, delta_bias=self.dt_proj.bias, delta_softplus=True,
         )  # fmt: skip
