@@ -72,7 +72,19 @@ CASES.update(
         "swa3": dict(op="swa", lengths=(1, 2, 6)),
     }
 )
-WORLD_LAYERS = {"ssmlayer2": 2, "ssmlayer3": 3, "swa2": 2, "swa3": 3}
+# B'MOJO layers (window, n_fading): B'MOJO-F with shards off the chunk grid, more fading
+# tokens than the window, an empty shard; the pure SSM and pure attention configurations
+CASES.update(
+    {
+        "bmojof2": dict(op="bmojo", layer=(4, 2), lengths=(3, 6)),
+        "bmojof3": dict(op="bmojo", layer=(2, 3), lengths=(3, 4, 2)),
+        "bmojof3b": dict(op="bmojo", layer=(4, 4), lengths=(5, 0, 7)),
+        "bmojossm2": dict(op="bmojo", layer=(0, 0), lengths=(2, 5)),
+        "bmojoswa2": dict(op="bmojo", layer=(3, 0), lengths=(4, 4)),
+    }
+)
+WORLD_LAYERS = {"ssmlayer2": 2, "ssmlayer3": 3, "swa2": 2, "swa3": 3, "bmojof2": 2,
+                "bmojof3": 3, "bmojof3b": 3, "bmojossm2": 2, "bmojoswa2": 2}  # fmt: skip
 WORLD = {**WORLD_LAYERS, "ssd2": 2, "ssd2seq": 2, "ssd3": 3, "full": 2, "packed2": 2, "const2": 2,
          "packed3": 3, "uneven3": 3, "conv2": 2, "conv2short": 2, "conv2k1": 2, "conv3": 3,
          "conv3seq": 3}  # fmt: skip
@@ -88,7 +100,7 @@ def inputs(name: str) -> dict[str, Any]:
     def r(*shape, scale=1.0):
         return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).requires_grad_()
 
-    if case.get("op") in ("ssmlayer", "swa"):
+    if case.get("op") in ("ssmlayer", "swa", "bmojo"):
         w = torch.randn(BATCH, length, 8, generator=g, dtype=torch.float64)
         return {"kw": {"u": r(BATCH, length, 8)}, "w": w, "v": None, "bc": None,
                 "op": case["op"], "axis": 1, "last": False}  # fmt: skip
@@ -163,9 +175,12 @@ def inputs(name: str) -> dict[str, Any]:
 
 def module(name: str) -> torch.nn.Module:
     """The case's layer, the same on every rank (seeded), in fp64."""
-    from bmojo_core.layers import SelectiveSSM, SlidingWindowAttention
+    from bmojo_core.layers import BMojoLayer, SelectiveSSM, SlidingWindowAttention
 
     torch.manual_seed(sum(map(ord, name)))
+    if CASES[name]["op"] == "bmojo":
+        w, f = CASES[name]["layer"]
+        return BMojoLayer(8, w, f, 0, d_state=4, n_heads=2 if w else None, dtype=torch.float64)
     if CASES[name]["op"] == "ssmlayer":
         return SelectiveSSM(8, d_state=4, d_conv=4, dtype=torch.float64)
     return SlidingWindowAttention(8, 4, n_heads=2, dtype=torch.float64)
@@ -235,9 +250,10 @@ def main(store: str, rank: int, world: int, out_dir: str, names: list[str]) -> N
             data = inputs(name)
             d = shard(name, data, rank)
             mod = None
-            if data["op"] in ("ssmlayer", "swa"):
+            if data["op"] in ("ssmlayer", "swa", "bmojo"):
                 mod = module(name)
-                fn = bd.selective_ssm if data["op"] == "ssmlayer" else bd.sliding_window_attention
+                fn = {"ssmlayer": bd.selective_ssm, "swa": bd.sliding_window_attention,
+                      "bmojo": bd.bmojo_layer}[data["op"]]  # fmt: skip
                 out = fn(mod, d["kw"]["u"])
             else:
                 fn = {"conv": bd.causal_conv1d_fn, "scan": bd.selective_scan_fn,

@@ -59,7 +59,7 @@ def _launch(tmp_path, world: int, names: list[str]) -> list[dict]:
 
 def _reference(name: str) -> dict:
     data = _cp.inputs(name)
-    if data["op"] in ("ssmlayer", "swa"):
+    if data["op"] in ("ssmlayer", "swa", "bmojo"):
         data["module"] = _cp.module(name)
         out = data["module"](data["kw"]["u"])
     else:
@@ -135,6 +135,16 @@ def test_unsupported_or_inconsistent_arguments_fail_every_rank_alike(two):
     assert "(on rank 0 of 2)" in cu[0]
     mm = [r["mismatch"] for r in two]
     assert mm[0] == mm[1] and "expected the same state shape on every rank" in mm[0], mm
+
+
+def test_eidetic_layers_are_refused_over_shards():
+    from bmojo_core import distributed as bd
+    from bmojo_core.errors import BmojoValueError as E
+    from bmojo_core.layers import BMojoLayer
+
+    layer = BMojoLayer(8, 4, 2, 2, d_state=4, n_heads=2)
+    with pytest.raises(E, match="module: eidetic tokens over shards are not available yet"):
+        bd.bmojo_layer(layer, torch.zeros(1, 3, 8))
 
 
 def test_needs_an_initialised_process_group():

@@ -8,19 +8,20 @@ their gradients are this rank's part (sum them over the group, as DDP does)."""
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from .. import _validate as V
-from ..layers import SelectiveSSM, SlidingWindowAttention
+from ..layers import BMojoLayer, SelectiveSSM, SlidingWindowAttention
 from ._comm import agree, resolve
 from ._halo import before, exchange
 from .conv import causal_conv1d_fn
 from .scan import selective_scan_fn
 
-__all__ = ["selective_ssm", "sliding_window_attention"]
+__all__ = ["bmojo_layer", "selective_ssm", "sliding_window_attention"]
 
 
 def selective_ssm(module: SelectiveSSM, u: Tensor, *, group: Any = None) -> Tensor:
@@ -34,16 +35,11 @@ def selective_ssm(module: SelectiveSSM, u: Tensor, *, group: Any = None) -> Tens
     return module.forward_with(u, conv, scan)
 
 
-def sliding_window_attention(module: SlidingWindowAttention, x: Tensor, *,
-                             group: Any = None) -> Tensor:  # fmt: skip
-    """``module(x)`` (no memory tokens) for this rank's shard ``x (batch, L, d_model)``:
-    each rank attends over ``[the window - 1 tokens before its shard, its shard]`` (the
-    window is relative to each query, so where the chunks fall does not matter) and
-    keeps its own positions' outputs."""
-    if not isinstance(module, SlidingWindowAttention):
-        raise V.BmojoTypeError(
-            f"module: expected a SlidingWindowAttention, got {type(module).__name__}"
-        )
+def _lengths(group: Any, x: Any, module: Any) -> tuple[Any, int, int, list[dict[str, Any]], bool]:
+    """Check this rank's shard ``x (batch, L, d_model)`` and agree with the other ranks on
+    batch, dtype and everyone's length: ``(group, rank, world, metas, grad)``, ``grad``
+    whether any rank builds a graph (then every rank's exchange is differentiated: its
+    backward is a collective every rank must reach)."""
     group, rank, world = resolve(group)
     err: BaseException | None = None
     meta: dict[str, Any] = {}
@@ -63,12 +59,65 @@ def sliding_window_attention(module: SlidingWindowAttention, x: Tensor, *,
                 f"{(metas[0]['shape'], metas[0]['dtype'])} on rank 0 and "
                 f"{(m['shape'], m['dtype'])} on rank {r}"
             )
+    return group, rank, world, metas, any(m["grad"] for m in metas)
+
+
+def _halo(x: Tensor, n: int, h: int, metas: list[dict[str, Any]], group: Any, rank: int,
+          world: int, grad: bool) -> Tensor:  # fmt: skip
+    """The ``n ≤ h`` positions of ``x (batch, L, d)``'s sequence just before this rank's
+    shard, ``(batch, n, d)``, gathered from the earlier shards (every rank passes the same
+    ``h``, its largest ``n``)."""
+    parts = exchange(x.transpose(1, 2), h, None, group, rank, world, grad)
+    halo, _ = before(parts, [m["length"] for m in metas], rank, h, fill=False)
+    return halo[..., halo.shape[-1] - n :].transpose(1, 2)
+
+
+def bmojo_layer(module: BMojoLayer, u: Tensor, *, group: Any = None) -> Tensor:
+    """``module(u)`` for this rank's shard ``u (batch, L, d_model)`` of the sequence: the
+    SSM over shards (:func:`selective_ssm`), and the attention over
+    ``[the earlier tokens back to a chunk boundary, the shard]`` so that its chunks, and
+    the fading tokens each chunk reads, are the whole sequence's (a halo of the inputs and
+    of the SSM outputs of up to ``window · ceil(max(window, n_fading) / window) + window
+    - 1`` positions). Eidetic tokens over shards are not available yet (``n_eidetic``
+    must be 0: pure SSM, sliding-window attention or B'MOJO-F)."""
+    if not isinstance(module, BMojoLayer):
+        raise V.BmojoTypeError(f"module: expected a BMojoLayer, got {type(module).__name__}")
+    if module.n_eidetic:
+        raise V.BmojoValueError(
+            f"module: eidetic tokens over shards are not available yet; expected "
+            f"n_eidetic = 0, got {module.n_eidetic}"
+        )
+    if module.attn is None:
+        return selective_ssm(module.ssm, u, group=group)
+    if module.ssm is None:
+        return sliding_window_attention(module.attn, u, group=group)
+    y = selective_ssm(module.ssm, u, group=group)
+    group, rank, world, metas, grad = _lengths(group, u, module)
+    w, mf = module.window, module.n_fading
+    back = w * math.ceil(max(w, mf) / w)  # whole chunks, enough for every fading token
+    start = sum(m["length"] for m in metas[:rank])
+    n = start - max(0, start // w * w - back)  # back to a chunk boundary
+    h = back + w - 1
+    u_ext = torch.cat([_halo(u, n, h, metas, group, rank, world, grad), u], dim=1)
+    y_ext = torch.cat([_halo(y, n, h, metas, group, rank, world, grad), y], dim=1)
+    mem = module.memory(u_ext, y_ext)
+    return module.attn(u_ext, *(mem if mem is not None else (None, None)))[:, n:]
+
+
+def sliding_window_attention(module: SlidingWindowAttention, x: Tensor, *,
+                             group: Any = None) -> Tensor:  # fmt: skip
+    """``module(x)`` (no memory tokens) for this rank's shard ``x (batch, L, d_model)``:
+    each rank attends over ``[the window - 1 tokens before its shard, its shard]`` (the
+    window is relative to each query, so where the chunks fall does not matter) and
+    keeps its own positions' outputs."""
+    if not isinstance(module, SlidingWindowAttention):
+        raise V.BmojoTypeError(
+            f"module: expected a SlidingWindowAttention, got {type(module).__name__}"
+        )
+    group, rank, world, metas, grad = _lengths(group, x, module)
     h = module.window - 1
     if h == 0:
         return module(x)
-    grad = any(m["grad"] for m in metas)
-    parts = exchange(x.transpose(1, 2), h, None, group, rank, world, grad)
-    halo, _ = before(parts, [m["length"] for m in metas], rank, h, fill=False)
-    n = halo.shape[-1]
-    out = module(torch.cat([halo.transpose(1, 2), x], dim=1))
+    n = min(h, sum(m["length"] for m in metas[:rank]))
+    out = module(torch.cat([_halo(x, n, h, metas, group, rank, world, grad), x], dim=1))
     return out[:, n:]
