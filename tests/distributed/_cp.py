@@ -81,10 +81,16 @@ CASES.update(
         "bmojof3b": dict(op="bmojo", layer=(4, 4), lengths=(5, 0, 7)),
         "bmojossm2": dict(op="bmojo", layer=(0, 0), lengths=(2, 5)),
         "bmojoswa2": dict(op="bmojo", layer=(3, 0), lengths=(4, 4)),
+        # B'MOJO (window, n_fading, n_eidetic[, policy, metric]): stores across shards
+        "bmojo2": dict(op="bmojo", layer=(4, 2, 2), lengths=(7, 10)),
+        "bmojo3": dict(op="bmojo", layer=(3, 1, 2, "topk", "chi2"), lengths=(5, 1, 11)),
+        "bmojo3e": dict(op="bmojo", layer=(2, 0, 3, "fifo", "mse"), lengths=(4, 0, 9)),
+        "bmojo3t": dict(op="bmojo", layer=(4, 2, 2, "threshold", "chi2"), lengths=(2, 3, 12)),
     }
 )
 WORLD_LAYERS = {"ssmlayer2": 2, "ssmlayer3": 3, "swa2": 2, "swa3": 3, "bmojof2": 2,
-                "bmojof3": 3, "bmojof3b": 3, "bmojossm2": 2, "bmojoswa2": 2}  # fmt: skip
+                "bmojof3": 3, "bmojof3b": 3, "bmojossm2": 2, "bmojoswa2": 2, "bmojo2": 2,
+                "bmojo3": 3, "bmojo3e": 3, "bmojo3t": 3}  # fmt: skip
 WORLD = {**WORLD_LAYERS, "ssd2": 2, "ssd2seq": 2, "ssd3": 3, "full": 2, "packed2": 2, "const2": 2,
          "packed3": 3, "uneven3": 3, "conv2": 2, "conv2short": 2, "conv2k1": 2, "conv3": 3,
          "conv3seq": 3}  # fmt: skip
@@ -179,8 +185,15 @@ def module(name: str) -> torch.nn.Module:
 
     torch.manual_seed(sum(map(ord, name)))
     if CASES[name]["op"] == "bmojo":
-        w, f = CASES[name]["layer"]
-        return BMojoLayer(8, w, f, 0, d_state=4, n_heads=2 if w else None, dtype=torch.float64)
+        w, f, e, policy, metric = (*CASES[name]["layer"], 0, "topk", "mse", "mse")[:5]
+        if len(CASES[name]["layer"]) == 5:
+            w, f, e, policy, metric = CASES[name]["layer"]
+        elif len(CASES[name]["layer"]) == 3:
+            w, f, e = CASES[name]["layer"]
+            policy, metric = "topk", "mse"
+        return BMojoLayer(8, w, f, e, d_state=4, n_heads=2 if w else None,
+                          innovation_taps=2, innovation_metric=metric, eidetic_policy=policy,
+                          eidetic_threshold=0.5, dtype=torch.float64)  # fmt: skip
     if CASES[name]["op"] == "ssmlayer":
         return SelectiveSSM(8, d_state=4, d_conv=4, dtype=torch.float64)
     return SlidingWindowAttention(8, 4, n_heads=2, dtype=torch.float64)

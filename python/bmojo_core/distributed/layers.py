@@ -17,6 +17,7 @@ from torch import Tensor
 from .. import _validate as V
 from ..layers import BMojoLayer, SelectiveSSM, SlidingWindowAttention
 from ._comm import agree, resolve
+from ._eidetic import eidetic_tokens
 from ._halo import before, exchange
 from .conv import causal_conv1d_fn
 from .scan import selective_scan_fn
@@ -78,15 +79,10 @@ def bmojo_layer(module: BMojoLayer, u: Tensor, *, group: Any = None) -> Tensor:
     ``[the earlier tokens back to a chunk boundary, the shard]`` so that its chunks, and
     the fading tokens each chunk reads, are the whole sequence's (a halo of the inputs and
     of the SSM outputs of up to ``window · ceil(max(window, n_fading) / window) + window
-    - 1`` positions). Eidetic tokens over shards are not available yet (``n_eidetic``
-    must be 0: pure SSM, sliding-window attention or B'MOJO-F)."""
+    - 1`` positions); the eidetic store each chunk reads is passed from rank to rank and
+    its tokens are gathered from their owners (:mod:`._eidetic`)."""
     if not isinstance(module, BMojoLayer):
         raise V.BmojoTypeError(f"module: expected a BMojoLayer, got {type(module).__name__}")
-    if module.n_eidetic:
-        raise V.BmojoValueError(
-            f"module: eidetic tokens over shards are not available yet; expected "
-            f"n_eidetic = 0, got {module.n_eidetic}"
-        )
     if module.attn is None:
         return selective_ssm(module.ssm, u, group=group)
     if module.ssm is None:
@@ -99,8 +95,14 @@ def bmojo_layer(module: BMojoLayer, u: Tensor, *, group: Any = None) -> Tensor:
     n = start - max(0, start // w * w - back)  # back to a chunk boundary
     h = back + w - 1
     u_ext = torch.cat([_halo(u, n, h, metas, group, rank, world, grad), u], dim=1)
-    y_ext = torch.cat([_halo(y, n, h, metas, group, rank, world, grad), y], dim=1)
-    mem = module.memory(u_ext, y_ext)
+    y_ext = None
+    if mf:
+        y_ext = torch.cat([_halo(y, n, h, metas, group, rank, world, grad), y], dim=1)
+    eid = None
+    if module.n_eidetic:
+        eid = eidetic_tokens(module, u, y, start, start - n, n + u.shape[1], group, rank, world,
+                             grad)  # fmt: skip
+    mem = module.memory(u_ext, y_ext, eidetic=eid)
     return module.attn(u_ext, *(mem if mem is not None else (None, None)))[:, n:]
 
 

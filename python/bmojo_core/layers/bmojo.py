@@ -145,15 +145,22 @@ class BMojoLayer(nn.Module):
             innovation_scores(y.detach(), taps=self.innovation_taps, metric=self.innovation_metric)
         )
 
-    def memory(self, u: Tensor, y: Tensor | None) -> tuple[Tensor, Tensor] | None:
+    def memory(
+        self, u: Tensor, y: Tensor | None, eidetic: tuple[Tensor, Tensor] | None = None
+    ) -> tuple[Tensor, Tensor] | None:
         """Memory tokens ``(batch, n_chunks, m_e + m_f, d_model)`` and mask of each chunk:
         ``[M, F]``, M the input tokens held by the store built from the positions before
-        the chunk (topped up with empty slots), F the SSM outputs ``y_{s-m_f..s-1}``."""
+        the chunk (topped up with empty slots), F the SSM outputs ``y_{s-m_f..s-1}``.
+        ``eidetic``: M and its mask given instead (context parallelism builds them from
+        the stores of the earlier shards)."""
         b, length, d = u.shape
         w, mf, me = self.window, self.n_fading, self.n_eidetic
         nc = -(-length // w)
         toks, masks = [], []
-        if me:
+        if me and eidetic is not None:
+            toks.append(eidetic[0])
+            masks.append(eidetic[1])
+        elif me:
             held = eidetic_select(
                 self.scores(y), me, w, policy=self.eidetic_policy,
                 threshold=self.eidetic_threshold,
