@@ -86,15 +86,18 @@ CASES.update(
         "bmojo3": dict(op="bmojo", layer=(3, 1, 2, "topk", "chi2"), lengths=(5, 1, 11)),
         "bmojo3e": dict(op="bmojo", layer=(2, 0, 3, "fifo", "mse"), lengths=(4, 0, 9)),
         "bmojo3t": dict(op="bmojo", layer=(4, 2, 2, "threshold", "chi2"), lengths=(2, 3, 12)),
+        # a 2-block B'MOJO language model (window 3, 1 fading, 2 eidetic tokens)
+        "lm2": dict(op="lm", lengths=(6, 7)),
+        "lm3": dict(op="lm", lengths=(5, 0, 8)),
     }
 )
 WORLD_LAYERS = {"ssmlayer2": 2, "ssmlayer3": 3, "swa2": 2, "swa3": 3, "bmojof2": 2,
                 "bmojof3": 3, "bmojof3b": 3, "bmojossm2": 2, "bmojoswa2": 2, "bmojo2": 2,
-                "bmojo3": 3, "bmojo3e": 3, "bmojo3t": 3}  # fmt: skip
+                "bmojo3": 3, "bmojo3e": 3, "bmojo3t": 3, "lm2": 2, "lm3": 3}  # fmt: skip
 WORLD = {**WORLD_LAYERS, "ssd2": 2, "ssd2seq": 2, "ssd3": 3, "full": 2, "packed2": 2, "const2": 2,
          "packed3": 3, "uneven3": 3, "conv2": 2, "conv2short": 2, "conv2k1": 2, "conv3": 3,
          "conv3seq": 3}  # fmt: skip
-SHARDED = ("u", "delta", "z", "B", "C", "x", "dt")  # split along L when time-varying
+SHARDED = ("u", "delta", "z", "B", "C", "x", "dt", "tokens")  # split along L when time-varying
 BATCH, DIM, N, G = 2, 4, 3, 2
 
 
@@ -106,6 +109,11 @@ def inputs(name: str) -> dict[str, Any]:
     def r(*shape, scale=1.0):
         return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).requires_grad_()
 
+    if case.get("op") == "lm":
+        w = torch.randn(BATCH, length, 16, generator=g, dtype=torch.float64)
+        tokens = torch.randint(0, 16, (BATCH, length), generator=g)
+        return {"kw": {"tokens": tokens}, "w": w, "v": None, "bc": None, "op": "lm",
+                "axis": 1, "last": False}  # fmt: skip
     if case.get("op") in ("ssmlayer", "swa", "bmojo"):
         w = torch.randn(BATCH, length, 8, generator=g, dtype=torch.float64)
         return {"kw": {"u": r(BATCH, length, 8)}, "w": w, "v": None, "bc": None,
@@ -181,9 +189,11 @@ def inputs(name: str) -> dict[str, Any]:
 
 def module(name: str) -> torch.nn.Module:
     """The case's layer, the same on every rank (seeded), in fp64."""
-    from bmojo_core.layers import BMojoLayer, SelectiveSSM, SlidingWindowAttention
+    from bmojo_core.layers import BMojoLayer, BMojoLM, SelectiveSSM, SlidingWindowAttention
 
     torch.manual_seed(sum(map(ord, name)))
+    if CASES[name]["op"] == "lm":
+        return BMojoLM(16, 8, 2, 3, 1, 2, d_state=4, n_heads=2, dtype=torch.float64)
     if CASES[name]["op"] == "bmojo":
         w, f, e, policy, metric = (*CASES[name]["layer"], 0, "topk", "mse", "mse")[:5]
         if len(CASES[name]["layer"]) == 5:
@@ -263,11 +273,11 @@ def main(store: str, rank: int, world: int, out_dir: str, names: list[str]) -> N
             data = inputs(name)
             d = shard(name, data, rank)
             mod = None
-            if data["op"] in ("ssmlayer", "swa", "bmojo"):
+            if data["op"] in ("ssmlayer", "swa", "bmojo", "lm"):
                 mod = module(name)
                 fn = {"ssmlayer": bd.selective_ssm, "swa": bd.sliding_window_attention,
-                      "bmojo": bd.bmojo_layer}[data["op"]]  # fmt: skip
-                out = fn(mod, d["kw"]["u"])
+                      "bmojo": bd.bmojo_layer, "lm": bd.bmojo_lm}[data["op"]]  # fmt: skip
+                out = fn(mod, d["kw"]["u" if "u" in d["kw"] else "tokens"])
             else:
                 fn = {"conv": bd.causal_conv1d_fn, "scan": bd.selective_scan_fn,
                       "ssd": bd.mamba_chunk_scan_combined}[data["op"]]  # fmt: skip

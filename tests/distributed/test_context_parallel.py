@@ -59,9 +59,9 @@ def _launch(tmp_path, world: int, names: list[str]) -> list[dict]:
 
 def _reference(name: str) -> dict:
     data = _cp.inputs(name)
-    if data["op"] in ("ssmlayer", "swa", "bmojo"):
+    if data["op"] in ("ssmlayer", "swa", "bmojo", "lm"):
         data["module"] = _cp.module(name)
-        out = data["module"](data["kw"]["u"])
+        out = data["module"](data["kw"]["u" if "u" in data["kw"] else "tokens"])
     else:
         fn = {"conv": causal_conv1d_fn, "scan": selective_scan_fn,
               "ssd": mamba_chunk_scan_combined}[data["op"]]  # fmt: skip

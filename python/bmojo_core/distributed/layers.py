@@ -15,14 +15,14 @@ import torch
 from torch import Tensor
 
 from .. import _validate as V
-from ..layers import BMojoLayer, SelectiveSSM, SlidingWindowAttention
+from ..layers import BMojoLayer, BMojoLM, SelectiveSSM, SlidingWindowAttention
 from ._comm import agree, resolve
 from ._eidetic import eidetic_tokens
 from ._halo import before, exchange
 from .conv import causal_conv1d_fn
 from .scan import selective_scan_fn
 
-__all__ = ["bmojo_layer", "selective_ssm", "sliding_window_attention"]
+__all__ = ["bmojo_layer", "bmojo_lm", "selective_ssm", "sliding_window_attention"]
 
 
 def selective_ssm(module: SelectiveSSM, u: Tensor, *, group: Any = None) -> Tensor:
@@ -123,3 +123,14 @@ def sliding_window_attention(module: SlidingWindowAttention, x: Tensor, *,
     n = min(h, sum(m["length"] for m in metas[:rank]))
     out = module(torch.cat([_halo(x, n, h, metas, group, rank, world, grad), x], dim=1))
     return out[:, n:]
+
+
+def bmojo_lm(model: BMojoLM, tokens: Tensor, label_mask: Tensor | None = None, *,
+             group: Any = None) -> Tensor:  # fmt: skip
+    """``model(tokens, label_mask)`` for this rank's shard ``tokens (batch, L)`` of the
+    sequences: every block's mixer over shards (:func:`bmojo_layer`), the rest (embedding,
+    norms, MLPs, head) position by position. Returns this shard's logits. The parameters'
+    gradients are this rank's part: sum them over the group (DDP over the same group does)."""
+    if not isinstance(model, BMojoLM):
+        raise V.BmojoTypeError(f"model: expected a BMojoLM, got {type(model).__name__}")
+    return model.forward_with(tokens, functools.partial(bmojo_layer, group=group), label_mask)

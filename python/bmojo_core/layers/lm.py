@@ -73,8 +73,11 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(d, **fk)
         self.mlp = nn.Sequential(nn.Linear(d, ff, **fk), nn.GELU(), nn.Linear(ff, d, **fk))
 
-    def forward(self, h: Tensor) -> Tensor:
-        h = h + self.mixer(self.norm1(h))
+    def forward(self, h: Tensor, mixer: Any = None) -> Tensor:
+        """``mixer(layer, x)`` in place of ``layer(x)`` if given (see
+        :meth:`BMojoLM.forward_with`)."""
+        x = self.norm1(h)
+        h = h + (self.mixer(x) if mixer is None else mixer(self.mixer, x))
         return h + self.mlp(self.norm2(h))
 
     def step(self, h: Tensor, st: dict[str, Tensor], pos: Tensor) -> Tensor:
@@ -146,6 +149,11 @@ class BMojoLM(StreamingLM, nn.Module):
         """Logits ``(batch, L, vocab)``; with ``label_mask (batch, L)`` bool only those of
         the masked positions, ``(n, vocab)`` in row-major order (training on a few labelled
         positions then skips the head and its softmax everywhere else)."""
+        return self.forward_with(tokens, None, label_mask)
+
+    def forward_with(self, tokens: Tensor, mixer: Any, label_mask: Tensor | None = None) -> Tensor:
+        """:meth:`forward` with each block's mixer run as ``mixer(layer, x)`` (None: as
+        ``layer(x)``): :mod:`bmojo_core.distributed` runs the layers over shards."""
         tokens = self.check_tokens("tokens", tokens)
         V.shape("tokens", tokens, (None, None), "(batch, L)")
         if label_mask is not None:
@@ -153,7 +161,7 @@ class BMojoLM(StreamingLM, nn.Module):
             V.shape("label_mask", label_mask, tuple(tokens.shape), "(batch, L) like tokens")
         h = self.embedding(tokens)
         for blk in self.blocks:
-            h = blk(h)
+            h = blk(h, mixer)
         return self.head(h if label_mask is None else h[label_mask])
 
     # ------------------------------------------------------------------ streaming
