@@ -319,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
         "test set and prints the accuracy table and the negative flip rate B'MOJO-F -> "
         "B'MOJO. Default: V=512, L=256, window 32 (+8 fading, +16 eidetic), N in 4 8 16 32, "
         "each model trained once on batches mixing every N (90% of the steps on short rows "
-        "of 64 tokens), lr 2e-3 (the pure SSM 6e-3); about 7 minutes on 2 cores. "
+        "of 64 tokens), lr 2e-3 (the pure SSM 6e-3); about 6 minutes on 2 cores. "
         "--eidetic-sweep instead trains B'MOJO at window 32 and 8 fading tokens for each "
         "number of eidetic tokens (0 = B'MOJO-F) and reports accuracy vs n_eidetic per N.",
     )

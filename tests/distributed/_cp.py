@@ -89,11 +89,13 @@ CASES.update(
         # a 2-block B'MOJO language model (window 3, 1 fading, 2 eidetic tokens)
         "lm2": dict(op="lm", lengths=(6, 7)),
         "lm3": dict(op="lm", lengths=(5, 0, 8)),
+        # the same model wrapped in DistributedDataParallel over the group (it averages)
+        "ddp2": dict(op="lm", lengths=(8, 5), ddp=True),
     }
 )
 WORLD_LAYERS = {"ssmlayer2": 2, "ssmlayer3": 3, "swa2": 2, "swa3": 3, "bmojof2": 2,
                 "bmojof3": 3, "bmojof3b": 3, "bmojossm2": 2, "bmojoswa2": 2, "bmojo2": 2,
-                "bmojo3": 3, "bmojo3e": 3, "bmojo3t": 3, "lm2": 2, "lm3": 3}  # fmt: skip
+                "bmojo3": 3, "bmojo3e": 3, "bmojo3t": 3, "lm2": 2, "lm3": 3, "ddp2": 2}  # fmt: skip
 WORLD = {**WORLD_LAYERS, "ssd2": 2, "ssd2seq": 2, "ssd3": 3, "full": 2, "packed2": 2, "const2": 2,
          "packed3": 3, "uneven3": 3, "conv2": 2, "conv2short": 2, "conv2k1": 2, "conv3": 3,
          "conv3seq": 3}  # fmt: skip
@@ -209,6 +211,19 @@ def module(name: str) -> torch.nn.Module:
     return SlidingWindowAttention(8, 4, n_heads=2, dtype=torch.float64)
 
 
+class _ContextParallel(torch.nn.Module):
+    """A module whose forward runs the model over the shards, for DDP to wrap."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        from bmojo_core import distributed as bd
+
+        return bd.bmojo_lm(self.model, tokens)
+
+
 def loss(out: Any, w: torch.Tensor, v: torch.Tensor, last: bool) -> torch.Tensor:
     if last:
         y, h = out
@@ -277,7 +292,14 @@ def main(store: str, rank: int, world: int, out_dir: str, names: list[str]) -> N
                 mod = module(name)
                 fn = {"ssmlayer": bd.selective_ssm, "swa": bd.sliding_window_attention,
                       "bmojo": bd.bmojo_layer, "lm": bd.bmojo_lm}[data["op"]]  # fmt: skip
-                out = fn(mod, d["kw"]["u" if "u" in d["kw"] else "tokens"])
+                x = d["kw"]["u" if "u" in d["kw"] else "tokens"]
+                if CASES[name].get("ddp"):
+                    from torch.nn.parallel import DistributedDataParallel
+
+                    ddp = DistributedDataParallel(_ContextParallel(mod))
+                    out = ddp(x)
+                else:
+                    out = fn(mod, x)
             else:
                 fn = {"conv": bd.causal_conv1d_fn, "scan": bd.selective_scan_fn,
                       "ssd": bd.mamba_chunk_scan_combined}[data["op"]]  # fmt: skip
@@ -291,7 +313,7 @@ def main(store: str, rank: int, world: int, out_dir: str, names: list[str]) -> N
                 res["last"] = out[1].detach()
             res["grads"] = {k: t.grad for k, t in d["kw"].items()
                             if isinstance(t, torch.Tensor) and t.grad is not None}  # fmt: skip
-            if mod is not None:
+            if mod is not None:  # (under DDP every rank holds the mean: they sum alike)
                 res["params"] = {k: p.grad for k, p in mod.named_parameters()}
             results[name] = res
     finally:

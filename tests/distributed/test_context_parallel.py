@@ -126,6 +126,14 @@ def test_three_ranks_equal_the_single_process_op(three, name):
     _check(name, three)
 
 
+def test_ddp_over_the_group_averages_the_parts(two):
+    """Wrapped in DistributedDataParallel over the same group, every rank holds the mean
+    of the ranks' parts (its all-reduces interleave with the exchanges' in the backward)."""
+    a, b = (r["ddp2"]["params"] for r in two)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
 def test_a_bad_argument_on_one_rank_fails_every_rank_alike(two):
     msgs = [r["bad-shape"] for r in two]
     assert msgs[0] == msgs[1], msgs

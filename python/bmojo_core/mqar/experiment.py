@@ -250,7 +250,7 @@ def _model_rates(v: object) -> tuple[tuple[str, float], ...]:
 
 @dataclass(frozen=True)
 class ExperimentConfig:
-    """Settings of ``bmojo mqar`` (defaults: the default experiment, about 7 minutes on 2
+    """Settings of ``bmojo mqar`` (defaults: the default experiment, about 6 minutes on 2
     quiet cores; :meth:`quick`: the smoke version).
 
     Task: ``vocab``, ``seq_len``, ``num_kv`` (the values of N), ``power_a`` (1 = uniform
