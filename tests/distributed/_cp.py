@@ -197,12 +197,9 @@ def module(name: str) -> torch.nn.Module:
     if CASES[name]["op"] == "lm":
         return BMojoLM(16, 8, 2, 3, 1, 2, d_state=4, n_heads=2, dtype=torch.float64)
     if CASES[name]["op"] == "bmojo":
-        w, f, e, policy, metric = (*CASES[name]["layer"], 0, "topk", "mse", "mse")[:5]
-        if len(CASES[name]["layer"]) == 5:
-            w, f, e, policy, metric = CASES[name]["layer"]
-        elif len(CASES[name]["layer"]) == 3:
-            w, f, e = CASES[name]["layer"]
-            policy, metric = "topk", "mse"
+        w, f, *rest = CASES[name]["layer"]  # (window, n_fading[, n_eidetic, policy, metric])
+        e = rest[0] if rest else 0
+        policy, metric = rest[1:] or ("topk", "mse")
         return BMojoLayer(8, w, f, e, d_state=4, n_heads=2 if w else None,
                           innovation_taps=2, innovation_metric=metric, eidetic_policy=policy,
                           eidetic_threshold=0.5, dtype=torch.float64)  # fmt: skip

@@ -103,7 +103,7 @@ def eidetic_tokens(
         if b1 > start:
             _, s = eidetic_select(sc[:, : b1 - start], m, w, policy, thr, store=s, start=start,
                                   return_store=True)  # fmt: skip
-        if b1 % w == 0 and b1 >= start and (b1 > start or start % w == 0):
+        if b1 % w == 0:
             bound_out = s  # b1 is a boundary (not just the end)
         if lb > b1:
             h1, s = eidetic_select(sc[:, b1 - start : lb - start], m, w, policy, thr, store=s,
