@@ -1,15 +1,23 @@
-"""Context-parallel selective scan vs one process, at equal total cores.
+"""Context-parallel ops vs one process, at equal total cores.
 
-    python benches/context_parallel.py [--length 65536] [--dim 1536] [--state 16]
-                                       [--procs 2] [--repeat 3]
+    python benches/context_parallel.py [--op scan|ssd|lm|all] [--length L] [--procs 2]
+                                       [--repeat 3] [--json FILE]
 
-Times the forward + backward of ``selective_scan_fn`` (Mamba-1 settings: time-varying
-B/C, D, z gate, Δ bias and softplus; fp32, batch 1) on the whole sequence in one process
-with ``procs`` threads, then of ``bmojo_core.distributed.selective_scan_fn`` on ``procs``
-gloo processes (loopback) with one thread each, the sequence split evenly. Prints the
-median times, the context-parallel overhead (its time over the single process's, minus
-one), and the bytes each rank sends per call (forward all-gather of its decay product and
-end state; backward all-reduce of the gathered tensor's gradient).
+Times forward + backward on the whole sequence in one process with ``procs`` threads, then
+through :mod:`bmojo_core.distributed` on ``procs`` gloo processes (loopback) with one
+thread each, the sequence split evenly; fp32, batch 1:
+
+- ``scan``: Mamba-1 ``selective_scan_fn`` (time-varying B/C, D, z gate, Δ bias and
+  softplus), D=1536, N=16, L=65536;
+- ``ssd``: Mamba-2 ``mamba_chunk_scan_combined`` (24 heads × 64 = 1536 channels, N=16,
+  one group, chunk 256, D, z, Δ bias and softplus), L=65536;
+- ``lm``: a 2-layer B'MOJO ``BMojoLM`` (d_model 256, window 128, 32 fading and 32 eidetic
+  tokens, top-k), L=32768, the loss a sum over the logits.
+
+Prints the median times, the context-parallel overhead (its time over the single
+process's, minus one) and what rank 1 passed to the collectives per call (counted by
+wrapping them: the tensors given to all-gather / all-reduce / send; the small
+``all_gather_object`` agreement step apart).
 """
 
 from __future__ import annotations
@@ -26,10 +34,16 @@ import time
 
 import torch
 
+DEFAULT_LENGTH = {"scan": 65536, "ssd": 65536, "lm": 32768}
 
-def _inputs(length: int, dim: int, n: int, lo: int = 0, hi: int | None = None):
+
+def _split(t: torch.Tensor, axis: int, lo: int, hi: int) -> torch.Tensor:
+    return t.narrow(axis, lo, hi - lo).contiguous()
+
+
+def _scan_inputs(length: int, lo: int, hi: int) -> dict:
     g = torch.Generator().manual_seed(0)
-    hi = length if hi is None else hi
+    dim, n = 1536, 16
 
     def r(*shape, scale=1.0):
         return torch.randn(*shape, generator=g) * scale
@@ -40,12 +54,59 @@ def _inputs(length: int, dim: int, n: int, lo: int = 0, hi: int | None = None):
         "C": r(1, n, length), "D": r(dim), "z": r(1, dim, length),
         "delta_bias": r(dim, scale=0.1),
     }  # fmt: skip
-    out = {}
-    for k, t in full.items():
-        if k in ("u", "delta", "B", "C", "z"):
-            t = t[..., lo:hi].contiguous()
-        out[k] = t.requires_grad_()
-    return out
+    return {k: (_split(t, 2, lo, hi) if t.dim() == 3 else t).requires_grad_()
+            for k, t in full.items()}  # fmt: skip
+
+
+def _ssd_inputs(length: int, lo: int, hi: int) -> dict:
+    g = torch.Generator().manual_seed(0)
+    h, p, n = 24, 64, 16
+
+    def r(*shape, scale=1.0):
+        return torch.randn(*shape, generator=g) * scale
+
+    full = {
+        "x": r(1, length, h, p), "dt": r(1, length, h, scale=0.5),
+        "A": -torch.rand(h, generator=g) - 0.5, "B": r(1, length, 1, n),
+        "C": r(1, length, 1, n), "D": r(h), "z": r(1, length, h, p), "dt_bias": r(h, scale=0.1),
+    }  # fmt: skip
+    return {k: (_split(t, 1, lo, hi) if t.dim() >= 3 else t).requires_grad_()
+            for k, t in full.items()}  # fmt: skip
+
+
+def _lm(length: int, lo: int, hi: int):
+    from bmojo_core import BMojoLM
+
+    torch.manual_seed(0)
+    model = BMojoLM(vocab_size=64, d_model=256, n_layers=2, window=128, n_fading=32,
+                    n_eidetic=32)  # fmt: skip
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, 64, (1, length), generator=g)[:, lo:hi].contiguous()
+    return model, tokens
+
+
+def _step(op: str, length: int, lo: int, hi: int, sharded: bool):
+    """A function running one forward + backward on positions [lo, hi)."""
+    if op == "lm":
+        model, tokens = _lm(length, lo, hi)
+        if sharded:
+            from bmojo_core.distributed import bmojo_lm
+
+            return lambda: bmojo_lm(model, tokens).sum().backward()
+        return lambda: model(tokens).sum().backward()
+    if op == "scan":
+        from bmojo_core import selective_scan_fn as single
+        from bmojo_core.distributed import selective_scan_fn as dist_fn
+
+        kw = _scan_inputs(length, lo, hi)
+        fn = dist_fn if sharded else single
+        return lambda: fn(**kw, delta_softplus=True).sum().backward()
+    from bmojo_core import mamba_chunk_scan_combined as single
+    from bmojo_core.distributed import mamba_chunk_scan_combined as dist_fn
+
+    kw = _ssd_inputs(length, lo, hi)
+    fn = dist_fn if sharded else single
+    return lambda: fn(**kw, chunk_size=256, dt_softplus=True).sum().backward()
 
 
 def _time(fn, repeat: int) -> float:
@@ -58,86 +119,110 @@ def _time(fn, repeat: int) -> float:
     return statistics.median(ts)
 
 
-def single(args) -> float:
-    from bmojo_core import selective_scan_fn, set_num_threads
+def single(op: str, length: int, procs: int, repeat: int) -> float:
+    from bmojo_core import set_num_threads
 
-    torch.set_num_threads(args.procs)
-    set_num_threads(args.procs)
-    kw = _inputs(args.length, args.dim, args.state)
+    torch.set_num_threads(procs)
+    set_num_threads(procs)
+    return _time(_step(op, length, 0, length, False), repeat)
 
-    def run():
-        out = selective_scan_fn(**kw, delta_softplus=True)
-        out.sum().backward()
 
-    return _time(run, args.repeat)
+def _count_bytes(counts: dict) -> None:
+    """Wrap the collectives the distributed module uses to add up what this rank gives
+    them (bytes per call kind)."""
+    import torch.distributed as dist
+
+    for name in ("all_gather", "all_reduce", "send"):
+        orig = getattr(dist, name)
+
+        def wrapped(*a, _orig=orig, _name=name, **k):
+            t = a[1] if _name == "all_gather" else a[0]
+            counts[_name] = counts.get(_name, 0) + t.numel() * t.element_size()
+            return _orig(*a, **k)
+
+        setattr(dist, name, wrapped)
 
 
 def worker(store: str, rank: int, world: int, a: dict, out: str) -> None:
     import torch.distributed as dist
     from bmojo_core import set_num_threads
-    from bmojo_core.distributed import selective_scan_fn
 
     torch.set_num_threads(1)
     set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
                             world_size=world, timeout=datetime.timedelta(seconds=600))  # fmt: skip
     per = a["length"] // world
-    kw = _inputs(a["length"], a["dim"], a["state"], rank * per, (rank + 1) * per)
+    lo, hi = rank * per, (a["length"] if rank == world - 1 else (rank + 1) * per)
+    step = _step(a["op"], a["length"], lo, hi, True)
 
     def run():
         dist.barrier()
-        o = selective_scan_fn(**kw, delta_softplus=True)
-        o.sum().backward()
+        step()
         dist.barrier()  # the slowest rank's time
 
     t = _time(run, a["repeat"])
-    if rank == 0:
+    counts: dict = {}
+    _count_bytes(counts)
+    step()
+    if rank == min(1, world - 1):
         with open(out, "w", encoding="utf-8") as f:
-            json.dump({"time": t}, f)
+            json.dump({"time": t, "bytes": counts}, f)
     dist.destroy_process_group()
 
 
-def parallel(args) -> float:
+def parallel(op: str, length: int, procs: int, repeat: int) -> dict:
     with tempfile.TemporaryDirectory() as d:
         store, out = os.path.join(d, "store"), os.path.join(d, "out.json")
-        a = json.dumps(vars(args))
+        a = json.dumps({"op": op, "length": length, "repeat": repeat})
         env = dict(os.environ, OMP_NUM_THREADS="1")
-        procs = [
+        procs_ = [
             subprocess.Popen(
-                [sys.executable, __file__, "--worker", store, str(r), a, out], env=env
+                [sys.executable, __file__, "--worker", store, str(r), str(procs), a, out], env=env
             )  # fmt: skip
-            for r in range(args.procs)
+            for r in range(procs)
         ]
-        if any(p.wait() for p in procs):
+        if any(p.wait() for p in procs_):
             raise SystemExit("a worker failed")
         with open(out, encoding="utf-8") as f:
-            return json.load(f)["time"]
+            return json.load(f)
+
+
+TITLE = {
+    "scan": "Mamba-1 selective scan, D=1536, N=16",
+    "ssd": "Mamba-2 SSD scan, 24 heads x 64, N=16, chunk 256",
+    "lm": "2-layer B'MOJO BMojoLM, d_model 256, window 128, 32 fading + 32 eidetic",
+}
 
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        _, _, store, rank, a, out = sys.argv
-        ns = json.loads(a)
-        worker(store, int(rank), ns["procs"], ns, out)
+        _, _, store, rank, world, a, out = sys.argv
+        worker(store, int(rank), int(world), json.loads(a), out)
         return
     ap = argparse.ArgumentParser()
-    ap.add_argument("--length", type=int, default=65536)
-    ap.add_argument("--dim", type=int, default=1536)
-    ap.add_argument("--state", type=int, default=16)
+    ap.add_argument("--op", choices=("scan", "ssd", "lm", "all"), default="all")
+    ap.add_argument("--length", type=int, default=None, help="default: 65536 (lm: 32768)")
     ap.add_argument("--procs", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--json", default=None, help="also write the figures to this file")
     args = ap.parse_args()
-    t1 = single(args)
-    tp = parallel(args)
-    state = args.dim * args.state * 4  # fp32 bytes of one (batch 1) state
-    fwd = 2 * state  # this rank's (P, s), sent to every other rank
-    bwd = args.procs * 2 * state  # the gradient of the gathered (world, 2, ...) tensor
-    print(f"selective scan fwd+bwd, B=1, D={args.dim}, N={args.state}, L={args.length}, fp32")
-    print(f"  1 process x {args.procs} threads:   {t1 * 1e3:9.1f} ms")
-    print(f"  {args.procs} processes x 1 thread:   {tp * 1e3:9.1f} ms  "
-          f"(context-parallel overhead {100 * (tp / t1 - 1):+.0f} %)")  # fmt: skip
-    print(f"  per rank and call: forward all-gather {fwd / 1e3:.0f} kB sent, backward "
-          f"all-reduce of {bwd / 1e3:.0f} kB")  # fmt: skip
+    rows = []
+    for op in ("scan", "ssd", "lm") if args.op == "all" else (args.op,):
+        length = args.length or DEFAULT_LENGTH[op]
+        t1 = single(op, length, args.procs, args.repeat)
+        res = parallel(op, length, args.procs, args.repeat)
+        tp, counts = res["time"], res["bytes"]
+        rows.append({"op": op, "length": length, "procs": args.procs, "single_s": t1,
+                     "parallel_s": tp, "bytes": counts})  # fmt: skip
+        print(f"{TITLE[op]}, L={length}, B=1, fp32, forward + backward")
+        print(f"  1 process x {args.procs} threads:  {t1 * 1e3:9.1f} ms")
+        print(f"  {args.procs} processes x 1 thread:  {tp * 1e3:9.1f} ms  "
+              f"(context-parallel overhead {100 * (tp / t1 - 1):+.0f} %)")  # fmt: skip
+        parts = ", ".join(f"{k} {v / 1e3:.1f} kB" for k, v in sorted(counts.items()))
+        print(f"  rank 1 per call: {parts}", flush=True)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(rows, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@
                 [--per-n] [--short-frac F] [--short-len L] [--eidetic-sweep E,E,...]
                 [--budget-sweep [K,K,...]]
                 [--seed S] [--seeds K] [--resume DIR] [--schedule {cosine,greedy}]
-                [--workers W] [--threads N]
+                [--workers W] [--threads N] [--nproc P] [--micro-batches K]
                 [--no-progress]
 """
 
@@ -175,6 +175,8 @@ def _cmd_mqar(args: argparse.Namespace) -> int:
             ("schedule", args.schedule),
             ("threads", args.threads),
             ("workers", args.workers),
+            ("micro_batches", args.micro_batches),
+            ("nproc", args.nproc),
         )
         if v is not None
     }
@@ -196,8 +198,14 @@ def _cmd_mqar(args: argparse.Namespace) -> int:
         + "".join(f", {m} {r:g}" for m, r in cfg.model_lr)
         + ("" if cfg.ssm_lr is None else f" (SSM parameters {cfg.ssm_lr:g})")
         + f" ({cfg.schedule}), weight decay {cfg.weight_decay:g}; test set "
-        f"{cfg.test_size} rows per N; {cfg.workers} worker(s) x {cfg.threads or 'default'} "
-        "thread(s)"
+        f"{cfg.test_size} rows per N; "
+        + (
+            f"{cfg.workers} worker(s)"
+            if cfg.nproc == 1
+            else f"data-parallel on {cfg.nproc} processes"
+        )
+        + f" x {cfg.threads or 'default'} thread(s)"
+        + (f", {cfg.micro_batches} row parts per batch" if cfg.micro_batches > 1 else "")
     )
     if cfg.budget_sweep:
         print(
@@ -417,6 +425,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p_mqar.add_argument(
         "--threads", type=int, metavar="N", help="torch threads per run (default 1)"
+    )
+    p_mqar.add_argument(
+        "--nproc",
+        type=int,
+        metavar="P",
+        help="train each model data-parallel on P processes (gloo), one training at a time: "
+        "the results of --micro-batches P in one process, bit for bit (default 1)",
+    )
+    p_mqar.add_argument(
+        "--micro-batches",
+        type=int,
+        metavar="K",
+        help="compute each batch's gradient over K row parts in turn (default 1)",
     )
     p_mqar.add_argument(
         "--no-progress", action="store_true", help="no progress bars (one line per run instead)"

@@ -62,6 +62,10 @@ CASES.update({
                     seq=(0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1)),
     "ssd3": dict(op="ssd", lengths=(3, 0, 6), bias=True, softplus=True, h0=True,
                  seq=(0, 0, 1, 1, 1, 1, 1, 1, 1)),
+    # a sequence crossing into the last shard and another starting inside it (its rows
+    # stop carrying the start state there), gated
+    "ssd3in": dict(op="ssd", lengths=(2, 3, 6), z=True, bias=True, softplus=True, h0=True,
+                   last=True, seq=(0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 2)),
 })  # fmt: skip
 # layers (sequence on dim 1): the Mamba-1 mixer, sliding-window attention (window 4)
 CASES.update(
@@ -96,9 +100,9 @@ CASES.update(
 WORLD_LAYERS = {"ssmlayer2": 2, "ssmlayer3": 3, "swa2": 2, "swa3": 3, "bmojof2": 2,
                 "bmojof3": 3, "bmojof3b": 3, "bmojossm2": 2, "bmojoswa2": 2, "bmojo2": 2,
                 "bmojo3": 3, "bmojo3e": 3, "bmojo3t": 3, "lm2": 2, "lm3": 3, "ddp2": 2}  # fmt: skip
-WORLD = {**WORLD_LAYERS, "ssd2": 2, "ssd2seq": 2, "ssd3": 3, "full": 2, "packed2": 2, "const2": 2,
-         "packed3": 3, "uneven3": 3, "conv2": 2, "conv2short": 2, "conv2k1": 2, "conv3": 3,
-         "conv3seq": 3}  # fmt: skip
+WORLD = {**WORLD_LAYERS, "ssd2": 2, "ssd2seq": 2, "ssd3": 3, "ssd3in": 3, "full": 2,
+         "packed2": 2, "const2": 2, "packed3": 3, "uneven3": 3, "conv2": 2, "conv2short": 2,
+         "conv2k1": 2, "conv3": 3, "conv3seq": 3}  # fmt: skip
 SHARDED = ("u", "delta", "z", "B", "C", "x", "dt", "tokens")  # split along L when time-varying
 BATCH, DIM, N, G = 2, 4, 3, 2
 

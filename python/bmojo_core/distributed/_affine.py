@@ -93,37 +93,48 @@ def sharded_scan(
     seq_idx: Tensor | None,
     first_arg: str,
     cdt: Callable[[], torch.dtype],  # also checks what the ops do not
-    whole: Callable[[], tuple[Tensor, Tensor]],
+    whole: Callable[[], tuple[Tensor, Tensor]] | None,
     from_zero: Callable[[], Tensor],
     decay: Callable[[Tensor], Tensor],
-    from_state: Callable[[Tensor], Tensor],
+    from_state: Callable[[Tensor | None], Tensor],
     return_state: bool,
+    initial: Tensor | None = None,
 ):
-    """A diagonal scan over shards. The first rank runs ``whole()`` (its output and end
-    state from the known start); every other rank ``from_zero()`` (its end state from a
-    zero start) and ``decay(s)`` (its P), then, once the states are exchanged,
-    ``from_state(h_in)`` (its output from the state before its shard). Returns ``out`` or
-    ``(out, state after the whole sequence)``."""
+    """A diagonal scan over shards. Every rank but the first runs ``from_zero()`` (its end
+    state from a zero start) and ``decay(s)`` (its P), then, once the states are
+    exchanged, ``from_state(h_in)`` (its output from the state before its shard). The
+    first rank runs ``whole()`` (its output and end state from the known start), or, if
+    ``whole`` is None (``from_zero`` is then much cheaper than a scan: the ranks exchange
+    before any scans, so that all scan at once), as the others with ``initial`` (the state
+    before the sequence, or None) as its start. Returns ``out`` or ``(out, state after the
+    whole sequence)``."""
     group, rank, world = resolve(group)
     meta: dict[str, Any] = {"seq_idx": seq_idx is not None, **seq_meta(seq_idx, 1)}
     err: BaseException | None = None
     local = None
     try:
         dtype = cdt()
-        if rank == 0:  # its start state is known: one scan gives its output and its end
+        if rank == 0 and whole is not None:  # one scan gives its output and its end
             local = whole()
             s = local[1]
             p = torch.zeros_like(s)
         else:
             s = from_zero()
             p = decay(s)
+            if rank == 0:  # the start is known: the end state is the map applied to it
+                if initial is not None:
+                    s = p * initial.to(s.dtype) + s
+                p = torch.zeros_like(s)
         meta.update(shape=tuple(s.shape), dtype=str(dtype), grad=bool(s.requires_grad))
     except Exception as exc:  # every rank must hear of it before any waits on a collective
         err = exc
     metas = agree(group, err, meta)
     check_consistent(metas, first_arg)
     h_in, h_end, both, grad = chain(p, s, metas, group, rank, world)
-    out = local[0] if local is not None else from_state(h_in)
+    if local is not None:
+        out = local[0]
+    else:
+        out = from_state(initial if rank == 0 else h_in)
     if grad and not return_state and rank == 0:
         out = tie(out, both)  # so that this rank's backward reaches the exchange too
     return (out, h_end) if return_state else out

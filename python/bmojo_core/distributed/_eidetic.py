@@ -20,19 +20,23 @@ from ..ops.eidetic import eidetic_select, innovation_scores
 from ._comm import gather
 
 
-def _empty(b: int, m: int, count: int) -> dict[str, Tensor]:
-    return {"positions": torch.full((b, m), -1, dtype=torch.int64),
-            "scores": torch.zeros(b, m, dtype=torch.float64),
-            "count": torch.full((b,), count, dtype=torch.int64)}  # fmt: skip
+def _empty(b: int, m: int, count: int, device: torch.device) -> dict[str, Tensor]:
+    return {"positions": torch.full((b, m), -1, dtype=torch.int64, device=device),
+            "scores": torch.zeros(b, m, dtype=torch.float64, device=device),
+            "count": torch.full((b,), count, dtype=torch.int64, device=device)}  # fmt: skip
 
 
-def _pack(innov: dict[str, Tensor] | None, stores: list[dict[str, Tensor]]) -> Tensor:
-    """One float64 message (positions and counts are exact below 2^53)."""
-    parts = [torch.tensor([0.0 if innov is None else 1.0], dtype=torch.float64)]
+def _pack(innov: dict[str, Tensor] | None, stores: list[dict[str, Tensor]],
+          device: torch.device) -> Tensor:  # fmt: skip
+    """One float64 message on ``device`` (the backend's: NCCL sends CUDA tensors only;
+    positions and counts are exact below 2^53)."""
+    parts = [torch.tensor([0.0 if innov is None else 1.0], dtype=torch.float64, device=device)]
     if innov is not None:
-        parts += [innov[k].to(torch.float64).flatten() for k in ("history", "count", "ema")]
+        parts += [innov[k].to(device, torch.float64).flatten() for k in ("history", "count", "ema")]
     for st in stores:
-        parts += [st[k].to(torch.float64).flatten() for k in ("positions", "scores", "count")]
+        parts += [
+            st[k].to(device, torch.float64).flatten() for k in ("positions", "scores", "count")
+        ]
     return torch.cat(parts)
 
 
@@ -81,10 +85,12 @@ def eidetic_tokens(
     policy, thr = module.eidetic_policy, module.eidetic_threshold
     cdt = torch.float64 if y.dtype == torch.float64 else torch.float32
     end = start + length
+    dev = u.device
     if rank == 0:
-        innov, end_in, bound_in = None, _empty(b, m, 0), _empty(b, m, 0)
+        innov, end_in, bound_in = None, _empty(b, m, 0, dev), _empty(b, m, 0, dev)
     else:
-        msg = torch.empty(1 + b * k * d + 3 * b + 2 * (2 * b * m + b), dtype=torch.float64)
+        n_msg = 1 + b * k * d + 3 * b + 2 * (2 * b * m + b)
+        msg = torch.empty(n_msg, dtype=torch.float64, device=dev)
         dist.recv(msg, src=dist.get_global_rank(group, rank - 1), group=group)
         innov, (end_in, bound_in) = _unpack(msg, b, k, d, m, cdt)
     held_chunks: list[Tensor] = []  # held of the chunks from the shard's first on
@@ -116,7 +122,7 @@ def eidetic_tokens(
             held_chunks.append(h2)
         end_out = s
     if rank + 1 < world:
-        dist.send(_pack(innov_out, [end_out, bound_out]),
+        dist.send(_pack(innov_out, [end_out, bound_out], dev),
                   dst=dist.get_global_rank(group, rank + 1), group=group)  # fmt: skip
     # the tokens this rank owns in its outgoing stores, published to every rank
     cand = torch.cat([end_out["positions"], bound_out["positions"]], dim=1)  # (b, 2m)
@@ -134,7 +140,7 @@ def eidetic_tokens(
     # every chunk of the extended piece
     n_chunks = -(-n_ext // w)
     first = start // w - ext_start // w  # index of the shard's first chunk in the piece
-    held = torch.full((b, n_chunks, m), -1, dtype=torch.int64)
+    held = torch.full((b, n_chunks, m), -1, dtype=torch.int64, device=dev)
     if held_chunks and n_chunks > first:
         got = torch.cat(held_chunks, dim=1)[:, : n_chunks - first]
         held[:, first : first + got.shape[1]] = got

@@ -1,7 +1,10 @@
 """Context-parallel Mamba-2 SSD scan: the sequence split along L in contiguous shards over
 the ranks of a process group. As :mod:`.scan`, with one decay per head:
 ``P = exp(A_h · ΣΔ)`` broadcast over the head's ``(head_dim, N)`` state; the exchange
-(:mod:`._affine`) moves ``2 · batch · heads · head_dim · N`` floats per rank."""
+(:mod:`._affine`) moves ``2 · batch · heads · head_dim · N`` floats per rank. A shard's
+end state from a zero start is a matrix product (one decay per head), so every rank
+computes it first, the ranks exchange, and then all scan their shards at once, each from
+the state before it: one scan per rank, all in parallel."""
 
 from __future__ import annotations
 
@@ -14,16 +17,16 @@ from torch import Tensor
 from .. import _validate as V
 from ..ops import mamba_chunk_scan_combined as _ssd
 from ..ops.reference._common import compute_dtype, softplus_thresholded
+from ..ops.ssd import check_args
 from ._affine import sharded_scan, starts_inside
+from ._comm import resolve
 
 __all__ = ["mamba_chunk_scan_combined"]
 
 
-def _decay(dt: Tensor, A: Tensor, dt_bias: Tensor | None, softplus: bool, limit: Any,
-           seq_idx: Tensor | None, state: Tensor) -> Tensor:  # fmt: skip
-    """``P`` with the state's shape ``(b, h, p, n)``: the shard's decay product per head,
-    0 for a row in which a new packed sequence starts."""
-    cdt = state.dtype
+def _dt(dt: Tensor, dt_bias: Tensor | None, softplus: bool, limit: Any,
+        cdt: torch.dtype) -> Tensor:  # fmt: skip
+    """The step sizes the scan uses: ``(b, l, h)`` after bias, softplus and clamp."""
     d = dt.to(cdt)
     if dt_bias is not None:
         d = d + dt_bias.to(cdt)
@@ -32,11 +35,40 @@ def _decay(dt: Tensor, A: Tensor, dt_bias: Tensor | None, softplus: bool, limit:
     lo, hi = limit
     if (lo, hi) != (0.0, math.inf):
         d = d.clamp(min=lo, max=hi)
-    p = torch.exp(d.sum(1) * A.to(cdt))  # (b, h)
+    return d
+
+
+def _decay(d: Tensor, A: Tensor, seq_idx: Tensor | None, state: Tensor) -> Tensor:
+    """``P`` with the state's shape ``(b, h, p, n)``: the shard's decay product per head,
+    0 for a row in which a new packed sequence starts."""
+    p = torch.exp(d.sum(1) * A.to(d.dtype))  # (b, h)
     inside = starts_inside(seq_idx)
     if inside is not None:
-        p = p * (~inside).to(cdt)[:, None]
+        p = p * (~inside).to(d.dtype)[:, None]
     return p[:, :, None, None].expand_as(state).contiguous()
+
+
+def _end_state(x: Tensor, d: Tensor, A: Tensor, B: Tensor, seq_idx: Tensor | None) -> Tensor:
+    """The shard's end state from a zero start, ``Σ_t exp(A_h · Σ_{s>t} Δ_s) Δ_t x_t B_tᵀ``
+    (b, h, p, n), without its outputs: one head decay per step makes this a matrix product
+    (a fraction of a scan's cost; in Mamba-1, with a decay per state element, it is not).
+    The exponent is summed from the shard's end, where the weights that matter are. A
+    position followed by a new packed sequence inside the shard contributes nothing."""
+    b, length, h, p = x.shape
+    g, n = B.shape[2], B.shape[3]
+    a = d * A.to(d.dtype)  # (b, l, h)
+    after = torch.zeros_like(a)  # Σ_{s>t} a_s
+    if length > 1:
+        after[:, :-1] = a[:, 1:].flip(1).cumsum(1).flip(1)
+    w = torch.exp(after) * d
+    if seq_idx is not None and length > 1:
+        change = (seq_idx[:, 1:] != seq_idx[:, :-1]).to(torch.int64)
+        later = torch.zeros_like(seq_idx, dtype=torch.int64)
+        later[:, :-1] = change.flip(1).cumsum(1).flip(1)
+        w = w * (later == 0).to(w.dtype)[..., None]
+    # the weights go on B's side ((b, l, h, n): N values per head, not head_dim)
+    bw = B.to(d.dtype).repeat_interleave(h // g, dim=2) * w[..., None]
+    return torch.einsum("blhp,blhn->bhpn", x.to(d.dtype), bw)
 
 
 def mamba_chunk_scan_combined(
@@ -76,6 +108,7 @@ def mamba_chunk_scan_combined(
     every rank.
     """
     args = (x, dt, A, B, C, chunk_size)
+    rank = resolve(group)[1]
 
     def cdt():
         if cu_seqlens is not None or return_varlen_states:
@@ -83,21 +116,22 @@ def mamba_chunk_scan_combined(
                 "cu_seqlens: not supported over shards (it numbers the sequences of one "
                 "batch row); pass seq_idx instead"
             )
+        check_args(*args, D, z, dt_bias, initial_states if rank == 0 else None, seq_idx,
+                   dt_limit)  # fmt: skip
         return compute_dtype(x, dt, A, B, C, D, z, dt_bias, initial_states)
 
-    def whole():
-        return _ssd(*args, D, z, dt_bias, initial_states, seq_idx, None, dt_softplus,
-                    dt_limit, True)  # fmt: skip
+    def steps(cdt):
+        return _dt(dt, dt_bias, bool(dt_softplus), tuple(dt_limit), cdt)
 
     def from_zero():
-        return _ssd(*args, None, None, dt_bias, None, seq_idx, None, dt_softplus, dt_limit,
-                    True)[1]  # fmt: skip
+        cdt_ = compute_dtype(x, dt, A, B, C, D, z, dt_bias, initial_states)
+        return _end_state(x, steps(cdt_), A, B, seq_idx)
 
     def decay(s):
-        return _decay(dt, A, dt_bias, bool(dt_softplus), tuple(dt_limit), seq_idx, s)
+        return _decay(steps(s.dtype), A, seq_idx, s)
 
     def from_state(h_in):
-        return _ssd(*args, D, z, dt_bias, h_in, seq_idx, None, dt_softplus, dt_limit, False)
+        return _ssd(*args, D, z, dt_bias, h_in, seq_idx, None, dt_softplus, dt_limit)
 
-    return sharded_scan(group, seq_idx, "x", cdt, whole, from_zero, decay, from_state,
-                        return_final_states)  # fmt: skip
+    return sharded_scan(group, seq_idx, "x", cdt, None, from_zero, decay, from_state,
+                        return_final_states, initial_states)  # fmt: skip

@@ -284,6 +284,12 @@ class ExperimentConfig:
     the default because these small tensors run far slower on 2 threads in one process
     than on 1 (measured on the 2-core machine: 26 ms vs 1 s per step of the quick SSM), and
     two one-thread runs use both cores.
+    ``micro_batches``: each batch's gradient computed over this many row parts in turn
+    (:func:`~bmojo_core.train.train`'s; the same up to rounding). ``nproc`` > 1: each
+    training runs data-parallel on ``nproc`` spawned processes (gloo, one row part each;
+    ``micro_batches`` is then ``nproc``), one training at a time (``workers`` is not
+    used); its results equal, bit for bit, those of one process with ``micro_batches =
+    nproc`` on the same thread count.
     """
 
     vocab: int = 512
@@ -317,6 +323,8 @@ class ExperimentConfig:
     seeds: int = 1
     workers: int = 2
     threads: int | None = 1
+    micro_batches: int = 1
+    nproc: int = 1
 
     def __post_init__(self) -> None:
         nkv = self.num_kv
@@ -386,6 +394,20 @@ class ExperimentConfig:
         if self.schedule not in SCHEDULES:
             raise BmojoValueError(f"schedule: expected one of {SCHEDULES}, got {self.schedule!r}")
         int_arg("workers", self.workers, 1)
+        int_arg("micro_batches", self.micro_batches, 1)
+        if int_arg("nproc", self.nproc, 1) > 1:
+            if self.micro_batches not in (1, self.nproc):
+                raise BmojoValueError(
+                    f"micro_batches: with nproc={self.nproc} each process runs one row part, "
+                    f"so it must be 1 or {self.nproc}, got {self.micro_batches}"
+                )
+            object.__setattr__(self, "micro_batches", self.nproc)
+        if self.micro_batches > min(self.batch_size, self.batch_size * self.seq_len
+                                    // self.short_len):  # fmt: skip
+            raise BmojoValueError(
+                f"micro_batches: expected at most the rows of a batch ({self.batch_size}), "
+                f"got {self.micro_batches}"
+            )
         if self.threads is not None:
             int_arg("threads", self.threads, 1)
 
@@ -485,10 +507,13 @@ def _orphaned() -> bool:
     return _PARENT is not None and os.getppid() != _PARENT
 
 
-def _run_one(cfg: ExperimentConfig, name: str, n: int | None) -> list[dict[str, Any]]:
+def _run_one(cfg: ExperimentConfig, name: str, n: int | None,
+             group: Any = None) -> list[dict[str, Any]]:  # fmt: skip
     """Trains one model (``n``: on that N alone; None: on the mixture of every N) and
     scores it at every N it was trained on; reports progress every ``_TICK`` steps to the
-    queue of this process (if any). Runs on ``cfg.threads`` torch threads."""
+    queue of this process (if any). Runs on ``cfg.threads`` torch threads. With ``group``
+    (every rank calls it alike), data-parallel over its ranks; the first rank scores, the
+    others return ``[]``."""
     old_threads = torch.get_num_threads(), get_num_threads()
     if cfg.threads is not None:  # torch's and the kernels' pools
         torch.set_num_threads(cfg.threads)
@@ -535,12 +560,20 @@ def _run_one(cfg: ExperimentConfig, name: str, n: int | None) -> list[dict[str, 
             warmup_steps=warmup,
             greedy_kwargs=_greedy_kwargs(lr) if greedy else None,
             lr_scale=functools.partial(cfg.lr_scale, name),
+            micro_batches=cfg.micro_batches,
+            parallel=None if group is None else "data",
+            group=group,
         )
         if _QUEUE is not None and count[0] % _TICK:
             _QUEUE.put(count[0] % _TICK)
         cpu_s = time.process_time() - cpu0  # this process's CPU time: robust to load
         tail = hist["train_loss"][-max(1, cfg.steps // 10) :]
-        out = []
+        out: list[dict[str, Any]] = []
+        if group is not None:
+            import torch.distributed as dist
+
+            if dist.get_rank(group) != 0:
+                return out
         for task in tasks:  # (the seed of the test set: _seed(cfg, 1, N))
             test = make_test_set(task, cfg.test_size, _seed(cfg, 1, task.num_kv))
             loss, acc, ok = evaluate(model, *test, batch_size=64)
@@ -665,7 +698,12 @@ def run_experiment(
         if bar is not None:
             bar.update(cfg.steps)
     try:
-        if cfg.workers == 1:
+        if cfg.nproc > 1:
+            for name, n, sd in todo:
+                if bar is not None:
+                    bar.set_description(specs[name].label + ("" if n is None else f" N={n}"))
+                finish(_run_data_parallel(_with_seed(cfg, sd), name, n, bar))
+        elif cfg.workers == 1:
             for name, n, sd in todo:
                 if bar is not None:
                     bar.set_description(specs[name].label + ("" if n is None else f" N={n}"))
@@ -755,7 +793,7 @@ class _Recorder:
     """The trainings of an experiment on disk, one JSON file each, written atomically
     (a temporary file renamed into place) so an interrupted run leaves only whole files.
     A file holds the settings it ran under (everything that determines its results: the
-    config but ``workers`` and ``seeds``, the seed, the torch version) and is read back
+    config but ``workers``, ``seeds`` and ``nproc``, the seed, the torch version) and is read back
     only under the same ones."""
 
     def __init__(self, cfg: ExperimentConfig, folder: str | os.PathLike) -> None:
@@ -764,7 +802,7 @@ class _Recorder:
 
     def _key(self, seed: int) -> dict[str, Any]:
         c = asdict(_with_seed(self.cfg, seed))
-        for k in ("workers", "seeds"):
+        for k in ("workers", "seeds", "nproc"):  # nproc: the same results as one process
             c.pop(k)
         return {"config": json.loads(json.dumps(c)), "torch": torch.__version__}
 
@@ -834,3 +872,76 @@ def _run_parallel(
             for fut in pending:  # a failed run stops the experiment: drop the queued ones
                 fut.cancel()
             raise
+
+
+def _dp_rank(cfg: ExperimentConfig, name: str, n: int | None, rank: int, store: str,
+             results: Any, progress: Any, parent: int) -> None:  # fmt: skip
+    """One rank of a data-parallel training (a spawned process)."""
+    import datetime
+    import traceback
+
+    import torch.distributed as dist
+
+    _init_worker(progress if rank == 0 else None, parent)
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
+                                world_size=cfg.nproc,
+                                timeout=datetime.timedelta(seconds=600))  # fmt: skip
+        try:
+            runs = _run_one(cfg, name, n, group=dist.group.WORLD)
+        finally:
+            dist.destroy_process_group()
+        if rank == 0:
+            results.put(("ok", runs))
+    except BaseException:
+        results.put(("error", f"rank {rank}:\n{traceback.format_exc()}"))
+        raise SystemExit(1) from None
+
+
+def _run_data_parallel(cfg: ExperimentConfig, name: str, n: int | None,
+                       bar: Any) -> list[dict[str, Any]]:  # fmt: skip
+    """One training on ``cfg.nproc`` spawned processes (a gloo group over a file store);
+    the first rank's scores. A rank that fails stops the others and raises here."""
+    import multiprocessing as mp
+    import queue as queue_mod
+    import tempfile
+
+    ctx = mp.get_context("spawn")
+    results, progress = ctx.Queue(), ctx.Queue()
+    with tempfile.TemporaryDirectory(prefix="bmojo-dp-") as tmp:
+        store = os.path.join(tmp, "store")
+        procs = [ctx.Process(target=_dp_rank, args=(cfg, name, n, r, store, results, progress,
+                                                    os.getpid()), daemon=True)
+                 for r in range(cfg.nproc)]  # fmt: skip
+        for p in procs:
+            p.start()
+        try:
+            while True:
+                while True:
+                    try:
+                        ticks = progress.get_nowait()
+                    except queue_mod.Empty:
+                        break
+                    if bar is not None:
+                        bar.update(ticks)
+                try:
+                    kind, payload = results.get(timeout=0.25)
+                except queue_mod.Empty:
+                    dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
+                    if dead:
+                        raise RuntimeError(
+                            f"mqar: data-parallel rank {dead[0]} of {name} exited with code "
+                            f"{procs[dead[0]].exitcode}"
+                        ) from None
+                    continue
+                if kind == "error":
+                    raise RuntimeError(f"mqar: data-parallel training of {name} failed on "
+                                       f"{payload}")  # fmt: skip
+                for p in procs:
+                    p.join()
+                return payload
+        finally:
+            for p in procs:
+                if p.is_alive():
+                    p.terminate()
+                p.join()

@@ -82,6 +82,31 @@ def mamba_chunk_scan_combined(
     the compute dtype (float64 for float64 inputs, else float32). Differentiable in every
     floating input, through the returned states too.
     """
+    lo, hi = check_args(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx,
+                        dt_limit)  # fmt: skip
+    b, length = x.shape[:2]
+    seqs = None
+    if cu_seqlens is not None:
+        seqs = _boundaries(cu_seqlens, b, length)
+        if seq_idx is None:
+            seq_idx = torch.repeat_interleave(
+                torch.arange(len(seqs) - 1, device=x.device),
+                torch.tensor(seqs, device=x.device).diff(),
+            )[None]
+    elif return_varlen_states:
+        raise V.BmojoValueError("return_varlen_states: needs cu_seqlens")
+    if return_varlen_states:
+        return _varlen(x, dt, A, B, C, D, z, dt_bias, initial_states, seqs, dt_softplus,
+                       (lo, hi), return_final_states)  # fmt: skip
+    out, last = _scan(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, dt_softplus,
+                      (lo, hi))  # fmt: skip
+    return (out, last) if return_final_states else out
+
+
+def check_args(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx,
+               dt_limit) -> tuple[float, float]:  # fmt: skip
+    """The argument checks of :func:`mamba_chunk_scan_combined` (also run by its
+    context-parallel version before the ranks exchange anything); returns ``dt_limit``."""
     V.device_tensor("x", x)
     V.shape("x", x, (None, None, None, None), "(batch, L, heads, head_dim)")
     b, length, h, p = x.shape
@@ -113,23 +138,7 @@ def mamba_chunk_scan_combined(
     if seq_idx is not None:
         V.device_tensor("seq_idx", seq_idx, dtypes=V.INTS)
         V.shape("seq_idx", seq_idx, (b, length), "(batch, L)")
-    lo, hi = _limit(dt_limit)
-    seqs = None
-    if cu_seqlens is not None:
-        seqs = _boundaries(cu_seqlens, b, length)
-        if seq_idx is None:
-            seq_idx = torch.repeat_interleave(
-                torch.arange(len(seqs) - 1, device=x.device),
-                torch.tensor(seqs, device=x.device).diff(),
-            )[None]
-    elif return_varlen_states:
-        raise V.BmojoValueError("return_varlen_states: needs cu_seqlens")
-    if return_varlen_states:
-        return _varlen(x, dt, A, B, C, D, z, dt_bias, initial_states, seqs, dt_softplus,
-                       (lo, hi), return_final_states)  # fmt: skip
-    out, last = _scan(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, dt_softplus,
-                      (lo, hi))  # fmt: skip
-    return (out, last) if return_final_states else out
+    return _limit(dt_limit)
 
 
 def _limit(dt_limit) -> tuple[float, float]:

@@ -191,6 +191,9 @@ def train(
     greedy_kwargs: Mapping[str, Any] | None = None,
     betas: tuple[float, float] = (0.9, 0.98),
     lr_scale: Callable[[str], float] | None = None,
+    micro_batches: int = 1,
+    parallel: str | None = None,
+    group: Any = None,
 ) -> dict[str, Any]:
     """Trains ``model`` in place with AdamW on a fresh batch per step.
 
@@ -213,6 +216,27 @@ def train(
     {"loss": ..., "accuracy": ..., ...}`` (called in eval mode under ``no_grad``); with
     none, the mean training loss since the previous evaluation is recorded (and drives
     GreedyLR).
+
+    ``micro_batches``: the batch's rows split in this many contiguous parts (as
+    ``torch.tensor_split``), each part's forward and backward run in turn, its loss summed
+    over its labelled positions and divided by the batch's count of them (1: the whole
+    batch at once; the same gradient either way, up to rounding; less memory).
+
+    ``parallel`` (with ``torch.distributed`` initialised, e.g. under ``torchrun``; every
+    rank of ``group`` (None: the default group) calls ``train`` alike, with identically
+    initialised models; each draws the same batches):
+
+    - ``"data"``: each rank runs one of ``world size`` row parts of every batch (``micro_batches``
+      is ignored), and the ranks' gradients are summed in rank order on every rank (one
+      all-gather per step), so that every rank takes the same step, and the run equals, bit
+      for bit, a one-process run with ``micro_batches = world size`` on the same thread
+      count.
+    - ``"context"``: each rank runs every row's contiguous shard of the sequence (the
+      split of ``torch.tensor_split`` along L) through :func:`bmojo_core.distributed.bmojo_lm`
+      (``model`` must be a :class:`~bmojo_core.layers.BMojoLM`), and the gradients are
+      summed as for ``"data"``; equal to a one-process run up to rounding.
+
+    Evaluations run on every rank (the models are the same).
 
     Returns a history dict: ``train_loss`` and ``lr`` (one entry per step), ``eval_step``
     (1-based step counts), ``eval_loss``, ``eval_accuracy`` (NaN where unknown) and
@@ -247,6 +271,8 @@ def train(
         if not grad_clip > 0:
             raise BmojoValueError(f"grad_clip: expected a value > 0 or None, got {grad_clip}")
     seed = int_arg("seed", seed, 0)
+    micro_batches = int_arg("micro_batches", micro_batches, 1)
+    forward_part, world = _parallel_setup(model, parallel, group)
 
     if lr_scale is not None and not callable(lr_scale):
         raise BmojoTypeError("lr_scale: expected a callable name -> float or None")
@@ -307,15 +333,20 @@ def train(
             x, y = _check_tokens(x, y)
             x, y = x.to(dev), y.to(dev)
             hist["lr"].append(float(opt.param_groups[0]["lr"]))
-            loss = _loss(*_logits(model, x, y))
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            if forward_part is not None:
+                lv = _parallel_backward(model, forward_part, x, y, params, group)
+            elif micro_batches == 1:
+                loss = _loss(*_logits(model, x, y))
+                loss.backward()
+                lv = float(loss.detach())
+            else:
+                lv = _parts_backward(model, x, y, micro_batches)
             if grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(params, grad_clip)
             opt.step()
             if isinstance(sched, LambdaLR):
                 sched.step()
-            lv = float(loss.detach())
             hist["train_loss"].append(lv)
             since_eval.append(lv)
             if bar is not None:
@@ -344,3 +375,115 @@ def train(
             bar.close()
     hist["time_s"] = time.perf_counter() - t0
     return hist
+
+
+# ----------------------------------------------------------------------------- parts, ranks
+
+PARALLEL = ("data", "context")
+
+
+def _part_loss(logits: Tensor, labels: Tensor, n_total: int) -> Tensor:
+    """A part's share of the batch's mean loss: its sum over the batch's labelled count."""
+    return _loss(logits, labels, "sum") / n_total
+
+
+def _labelled(labels: Tensor) -> int:
+    n = int((labels != IGNORE_INDEX).sum())
+    if n == 0:
+        raise BmojoValueError("labels: no labelled position in the batch (all are -100)")
+    return n
+
+
+def _parts_backward(model: torch.nn.Module, x: Tensor, y: Tensor, k: int) -> float:
+    """Backward over ``k`` row parts in turn (their gradients accumulate in order)."""
+    n = _labelled(y)
+    total = 0.0
+    for xi, yi in zip(torch.tensor_split(x, k), torch.tensor_split(y, k), strict=True):
+        loss = _part_loss(*_logits(model, xi, yi), n)
+        loss.backward()
+        total += float(loss.detach())
+    return total
+
+
+def _parallel_setup(model: torch.nn.Module, parallel: str | None, group: Any):
+    """``(forward of this rank's part, world size)`` for ``parallel``; (None, 1) without."""
+    if parallel is None:
+        if group is not None:
+            raise BmojoValueError("group: given without parallel ('data' or 'context')")
+        return None, 1
+    if parallel not in PARALLEL:
+        raise BmojoValueError(f"parallel: expected one of {PARALLEL} or None, got {parallel!r}")
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise BmojoValueError(
+            f"parallel={parallel!r}: torch.distributed is not initialised (run under torchrun, "
+            "or call torch.distributed.init_process_group first)"
+        )
+    world = dist.get_world_size(group)
+    rank = dist.get_rank(group)
+    if parallel == "data":
+
+        def data_part(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+            xi = torch.tensor_split(x, world)[rank]
+            yi = torch.tensor_split(y, world)[rank]
+            return _logits(model, xi, yi)
+
+        return data_part, world
+    from ..distributed import bmojo_lm
+    from ..layers import BMojoLM
+
+    if not isinstance(model, BMojoLM):
+        raise BmojoTypeError(
+            f"model: parallel='context' trains a BMojoLM, got {type(model).__name__}"
+        )
+
+    def context_part(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        xi = torch.tensor_split(x, world, dim=1)[rank]
+        yi = torch.tensor_split(y, world, dim=1)[rank]
+        mask = yi != IGNORE_INDEX
+        out = bmojo_lm(model, xi, label_mask=mask, group=group)
+        return out, yi[mask]
+
+    return context_part, world
+
+
+def _parallel_backward(model: torch.nn.Module, part: Callable, x: Tensor, y: Tensor,
+                       params: list[Tensor], group: Any) -> float:  # fmt: skip
+    """This rank's part's backward, then every gradient summed over the ranks in rank
+    order (an all-gather of the flattened gradients and of the part losses): the same
+    sums, bit for bit, as accumulating the parts' gradients one after another."""
+    import torch.distributed as dist
+
+    n = _labelled(y)
+    logits, lab = part(x, y)
+    loss = _part_loss(logits, lab, n)
+    loss.backward()
+    world = dist.get_world_size(group)
+    dev = params[0].device
+    has = torch.tensor([p.grad is not None for p in params], dtype=torch.float64, device=dev)
+    flat = torch.cat([has, loss.detach().to(torch.float64).reshape(1)]
+                     + [(p.grad if p.grad is not None else torch.zeros_like(p)).flatten()
+                        .to(torch.float64) for p in params])  # fmt: skip
+    parts = [torch.empty_like(flat) for _ in range(world)]
+    dist.all_gather(parts, flat, group=group)
+    used = torch.stack([q[: len(params)] for q in parts]).amax(0) > 0
+    total = 0.0
+    for q in parts:
+        total += float(q[len(params)])
+    off = len(params) + 1
+    for i, p in enumerate(params):
+        k = p.numel()
+        if not bool(used[i]):
+            p.grad = None
+            off += k
+            continue
+        g = None
+        for q in parts:  # rank order; a rank without a gradient adds nothing
+            if q[i] == 0:
+                continue
+            piece = q[off : off + k].view_as(p).to(p.dtype)
+            g = piece.clone() if g is None else g.add_(piece)
+        p.grad = g
+        off += k
+    return total
