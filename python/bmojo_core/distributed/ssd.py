@@ -54,8 +54,8 @@ def _end_state(x: Tensor, d: Tensor, A: Tensor, B: Tensor, seq_idx: Tensor | Non
     (a fraction of a scan's cost; in Mamba-1, with a decay per state element, it is not).
     The exponent is summed from the shard's end, where the weights that matter are. A
     position followed by a new packed sequence inside the shard contributes nothing."""
-    b, length, h, p = x.shape
-    g, n = B.shape[2], B.shape[3]
+    b, length, h, _ = x.shape
+    g = B.shape[2]
     a = d * A.to(d.dtype)  # (b, l, h)
     after = torch.zeros_like(a)  # Σ_{s>t} a_s
     if length > 1:
