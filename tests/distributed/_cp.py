@@ -95,11 +95,14 @@ CASES.update(
         "lm3": dict(op="lm", lengths=(5, 0, 8)),
         # the same model wrapped in DistributedDataParallel over the group (it averages)
         "ddp2": dict(op="lm", lengths=(8, 5), ddp=True),
+        # the model under torch.compile (Dynamo + AOTAutograd; the exchanges run eagerly)
+        "compile2": dict(op="lm", lengths=(6, 7), compile=True),
     }
 )
 WORLD_LAYERS = {"ssmlayer2": 2, "ssmlayer3": 3, "swa2": 2, "swa3": 3, "bmojof2": 2,
                 "bmojof3": 3, "bmojof3b": 3, "bmojossm2": 2, "bmojoswa2": 2, "bmojo2": 2,
-                "bmojo3": 3, "bmojo3e": 3, "bmojo3t": 3, "lm2": 2, "lm3": 3, "ddp2": 2}  # fmt: skip
+                "bmojo3": 3, "bmojo3e": 3, "bmojo3t": 3, "lm2": 2, "lm3": 3, "ddp2": 2,
+                "compile2": 2}  # fmt: skip
 WORLD = {**WORLD_LAYERS, "ssd2": 2, "ssd2seq": 2, "ssd3": 3, "ssd3in": 3, "full": 2,
          "packed2": 2, "const2": 2, "packed3": 3, "uneven3": 3, "conv2": 2, "conv2short": 2,
          "conv2k1": 2, "conv3": 3, "conv3seq": 3}  # fmt: skip
@@ -294,7 +297,9 @@ def main(store: str, rank: int, world: int, out_dir: str, names: list[str]) -> N
                 fn = {"ssmlayer": bd.selective_ssm, "swa": bd.sliding_window_attention,
                       "bmojo": bd.bmojo_layer, "lm": bd.bmojo_lm}[data["op"]]  # fmt: skip
                 x = d["kw"]["u" if "u" in d["kw"] else "tokens"]
-                if CASES[name].get("ddp"):
+                if CASES[name].get("compile"):  # graph breaks at the exchanges
+                    out = torch.compile(fn, backend="aot_eager")(mod, x)
+                elif CASES[name].get("ddp"):
                     from torch.nn.parallel import DistributedDataParallel
 
                     ddp = DistributedDataParallel(_ContextParallel(mod))

@@ -49,6 +49,12 @@ def _kind(exc: BaseException) -> str:
     return "other"
 
 
+# The exchanges run eagerly under torch.compile (a graph break each): Dynamo cannot trace
+# object collectives or point-to-point messages, and the model around them still compiles.
+_eager = torch.compiler.disable
+
+
+@_eager
 def agree(group: Any, error: BaseException | None, meta: Any) -> list[Any]:
     """Every rank's ``meta``, in rank order, after one exchange; if any rank passes an
     ``error``, every rank raises the first failing rank's error (same class family and
@@ -91,6 +97,7 @@ class _Gather(torch.autograd.Function):
         return g[ctx.rank], None, None, None
 
 
+@_eager
 def gather(t: Tensor, group: Any, rank: int, world: int, *, grad: bool) -> Tensor:
     """Every rank's ``t`` stacked in rank order, differentiable when ``grad`` (which must be
     the same on every rank: the backward is a collective every rank has to reach)."""

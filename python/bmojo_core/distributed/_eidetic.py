@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from ..ops.eidetic import eidetic_select, innovation_scores
-from ._comm import gather
+from ._comm import _eager, gather
 
 
 def _empty(b: int, m: int, count: int, device: torch.device) -> dict[str, Tensor]:
@@ -71,6 +71,7 @@ def _sorted(positions: Tensor) -> Tensor:
     return torch.where(held == big, -1, held)
 
 
+@_eager
 def eidetic_tokens(
     module: Any, u: Tensor, y: Tensor, start: int, ext_start: int, n_ext: int, group: Any,
     rank: int, world: int, grad: bool,
