@@ -97,12 +97,14 @@ CASES.update(
         "ddp2": dict(op="lm", lengths=(8, 5), ddp=True),
         # the model under torch.compile (Dynamo + AOTAutograd; the exchanges run eagerly)
         "compile2": dict(op="lm", lengths=(6, 7), compile=True),
+        # sharded by FSDP2 (fully_shard) over the same group (it averages, as DDP)
+        "fsdp2": dict(op="lm", lengths=(7, 6), fsdp=True),
     }
 )
 WORLD_LAYERS = {"ssmlayer2": 2, "ssmlayer3": 3, "swa2": 2, "swa3": 3, "bmojof2": 2,
                 "bmojof3": 3, "bmojof3b": 3, "bmojossm2": 2, "bmojoswa2": 2, "bmojo2": 2,
                 "bmojo3": 3, "bmojo3e": 3, "bmojo3t": 3, "lm2": 2, "lm3": 3, "ddp2": 2,
-                "compile2": 2}  # fmt: skip
+                "compile2": 2, "fsdp2": 2}  # fmt: skip
 WORLD = {**WORLD_LAYERS, "ssd2": 2, "ssd2seq": 2, "ssd3": 3, "ssd3in": 3, "full": 2,
          "packed2": 2, "const2": 2, "packed3": 3, "uneven3": 3, "conv2": 2, "conv2short": 2,
          "conv2k1": 2, "conv3": 3, "conv3seq": 3}  # fmt: skip
@@ -256,6 +258,20 @@ def shard(name: str, data: dict[str, Any], rank: int) -> dict[str, Any]:
     return {"kw": kw, "w": w, "lo": lo, "hi": hi}
 
 
+def _fully_shard():
+    """FSDP2's ``fully_shard`` (torch >= 2.6; None before: its CPU support is newer)."""
+    if tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 6):
+        return None
+    from torch.distributed.fsdp import fully_shard
+
+    return fully_shard
+
+
+def _full(g: Any) -> Any:
+    """A gradient as a plain tensor (FSDP2's are sharded DTensors)."""
+    return g.full_tensor() if hasattr(g, "full_tensor") else g
+
+
 def main(store: str, rank: int, world: int, out_dir: str, names: list[str]) -> None:
     import torch.distributed as dist
     from bmojo_core import distributed as bd
@@ -297,7 +313,15 @@ def main(store: str, rank: int, world: int, out_dir: str, names: list[str]) -> N
                 fn = {"ssmlayer": bd.selective_ssm, "swa": bd.sliding_window_attention,
                       "bmojo": bd.bmojo_layer, "lm": bd.bmojo_lm}[data["op"]]  # fmt: skip
                 x = d["kw"]["u" if "u" in d["kw"] else "tokens"]
-                if CASES[name].get("compile"):  # graph breaks at the exchanges
+                if CASES[name].get("fsdp"):
+                    shard_fn = _fully_shard()
+                    if shard_fn is None:
+                        results[name] = "skipped"
+                        continue
+                    wrapped = _ContextParallel(mod)
+                    shard_fn(wrapped)
+                    out = wrapped(x)
+                elif CASES[name].get("compile"):  # graph breaks at the exchanges
                     out = torch.compile(fn, backend="aot_eager")(mod, x)
                 elif CASES[name].get("ddp"):
                     from torch.nn.parallel import DistributedDataParallel
@@ -320,7 +344,7 @@ def main(store: str, rank: int, world: int, out_dir: str, names: list[str]) -> N
             res["grads"] = {k: t.grad for k, t in d["kw"].items()
                             if isinstance(t, torch.Tensor) and t.grad is not None}  # fmt: skip
             if mod is not None:  # (under DDP every rank holds the mean: they sum alike)
-                res["params"] = {k: p.grad for k, p in mod.named_parameters()}
+                res["params"] = {k: _full(p.grad) for k, p in mod.named_parameters()}
             results[name] = res
     finally:
         torch.save(results, f"{out_dir}/rank{rank}.pt")

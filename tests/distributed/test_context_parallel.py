@@ -118,6 +118,8 @@ def three(tmp_path_factory):
 
 @pytest.mark.parametrize("name", [n for n, w in _cp.WORLD.items() if w == 2])
 def test_two_ranks_equal_the_single_process_op(two, name):
+    if two[0][name] == "skipped":
+        pytest.skip("FSDP2 on CPU needs torch >= 2.6")
     _check(name, two)
 
 

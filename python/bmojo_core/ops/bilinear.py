@@ -20,7 +20,7 @@ from ..runtime import cuda as _cuda
 from ..runtime import launch as CU
 from ..runtime.settings import get_num_threads
 from ._library import custom_op
-from ._native import core, view, view_opt
+from ._native import array, core, view, view_opt
 
 # CUDA kernels (cuda/bilinear.cu): one block per batch row, sequential in time, the n×n
 # mat-vec spread over the threads; the backward's matrix gradients and dv are parallel
@@ -128,8 +128,8 @@ def bilinear_scan_fwd(
     xs = torch.empty_like(b, memory_format=torch.contiguous_format)
     last = b.new_empty(b.shape[0], b.shape[2])
     core.bilinear.scan_fwd(
-        view(b), view(A0), view(N), view(v), view_opt(initial_state), parallel, xs.numpy(),
-        last.numpy(),
+        view(b), view(A0), view(N), view(v), view_opt(initial_state), parallel, array(xs),
+        array(last),
     )  # fmt: skip
     return xs, last
 
@@ -162,7 +162,7 @@ def bilinear_scan_bwd(
     dh0 = b.new_empty(b.shape[0], b.shape[2])
     core.bilinear.scan_bwd(
         view(b), view(A0), view(N), view(v), view_opt(initial_state), view(xs), view(dxs),
-        view_opt(dlast), db.numpy(), dA0.numpy(), dN.numpy(), dv.numpy(), dh0.numpy(),
+        view_opt(dlast), array(db), array(dA0), array(dN), array(dv), array(dh0),
     )  # fmt: skip
     return db, dA0, dN, dv, dh0
 
@@ -215,7 +215,7 @@ def bilinear_tv_scan_fwd(
     xs = torch.empty_like(b, memory_format=torch.contiguous_format)
     last = b.new_empty(b.shape[0], b.shape[2])
     core.bilinear.tv_scan_fwd(
-        view(b), view(A), view_opt(initial_state), parallel, xs.numpy(), last.numpy()
+        view(b), view(A), view_opt(initial_state), parallel, array(xs), array(last)
     )
     return xs, last
 
@@ -244,7 +244,7 @@ def bilinear_tv_scan_bwd(
     dh0 = b.new_empty(b.shape[0], b.shape[2])
     core.bilinear.tv_scan_bwd(
         view(b), view(A), view_opt(initial_state), view(xs), view(dxs), view_opt(dlast),
-        db.numpy(), dA.numpy(), dh0.numpy(),
+        array(db), array(dA), array(dh0),
     )  # fmt: skip
     return db, dA, dh0
 

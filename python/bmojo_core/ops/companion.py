@@ -19,7 +19,7 @@ from .. import _validate as V
 from ..runtime import cuda as _cuda
 from ..runtime import launch as CU
 from ._library import custom_op
-from ._native import core, view, view_opt
+from ._native import array, core, view, view_opt
 
 # CUDA kernels (cuda/companion.cu): one thread per (batch, channel) lane, sequential in time
 # (the recurrence is all-pole), time-invariant gradients reduced over the batch in order.
@@ -55,7 +55,7 @@ def companion_scan_fwd(
     last = u.new_empty(batch, dim, n)
     core.companion.scan_fwd(
         view(u), view(alpha), view_opt(beta), view_opt(c), view_opt(D), view_opt(initial_state),
-        y.numpy(), None if _y_is_s(c, D) else s.numpy(), last.numpy(),
+        array(y), None if _y_is_s(c, D) else array(s), array(last),
     )  # fmt: skip
     return y, last, s
 
@@ -125,9 +125,9 @@ def companion_scan_bwd(
     dh0 = u.new_empty(batch, dim, n)
     core.companion.scan_bwd(
         view(u), view(alpha), view_opt(beta), view_opt(c), view_opt(D), view_opt(initial_state),
-        view(s), view(dy), view_opt(dlast_state), du.numpy(), dalpha.numpy(),
-        None if beta is None else dbeta.numpy(), None if c is None else dc.numpy(),
-        None if D is None else dD.numpy(), dh0.numpy(),
+        view(s), view(dy), view_opt(dlast_state), array(du), array(dalpha),
+        None if beta is None else array(dbeta), None if c is None else array(dc),
+        None if D is None else array(dD), array(dh0),
     )  # fmt: skip
     return du, dalpha, dbeta, dc, dD, dh0
 

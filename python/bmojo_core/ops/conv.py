@@ -24,7 +24,7 @@ from .. import _validate as V
 from ..runtime import cuda as _cuda
 from ..runtime import launch as CU
 from ._library import custom_op
-from ._native import core, eager_no_grad, inout, view, view_opt
+from ._native import array, core, eager_no_grad, inout, view, view_opt
 
 # CUDA kernels (cuda/conv.cu): element-wise forward / backward, weight-gradient partials
 # reduced in chunk order, and the update (one thread per row and channel).
@@ -72,7 +72,7 @@ def _fwd_cpu(x, weight, bias, seq_idx, initial_states, silu, final: bool = True)
     fin = x.new_empty(b, d, weight.shape[1] - 1) if final else None
     core.conv.causal_conv1d_fwd(
         view(x), view(weight), view_opt(bias), view_opt(seq_idx),
-        view_opt(initial_states), silu, out.numpy(), None if fin is None else fin.numpy(),
+        view_opt(initial_states), silu, array(out), None if fin is None else array(fin),
     )  # fmt: skip
     return out, fin
 
@@ -126,8 +126,8 @@ def causal_conv1d_bwd(
     di = x.new_empty(b, d, k - 1) if initial_states is not None else x.new_empty(0)
     core.conv.causal_conv1d_bwd(
         view(x), view(weight), view_opt(bias), view_opt(seq_idx),
-        view_opt(initial_states), view(dout), view_opt(dfinal_states), silu, dx.numpy(),
-        dw.numpy(), db.numpy(), None if initial_states is None else di.numpy(),
+        view_opt(initial_states), view(dout), view_opt(dfinal_states), silu, array(dx),
+        array(dw), array(db), None if initial_states is None else array(di),
     )  # fmt: skip
     return dx, dw, db, di
 
@@ -229,7 +229,7 @@ def causal_conv1d_update_op(
     out = x.new_empty(x.shape)
     core.conv.causal_conv1d_update(
         view(x), inout(conv_state), view(weight),
-        view_opt(bias), silu, view_opt(cache_seqlens), view_opt(conv_state_indices), out.numpy(),
+        view_opt(bias), silu, view_opt(cache_seqlens), view_opt(conv_state_indices), array(out),
     )  # fmt: skip
     return out
 
@@ -377,6 +377,8 @@ def causal_conv1d_update(
         # Decode path: plain contiguous CPU tensors of one float dtype go straight to the
         # kernel, which checks every shape and validates slots before writing. On any
         # mismatch the validating path below raises a clear error or converts.
+        # (Tensor.numpy, not _native.array: 0.45 µs less per argument, which a decode step
+        # feels; its never-resizable mark on these inference tensors is the price.)
         try:
             out = core.conv.causal_conv1d_update(
                 x.numpy(), conv_state.numpy(), weight.numpy(),

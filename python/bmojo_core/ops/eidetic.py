@@ -43,7 +43,7 @@ from .. import _validate as V
 from ..runtime import cuda as _cuda
 from ..runtime import launch as CU
 from ._library import custom_op
-from ._native import core, inout, view
+from ._native import array, core, inout, view
 
 __all__ = [
     "CHI2_FLOOR",
@@ -154,7 +154,7 @@ def _innovation_cpu(y, weights, history, count, ema, chi2, rate, floor):
     scores, hist, cnt, em = _innovation_outputs(y, weights, count)
     core.eidetic.innovation_scores(
         view(y), view(weights), view(history), view(count), view(ema),
-        chi2, rate, floor, scores.numpy(), hist.numpy(), cnt.numpy(), em.numpy(),
+        chi2, rate, floor, array(scores), array(hist), array(cnt), array(em),
     )  # fmt: skip
     return scores, hist, cnt, em
 
@@ -215,7 +215,7 @@ def eidetic_select_op(
     cnt = start.new_empty(b)
     core.eidetic.select(
         view(scores), view(positions), view(store_scores), view(start),
-        chunk, policy, threshold, held.numpy(), pos.numpy(), sc.numpy(), cnt.numpy(),
+        chunk, policy, threshold, array(held), array(pos), array(sc), array(cnt),
     )  # fmt: skip
     return held, pos, sc, cnt
 

@@ -21,7 +21,7 @@ from .. import _validate as V
 from ..runtime import cuda as _cuda
 from ..runtime import launch as CU
 from ._library import custom_op
-from ._native import core, eager_no_grad, view, view_opt
+from ._native import array, core, eager_no_grad, view, view_opt
 
 CHUNK: int = core.scan.CHECKPOINT_CHUNK
 
@@ -62,7 +62,7 @@ def diag_scan_fwd(
     a, b = a.contiguous(), b.contiguous()
     h = torch.empty_like(b)
     last = b.new_empty(b.shape[0])
-    core.scan.diag_scan(view(a), view(b), view_opt(initial_state), h.numpy(), last.numpy(), reverse)
+    core.scan.diag_scan(view(a), view(b), view_opt(initial_state), array(h), array(last), reverse)
     return h, last
 
 
@@ -137,7 +137,7 @@ def _diag_bwd(a, h, initial_state, dh, dlast, reverse, gpu):
         _diag_cuda(shifted.contiguous(), dh, dl, g, g_end, not reverse)
     else:
         core.scan.diag_scan(
-            view(shifted), view(dh), view_opt(dlast), g.numpy(), g_end.numpy(), not reverse
+            view(shifted), view(dh), view_opt(dlast), array(g), array(g_end), not reverse
         )
     return g * prev, g, a[:, first] * g[:, first]
 
@@ -247,7 +247,7 @@ def _sel_fwd_cpu(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, de
     core.scan.selective_scan_fwd(
         view(u), view(delta), view(A), view(B), view(C), view_opt(D), view_opt(z),
         view_opt(delta_bias), view_opt(initial_state), view_opt(seq_idx), delta_softplus,
-        out.numpy(), last.numpy(), ckpt.numpy(),
+        array(out), array(last), array(ckpt),
     )  # fmt: skip
     return out, last, ckpt
 
@@ -345,10 +345,10 @@ def selective_scan_bwd(
     core.scan.selective_scan_bwd(
         view(u), view(delta), view(A), view(B), view(C), view_opt(D), view_opt(z),
         view_opt(delta_bias), None, view_opt(seq_idx), delta_softplus, view(checkpoints),
-        view(dout), view_opt(dlast_state), du.numpy(), ddelta.numpy(), dA.numpy(),
-        dB.numpy(), dC.numpy(), None if D is None else dD.numpy(),
-        None if z is None else dz.numpy(), None if delta_bias is None else dbias.numpy(),
-        dh0.numpy(),
+        view(dout), view_opt(dlast_state), array(du), array(ddelta), array(dA),
+        array(dB), array(dC), None if D is None else array(dD),
+        None if z is None else array(dz), None if delta_bias is None else array(dbias),
+        array(dh0),
     )  # fmt: skip
     return du, ddelta, dA, dB, dC, dD, dz, dbias, dh0
 
@@ -480,7 +480,7 @@ def _one_step(u, delta, A, B, C, D, z, delta_bias, h0, softplus, cdt):
         return None if t is None else c(t[..., 0], cdt)
 
     out = core.step.selective_state_update(
-        last.numpy(), view(col(u)), view(col(delta)), view(c(A, cdt)), view(col(B)),
+        array(last), view(col(u)), view(col(delta)), view(c(A, cdt)), view(col(B)),
         view(col(C)), view_opt(c(D, cdt)), view_opt(col(z)), view_opt(c(delta_bias, cdt)),
         softplus, None, None, None,
     )  # fmt: skip

@@ -23,7 +23,7 @@ from .. import _validate as V
 from ..runtime import cuda as _cuda
 from ..runtime import launch as CU
 from ._library import custom_op
-from ._native import core, eager_no_grad, view, view_opt
+from ._native import array, core, eager_no_grad, view, view_opt
 from .conv import causal_conv1d_fn
 from .scan import _want
 
@@ -225,7 +225,7 @@ def _rows(t: Tensor | None, width: int):
     if not ok:
         return view(t), width
     flat = t.detach().as_strided(((rows - 1) * rs + width,), (1,))
-    return flat.numpy(), rs
+    return array(flat), rs
 
 
 def _dims_rows(x, dt, B, C, z):
@@ -249,7 +249,7 @@ def _fwd_cpu(x, dt, A, B, C, D, z, dt_bias, h0, seq_idx, softplus, limit, ckpt: 
     dims, (xv, dv, bv, cv, zv), rows = _dims_rows(x, dt, B, C, z)
     core.ssd.ssd_fwd(
         xv, dv, view(A), bv, cv, view_opt(D), zv, view_opt(dt_bias), view_opt(h0),
-        view_opt(seq_idx), softplus, limit, dims, rows, out.numpy(), last.numpy(), cks.numpy(),
+        view_opt(seq_idx), softplus, limit, dims, rows, array(out), array(last), array(cks),
         token_major,
     )  # fmt: skip
     return out, last, cks
@@ -302,10 +302,10 @@ def ssd_bwd(
     core.ssd.ssd_bwd(
         xv, dv, view(A), bv, cv, view_opt(D), zv, view_opt(dt_bias), view_opt(seq_idx),
         dt_softplus, _limit_arg(limit, dt_min, dt_max), dims, rows, view(checkpoints),
-        view(dout), view_opt(dlast_state), dx.numpy(), ddt.numpy(), dA.numpy(), dB.numpy(),
-        dC.numpy(), None if D is None else dD.numpy(), None if z is None else dz.numpy(),
-        None if dt_bias is None else dbias.numpy(),
-        dh0.numpy(),
+        view(dout), view_opt(dlast_state), array(dx), array(ddt), array(dA), array(dB),
+        array(dC), None if D is None else array(dD), None if z is None else array(dz),
+        None if dt_bias is None else array(dbias),
+        array(dh0),
     )  # fmt: skip
     return dx, ddt, dA, dB, dC, dD, dz, dbias, dh0
 
@@ -784,7 +784,7 @@ def ssd_state_update_op(
     and under tracing): contiguous tensors in the state's dtype, float32/float64; updates
     ``state (b, h, p, n)`` in place, returns ``out (b, h, p)``."""
     out = core.ssd.ssd_state_update(
-        state.numpy(), view(x), view(dt), view(A), view(B), view(C), view_opt(D),
+        array(state), view(x), view(dt), view(A), view(B), view(C), view_opt(D),
         view_opt(z), view_opt(dt_bias), bool(dt_softplus),
     )  # fmt: skip
     return torch.from_numpy(out)
@@ -813,7 +813,7 @@ def _state_update_fast(state, x, dt, A, B, C, D, z, dt_bias, softplus):
         }  # fmt: skip
     ):
         return None
-    try:
+    try:  # Tensor.numpy, not _native.array: faster, as in ops.step's decode path
         out = core.ssd.ssd_state_update(
             state.numpy(), x.numpy(), dt.numpy(), A.numpy(), B.numpy(), C.numpy(),
             None if D is None else D.numpy(), None if z is None else z.numpy(),

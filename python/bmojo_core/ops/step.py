@@ -227,6 +227,8 @@ def selective_state_update(
         # the (slots, dim, N) layout. The kernel checks every shape exactly and validates
         # everything before writing; on any mismatch (or a tensor NumPy cannot view) the
         # validating path below takes over and raises a clear error or converts.
+        # (Tensor.numpy, not _native.array: 0.45 µs less per argument, which a decode step
+        # feels; its never-resizable mark on these inference tensors is the price.)
         try:
             out = core.step.selective_state_update(
                 state.numpy(), x.numpy(), dt.numpy(), A.numpy(), B.numpy(), C.numpy(),
