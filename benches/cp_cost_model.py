@@ -131,7 +131,7 @@ def per_token(op: str, length: int = 8192) -> float:
 
     torch.set_num_threads(1)
     set_num_threads(1)
-    return cp._time(cp._step(op, length, 0, length, False), 2) / length
+    return cp._time(cp._step(op, length, 0, length, False), 3)[0] / length
 
 
 def exchange_time(calls: list, share: float, ranks: int, alpha: float, beta: float) -> float:

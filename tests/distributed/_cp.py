@@ -30,6 +30,18 @@ CASES: dict[str, dict[str, Any]] = {
     ),  # fmt: skip
     # constant B/C, no last state (the first rank's output is tied to the exchange)
     "const2": dict(lengths=(3, 9), bc="const", D=True),
+    # fast decays: the correction of the second shard stops after a few steps
+    "fast2": dict(
+        lengths=(5, 20),
+        bc="var",
+        D=True,
+        z=True,
+        bias=True,
+        softplus=True,
+        h0=True,
+        last=True,
+        fast=True,
+    ),
     # world 3: an empty shard, a one-step shard, packed sequences
     "packed3": dict(lengths=(4, 0, 1), bc="var", h0=True, last=True, seq=(0, 0, 1, 1, 1)),
     "uneven3": dict(
@@ -106,8 +118,8 @@ WORLD_LAYERS = {"ssmlayer2": 2, "ssmlayer3": 3, "swa2": 2, "swa3": 3, "bmojof2":
                 "bmojo3": 3, "bmojo3e": 3, "bmojo3t": 3, "lm2": 2, "lm3": 3, "ddp2": 2,
                 "compile2": 2, "fsdp2": 2}  # fmt: skip
 WORLD = {**WORLD_LAYERS, "ssd2": 2, "ssd2seq": 2, "ssd3": 3, "ssd3in": 3, "full": 2,
-         "packed2": 2, "const2": 2, "packed3": 3, "uneven3": 3, "conv2": 2, "conv2short": 2,
-         "conv2k1": 2, "conv3": 3, "conv3seq": 3}  # fmt: skip
+         "fast2": 2, "packed2": 2, "const2": 2, "packed3": 3, "uneven3": 3, "conv2": 2,
+         "conv2short": 2, "conv2k1": 2, "conv3": 3, "conv3seq": 3}  # fmt: skip
 SHARDED = ("u", "delta", "z", "B", "C", "x", "dt", "tokens")  # split along L when time-varying
 BATCH, DIM, N, G = 2, 4, 3, 2
 
@@ -176,6 +188,8 @@ def inputs(name: str) -> dict[str, Any]:
         "delta": r(BATCH, DIM, length, scale=0.5),
         "A": (-torch.rand(DIM, N, generator=g, dtype=torch.float64) - 0.2).requires_grad_(),
     }
+    if case.get("fast"):
+        kw["A"] = (kw["A"].detach() * 200).requires_grad_()
     bc = case["bc"]
     shape = {"var": (BATCH, N, length), "group": (BATCH, G, N, length), "const": (DIM, N)}[bc]
     kw["B"], kw["C"] = r(*shape), r(*shape)

@@ -161,3 +161,52 @@ def test_needs_an_initialised_process_group():
 def test_not_imported_with_the_package():
     code = "import sys, bmojo_core; assert 'bmojo_core.distributed' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_the_scan_correction_stops_where_the_start_state_has_decayed():
+    import math
+
+    from bmojo_core.distributed import scan
+
+    a = -torch.tensor([[1.0, 3.0], [2.0, 5.0]], dtype=torch.float64)  # slowest rates 1, 2
+    pre = torch.full((1, 2, 100), math.log(math.expm1(0.7)), dtype=torch.float64)  # Δ = 0.7
+    f64 = torch.float64
+    assert scan.HORIZON == 45.0
+    # channel 0 passes HORIZON at its 65th step (0.7 · 65 = 45.5), channel 1 at its 33rd
+    assert scan._reach(pre, None, True, a, None, f64) == 64
+    assert scan._reach(pre[..., :50], None, True, a, None, f64) == 50  # not in the shard
+    seq = torch.zeros(1, 100, dtype=torch.int64)
+    seq[:, 30:] = 1
+    assert scan._reach(pre, None, True, a, seq, f64) == 30  # a packed sequence starts at 30
+    assert scan._reach(pre, None, True, -a, None, f64) == 100  # growing modes
+    assert scan._reach(pre, None, False, a, None, f64) == 100  # Δ not a softplus
+    assert scan._reach(pre[..., :0], None, True, a, None, f64) == 0
+    old = scan._BLOCK
+    try:  # the same across blocks (the running sum carried over)
+        scan._BLOCK = 7
+        assert scan._reach(pre, None, True, a, None, f64) == 64
+        assert scan._reach(pre, None, True, a, seq, f64) == 30
+    finally:
+        scan._BLOCK = old
+
+
+def test_the_summed_steps_and_their_gradient_block_by_block():
+    from bmojo_core.distributed import scan
+
+    g = torch.Generator().manual_seed(0)
+    delta = (torch.randn(2, 3, 11, generator=g, dtype=torch.float64) * 15).requires_grad_()
+    bias = torch.randn(3, generator=g, dtype=torch.float64).requires_grad_()
+    old = scan._BLOCK
+    try:
+        scan._BLOCK = 4
+        for softplus in (True, False):
+            assert torch.autograd.gradcheck(
+                lambda d, b, sp=softplus: scan._StepSum.apply(d, b, sp, torch.float64),
+                (delta, bias),
+            )
+            x = delta + bias[:, None]
+            want = (torch.nn.functional.softplus(x) if softplus else x).sum(-1)
+            got = scan._StepSum.apply(delta, bias, softplus, torch.float64)
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    finally:
+        scan._BLOCK = old

@@ -94,15 +94,16 @@ def sharded_scan(
     first_arg: str,
     cdt: Callable[[], torch.dtype],  # also checks what the ops do not
     whole: Callable[[], tuple[Tensor, Tensor]] | None,
-    from_zero: Callable[[], Tensor],
+    from_zero: Callable[[], tuple[Any, Tensor]],
     decay: Callable[[Tensor], Tensor],
-    from_state: Callable[[Tensor | None], Tensor],
+    from_state: Callable[[Tensor | None, Any], Tensor],
     return_state: bool,
     initial: Tensor | None = None,
 ):
-    """A diagonal scan over shards. Every rank but the first runs ``from_zero()`` (its end
-    state from a zero start) and ``decay(s)`` (its P), then, once the states are
-    exchanged, ``from_state(h_in)`` (its output from the state before its shard). The
+    """A diagonal scan over shards. Every rank but the first runs ``from_zero()``
+    (``(partial, s)``: what a zero start gives of its output, if anything, and its end
+    state) and ``decay(s)`` (its P), then, once the states are exchanged,
+    ``from_state(h_in, partial)`` (its output from the state before its shard). The
     first rank runs ``whole()`` (its output and end state from the known start), or, if
     ``whole`` is None (``from_zero`` is then much cheaper than a scan: the ranks exchange
     before any scans, so that all scan at once), as the others with ``initial`` (the state
@@ -111,7 +112,7 @@ def sharded_scan(
     group, rank, world = resolve(group)
     meta: dict[str, Any] = {"seq_idx": seq_idx is not None, **seq_meta(seq_idx, 1)}
     err: BaseException | None = None
-    local = None
+    local = partial = None
     try:
         dtype = cdt()
         if rank == 0 and whole is not None:  # one scan gives its output and its end
@@ -119,7 +120,7 @@ def sharded_scan(
             s = local[1]
             p = torch.zeros_like(s)
         else:
-            s = from_zero()
+            partial, s = from_zero()
             p = decay(s)
             if rank == 0:  # the start is known: the end state is the map applied to it
                 if initial is not None:
@@ -134,7 +135,7 @@ def sharded_scan(
     if local is not None:
         out = local[0]
     else:
-        out = from_state(initial if rank == 0 else h_in)
-    if grad and not return_state and rank == 0:
-        out = tie(out, both)  # so that this rank's backward reaches the exchange too
+        out = from_state(initial if rank == 0 else h_in, partial)
+    if grad:  # so that this rank's backward reaches the exchange whatever its output
+        out = tie(out, both)  # depends on (and whether or not its loss uses h_end)
     return (out, h_end) if return_state else out

@@ -1,9 +1,13 @@
 """Context-parallel Mamba-1 selective scan: the sequence split in contiguous shards over
-the ranks of a process group. Each rank scans its shard from a zero state for its
-``(P, s)`` (``P = exp(A · ΣΔ)``), the ranks exchange them (:mod:`._affine`: one all-gather
-of ``2 · batch · dim · N`` floats per rank; one all-reduce of ``world`` times that in the
-backward), and each rank scans its shard again from the state before it. The first rank
-scans once (its start state, ``initial_state``, is known).
+the ranks of a process group. Each rank scans its shard from a zero state (its output
+and its end state ``s``), the ranks exchange ``(P, s)`` (``P = exp(A · ΣΔ)``; :mod:`._affine`:
+one all-gather of ``2 · batch · dim · N`` floats per rank; one all-reduce of ``world``
+times that in the backward), and each rank adds what the state before its shard
+contributes, ``C_t · (exp(A · Σ_{s≤t} Δ_s) ⊙ h_in)`` (gated), by a scan of a zero input
+from that state — over the steps where it still matters only: with ``A ≤ 0`` and ``Δ ≥ 0``
+every term is at most ``e^{-K} |C_t| |h_in|`` once ``min |A_d| · Σ Δ ≥ K = 45`` in every
+channel (``e^{-45} < 2^{-64}``, below fp64 rounding), so the scan stops there. The first
+rank scans once (its start state, ``initial_state``, is known).
 """
 
 from __future__ import annotations
@@ -11,30 +15,154 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..ops import selective_scan_fn as _scan
-from ..ops.reference._common import compute_dtype, softplus_thresholded
+from ..ops.reference._common import compute_dtype
 from ._affine import sharded_scan, starts_inside
 
 __all__ = ["selective_scan_fn"]
 
 
-def _decay(delta: Tensor, A: Tensor, delta_bias: Tensor | None, softplus: bool,
-           seq_idx: Tensor | None, cdt: torch.dtype) -> Tensor:  # fmt: skip
-    """``P (batch, dim, N)``: the product of the shard's per-step decays, 0 for a row in
-    which a new packed sequence starts (the state before the shard no longer reaches its
-    end)."""
-    dt = delta.to(cdt)
+# The correction stops where every remaining term is below e^-HORIZON of its scale.
+HORIZON = 45.0
+# Steps per block of the passes over Δ (blocks small enough for the allocator to reuse:
+# fresh pages are costly, and a whole shard of Δ is as large as the input).
+_BLOCK = 2048
+
+
+def _steps(delta: Tensor, delta_bias: Tensor | None, softplus: bool, cdt: torch.dtype,
+           lo: int, hi: int) -> Tensor:  # fmt: skip
+    """The step sizes the scan uses at positions [lo, hi), ``(batch, dim, hi - lo)``
+    (softplus with mamba_ssm's threshold: the identity above 20, as ``F.softplus``)."""
+    dt = delta[..., lo:hi].to(cdt)
     if delta_bias is not None:
         dt = dt + delta_bias.to(cdt)[:, None]
-    if softplus:
-        dt = softplus_thresholded(dt)
-    p = torch.exp(dt.sum(-1)[..., None] * A.to(cdt))
+    return F.softplus(dt) if softplus else dt
+
+
+def _blocks(delta: Tensor, delta_bias: Tensor | None, softplus: bool):
+    """The steps block by block, ``(lo, Δ[..., lo:lo + block])`` in float64 (more exact
+    sums; and torch's float64 softplus is vectorised where its float32 one is not), in
+    two buffers reused from block to block (no fresh memory per block). A yielded block
+    is valid until the next is asked for."""
+    length = delta.shape[-1]
+    if length == 0:
+        return
+    shape = (*delta.shape[:2], min(_BLOCK, length))
+    x = torch.empty(shape, dtype=torch.float64, device=delta.device)
+    y = torch.empty_like(x) if softplus else x
+    bias = None if delta_bias is None else delta_bias.to(torch.float64)[:, None]
+    for lo in range(0, length, _BLOCK):
+        n = min(_BLOCK, length - lo)
+        xb, yb = x[..., :n], y[..., :n]
+        xb.copy_(delta[..., lo : lo + n])
+        if bias is not None:
+            xb.add_(bias)
+        if softplus:
+            torch.ops.aten.softplus.out(xb, 1, 20, out=yb)
+        yield lo, yb
+
+
+class _StepSum(torch.autograd.Function):
+    """``Σ_t Δ_t (batch, dim)`` over the shard, block by block (no (batch, dim, L)
+    temporaries but the gradient of ``delta``)."""
+
+    @staticmethod
+    def forward(ctx, delta, delta_bias, softplus, cdt):  # type: ignore[override]
+        total = delta.new_zeros(delta.shape[:2], dtype=torch.float64)
+        for _, dt in _blocks(delta, delta_bias, softplus):
+            total += dt.sum(-1)
+        ctx.save_for_backward(delta, delta_bias)
+        ctx.softplus, ctx.cdt = softplus, cdt
+        return total.to(cdt)
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        delta, delta_bias = ctx.saved_tensors
+        length = delta.shape[-1]
+        dd = torch.empty_like(delta)
+        db = None if delta_bias is None else g.new_zeros(delta.shape[1])
+        for lo in range(0, length, _BLOCK):
+            hi = min(lo + _BLOCK, length)
+            if ctx.softplus:  # softplus' = sigmoid below the threshold, 1 above
+                x = _steps(delta, delta_bias, False, ctx.cdt, lo, hi)
+                piece = torch.where(x > 20, 1.0, torch.sigmoid(x)) * g[..., None]
+            else:
+                piece = g[..., None].expand(*g.shape, hi - lo)
+            dd[..., lo:hi] = piece
+            if db is not None:
+                db += piece.sum((0, 2))
+        return dd, None if db is None else db.to(delta_bias.dtype), None, None
+
+
+def _decay(total: Tensor, A: Tensor, seq_idx: Tensor | None) -> Tensor:
+    """``P (batch, dim, N)`` from the shard's summed steps: the product of its per-step
+    decays, 0 for a row in which a new packed sequence starts (the state before the shard
+    no longer reaches its end)."""
+    p = torch.exp(total[..., None] * A.to(total.dtype))
     inside = starts_inside(seq_idx)
     if inside is not None:
-        p = p * (~inside).to(cdt)[:, None, None]
+        p = p * (~inside).to(total.dtype)[:, None, None]
     return p
+
+
+@torch.no_grad()
+def _reach(delta: Tensor, delta_bias: Tensor | None, softplus: bool, A: Tensor,
+           seq_idx: Tensor | None, cdt: torch.dtype) -> int:  # fmt: skip
+    """How many leading steps of the shard the state before it still reaches: up to the
+    first step from which, in every row and channel, ``min_n |A[d, n]| · Σ_{s≤t} Δ_s ≥
+    HORIZON`` (each decay ``exp(A[d, n] · ΣΔ)`` is then below ``e^-HORIZON``, and stays so),
+    and not past a packed sequence starting inside the shard. The whole shard unless
+    ``A ≤ 0`` and Δ is a softplus (only then do the decays only shrink). Block by block,
+    stopping once every channel has passed."""
+    length = delta.shape[-1]
+    if length == 0:
+        return 0
+    reach = length
+    if softplus and bool((A <= 0).all()):
+        rate = (-A.to(cdt)).amin(-1)[:, None]  # (dim, 1): each channel's slowest decay
+        rate = rate.to(torch.float64)
+        run = delta.new_zeros(delta.shape[:2], dtype=torch.float64)
+        first = torch.full(delta.shape[:2], length, dtype=torch.int64, device=delta.device)
+        for lo, dt in _blocks(delta, delta_bias, True):
+            c = dt.cumsum(-1).add_(run[..., None])
+            past = c * rate >= HORIZON
+            hit = past.any(-1) & (first == length)
+            first = torch.where(hit, past.to(torch.int8).argmax(-1) + lo, first)
+            if not bool((first == length).any()):
+                break
+            run = c[..., -1]
+        reach = int(first.max())
+    if seq_idx is not None and length > 1:
+        moved = (seq_idx[:, 1:] != seq_idx[:, :-1]).any(0)  # a start at index i + 1
+        if bool(moved.any()):
+            reach = min(reach, int(moved.to(torch.int8).argmax()) + 1)
+    return reach
+
+
+class _AddHead(torch.autograd.Function):
+    """``y[..., :n] += head`` in place (``y``: this module's own scan output, which nothing
+    else holds): no full-size copy forward, and the backward passes ``y``'s gradient
+    through as it is (slicing and concatenating would allocate two full-size zeros)."""
+
+    @staticmethod
+    def forward(ctx, y, head):  # type: ignore[override]
+        ctx.n = head.shape[-1]
+        y[..., : ctx.n] += head
+        ctx.mark_dirty(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        return g, g[..., : ctx.n]
+
+
+def _head(t: Tensor, n: int) -> Tensor:
+    """A time-varying B/C (or any (.., L) tensor) cut to its first ``n`` steps; a
+    constant (dim, N) one as it is."""
+    return t[..., :n] if t.dim() >= 3 else t
 
 
 def selective_scan_fn(
@@ -76,16 +204,27 @@ def selective_scan_fn(
         return _scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, True,
                      initial_state=initial_state, seq_idx=seq_idx)  # fmt: skip
 
-    def from_zero():
-        return _scan(u, delta, A, B, C, None, None, delta_bias, delta_softplus, True,
-                     seq_idx=seq_idx)[1]  # fmt: skip
+    def from_zero():  # the gated output from a zero start (with D), and the end state
+        return _scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, True,
+                     seq_idx=seq_idx)  # fmt: skip
 
     def decay(s):
-        return _decay(delta, A, delta_bias, bool(delta_softplus), seq_idx, s.dtype)
+        total = _StepSum.apply(delta, delta_bias, bool(delta_softplus), s.dtype)
+        return _decay(total, A, seq_idx)
 
-    def from_state(h_in):
-        return _scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, False,
-                     initial_state=h_in, seq_idx=seq_idx)  # fmt: skip
+    def from_state(h_in, y0):
+        if h_in is None:  # the first rank without an initial state (not reached: whole())
+            return y0
+        n = _reach(delta, delta_bias, bool(delta_softplus), A, seq_idx, h_in.dtype)
+        if n == 0:
+            return y0
+        zero = u.new_zeros(u.shape[0], u.shape[1], n)
+        carry = _scan(zero, delta[..., :n], A, _head(B, n), _head(C, n), None, None, delta_bias,
+                      delta_softplus, False, initial_state=h_in,
+                      seq_idx=None if seq_idx is None else seq_idx[:, :n])  # fmt: skip
+        if z is not None:  # the gate distributes over the sum
+            carry = carry * F.silu(z[..., :n].to(carry.dtype))
+        return _AddHead.apply(y0, carry.to(y0.dtype))
 
     def cdt():
         return compute_dtype(u, delta, A, B, C, D, z, delta_bias, initial_state)

@@ -125,12 +125,12 @@ def mamba_chunk_scan_combined(
 
     def from_zero():
         cdt_ = compute_dtype(x, dt, A, B, C, D, z, dt_bias, initial_states)
-        return _end_state(x, steps(cdt_), A, B, seq_idx)
+        return None, _end_state(x, steps(cdt_), A, B, seq_idx)
 
     def decay(s):
         return _decay(steps(s.dtype), A, seq_idx, s)
 
-    def from_state(h_in):
+    def from_state(h_in, _):
         return _ssd(*args, D, z, dt_bias, h_in, seq_idx, None, dt_softplus, dt_limit)
 
     return sharded_scan(group, seq_idx, "x", cdt, None, from_zero, decay, from_state,
