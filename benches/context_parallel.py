@@ -8,7 +8,8 @@ through :mod:`bmojo_core.distributed` on ``procs`` gloo processes (loopback) wit
 thread each, the sequence split evenly; fp32, batch 1:
 
 - ``scan``: Mamba-1 ``selective_scan_fn`` (time-varying B/C, D, z gate, Δ bias and
-  softplus), D=1536, N=16, L=65536;
+  softplus), D=1536, N=16, L=65536; ``scan-init``: the same with Mamba's initialisation
+  of A and Δ (see ``_scan_inputs``);
 - ``ssd``: Mamba-2 ``mamba_chunk_scan_combined`` (24 heads × 64 = 1536 channels, N=16,
   one group, chunk 256, D, z, Δ bias and softplus), L=65536;
 - ``lm``: a 2-layer B'MOJO ``BMojoLM`` (d_model 256, window 128, 32 fading and 32 eidetic
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -34,14 +36,18 @@ import time
 
 import torch
 
-DEFAULT_LENGTH = {"scan": 65536, "ssd": 65536, "lm": 32768}
+DEFAULT_LENGTH = {"scan": 65536, "scan-init": 65536, "ssd": 65536, "lm": 32768}
 
 
 def _split(t: torch.Tensor, axis: int, lo: int, hi: int) -> torch.Tensor:
     return t.narrow(axis, lo, hi - lo).contiguous()
 
 
-def _scan_inputs(length: int, lo: int, hi: int) -> dict:
+def _scan_inputs(length: int, lo: int, hi: int, mamba_init: bool = False) -> dict:
+    """Random inputs (Δ = softplus(N(0, 0.5²) + bias) ≈ 0.7, |A| in [0.5, 1.5]), or, with
+    ``mamba_init``, Mamba's initialisation: A[d, n] = -(n + 1), Δ's bias the inverse
+    softplus of steps log-uniform in [0.001, 0.1] (slow channels: the start state of a
+    shard reaches through all of it)."""
     g = torch.Generator().manual_seed(0)
     dim, n = 1536, 16
 
@@ -54,6 +60,12 @@ def _scan_inputs(length: int, lo: int, hi: int) -> dict:
         "C": r(1, n, length), "D": r(dim), "z": r(1, dim, length),
         "delta_bias": r(dim, scale=0.1),
     }  # fmt: skip
+    if mamba_init:
+        full["A"] = -torch.arange(1, n + 1, dtype=torch.float32).repeat(dim, 1)
+        dt = torch.exp(torch.rand(dim, generator=g) * (math.log(0.1) - math.log(1e-3))
+                       + math.log(1e-3))  # fmt: skip
+        full["delta_bias"] = dt + torch.log(-torch.expm1(-dt))  # softplus⁻¹
+        full["delta"] = r(1, dim, length, scale=0.1)
     return {k: (_split(t, 2, lo, hi) if t.dim() == 3 else t).requires_grad_()
             for k, t in full.items()}  # fmt: skip
 
@@ -94,11 +106,11 @@ def _step(op: str, length: int, lo: int, hi: int, sharded: bool):
 
             return lambda: bmojo_lm(model, tokens).sum().backward()
         return lambda: model(tokens).sum().backward()
-    if op == "scan":
+    if op in ("scan", "scan-init"):
         from bmojo_core import selective_scan_fn as single
         from bmojo_core.distributed import selective_scan_fn as dist_fn
 
-        kw = _scan_inputs(length, lo, hi)
+        kw = _scan_inputs(length, lo, hi, mamba_init=op == "scan-init")
         fn = dist_fn if sharded else single
         return lambda: fn(**kw, delta_softplus=True).sum().backward()
     from bmojo_core import mamba_chunk_scan_combined as single
@@ -192,6 +204,7 @@ def parallel(op: str, length: int, procs: int, repeat: int) -> dict:
 
 TITLE = {
     "scan": "Mamba-1 selective scan, D=1536, N=16",
+    "scan-init": "Mamba-1 selective scan, D=1536, N=16, Mamba's initialisation",
     "ssd": "Mamba-2 SSD scan, 24 heads x 64, N=16, chunk 256",
     "lm": "2-layer B'MOJO BMojoLM, d_model 256, window 128, 32 fading + 32 eidetic",
 }
@@ -203,14 +216,14 @@ def main() -> None:
         worker(store, int(rank), int(world), json.loads(a), out)
         return
     ap = argparse.ArgumentParser()
-    ap.add_argument("--op", choices=("scan", "ssd", "lm", "all"), default="all")
+    ap.add_argument("--op", choices=("scan", "scan-init", "ssd", "lm", "all"), default="all")
     ap.add_argument("--length", type=int, default=None, help="default: 65536 (lm: 32768)")
     ap.add_argument("--procs", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=7)
     ap.add_argument("--json", default=None, help="also write the figures to this file")
     args = ap.parse_args()
     rows = []
-    for op in ("scan", "ssd", "lm") if args.op == "all" else (args.op,):
+    for op in ("scan", "scan-init", "ssd", "lm") if args.op == "all" else (args.op,):
         length = args.length or DEFAULT_LENGTH[op]
         (t1, m1) = single(op, length, args.procs, args.repeat)
         res = parallel(op, length, args.procs, args.repeat)

@@ -181,6 +181,9 @@ def test_the_scan_correction_stops_where_the_start_state_has_decayed():
     assert scan._reach(pre, None, True, -a, None, f64) == 100  # growing modes
     assert scan._reach(pre, None, False, a, None, f64) == 100  # Δ not a softplus
     assert scan._reach(pre[..., :0], None, True, a, None, f64) == 0
+    total = torch.full((1, 2), 0.7 * 100, dtype=f64)  # the summed steps: both pass
+    assert scan._reach(pre, None, True, a, None, f64, total) == 64
+    assert scan._reach(pre[..., :50], None, True, a, seq, f64, total[..., :1] / 2) == 30
     old = scan._BLOCK
     try:  # the same across blocks (the running sum carried over)
         scan._BLOCK = 7

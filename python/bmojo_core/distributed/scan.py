@@ -110,19 +110,23 @@ def _decay(total: Tensor, A: Tensor, seq_idx: Tensor | None) -> Tensor:
 
 @torch.no_grad()
 def _reach(delta: Tensor, delta_bias: Tensor | None, softplus: bool, A: Tensor,
-           seq_idx: Tensor | None, cdt: torch.dtype) -> int:  # fmt: skip
+           seq_idx: Tensor | None, cdt: torch.dtype,
+           total: Tensor | None = None) -> int:  # fmt: skip
     """How many leading steps of the shard the state before it still reaches: up to the
     first step from which, in every row and channel, ``min_n |A[d, n]| · Σ_{s≤t} Δ_s ≥
     HORIZON`` (each decay ``exp(A[d, n] · ΣΔ)`` is then below ``e^-HORIZON``, and stays so),
     and not past a packed sequence starting inside the shard. The whole shard unless
     ``A ≤ 0`` and Δ is a softplus (only then do the decays only shrink). Block by block,
-    stopping once every channel has passed."""
+    stopping once every channel has passed; not at all if ``total`` (the shard's summed
+    steps) shows a channel that never passes."""
     length = delta.shape[-1]
     if length == 0:
         return 0
     reach = length
     if softplus and bool((A <= 0).all()):
         rate = (-A.to(cdt)).amin(-1)[:, None]  # (dim, 1): each channel's slowest decay
+        if total is not None and bool((total.to(cdt) * rate[:, 0] < HORIZON).any()):
+            return _seq_cap(length, seq_idx)
         rate = rate.to(torch.float64)
         run = delta.new_zeros(delta.shape[:2], dtype=torch.float64)
         first = torch.full(delta.shape[:2], length, dtype=torch.int64, device=delta.device)
@@ -135,7 +139,12 @@ def _reach(delta: Tensor, delta_bias: Tensor | None, softplus: bool, A: Tensor,
                 break
             run = c[..., -1]
         reach = int(first.max())
-    if seq_idx is not None and length > 1:
+    return _seq_cap(reach, seq_idx)
+
+
+def _seq_cap(reach: int, seq_idx: Tensor | None) -> int:
+    """``reach``, but not past the first packed sequence starting inside the shard."""
+    if seq_idx is not None and seq_idx.shape[1] > 1:
         moved = (seq_idx[:, 1:] != seq_idx[:, :-1]).any(0)  # a start at index i + 1
         if bool(moved.any()):
             reach = min(reach, int(moved.to(torch.int8).argmax()) + 1)
@@ -208,14 +217,18 @@ def selective_scan_fn(
         return _scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, True,
                      seq_idx=seq_idx)  # fmt: skip
 
+    sums: list[Tensor] = []
+
     def decay(s):
         total = _StepSum.apply(delta, delta_bias, bool(delta_softplus), s.dtype)
+        sums.append(total.detach())
         return _decay(total, A, seq_idx)
 
     def from_state(h_in, y0):
         if h_in is None:  # the first rank without an initial state (not reached: whole())
             return y0
-        n = _reach(delta, delta_bias, bool(delta_softplus), A, seq_idx, h_in.dtype)
+        n = _reach(delta, delta_bias, bool(delta_softplus), A, seq_idx, h_in.dtype,
+                   sums[0] if sums else None)  # fmt: skip
         if n == 0:
             return y0
         zero = u.new_zeros(u.shape[0], u.shape[1], n)
