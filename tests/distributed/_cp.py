@@ -30,18 +30,6 @@ CASES: dict[str, dict[str, Any]] = {
     ),  # fmt: skip
     # constant B/C, no last state (the first rank's output is tied to the exchange)
     "const2": dict(lengths=(3, 9), bc="const", D=True),
-    # fast decays: the correction of the second shard stops after a few steps
-    "fast2": dict(
-        lengths=(5, 20),
-        bc="var",
-        D=True,
-        z=True,
-        bias=True,
-        softplus=True,
-        h0=True,
-        last=True,
-        fast=True,
-    ),
     # world 3: an empty shard, a one-step shard, packed sequences
     "packed3": dict(lengths=(4, 0, 1), bc="var", h0=True, last=True, seq=(0, 0, 1, 1, 1)),
     "uneven3": dict(
@@ -56,6 +44,8 @@ CASES: dict[str, dict[str, Any]] = {
         seq=(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1),
     ),  # fmt: skip
 }
+# "full" with fast decays: the correction of the second shard stops after a few steps
+CASES["fast2"] = dict(CASES["full"], lengths=(5, 20), fast=True)
 # causal conv (op "conv"): width K, shards shorter than K-1 and empty, packed sequences
 CASES.update({
     "conv2": dict(op="conv", k=4, lengths=(5, 6), bias=True, act="silu", h0=True, last=True),

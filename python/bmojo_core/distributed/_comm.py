@@ -74,19 +74,16 @@ def agree(group: Any, error: BaseException | None, meta: Any) -> list[Any]:
     return [m for _, m in out]
 
 
-class _Gather(torch.autograd.Function):
-    """Stacks every rank's tensor (same shape and dtype) in rank order; the backward sums
-    each rank's gradient of the stack over the ranks and returns this rank's slice, so an
-    entry's gradient reaches the rank that produced it."""
+class _Gathered(torch.autograd.Function):
+    """Every rank's tensor stacked in rank order (gathered already, by
+    :func:`gather_start`); the backward sums each rank's gradient of the stack over the
+    ranks and returns this rank's slice, so an entry's gradient reaches the rank that
+    produced it."""
 
     @staticmethod
-    def forward(ctx, t: Tensor, group: Any, rank: int, world: int) -> Tensor:  # type: ignore[override]
-        import torch.distributed as dist
-
+    def forward(ctx, t: Tensor, stacked: Tensor, group: Any, rank: int) -> Tensor:  # type: ignore[override]
         ctx.group, ctx.rank = group, rank
-        parts = [torch.empty_like(t) for _ in range(world)]
-        dist.all_gather(parts, t.contiguous(), group=group)
-        return torch.stack(parts)
+        return stacked.view_as(stacked)
 
     @staticmethod
     def backward(ctx, g: Tensor):  # type: ignore[override]
@@ -98,14 +95,35 @@ class _Gather(torch.autograd.Function):
 
 
 @_eager
-def gather(t: Tensor, group: Any, rank: int, world: int, *, grad: bool) -> Tensor:
-    """Every rank's ``t`` stacked in rank order, differentiable when ``grad`` (which must be
-    the same on every rank: the backward is a collective every rank has to reach)."""
+def gather_start(t: Tensor, group: Any, world: int, *, grad: bool) -> tuple[Any, ...]:
+    """Starts gathering every rank's ``t`` (an asynchronous all-gather, so that compute can
+    run while it travels); :func:`gather_finish` waits for it. ``grad`` must be the same on
+    every rank (the backward is a collective every rank has to reach)."""
+    import torch.distributed as dist
+
     if grad and not t.requires_grad:
         t = t.detach().requires_grad_()
     if not grad:
         t = t.detach()
-    return _Gather.apply(t, group, rank, world)
+    send = t.detach().contiguous()
+    parts = [torch.empty_like(send) for _ in range(world)]
+    work = dist.all_gather(parts, send, group=group, async_op=True)
+    return t, send, parts, work
+
+
+@_eager
+def gather_finish(started: tuple[Any, ...], group: Any, rank: int) -> Tensor:
+    """The stack ``(world, *t.shape)`` of a :func:`gather_start`, differentiable if it was
+    started with ``grad``."""
+    t, _, parts, work = started
+    work.wait()
+    return _Gathered.apply(t, torch.stack(parts), group, rank)
+
+
+def gather(t: Tensor, group: Any, rank: int, world: int, *, grad: bool) -> Tensor:
+    """Every rank's ``t`` stacked in rank order, differentiable when ``grad`` (which must be
+    the same on every rank: the backward is a collective every rank has to reach)."""
+    return gather_finish(gather_start(t, group, world, grad=grad), group, rank)
 
 
 class _Tie(torch.autograd.Function):

@@ -11,7 +11,19 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._comm import gather
+from ._comm import gather_finish, gather_start
+
+
+def exchange_start(x: Tensor, h: int, before_start: Tensor | None, group: Any, rank: int,
+                   world: int, grad: bool) -> tuple[Any, ...]:  # fmt: skip
+    """Starts :func:`exchange` (the all-gather travels while the caller computes); finish
+    it with ``gather_finish(started, group, rank)``."""
+    b, c, length = x.shape
+    n = min(length, h)
+    tail = torch.cat([x.new_zeros(b, c, h - n), x[..., length - n :]], dim=-1)
+    pre = before_start if (rank == 0 and before_start is not None) else None
+    pre = x.new_zeros(b, c, h) if pre is None else pre.to(x.dtype)
+    return gather_start(torch.stack([tail, pre]), group, world, grad=grad)
 
 
 def exchange(x: Tensor, h: int, before_start: Tensor | None, group: Any, rank: int,
@@ -19,12 +31,8 @@ def exchange(x: Tensor, h: int, before_start: Tensor | None, group: Any, rank: i
     """Every rank's last ``min(L, h)`` positions of ``x (batch, channels, L)``, right-aligned
     in ``h`` slots, and the first rank's ``before_start (batch, channels, h)`` (zeros if
     None): ``(world, 2, batch, channels, h)``."""
-    b, c, length = x.shape
-    n = min(length, h)
-    tail = torch.cat([x.new_zeros(b, c, h - n), x[..., length - n :]], dim=-1)
-    pre = before_start if (rank == 0 and before_start is not None) else None
-    pre = x.new_zeros(b, c, h) if pre is None else pre.to(x.dtype)
-    return gather(torch.stack([tail, pre]), group, rank, world, grad=grad)
+    started = exchange_start(x, h, before_start, group, rank, world, grad)
+    return gather_finish(started, group, rank)
 
 
 def before(parts: Tensor, lengths: list[int], r: int, h: int,

@@ -16,9 +16,9 @@ from torch import Tensor
 
 from .. import _validate as V
 from ..layers import BMojoLayer, BMojoLM, SelectiveSSM, SlidingWindowAttention
-from ._comm import agree, resolve
+from ._comm import agree, gather_finish, resolve
 from ._eidetic import eidetic_tokens
-from ._halo import before, exchange
+from ._halo import before, exchange_start
 from .conv import causal_conv1d_fn
 from .scan import selective_scan_fn
 
@@ -63,14 +63,26 @@ def _lengths(group: Any, x: Any, module: Any) -> tuple[Any, int, int, list[dict[
     return group, rank, world, metas, any(m["grad"] for m in metas)
 
 
-def _halo(x: Tensor, n: int, h: int, metas: list[dict[str, Any]], group: Any, rank: int,
-          world: int, grad: bool) -> Tensor:  # fmt: skip
-    """The ``n ≤ h`` positions of ``x (batch, L, d)``'s sequence just before this rank's
-    shard, ``(batch, n, d)``, gathered from the earlier shards (every rank passes the same
-    ``h``, its largest ``n``)."""
-    parts = exchange(x.transpose(1, 2), h, None, group, rank, world, grad)
+def _halo_start(x: Tensor, h: int, group: Any, rank: int, world: int,
+                grad: bool) -> tuple[Any, ...]:  # fmt: skip
+    """Starts gathering the last ``h`` positions of every rank's ``x (batch, L, d)``."""
+    return exchange_start(x.transpose(1, 2), h, None, group, rank, world, grad)
+
+
+def _halo_finish(started: tuple[Any, ...], n: int, h: int, metas: list[dict[str, Any]],
+                 group: Any, rank: int) -> Tensor:  # fmt: skip
+    """The ``n ≤ h`` positions of the sequence just before this rank's shard,
+    ``(batch, n, d)``, from a :func:`_halo_start` (every rank passes the same ``h``, its
+    largest ``n``)."""
+    parts = gather_finish(started, group, rank)
     halo, _ = before(parts, [m["length"] for m in metas], rank, h, fill=False)
     return halo[..., halo.shape[-1] - n :].transpose(1, 2)
+
+
+def _halo(x: Tensor, n: int, h: int, metas: list[dict[str, Any]], group: Any, rank: int,
+          world: int, grad: bool) -> Tensor:  # fmt: skip
+    """:func:`_halo_finish` of :func:`_halo_start` at once."""
+    return _halo_finish(_halo_start(x, h, group, rank, world, grad), n, h, metas, group, rank)
 
 
 def bmojo_layer(module: BMojoLayer, u: Tensor, *, group: Any = None) -> Tensor:
@@ -87,14 +99,15 @@ def bmojo_layer(module: BMojoLayer, u: Tensor, *, group: Any = None) -> Tensor:
         return selective_ssm(module.ssm, u, group=group)
     if module.ssm is None:
         return sliding_window_attention(module.attn, u, group=group)
-    y = selective_ssm(module.ssm, u, group=group)
     group, rank, world, metas, grad = _lengths(group, u, module)
     w, mf = module.window, module.n_fading
     back = w * math.ceil(max(w, mf) / w)  # whole chunks, enough for every fading token
     start = sum(m["length"] for m in metas[:rank])
     n = start - max(0, start // w * w - back)  # back to a chunk boundary
     h = back + w - 1
-    u_ext = torch.cat([_halo(u, n, h, metas, group, rank, world, grad), u], dim=1)
+    u_halo = _halo_start(u, h, group, rank, world, grad)  # travels while the SSM runs
+    y = selective_ssm(module.ssm, u, group=group)
+    u_ext = torch.cat([_halo_finish(u_halo, n, h, metas, group, rank), u], dim=1)
     y_ext = None
     if mf:
         y_ext = torch.cat([_halo(y, n, h, metas, group, rank, world, grad), y], dim=1)
