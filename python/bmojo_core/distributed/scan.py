@@ -21,6 +21,7 @@ from torch import Tensor
 from ..ops import selective_scan_fn as _scan
 from ..ops.reference._common import compute_dtype
 from ._affine import sharded_scan, starts_inside
+from ._comm import _eager
 
 __all__ = ["selective_scan_fn"]
 
@@ -97,6 +98,21 @@ class _StepSum(torch.autograd.Function):
         return dd, None if db is None else db.to(delta_bias.dtype), None, None
 
 
+@_eager
+def _step_total(delta: Tensor, delta_bias: Tensor | None, softplus: bool,
+                cdt: torch.dtype) -> Tensor:  # fmt: skip
+    """:class:`_StepSum`, run eagerly under torch.compile (its block loop and ``out=``
+    softplus are not for Dynamo to trace)."""
+    return _StepSum.apply(delta, delta_bias, softplus, cdt)
+
+
+@_eager
+def _add_head(y: Tensor, head: Tensor) -> Tensor:
+    """:class:`_AddHead`, run eagerly under torch.compile (an in-place update of an op's
+    output)."""
+    return _AddHead.apply(y, head)
+
+
 def _decay(total: Tensor, A: Tensor, seq_idx: Tensor | None) -> Tensor:
     """``P (batch, dim, N)`` from the shard's summed steps: the product of its per-step
     decays, 0 for a row in which a new packed sequence starts (the state before the shard
@@ -108,6 +124,7 @@ def _decay(total: Tensor, A: Tensor, seq_idx: Tensor | None) -> Tensor:
     return p
 
 
+@_eager
 @torch.no_grad()
 def _reach(delta: Tensor, delta_bias: Tensor | None, softplus: bool, A: Tensor,
            seq_idx: Tensor | None, cdt: torch.dtype,
@@ -220,7 +237,7 @@ def selective_scan_fn(
     sums: list[Tensor] = []
 
     def decay(s):
-        total = _StepSum.apply(delta, delta_bias, bool(delta_softplus), s.dtype)
+        total = _step_total(delta, delta_bias, bool(delta_softplus), s.dtype)
         sums.append(total.detach())
         return _decay(total, A, seq_idx)
 
@@ -237,7 +254,7 @@ def selective_scan_fn(
                       seq_idx=None if seq_idx is None else seq_idx[:, :n])  # fmt: skip
         if z is not None:  # the gate distributes over the sum
             carry = carry * F.silu(z[..., :n].to(carry.dtype))
-        return _AddHead.apply(y0, carry.to(y0.dtype))
+        return _add_head(y0, carry.to(y0.dtype))
 
     def cdt():
         return compute_dtype(u, delta, A, B, C, D, z, delta_bias, initial_state)
