@@ -142,20 +142,27 @@ def single(op: str, length: int, procs: int, repeat: int) -> tuple[float, float]
     return _time(_step(op, length, 0, length, False), repeat)
 
 
-def _count_bytes(counts: dict) -> None:
-    """Wrap the collectives the distributed module uses to add up what this rank gives
-    them (bytes per call kind)."""
+def record_calls(calls: list) -> dict:
+    """Wraps the collectives the distributed module uses so that each call appends
+    ``[kind, bytes this rank gives it]`` to ``calls`` (0 for the agreement step's object
+    all-gather); returns the originals, to put back."""
     import torch.distributed as dist
 
-    for name in ("all_gather", "all_reduce", "send"):
+    originals = {}
+    for name in ("all_gather", "all_reduce", "send", "all_gather_object"):
         orig = getattr(dist, name)
 
         def wrapped(*a, _orig=orig, _name=name, **k):
-            t = a[1] if _name == "all_gather" else a[0]
-            counts[_name] = counts.get(_name, 0) + t.numel() * t.element_size()
+            if _name == "all_gather_object":
+                calls.append([_name, 0])
+            else:
+                t = a[1] if _name == "all_gather" else a[0]
+                calls.append([_name, t.numel() * t.element_size()])
             return _orig(*a, **k)
 
+        originals[name] = orig
         setattr(dist, name, wrapped)
+    return originals
 
 
 def worker(store: str, rank: int, world: int, a: dict, out: str) -> None:
@@ -176,9 +183,13 @@ def worker(store: str, rank: int, world: int, a: dict, out: str) -> None:
         dist.barrier()  # the slowest rank's time
 
     t = _time(run, a["repeat"])  # the slowest rank's times (the barriers)
-    counts: dict = {}
-    _count_bytes(counts)
+    calls: list = []
+    record_calls(calls)
     step()
+    counts: dict = {}
+    for kind, nbytes in calls:  # bytes per collective kind (the agreement step apart)
+        if kind != "all_gather_object":
+            counts[kind] = counts.get(kind, 0) + nbytes
     if rank == min(1, world - 1):
         with open(out, "w", encoding="utf-8") as f:
             json.dump({"time": t, "bytes": counts}, f)

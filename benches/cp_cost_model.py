@@ -43,28 +43,6 @@ LAYERS = {"scan": ("Mamba-1 scan", 1.0), "ssd": ("Mamba-2 SSD", 1.0),
 LOCAL = 4096  # tokens per rank in the recorded runs
 
 
-def _record(calls: list) -> dict:
-    """Wraps the collectives to append ``[kind, bytes]`` to ``calls``; returns the
-    originals."""
-    import torch.distributed as dist
-
-    originals = {}
-    for name in ("all_gather", "all_reduce", "send", "all_gather_object"):
-        orig = getattr(dist, name)
-
-        def wrapped(*a, _orig=orig, _name=name, **k):
-            if _name == "all_gather_object":
-                calls.append([_name, 0])
-            else:
-                t = a[1] if _name == "all_gather" else a[0]
-                calls.append([_name, t.numel() * t.element_size()])
-            return _orig(*a, **k)
-
-        originals[name] = orig
-        setattr(dist, name, wrapped)
-    return originals
-
-
 def worker(store: str, rank: int, out: str) -> None:
     import torch.distributed as dist
     from bmojo_core import set_num_threads
@@ -91,7 +69,7 @@ def worker(store: str, rank: int, out: str) -> None:
         step = cp._step(op, 2 * LOCAL, rank * LOCAL, (rank + 1) * LOCAL, True)
         step()  # warm-up
         calls: list = []
-        originals = _record(calls)
+        originals = cp.record_calls(calls)
         step()
         for name, orig in originals.items():
             setattr(dist, name, orig)

@@ -170,25 +170,24 @@ def test_the_scan_correction_stops_where_the_start_state_has_decayed():
 
     a = -torch.tensor([[1.0, 3.0], [2.0, 5.0]], dtype=torch.float64)  # slowest rates 1, 2
     pre = torch.full((1, 2, 100), math.log(math.expm1(0.7)), dtype=torch.float64)  # Δ = 0.7
-    f64 = torch.float64
     assert scan.HORIZON == 45.0
     # channel 0 passes HORIZON at its 65th step (0.7 · 65 = 45.5), channel 1 at its 33rd
-    assert scan._reach(pre, None, True, a, None, f64) == 64
-    assert scan._reach(pre[..., :50], None, True, a, None, f64) == 50  # not in the shard
+    assert scan._reach(pre, None, True, a, None) == 64
+    assert scan._reach(pre[..., :50], None, True, a, None) == 50  # not in the shard
     seq = torch.zeros(1, 100, dtype=torch.int64)
     seq[:, 30:] = 1
-    assert scan._reach(pre, None, True, a, seq, f64) == 30  # a packed sequence starts at 30
-    assert scan._reach(pre, None, True, -a, None, f64) == 100  # growing modes
-    assert scan._reach(pre, None, False, a, None, f64) == 100  # Δ not a softplus
-    assert scan._reach(pre[..., :0], None, True, a, None, f64) == 0
-    total = torch.full((1, 2), 0.7 * 100, dtype=f64)  # the summed steps: both pass
-    assert scan._reach(pre, None, True, a, None, f64, total) == 64
-    assert scan._reach(pre[..., :50], None, True, a, seq, f64, total[..., :1] / 2) == 30
+    assert scan._reach(pre, None, True, a, seq) == 30  # a packed sequence starts at 30
+    assert scan._reach(pre, None, True, -a, None) == 100  # growing modes
+    assert scan._reach(pre, None, False, a, None) == 100  # Δ not a softplus
+    assert scan._reach(pre[..., :0], None, True, a, None) == 0
+    total = torch.full((1, 2), 0.7 * 100, dtype=torch.float64)  # the summed steps: both pass
+    assert scan._reach(pre, None, True, a, None, total) == 64
+    assert scan._reach(pre[..., :50], None, True, a, seq, total[..., :1] / 2) == 30
     old = scan._BLOCK
     try:  # the same across blocks (the running sum carried over)
         scan._BLOCK = 7
-        assert scan._reach(pre, None, True, a, None, f64) == 64
-        assert scan._reach(pre, None, True, a, seq, f64) == 30
+        assert scan._reach(pre, None, True, a, None) == 64
+        assert scan._reach(pre, None, True, a, seq) == 30
     finally:
         scan._BLOCK = old
 

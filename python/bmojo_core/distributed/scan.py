@@ -33,21 +33,12 @@ HORIZON = 45.0
 _BLOCK = 2048
 
 
-def _steps(delta: Tensor, delta_bias: Tensor | None, softplus: bool, cdt: torch.dtype,
-           lo: int, hi: int) -> Tensor:  # fmt: skip
-    """The step sizes the scan uses at positions [lo, hi), ``(batch, dim, hi - lo)``
-    (softplus with mamba_ssm's threshold: the identity above 20, as ``F.softplus``)."""
-    dt = delta[..., lo:hi].to(cdt)
-    if delta_bias is not None:
-        dt = dt + delta_bias.to(cdt)[:, None]
-    return F.softplus(dt) if softplus else dt
-
-
 def _blocks(delta: Tensor, delta_bias: Tensor | None, softplus: bool):
     """The steps block by block, ``(lo, Δ[..., lo:lo + block])`` in float64 (more exact
-    sums; and torch's float64 softplus is vectorised where its float32 one is not), in
-    two buffers reused from block to block (no fresh memory per block). A yielded block
-    is valid until the next is asked for."""
+    sums; and torch's float64 softplus is vectorised where its float32 one is not;
+    mamba_ssm's threshold: the identity above 20), in two buffers reused from block to
+    block (no fresh memory per block). A yielded block is valid until the next is asked
+    for. Without ``softplus``, the pre-activations."""
     length = delta.shape[-1]
     if length == 0:
         return
@@ -76,23 +67,21 @@ class _StepSum(torch.autograd.Function):
         for _, dt in _blocks(delta, delta_bias, softplus):
             total += dt.sum(-1)
         ctx.save_for_backward(delta, delta_bias)
-        ctx.softplus, ctx.cdt = softplus, cdt
+        ctx.softplus = softplus
         return total.to(cdt)
 
     @staticmethod
     def backward(ctx, g):  # type: ignore[override]
         delta, delta_bias = ctx.saved_tensors
-        length = delta.shape[-1]
+        g = g.to(torch.float64)[..., None]
         dd = torch.empty_like(delta)
         db = None if delta_bias is None else g.new_zeros(delta.shape[1])
-        for lo in range(0, length, _BLOCK):
-            hi = min(lo + _BLOCK, length)
+        for lo, x in _blocks(delta, delta_bias, False):
             if ctx.softplus:  # softplus' = sigmoid below the threshold, 1 above
-                x = _steps(delta, delta_bias, False, ctx.cdt, lo, hi)
-                piece = torch.where(x > 20, 1.0, torch.sigmoid(x)) * g[..., None]
+                piece = torch.where(x > 20, 1.0, torch.sigmoid(x)) * g
             else:
-                piece = g[..., None].expand(*g.shape, hi - lo)
-            dd[..., lo:hi] = piece
+                piece = g.expand(*g.shape[:2], x.shape[-1])
+            dd[..., lo : lo + x.shape[-1]] = piece
             if db is not None:
                 db += piece.sum((0, 2))
         return dd, None if db is None else db.to(delta_bias.dtype), None, None
@@ -127,8 +116,7 @@ def _decay(total: Tensor, A: Tensor, seq_idx: Tensor | None) -> Tensor:
 @_eager
 @torch.no_grad()
 def _reach(delta: Tensor, delta_bias: Tensor | None, softplus: bool, A: Tensor,
-           seq_idx: Tensor | None, cdt: torch.dtype,
-           total: Tensor | None = None) -> int:  # fmt: skip
+           seq_idx: Tensor | None, total: Tensor | None = None) -> int:  # fmt: skip
     """How many leading steps of the shard the state before it still reaches: up to the
     first step from which, in every row and channel, ``min_n |A[d, n]| · Σ_{s≤t} Δ_s ≥
     HORIZON`` (each decay ``exp(A[d, n] · ΣΔ)`` is then below ``e^-HORIZON``, and stays so),
@@ -141,10 +129,9 @@ def _reach(delta: Tensor, delta_bias: Tensor | None, softplus: bool, A: Tensor,
         return 0
     reach = length
     if softplus and bool((A <= 0).all()):
-        rate = (-A.to(cdt)).amin(-1)[:, None]  # (dim, 1): each channel's slowest decay
-        if total is not None and bool((total.to(cdt) * rate[:, 0] < HORIZON).any()):
+        rate = (-A.to(torch.float64)).amin(-1)[:, None]  # (dim, 1): slowest decay
+        if total is not None and bool((total.to(torch.float64) * rate[:, 0] < HORIZON).any()):
             return _seq_cap(length, seq_idx)
-        rate = rate.to(torch.float64)
         run = delta.new_zeros(delta.shape[:2], dtype=torch.float64)
         first = torch.full(delta.shape[:2], length, dtype=torch.int64, device=delta.device)
         for lo, dt in _blocks(delta, delta_bias, True):
@@ -241,10 +228,8 @@ def selective_scan_fn(
         sums.append(total.detach())
         return _decay(total, A, seq_idx)
 
-    def from_state(h_in, y0):
-        if h_in is None:  # the first rank without an initial state (not reached: whole())
-            return y0
-        n = _reach(delta, delta_bias, bool(delta_softplus), A, seq_idx, h_in.dtype,
+    def from_state(h_in, y0):  # ranks after the first (the first runs whole())
+        n = _reach(delta, delta_bias, bool(delta_softplus), A, seq_idx,
                    sums[0] if sums else None)  # fmt: skip
         if n == 0:
             return y0
