@@ -1,7 +1,8 @@
 """Context-parallel ops vs one process, at equal total cores.
 
-    python benches/context_parallel.py [--op scan|ssd|lm|all] [--length L] [--procs 2]
-                                       [--repeat 3] [--json FILE]
+    python benches/context_parallel.py [--op scan|scan-init|ssd|lm|all] [--length L]
+        [--procs 2] [--repeat 5] [--rounds 3] [--schedule auto|pipeline|exchange]
+        [--json FILE]
 
 Times forward + backward on the whole sequence in one process with ``procs`` threads, then
 through :mod:`bmojo_core.distributed` on ``procs`` gloo processes (loopback) with one
@@ -15,10 +16,15 @@ thread each, the sequence split evenly; fp32, batch 1:
 - ``lm``: a 2-layer B'MOJO ``BMojoLM`` (d_model 256, window 128, 32 fading and 32 eidetic
   tokens, top-k), L=32768, the loss a sum over the logits.
 
-Prints the fastest and the median of ``repeat`` runs, the context-parallel overhead (its
-time over the single process's, minus one) and what rank 1 passed to the collectives per
-call (counted by wrapping them: the tensors given to all-gather / all-reduce / send; the
-small ``all_gather_object`` agreement step apart).
+The two are timed in alternating rounds (one process, then the processes, ``rounds``
+times; each the fastest and the median of ``repeat`` runs): this VM's speed drifts by tens
+of per cent over minutes, and alternating keeps each pair under the same conditions. Prints
+each round, the median over the rounds of the context-parallel overhead (the processes'
+fastest time over the one process's, minus one; and the same of the medians) and what rank 1
+passed to the collectives per call (counted by wrapping them: the tensors given to
+all-gather / all-reduce / send / isend; the small ``all_gather_object`` agreement step
+apart). ``--schedule`` picks the scans' schedule over shards (default "auto": the pipeline
+at these sizes).
 """
 
 from __future__ import annotations
@@ -97,8 +103,9 @@ def _lm(length: int, lo: int, hi: int):
     return model, tokens
 
 
-def _step(op: str, length: int, lo: int, hi: int, sharded: bool):
-    """A function running one forward + backward on positions [lo, hi)."""
+def _step(op: str, length: int, lo: int, hi: int, sharded: bool, schedule: str = "auto"):
+    """A function running one forward + backward on positions [lo, hi) (``schedule``: the
+    scans' over shards)."""
     if op == "lm":
         model, tokens = _lm(length, lo, hi)
         if sharded:
@@ -111,12 +118,16 @@ def _step(op: str, length: int, lo: int, hi: int, sharded: bool):
         from bmojo_core.distributed import selective_scan_fn as dist_fn
 
         kw = _scan_inputs(length, lo, hi, mamba_init=op == "scan-init")
+        if sharded:
+            kw["schedule"] = schedule
         fn = dist_fn if sharded else single
         return lambda: fn(**kw, delta_softplus=True).sum().backward()
     from bmojo_core import mamba_chunk_scan_combined as single
     from bmojo_core.distributed import mamba_chunk_scan_combined as dist_fn
 
     kw = _ssd_inputs(length, lo, hi)
+    if sharded:
+        kw["schedule"] = schedule
     fn = dist_fn if sharded else single
     return lambda: fn(**kw, chunk_size=256, dt_softplus=True).sum().backward()
 
@@ -149,7 +160,7 @@ def record_calls(calls: list) -> dict:
     import torch.distributed as dist
 
     originals = {}
-    for name in ("all_gather", "all_reduce", "send", "all_gather_object"):
+    for name in ("all_gather", "all_reduce", "send", "isend", "all_gather_object"):
         orig = getattr(dist, name)
 
         def wrapped(*a, _orig=orig, _name=name, **k):
@@ -175,7 +186,7 @@ def worker(store: str, rank: int, world: int, a: dict, out: str) -> None:
                             world_size=world, timeout=datetime.timedelta(seconds=600))  # fmt: skip
     per = a["length"] // world
     lo, hi = rank * per, (a["length"] if rank == world - 1 else (rank + 1) * per)
-    step = _step(a["op"], a["length"], lo, hi, True)
+    step = _step(a["op"], a["length"], lo, hi, True, a["schedule"])
 
     def run():
         dist.barrier()
@@ -196,10 +207,10 @@ def worker(store: str, rank: int, world: int, a: dict, out: str) -> None:
     dist.destroy_process_group()
 
 
-def parallel(op: str, length: int, procs: int, repeat: int) -> dict:
+def parallel(op: str, length: int, procs: int, repeat: int, schedule: str = "auto") -> dict:
     with tempfile.TemporaryDirectory() as d:
         store, out = os.path.join(d, "store"), os.path.join(d, "out.json")
-        a = json.dumps({"op": op, "length": length, "repeat": repeat})
+        a = json.dumps({"op": op, "length": length, "repeat": repeat, "schedule": schedule})
         env = dict(os.environ, OMP_NUM_THREADS="1")
         procs_ = [
             subprocess.Popen(
@@ -230,24 +241,39 @@ def main() -> None:
     ap.add_argument("--op", choices=("scan", "scan-init", "ssd", "lm", "all"), default="all")
     ap.add_argument("--length", type=int, default=None, help="default: 65536 (lm: 32768)")
     ap.add_argument("--procs", type=int, default=2)
-    ap.add_argument("--repeat", type=int, default=7)
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--json", default=None, help="also write the figures to this file")
+    ap.add_argument(
+        "--schedule",
+        choices=("auto", "pipeline", "exchange"),
+        default="auto",
+        help="the scans' schedule over shards (auto: pipelined at these sizes)",
+    )
     args = ap.parse_args()
     rows = []
     for op in ("scan", "scan-init", "ssd", "lm") if args.op == "all" else (args.op,):
         length = args.length or DEFAULT_LENGTH[op]
-        (t1, m1) = single(op, length, args.procs, args.repeat)
-        res = parallel(op, length, args.procs, args.repeat)
-        (tp, mp), counts = res["time"], res["bytes"]
-        rows.append({"op": op, "length": length, "procs": args.procs, "single_s": t1,
-                     "parallel_s": tp, "single_median_s": m1, "parallel_median_s": mp,
-                     "bytes": counts})  # fmt: skip
-        print(f"{TITLE[op]}, L={length}, B=1, fp32, forward + backward "
-              f"(fastest / median of {args.repeat})")  # fmt: skip
-        print(f"  1 process x {args.procs} threads:  {t1 * 1e3:9.1f} / {m1 * 1e3:9.1f} ms")
-        print(f"  {args.procs} processes x 1 thread:  {tp * 1e3:9.1f} / {mp * 1e3:9.1f} ms  "
-              f"(context-parallel overhead {100 * (tp / t1 - 1):+.0f} % / "
-              f"{100 * (mp / m1 - 1):+.0f} %)")  # fmt: skip
+        print(f"{TITLE[op]}, L={length}, B=1, fp32, forward + backward (fastest / median "
+              f"of {args.repeat}; schedule {args.schedule})", flush=True)  # fmt: skip
+        rounds = []
+        for i in range(args.rounds):
+            t1, m1 = single(op, length, args.procs, args.repeat)
+            res = parallel(op, length, args.procs, args.repeat, args.schedule)
+            (tp, mp), counts = res["time"], res["bytes"]
+            rounds.append({"single_s": t1, "single_median_s": m1, "parallel_s": tp,
+                           "parallel_median_s": mp})  # fmt: skip
+            print(f"  round {i + 1}: 1 process x {args.procs} threads {t1 * 1e3:7.1f} / "
+                  f"{m1 * 1e3:7.1f} ms, {args.procs} processes x 1 thread {tp * 1e3:7.1f} / "
+                  f"{mp * 1e3:7.1f} ms ({100 * (tp / t1 - 1):+.0f} % / "
+                  f"{100 * (mp / m1 - 1):+.0f} %)", flush=True)  # fmt: skip
+        fast = statistics.median(r["parallel_s"] / r["single_s"] - 1 for r in rounds)
+        med = statistics.median(r["parallel_median_s"] / r["single_median_s"] - 1 for r in rounds)
+        rows.append({"op": op, "length": length, "procs": args.procs, "rounds": rounds,
+                     "overhead": fast, "overhead_of_medians": med, "bytes": counts,
+                     "schedule": args.schedule})  # fmt: skip
+        print(f"  context-parallel overhead, median over {args.rounds} rounds: "
+              f"{100 * fast:+.0f} % (fastest runs) / {100 * med:+.0f} % (medians)")  # fmt: skip
         parts = ", ".join(f"{k} {v / 1e3:.1f} kB" for k, v in sorted(counts.items()))
         print(f"  rank 1 per call: {parts}", flush=True)
     if args.json:

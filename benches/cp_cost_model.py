@@ -13,7 +13,10 @@
    agreement step 2(R − 1)α, the eidetic relay (a chain through the ranks) (R − 1)(α +
    b/β). Prints the exchange time per layer and the tokens per rank above which it is
    under 10 % (the overhead target) and under 100 % of the layer's compute (where it
-   could hide behind it, were it overlapped).
+   could hide behind it, were it overlapped) — for the exchange schedule of the scans.
+3. For the pipelined scans, the tokens per rank above which the pipeline's cost (the last
+   rank starts ``R − 1`` blocks and messages late, forward and backward; blocks by the
+   library's rule, ``_pipeline.block_count``) is under 10 % of the compute.
 
 Layers: the Mamba-1 scan (D=1536, N=16), the Mamba-2 SSD scan (24 × 64 channels, N=16)
 and one B'MOJO block of the 2-layer BMojoLM of ``benches/context_parallel.py`` (d_model
@@ -65,6 +68,9 @@ def worker(store: str, rank: int, out: str) -> None:
             ts.append(time.perf_counter() - t0)
         res["allgather"][size] = statistics.median(ts)
     res["calls"] = {}
+    from bmojo_core.distributed import _pipeline as P
+
+    P.MAX_BUBBLE = -1.0  # the exchange schedule everywhere (the pipeline is modelled apart)
     for op in LAYERS:
         step = cp._step(op, 2 * LOCAL, rank * LOCAL, (rank + 1) * LOCAL, True)
         step()  # warm-up
@@ -126,6 +132,43 @@ def exchange_time(calls: list, share: float, ranks: int, alpha: float, beta: flo
     return t * share
 
 
+# The pipelined scans (``bmojo_core.distributed._pipeline``): its block rule, and the state
+# bytes per rank (batch 1, fp32) and most blocks (channels / heads) of each scan.
+PIPELINED = {"scan": (1536 * 16 * 4, 1536, 1536 * 16), "ssd": (24 * 64 * 16 * 4, 24, 24 * 64 * 16)}
+
+
+def pipeline_fraction(op: str, tok: float, length: int, ranks: int, alpha: float,
+                      beta: float) -> float:  # fmt: skip
+    """The pipelined scan's cost over a shard's compute, at ``length`` tokens per rank:
+    the last rank starts ``ranks - 1`` blocks (and messages) late, forward and backward
+    alike (the bubble), plus the agreement step; the other messages travel while blocks
+    are computed."""
+    from bmojo_core.distributed import _pipeline as P
+
+    nbytes, most, per_token_work = PIPELINED[op]
+    k = P.block_count(ranks, most, per_token_work * length)
+    compute = tok * length
+    exposed = (ranks - 1) * (compute / k + 2 * (alpha + nbytes / (k * beta)))
+    return (exposed + 2 * (ranks - 1) * alpha) / compute
+
+
+def pipeline_tokens(op: str, tok: float, ranks: int, alpha: float, beta: float,
+                    target: float = 0.1) -> float | None:  # fmt: skip
+    """The fewest tokens per rank for which the pipeline's cost is under ``target`` of the
+    compute (None: never, too few blocks for the ranks)."""
+    hi = 1 << 26
+    if pipeline_fraction(op, tok, hi, ranks, alpha, beta) > target:
+        return None
+    lo = 1
+    while hi - lo > 1:  # the fraction falls with the length (more, then cheaper, messages)
+        mid = (lo + hi) // 2
+        if pipeline_fraction(op, tok, mid, ranks, alpha, beta) <= target:
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
         worker(sys.argv[2], int(sys.argv[3]), sys.argv[4])
@@ -157,6 +200,16 @@ def main() -> None:
                              "per_token_s": tok, "bytes": nbytes, "calls": ncalls,
                              "tokens_10pct": l10, "tokens_100pct": l100})  # fmt: skip
                 print(f"  {ranks:>5} {gbps:>5} {t * 1e3:>8.2f} ms {l10:>18,.0f} {l100:>19,.0f}")
+        if op not in PIPELINED:
+            continue
+        print("  pipelined: tokens per rank for bubble + exposed messages <= 10 %")
+        print(f"  {'ranks':>5} {'Gb/s':>5} {'L/rank':>10}")
+        for ranks in (2, 4, 8, 16, 32, 64):
+            for gbps in (25, 400):
+                n = pipeline_tokens(op, tok, ranks, 10e-6, gbps * 1e9 / 8)
+                rows.append({"layer": op, "schedule": "pipeline", "ranks": ranks, "gbps": gbps,
+                             "per_token_s": tok, "tokens_10pct": n})  # fmt: skip
+                print(f"  {ranks:>5} {gbps:>5} {'never' if n is None else f'{n:,}':>10}")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump({"alpha_loopback_s": a_loop, "beta_loopback_Bps": b_loop,

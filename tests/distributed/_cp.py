@@ -103,6 +103,18 @@ CASES.update(
         "fsdp2": dict(op="lm", lengths=(7, 6), fsdp=True),
     }
 )
+# the pipelined schedule (forced: these inputs are too small for "auto" to choose it),
+# over the same shapes as above
+PIPELINED = ("full", "packed2", "const2", "packed3", "uneven3", "ssd2", "ssd2seq", "ssd3",
+             "ssd3in")  # fmt: skip
+CASES.update({f"{n}/pipe": dict(CASES[n], schedule="pipeline") for n in PIPELINED})
+# layers whose scans pipeline by "auto" (the worker lowers the least work per block)
+CASES.update(
+    {
+        f"{n}/pipe": dict(CASES[n], tiny_blocks=True)
+        for n in ("ssmlayer3", "bmojo2", "bmojo3", "lm2", "lm3", "compile2", "ddp2", "fsdp2")
+    }
+)
 WORLD_LAYERS = {"ssmlayer2": 2, "ssmlayer3": 3, "swa2": 2, "swa3": 3, "bmojof2": 2,
                 "bmojof3": 3, "bmojof3b": 3, "bmojossm2": 2, "bmojoswa2": 2, "bmojo2": 2,
                 "bmojo3": 3, "bmojo3e": 3, "bmojo3t": 3, "lm2": 2, "lm3": 3, "ddp2": 2,
@@ -110,6 +122,9 @@ WORLD_LAYERS = {"ssmlayer2": 2, "ssmlayer3": 3, "swa2": 2, "swa3": 3, "bmojof2":
 WORLD = {**WORLD_LAYERS, "ssd2": 2, "ssd2seq": 2, "ssd3": 3, "ssd3in": 3, "full": 2,
          "fast2": 2, "packed2": 2, "const2": 2, "packed3": 3, "uneven3": 3, "conv2": 2,
          "conv2short": 2, "conv2k1": 2, "conv3": 3, "conv3seq": 3}  # fmt: skip
+WORLD_LAYERS.update({f"{n}/pipe": WORLD[n] for n in CASES if f"{n}/pipe" in CASES
+                     and CASES[f"{n}/pipe"].get("tiny_blocks")})  # fmt: skip
+WORLD.update({n: WORLD[n.split("/")[0]] for n in CASES if n.endswith("/pipe")})
 SHARDED = ("u", "delta", "z", "B", "C", "x", "dt", "tokens")  # split along L when time-varying
 BATCH, DIM, N, G = 2, 4, 3, 2
 
@@ -152,6 +167,8 @@ def inputs(name: str) -> dict[str, Any]:
         if "limit" in case:
             kw["dt_limit"] = case["limit"]
         kw["return_final_states"] = bool(case.get("last"))
+        if "schedule" in case:
+            kw["schedule"] = case["schedule"]
         w = torch.randn(BATCH, length, h, p, generator=g, dtype=torch.float64)
         v = torch.randn(BATCH, h, p, n, generator=g, dtype=torch.float64)
         return {"kw": kw, "w": w, "v": v, "bc": None, "op": "ssd", "axis": 1,
@@ -196,6 +213,8 @@ def inputs(name: str) -> dict[str, Any]:
     if "seq" in case:
         seq = torch.tensor(case["seq"], dtype=torch.int64)
         kw["seq_idx"] = torch.stack([seq, torch.zeros_like(seq)])  # row 1: one sequence
+    if "schedule" in case:
+        kw["schedule"] = case["schedule"]
     w = torch.randn(BATCH, DIM, length, generator=g, dtype=torch.float64)
     v = torch.randn(BATCH, DIM, N, generator=g, dtype=torch.float64)
     return {"kw": kw, "w": w, "v": v, "bc": bc, "op": "scan", "axis": -1,
@@ -276,24 +295,39 @@ def _full(g: Any) -> Any:
     return g.full_tensor() if hasattr(g, "full_tensor") else g
 
 
+def _outcome(fn: Any, kw: dict[str, Any]) -> str:
+    """What a call expected to fail on every rank raised (or "no error")."""
+    try:
+        fn(**kw)
+    except Exception as exc:  # noqa: BLE001 - reported to the test
+        return f"{type(exc).__name__}: {exc}"
+    return "no error"
+
+
 def main(store: str, rank: int, world: int, out_dir: str, names: list[str]) -> None:
     import torch.distributed as dist
     from bmojo_core import distributed as bd
+    from bmojo_core.distributed import _pipeline as P
 
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
                             world_size=world, timeout=datetime.timedelta(seconds=60))  # fmt: skip
     results: dict[str, Any] = {}
+    least = P.MIN_BLOCK_WORK
     try:
         for name in names:
             if name == "bad-shape":  # a bad argument on rank 1 only
                 d = shard("full", inputs("full"), min(rank, 1))
                 if rank == 1:
                     d["kw"]["u"] = d["kw"]["u"][:, :, :-1]  # shorter than delta
-                try:
-                    bd.selective_scan_fn(**d["kw"])
-                    results[name] = "no error"
-                except Exception as exc:  # noqa: BLE001 - reported to the test
-                    results[name] = f"{type(exc).__name__}: {exc}"
+                results[name] = _outcome(bd.selective_scan_fn, d["kw"])
+                continue
+            if name in ("bad-schedule", "mixed-schedule"):  # on rank 1 / different per rank
+                d = shard("full", inputs("full"), rank)
+                if name == "bad-schedule":
+                    d["kw"]["schedule"] = "fastest" if rank == 1 else "auto"
+                else:
+                    d["kw"]["schedule"] = ("pipeline", "exchange")[rank % 2]
+                results[name] = _outcome(bd.selective_scan_fn, d["kw"])
                 continue
             if name in ("bad-cu", "mismatch"):  # cu_seqlens on rank 0; other dims on rank 1
                 d = shard("ssd2", inputs("ssd2"), rank)
@@ -303,15 +337,12 @@ def main(store: str, rank: int, world: int, out_dir: str, names: list[str]) -> N
                     d["kw"]["x"] = d["kw"]["x"][:, :, :, :2]
                     d["kw"]["z"] = d["kw"]["z"][:, :, :, :2]
                     d["kw"]["initial_states"] = None
-                try:
-                    bd.mamba_chunk_scan_combined(**d["kw"])
-                    results[name] = "no error"
-                except Exception as exc:  # noqa: BLE001 - reported to the test
-                    results[name] = f"{type(exc).__name__}: {exc}"
+                results[name] = _outcome(bd.mamba_chunk_scan_combined, d["kw"])
                 continue
             data = inputs(name)
             d = shard(name, data, rank)
             mod = None
+            P.MIN_BLOCK_WORK = 1 if CASES[name].get("tiny_blocks") else least
             if data["op"] in ("ssmlayer", "swa", "bmojo", "lm"):
                 mod = module(name)
                 fn = {"ssmlayer": bd.selective_ssm, "swa": bd.sliding_window_attention,

@@ -65,7 +65,7 @@ def _reference(name: str) -> dict:
     else:
         fn = {"conv": causal_conv1d_fn, "scan": selective_scan_fn,
               "ssd": mamba_chunk_scan_combined}[data["op"]]  # fmt: skip
-        out = fn(**data["kw"])
+        out = fn(**{k: v for k, v in data["kw"].items() if k != "schedule"})
     _cp.loss(out, data["w"], data["v"], data["last"]).backward()
     return data, out
 
@@ -78,6 +78,9 @@ def _check(name: str, ranks: list[dict]) -> None:
     axis = data["axis"]
     got = torch.cat([r[name]["out"] for r in ranks], dim=axis)
     torch.testing.assert_close(got, y.detach(), rtol=0, atol=1e-12)
+    if _cp.CASES[name].get("schedule") == "pipeline" and data["op"] == "scan":
+        # each channel scanned once, from its true start state, as in one process
+        assert torch.equal(got, y.detach())
     if last:
         for r in ranks:  # the state after the whole sequence, bitwise the same on every rank
             assert torch.equal(r[name]["last"], ranks[0][name]["last"])
@@ -106,7 +109,8 @@ def _check(name: str, ranks: list[dict]) -> None:
 
 @pytest.fixture(scope="module")
 def two(tmp_path_factory):
-    names = [n for n, w in _cp.WORLD.items() if w == 2] + ["bad-shape", "bad-cu", "mismatch"]
+    names = [n for n, w in _cp.WORLD.items() if w == 2]
+    names += ["bad-shape", "bad-cu", "mismatch", "bad-schedule", "mixed-schedule"]
     return _launch(tmp_path_factory.mktemp("cp2"), 2, names)
 
 
@@ -148,6 +152,48 @@ def test_unsupported_or_inconsistent_arguments_fail_every_rank_alike(two):
     assert "(on rank 0 of 2)" in cu[0]
     mm = [r["mismatch"] for r in two]
     assert mm[0] == mm[1] and "expected the same state shape on every rank" in mm[0], mm
+
+
+def test_a_bad_or_inconsistent_schedule_fails_every_rank_alike(two):
+    bad = [r["bad-schedule"] for r in two]
+    assert bad[0] == bad[1] and bad[0].startswith("BmojoValueError: schedule:"), bad
+    assert "'fastest'" in bad[0] and "(on rank 1 of 2)" in bad[0], bad[0]
+    mixed = [r["mixed-schedule"] for r in two]
+    assert mixed[0] == mixed[1], mixed
+    assert "schedule: expected the same on every rank" in mixed[0], mixed[0]
+
+
+def test_pipeline_blocks_keep_every_grouped_input_a_slice():
+    from bmojo_core.distributed._pipeline import block_ranges
+
+    for channels, groups, blocks in [(12, [], 5), (12, [3], 2), (12, [3], 7), (12, [2, 3], 2),
+                                     (12, [4, 4], 16), (6, [6], 4), (1536, [1], 32)]:  # fmt: skip
+        ranges = block_ranges(channels, groups, blocks)
+        assert ranges[0][0] == 0 and ranges[-1][1] == channels
+        pairs = zip(ranges, ranges[1:], strict=False)
+        assert all(a[1] == b[0] and a[0] < a[1] for a, b in pairs)
+        for g in groups:  # whole groups of every grouped input, or a part of one
+            q = channels // g
+            for c0, c1 in ranges:
+                assert (c0 % q == 0 and c1 % q == 0) or c0 // q == (c1 - 1) // q
+        assert len(ranges) >= min(blocks, channels)
+
+
+def test_auto_pipelines_only_when_its_bubble_is_small():
+    from bmojo_core.distributed import _pipeline as P
+    from bmojo_core.distributed._affine import _schedule
+
+    def metas(most, work, world):
+        return [{"most": most, "work": work}] * world
+
+    long = 1536 * 16 * 32768  # the benchmark's shard: 32 blocks, a 1/32 bubble
+    assert _schedule("auto", metas(1536, long, 2), 2) == P.BLOCKS_PER_BOUNDARY
+    assert _schedule("auto", metas(1536, 1000, 2), 2) == 0  # too little work per block
+    assert _schedule("auto", metas(24, long, 2), 2) == 24  # SSD: one block per head
+    assert _schedule("auto", metas(24, long, 8), 8) == 0  # 7 / 24 of a scan idle: exchange
+    assert _schedule("auto", metas(1536, long, 1), 1) == 0
+    assert _schedule("exchange", metas(1536, long, 2), 2) == 0
+    assert _schedule("pipeline", metas(4, 10, 3), 3) == 4
 
 
 def test_needs_an_initialised_process_group():

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from ..errors import BmojoTypeError, BmojoValueError
+from . import _pipeline as P
 from ._comm import agree, gather, resolve, tie
 
 
@@ -47,16 +48,20 @@ def check_consistent(metas: list[dict[str, Any]], first_arg: str) -> None:
                 f"{first_arg}: expected the same compute dtype on every rank, got "
                 f"{ref['dtype']} on rank 0 and {m['dtype']} on rank {r}"
             )
+        if m["schedule"] != ref["schedule"]:
+            raise BmojoValueError(
+                f"schedule: expected the same on every rank, got {ref['schedule']!r} on rank 0 "
+                f"and {m['schedule']!r} on rank {r}"
+            )
         if m["seq_idx"] != ref["seq_idx"]:
             raise BmojoValueError("seq_idx: expected on every rank or on none")
 
 
 def chain(p: Tensor, s: Tensor, metas: list[dict[str, Any]], group: Any, rank: int,
-          world: int) -> tuple[Tensor, Tensor, Tensor, bool]:  # fmt: skip
+          world: int, grad: bool) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """``(state before this rank's shard, state after the whole sequence, the exchanged
-    tensor, whether the exchange is differentiated)``; ``p`` and ``s`` have the state's
-    shape, batch first."""
-    grad = any(m["grad"] for m in metas)
+    tensor)``; ``p`` and ``s`` have the state's shape, batch first; ``grad``: whether the
+    exchange is differentiated."""
     both = gather(torch.stack([p, s]), group, rank, world, grad=grad)  # (world, 2, *state)
     starts = _boundary_starts(metas, s.device)
     h = torch.zeros_like(s)
@@ -69,7 +74,7 @@ def chain(p: Tensor, s: Tensor, metas: list[dict[str, Any]], group: Any, rank: i
         if r + 1 < world and starts[r + 1] is not None:
             nxt = nxt * (~starts[r + 1]).to(nxt.dtype).view(shape)
         h = nxt
-    return h_in, h, both, grad
+    return h_in, h, both
 
 
 def _boundary_starts(metas: list[dict[str, Any]], device: torch.device) -> list[Tensor | None]:
@@ -88,21 +93,45 @@ def _boundary_starts(metas: list[dict[str, Any]], device: torch.device) -> list[
     return out
 
 
+SCHEDULES = ("auto", "pipeline", "exchange")
+
+
+def _schedule(schedule: Any, metas: list[dict[str, Any]], world: int) -> int:
+    """Blocks of the pipeline (0: the exchange schedule) for the agreed ``metas``: "auto"
+    pipelines when its bubble is small (:func:`._pipeline.worth_it`); "pipeline" always,
+    in as many blocks as the channels allow."""
+    if schedule == "exchange" or world == 1 and schedule == "auto":
+        return 0
+    most = metas[0]["most"]
+    if schedule == "pipeline":
+        return max(1, min(most, P.BLOCKS_PER_BOUNDARY * max(world - 1, 1)))
+    k = P.block_count(world, most, sum(m["work"] for m in metas) / world)
+    return k if P.worth_it(world, k) else 0
+
+
 def sharded_scan(
     group: Any,
     seq_idx: Tensor | None,
     first_arg: str,
-    cdt: Callable[[], torch.dtype],  # also checks what the ops do not
+    check: Callable[[], dict[str, Any]],
     whole: Callable[[], tuple[Tensor, Tensor]] | None,
     from_zero: Callable[[], tuple[Any, Tensor]],
     decay: Callable[[Tensor], Tensor],
     from_state: Callable[[Tensor | None, Any], Tensor],
     return_state: bool,
     initial: Tensor | None = None,
+    *,
+    plan: Callable[[int, Tensor | None], P.Plan],
+    schedule: Any = "auto",
 ):
-    """A diagonal scan over shards. Every rank but the first runs ``from_zero()``
-    (``(partial, s)``: what a zero start gives of its output, if anything, and its end
-    state) and ``decay(s)`` (its P), then, once the states are exchanged,
+    """A diagonal scan over shards. ``check()`` checks the arguments (all of them: what
+    follows runs after the ranks agreed that every rank's are good) and returns this
+    rank's ``dtype`` (compute dtype), ``shape`` (the state's), ``grad`` (whether anything
+    is differentiated), ``work`` (state-element steps) and ``most`` (the most blocks of
+    the pipeline). Then either the pipeline (:mod:`._pipeline`; ``plan(blocks, keep)``
+    describes the op) or the exchange schedule: every rank but the first runs
+    ``from_zero()`` (``(partial, s)``: what a zero start gives of its output, if anything,
+    and its end state) and ``decay(s)`` (its P), then, once the states are exchanged,
     ``from_state(h_in, partial)`` (its output from the state before its shard). The
     first rank runs ``whole()`` (its output and end state from the known start), or, if
     ``whole`` is None (``from_zero`` is then much cheaper than a scan: the ranks exchange
@@ -110,28 +139,45 @@ def sharded_scan(
     before the sequence, or None) as its start. Returns ``out`` or ``(out, state after the
     whole sequence)``."""
     group, rank, world = resolve(group)
-    meta: dict[str, Any] = {"seq_idx": seq_idx is not None, **seq_meta(seq_idx, 1)}
+    meta: dict[str, Any] = {"seq_idx": seq_idx is not None, **seq_meta(seq_idx, 1),
+                            "schedule": schedule}  # fmt: skip
     err: BaseException | None = None
-    local = partial = None
     try:
-        dtype = cdt()
-        if rank == 0 and whole is not None:  # one scan gives its output and its end
-            local = whole()
-            s = local[1]
-            p = torch.zeros_like(s)
-        else:
-            partial, s = from_zero()
-            p = decay(s)
-            if rank == 0:  # the start is known: the end state is the map applied to it
-                if initial is not None:
-                    s = p * initial.to(s.dtype) + s
-                p = torch.zeros_like(s)
-        meta.update(shape=tuple(s.shape), dtype=str(dtype), grad=bool(s.requires_grad))
+        if not isinstance(schedule, str) or schedule not in SCHEDULES:
+            raise BmojoValueError(
+                f"schedule: expected one of {', '.join(map(repr, SCHEDULES))}, got {schedule!r}"
+            )
+        info = check()
+        meta.update(info, dtype=str(info["dtype"]))
     except Exception as exc:  # every rank must hear of it before any waits on a collective
         err = exc
     metas = agree(group, err, meta)
     check_consistent(metas, first_arg)
-    h_in, h_end, both, grad = chain(p, s, metas, group, rank, world)
+    grad = any(m["grad"] for m in metas)
+    blocks = _schedule(schedule, metas, world)
+    if blocks:
+        starts = _boundary_starts(metas, torch.device("cpu"))[rank]
+        keep = None if rank == 0 or starts is None else ~starts
+        out, end = P.pipelined(plan(blocks, keep), group, rank, world, grad)
+        if not return_state:
+            return out
+        both = gather(end, group, rank, world, grad=grad)
+        if grad:
+            out = tie(out, both)
+        return out, both[world - 1]
+    local = partial = None
+    if rank == 0 and whole is not None:  # one scan gives its output and its end
+        local = whole()
+        s = local[1]
+        p = torch.zeros_like(s)
+    else:
+        partial, s = from_zero()
+        p = decay(s)
+        if rank == 0:  # the start is known: the end state is the map applied to it
+            if initial is not None:
+                s = p * initial.to(s.dtype) + s
+            p = torch.zeros_like(s)
+    h_in, h_end, both = chain(p, s, metas, group, rank, world, grad)
     if local is not None:
         out = local[0]
     else:

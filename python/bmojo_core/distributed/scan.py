@@ -1,13 +1,20 @@
 """Context-parallel Mamba-1 selective scan: the sequence split in contiguous shards over
-the ranks of a process group. Each rank scans its shard from a zero state (its output
-and its end state ``s``), the ranks exchange ``(P, s)`` (``P = exp(A · ΣΔ)``; :mod:`._affine`:
-one all-gather of ``2 · batch · dim · N`` floats per rank; one all-reduce of ``world``
-times that in the backward), and each rank adds what the state before its shard
-contributes, ``C_t · (exp(A · Σ_{s≤t} Δ_s) ⊙ h_in)`` (gated), by a scan of a zero input
-from that state — over the steps where it still matters only: with ``A ≤ 0`` and ``Δ ≥ 0``
-every term is at most ``e^{-K} |C_t| |h_in|`` once ``min |A_d| · Σ Δ ≥ K = 45`` in every
-channel (``e^{-45} < 2^{-64}``, below fp64 rounding), so the scan stops there. The first
-rank scans once (its start state, ``initial_state``, is known).
+the ranks of a process group, in one of two schedules.
+
+- *pipeline* (:mod:`._pipeline`): the channels are cut into blocks; a rank scans each block
+  once from its true start state, received from the rank before it, and passes its end
+  state on. Nothing is recomputed; the outputs equal the single-process op's bitwise; the
+  cost is a bubble of ``(world - 1) / blocks`` of a scan.
+- *exchange*: each rank scans its shard from a zero state (its output and its end state
+  ``s``), the ranks exchange ``(P, s)`` (``P = exp(A · ΣΔ)``; :mod:`._affine`: one
+  all-gather of ``2 · batch · dim · N`` floats per rank; one all-reduce of ``world`` times
+  that in the backward), and each rank adds what the state before its shard contributes,
+  ``C_t · (exp(A · Σ_{s≤t} Δ_s) ⊙ h_in)`` (gated), by a scan of a zero input from that
+  state — over the steps where it still matters only: with ``A ≤ 0`` and ``Δ ≥ 0`` every
+  term is at most ``e^{-K} |C_t| |h_in|`` once ``min |A_d| · Σ Δ ≥ K = 45`` in every
+  channel (``e^{-45} < 2^{-64}``, below fp64 rounding), so the scan stops there. The first
+  rank scans once (its start state, ``initial_state``, is known). Its cost does not grow
+  with the ranks, so it serves where a pipeline would have too few blocks per rank.
 """
 
 from __future__ import annotations
@@ -20,8 +27,10 @@ from torch import Tensor
 
 from ..ops import selective_scan_fn as _scan
 from ..ops.reference._common import compute_dtype
+from ..ops.scan import check_args
 from ._affine import sharded_scan, starts_inside
-from ._comm import _eager
+from ._comm import _eager, resolve
+from ._pipeline import Plan, block_ranges
 
 __all__ = ["selective_scan_fn"]
 
@@ -193,6 +202,7 @@ def selective_scan_fn(
     initial_state: Tensor | None = None,
     seq_idx: Tensor | None = None,
     group: Any = None,
+    schedule: str = "auto",
 ):
     """:func:`bmojo_core.selective_scan_fn` over a sequence split along L in contiguous
     shards, one per rank of ``group`` (None: the default group), in rank order.
@@ -203,8 +213,15 @@ def selective_scan_fn(
     ``initial_state`` is the state before the whole sequence, read on the first rank (the
     others' is ignored); a packed sequence (``seq_idx``) may cross a shard boundary.
     Returns this shard's ``out``, and with ``return_last_state`` the state after the whole
-    sequence, the same on every rank. Equal to the single-process op up to rounding
-    (the composed start states add a few operations).
+    sequence, the same on every rank.
+
+    ``schedule``: "pipeline" (each rank scans its shard once, channel block by channel
+    block, from the true start state passed on by the rank before it: the output equals
+    the single-process op's bitwise; a bubble of ``(world - 1) / blocks`` of a scan),
+    "exchange" (each rank scans from zero, the ranks exchange their shards' state maps and
+    correct their first steps: equal up to rounding; no bubble, but a correction pass) or
+    "auto" (the pipeline when its bubble is at most 1/8 with blocks of at least ~2^20
+    state-element steps, else the exchange); the same on every rank.
 
     Gradients: a sharded input's gradient is the full gradient for its shard; the
     gradient of a parameter shared by the ranks is this rank's part, to be summed over the
@@ -241,8 +258,33 @@ def selective_scan_fn(
             carry = carry * F.silu(z[..., :n].to(carry.dtype))
         return _add_head(y0, carry.to(y0.dtype))
 
-    def cdt():
-        return compute_dtype(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    rank = resolve(group)[1]
+    tensors = [u, delta, A, B, C, D, z, delta_bias, initial_state if rank == 0 else None,
+               seq_idx]  # fmt: skip
 
-    return sharded_scan(group, seq_idx, "u", cdt, whole, from_zero, decay, from_state,
-                        return_last_state)  # fmt: skip
+    def check():
+        _, _, dtype = check_args(*tensors)
+        batch, dim, length = u.shape
+        n = A.shape[1]
+        grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+        return {"dtype": dtype, "shape": (batch, dim, n), "grad": grad,
+                "work": batch * dim * n * length, "most": dim}  # fmt: skip
+
+    def plan(blocks, keep):
+        def by_channel(t):  # B/C: constant (dim, N), variable (batch, N, L) or grouped
+            return {2: ("c", 0), 3: None}.get(t.dim(), ("g", 1))
+
+        def run(inputs, h):
+            uu, dd, aa, bb, cc, dv, zz, bias, _, sq = inputs
+            return _scan(uu, dd, aa, bb, cc, dv, zz, bias, delta_softplus, True,
+                         initial_state=h, seq_idx=sq)  # fmt: skip
+
+        groups = [t.shape[1] for t in (B, C) if t.dim() == 4]
+        axes = [("c", 1), ("c", 1), ("c", 0), by_channel(B), by_channel(C), ("c", 0),
+                ("c", 1), ("c", 0), ("c", 1), None]  # fmt: skip
+        return Plan(tensors, axes, 8, run, 1, (u.shape[0], u.shape[1], A.shape[1]),
+                    compute_dtype(*tensors[:9]), block_ranges(u.shape[1], groups, blocks),
+                    keep)  # fmt: skip
+
+    return sharded_scan(group, seq_idx, "u", check, whole, from_zero, decay, from_state,
+                        return_last_state, plan=plan, schedule=schedule)  # fmt: skip

@@ -1,10 +1,15 @@
 """Context-parallel Mamba-2 SSD scan: the sequence split along L in contiguous shards over
-the ranks of a process group. As :mod:`.scan`, with one decay per head:
-``P = exp(A_h · ΣΔ)`` broadcast over the head's ``(head_dim, N)`` state; the exchange
-(:mod:`._affine`) moves ``2 · batch · heads · head_dim · N`` floats per rank. A shard's
-end state from a zero start is a matrix product (one decay per head), so every rank
-computes it first, the ranks exchange, and then all scan their shards at once, each from
-the state before it: one scan per rank, all in parallel."""
+the ranks of a process group, in one of two schedules (see :mod:`.scan`).
+
+- *pipeline* (:mod:`._pipeline`): the heads are cut into blocks, scanned once each from
+  their true start state, passed from rank to rank.
+- *exchange*: as :mod:`.scan`'s, with one decay per head: ``P = exp(A_h · ΣΔ)`` broadcast
+  over the head's ``(head_dim, N)`` state; the exchange (:mod:`._affine`) moves ``2 · batch
+  · heads · head_dim · N`` floats per rank. A shard's end state from a zero start is a
+  matrix product (one decay per head), so every rank computes it first, the ranks
+  exchange, and then all scan their shards at once, each from the state before it: one
+  scan per rank, all in parallel.
+"""
 
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ from ..ops.reference._common import compute_dtype, softplus_thresholded
 from ..ops.ssd import check_args
 from ._affine import sharded_scan, starts_inside
 from ._comm import resolve
+from ._pipeline import Plan, block_ranges
 
 __all__ = ["mamba_chunk_scan_combined"]
 
@@ -90,6 +96,7 @@ def mamba_chunk_scan_combined(
     return_varlen_states: bool = False,
     *,
     group: Any = None,
+    schedule: str = "auto",
 ):
     """:func:`bmojo_core.mamba_chunk_scan_combined` over a sequence split along L in
     contiguous shards, one per rank of ``group`` (None: the default group), in rank order.
@@ -100,7 +107,9 @@ def mamba_chunk_scan_combined(
     cross a shard boundary (``cu_seqlens`` and ``return_varlen_states``, which number the
     sequences of one batch row, are not supported: pass ``seq_idx``). Returns this shard's
     ``out`` and, with ``return_final_states``, the state after the whole sequence, the same
-    on every rank. Equal to the single-process op up to rounding.
+    on every rank. Equal to the single-process op up to rounding (a shard's chunks start
+    at its own first position). ``schedule``: as in :func:`.scan.selective_scan_fn`
+    ("auto", "pipeline" over blocks of heads, or "exchange").
 
     Gradients: a sharded input's is the full gradient for its shard; a shared parameter's
     is this rank's part, to be summed over the group. Every rank must run the backward
@@ -110,7 +119,9 @@ def mamba_chunk_scan_combined(
     args = (x, dt, A, B, C, chunk_size)
     rank = resolve(group)[1]
 
-    def cdt():
+    tensors = [x, dt, A, B, C, D, z, dt_bias, initial_states if rank == 0 else None, seq_idx]
+
+    def check():
         if cu_seqlens is not None or return_varlen_states:
             raise V.BmojoValueError(
                 "cu_seqlens: not supported over shards (it numbers the sequences of one "
@@ -118,7 +129,24 @@ def mamba_chunk_scan_combined(
             )
         check_args(*args, D, z, dt_bias, initial_states if rank == 0 else None, seq_idx,
                    dt_limit)  # fmt: skip
-        return compute_dtype(x, dt, A, B, C, D, z, dt_bias, initial_states)
+        b, length, h, p = x.shape
+        grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+        return {"dtype": compute_dtype(x, dt, A, B, C, D, z, dt_bias, initial_states),
+                "shape": (b, h, p, B.shape[3]), "grad": grad,
+                "work": b * h * p * B.shape[3] * length, "most": h}  # fmt: skip
+
+    def plan(blocks, keep):
+        def run(inputs, h):
+            xx, dd, aa, bb, cc, dv, zz, bias, _, sq = inputs
+            return _ssd(xx, dd, aa, bb, cc, chunk_size, dv, zz, bias, h, sq, None,
+                        dt_softplus, dt_limit, True)  # fmt: skip
+
+        axes = [("c", 2), ("c", 2), ("c", 0), ("g", 2), ("g", 2), ("c", 0), ("c", 2),
+                ("c", 0), ("c", 1), None]  # fmt: skip
+        b, _, h, p = x.shape
+        return Plan(tensors, axes, 8, run, 2, (b, h, p, B.shape[3]),
+                    compute_dtype(*tensors[:9]), block_ranges(h, [B.shape[2]], blocks),
+                    keep)  # fmt: skip
 
     def steps(cdt):
         return _dt(dt, dt_bias, bool(dt_softplus), tuple(dt_limit), cdt)
@@ -133,5 +161,6 @@ def mamba_chunk_scan_combined(
     def from_state(h_in, _):
         return _ssd(*args, D, z, dt_bias, h_in, seq_idx, None, dt_softplus, dt_limit)
 
-    return sharded_scan(group, seq_idx, "x", cdt, None, from_zero, decay, from_state,
-                        return_final_states, initial_states)  # fmt: skip
+    return sharded_scan(group, seq_idx, "x", check, None, from_zero, decay, from_state,
+                        return_final_states, initial_states, plan=plan,
+                        schedule=schedule)  # fmt: skip

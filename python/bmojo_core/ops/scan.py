@@ -539,6 +539,46 @@ def selective_scan_fn(
     ``(batch, dim, N)`` in the compute dtype (float64 for float64 inputs, else float32).
     Differentiable in every tensor input and through ``last_state``.
     """
+    Bk, Ck, cdt = check_args(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx)
+    batch, dim, length = u.shape
+    named = {"u": u, "delta": delta, "A": A, "B": B, "C": C, "D": D, "z": z,
+             "delta_bias": delta_bias, "initial_state": initial_state}  # fmt: skip
+    c = V.as_compute
+    if not u.is_cuda and eager_no_grad(named):
+        # Nothing to differentiate, plain CPU tensors: the kernel directly. The dispatcher
+        # and the autograd wrapper cost more than a short scan (~150 µs at L = 1).
+        sq = None if seq_idx is None else seq_idx.to(torch.int64).contiguous()
+        if length == 1 and Bk.dim() == 4 and Ck.dim() == 4 and Bk.shape[1] == Ck.shape[1]:
+            # One position is one decoding step from the initial state: the step kernel
+            # has none of the scan's per-block set-up (chunk buffers, transposes).
+            out, last = _one_step(u, delta, A, Bk, Ck, D, z, delta_bias, initial_state,
+                                  bool(delta_softplus), cdt)  # fmt: skip
+            out = out.to(u.dtype)
+            return (out, last) if return_last_state else out
+        out, last, _ = _sel_fwd_cpu(
+            c(u, cdt), c(delta, cdt), c(A, cdt), c(Bk, cdt), c(Ck, cdt), c(D, cdt), c(z, cdt),
+            c(delta_bias, cdt), c(initial_state, cdt), sq, bool(delta_softplus),
+        )  # fmt: skip
+        out = out.to(u.dtype)
+        return (out, last) if return_last_state else out
+    # The CUDA kernels read float16/bfloat16 activations as they are (half the traffic);
+    # the CPU kernels take everything in the compute dtype.
+    act = u.dtype if u.is_cuda and u.dtype in _HALF else cdt
+    out, last, _ = torch.ops.bmojo.selective_scan_fwd(
+        c(u, act), c(delta, act), c(A, cdt), c(Bk, act if Bk.dim() == 4 else cdt),
+        c(Ck, act if Ck.dim() == 4 else cdt), c(D, cdt), c(z, act), c(delta_bias, cdt),
+        c(initial_state, cdt),
+        None if seq_idx is None else seq_idx.to(torch.int64).contiguous(),
+        bool(delta_softplus),
+    )  # fmt: skip
+    out = out.to(u.dtype)
+    return (out, last) if return_last_state else out
+
+
+def check_args(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx):
+    """The argument checks of :func:`selective_scan_fn` (also run by its context-parallel
+    version before the ranks exchange anything); returns B and C in the kernel layout and
+    the compute dtype."""
     V.device_tensor("u", u)
     if u.dim() != 3:
         raise V.BmojoValueError(f"u: expected shape (batch, dim, L), got {tuple(u.shape)}")
@@ -584,33 +624,4 @@ def selective_scan_fn(
              "delta_bias": delta_bias, "initial_state": initial_state}  # fmt: skip
     V.same_device({**named, "seq_idx": seq_idx}, "u")
     cdt = V.compute_dtype(named, "u")
-    c = V.as_compute
-    if not u.is_cuda and eager_no_grad(named):
-        # Nothing to differentiate, plain CPU tensors: the kernel directly. The dispatcher
-        # and the autograd wrapper cost more than a short scan (~150 µs at L = 1).
-        sq = None if seq_idx is None else seq_idx.to(torch.int64).contiguous()
-        if length == 1 and Bk.dim() == 4 and Ck.dim() == 4 and Bk.shape[1] == Ck.shape[1]:
-            # One position is one decoding step from the initial state: the step kernel
-            # has none of the scan's per-block set-up (chunk buffers, transposes).
-            out, last = _one_step(u, delta, A, Bk, Ck, D, z, delta_bias, initial_state,
-                                  bool(delta_softplus), cdt)  # fmt: skip
-            out = out.to(u.dtype)
-            return (out, last) if return_last_state else out
-        out, last, _ = _sel_fwd_cpu(
-            c(u, cdt), c(delta, cdt), c(A, cdt), c(Bk, cdt), c(Ck, cdt), c(D, cdt), c(z, cdt),
-            c(delta_bias, cdt), c(initial_state, cdt), sq, bool(delta_softplus),
-        )  # fmt: skip
-        out = out.to(u.dtype)
-        return (out, last) if return_last_state else out
-    # The CUDA kernels read float16/bfloat16 activations as they are (half the traffic);
-    # the CPU kernels take everything in the compute dtype.
-    act = u.dtype if u.is_cuda and u.dtype in _HALF else cdt
-    out, last, _ = torch.ops.bmojo.selective_scan_fwd(
-        c(u, act), c(delta, act), c(A, cdt), c(Bk, act if Bk.dim() == 4 else cdt),
-        c(Ck, act if Ck.dim() == 4 else cdt), c(D, cdt), c(z, act), c(delta_bias, cdt),
-        c(initial_state, cdt),
-        None if seq_idx is None else seq_idx.to(torch.int64).contiguous(),
-        bool(delta_softplus),
-    )  # fmt: skip
-    out = out.to(u.dtype)
-    return (out, last) if return_last_state else out
+    return Bk, Ck, cdt
