@@ -94,7 +94,7 @@ class Plan:
     keep: Tensor | None = None
 
 
-def _cut(t: Tensor | None, how: tuple[str, int] | None, rng: tuple[int, int, int, int],
+def _cut(t: Tensor | None, how: tuple[str, int] | None, rng: tuple[int, int],
          channels: int):  # fmt: skip
     """The key of block ``rng``'s part of an input (equal keys: the same part) and that
     part; a grouped input's groups are ``channels / groups`` consecutive channels each."""
@@ -165,12 +165,12 @@ class _Wave(torch.autograd.Function):
                 out, end = plan.run(inputs, h)
             if comm.next is not None:
                 sends.append(comm.send(end.detach().contiguous(), comm.next, k))
-            blocks.append((rng, inputs, h, out, end))
+            blocks.append((rng, h, out, end))
         for w in sends:
             w.wait()
         ctx.plan, ctx.comm, ctx.blocks, ctx.leaves, ctx.n = plan, comm, blocks, leaves, len(tensors)
-        out = torch.cat([b[3].detach() for b in blocks], plan.out_axis)
-        end = torch.cat([b[4].detach() for b in blocks], 1)
+        out = torch.cat([b[2].detach() for b in blocks], plan.out_axis)
+        end = torch.cat([b[3].detach() for b in blocks], 1)
         return out, end
 
     @staticmethod
@@ -180,7 +180,7 @@ class _Wave(torch.autograd.Function):
         bufs = [plan_state(plan, b[0]) for b in ctx.blocks] if comm.next is not None else []
         pending = comm.recv(bufs, comm.next) if bufs else []
         sends = []
-        for k, (rng, _, h, out, end) in enumerate(ctx.blocks):
+        for k, (rng, h, out, end) in enumerate(ctx.blocks):
             c0, c1 = rng[0], rng[1]
             d_end = None if g_end is None else g_end[:, c0:c1]
             if bufs:
