@@ -9,6 +9,7 @@ the shard that produced it."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -121,15 +122,17 @@ def sharded_scan(
     return_state: bool,
     initial: Tensor | None = None,
     *,
-    plan: Callable[[int, Tensor | None], P.Plan],
+    tensors: list[Tensor | None],
+    plan: Callable[[int, Tensor | None, dict[str, Any]], P.Plan],
     schedule: Any = "auto",
 ):
     """A diagonal scan over shards. ``check()`` checks the arguments (all of them: what
     follows runs after the ranks agreed that every rank's are good) and returns this
-    rank's ``dtype`` (compute dtype), ``shape`` (the state's), ``grad`` (whether anything
-    is differentiated), ``work`` (state-element steps) and ``most`` (the most blocks of
-    the pipeline). Then either the pipeline (:mod:`._pipeline`; ``plan(blocks, keep)``
-    describes the op) or the exchange schedule: every rank but the first runs
+    rank's ``dtype`` (compute dtype), ``shape`` (the state's), ``length`` (the shard's)
+    and ``most`` (the most blocks of the pipeline); ``tensors``: the op's tensor
+    arguments (whether any is differentiated). Then either the pipeline
+    (:mod:`._pipeline`; ``plan(blocks, keep, info)`` describes the op, ``info`` what
+    ``check`` returned) or the exchange schedule: every rank but the first runs
     ``from_zero()`` (``(partial, s)``: what a zero start gives of its output, if anything,
     and its end state) and ``decay(s)`` (its P), then, once the states are exchanged,
     ``from_state(h_in, partial)`` (its output from the state before its shard). The
@@ -148,7 +151,9 @@ def sharded_scan(
                 f"schedule: expected one of {', '.join(map(repr, SCHEDULES))}, got {schedule!r}"
             )
         info = check()
-        meta.update(info, dtype=str(info["dtype"]))
+        grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+        meta.update(dtype=str(info["dtype"]), shape=tuple(info["shape"]), grad=grad,
+                    work=math.prod(info["shape"]) * info["length"], most=info["most"])  # fmt: skip
     except Exception as exc:  # every rank must hear of it before any waits on a collective
         err = exc
     metas = agree(group, err, meta)
@@ -158,7 +163,7 @@ def sharded_scan(
     if blocks:
         starts = _boundary_starts(metas, torch.device("cpu"))[rank]
         keep = None if rank == 0 or starts is None else ~starts
-        out, end = P.pipelined(plan(blocks, keep), group, rank, world, grad)
+        out, end = P.pipelined(plan(blocks, keep, info), group, rank, world, grad)
         if not return_state:
             return out
         both = gather(end, group, rank, world, grad=grad)

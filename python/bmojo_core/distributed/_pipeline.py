@@ -134,9 +134,9 @@ class _Wave(torch.autograd.Function):
     block between the messages and assembles the inputs' gradients."""
 
     @staticmethod
-    def forward(ctx, plan: Plan, comm: _Comm, rank: int, grad: bool, _anchor: Tensor,
+    def forward(ctx, plan: Plan, comm: _Comm, grad: bool, _anchor: Tensor,
                 *tensors: Tensor | None):  # type: ignore[override]  # fmt: skip
-        need = ctx.needs_input_grad[5:]
+        need = ctx.needs_input_grad[4:]
         leaves: dict[tuple[int, Any], Tensor] = {}
 
         def part(i: int, rng):
@@ -202,7 +202,7 @@ class _Wave(torch.autograd.Function):
             w.wait()
         grads = [_assemble(plan, ctx.leaves, i) for i in range(ctx.n)]
         del ctx.blocks, ctx.leaves
-        return (None, None, None, None, None, *grads)
+        return (None, None, None, None, *grads)
 
 
 def _rows(keep: Tensor, like: Tensor) -> Tensor:
@@ -236,4 +236,4 @@ def pipelined(plan: Plan, group: Any, rank: int, world: int, grad: bool) -> tupl
     every rank) makes the output differentiable on every rank, so that every rank runs the
     backward wavefront."""
     anchor = torch.zeros(0, requires_grad=grad)
-    return _Wave.apply(plan, _Comm(group, rank, world), rank, grad, anchor, *plan.tensors)
+    return _Wave.apply(plan, _Comm(group, rank, world), grad, anchor, *plan.tensors)

@@ -26,7 +26,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..ops import selective_scan_fn as _scan
-from ..ops.reference._common import compute_dtype
 from ..ops.scan import check_args
 from ._affine import sharded_scan, starts_inside
 from ._comm import _eager, resolve
@@ -265,12 +264,10 @@ def selective_scan_fn(
     def check():
         _, _, dtype = check_args(*tensors)
         batch, dim, length = u.shape
-        n = A.shape[1]
-        grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-        return {"dtype": dtype, "shape": (batch, dim, n), "grad": grad,
-                "work": batch * dim * n * length, "most": dim}  # fmt: skip
+        return {"dtype": dtype, "shape": (batch, dim, A.shape[1]), "length": length,
+                "most": dim}  # fmt: skip
 
-    def plan(blocks, keep):
+    def plan(blocks, keep, info):
         def by_channel(t):  # B/C: constant (dim, N), variable (batch, N, L) or grouped
             return {2: ("c", 0), 3: None}.get(t.dim(), ("g", 1))
 
@@ -282,9 +279,9 @@ def selective_scan_fn(
         groups = [t.shape[1] for t in (B, C) if t.dim() == 4]
         axes = [("c", 1), ("c", 1), ("c", 0), by_channel(B), by_channel(C), ("c", 0),
                 ("c", 1), ("c", 0), ("c", 1), None]  # fmt: skip
-        return Plan(tensors, axes, 8, run, 1, (u.shape[0], u.shape[1], A.shape[1]),
-                    compute_dtype(*tensors[:9]), block_ranges(u.shape[1], groups, blocks),
-                    keep)  # fmt: skip
+        return Plan(tensors, axes, 8, run, 1, info["shape"], info["dtype"],
+                    block_ranges(u.shape[1], groups, blocks), keep)  # fmt: skip
 
     return sharded_scan(group, seq_idx, "u", check, whole, from_zero, decay, from_state,
-                        return_last_state, plan=plan, schedule=schedule)  # fmt: skip
+                        return_last_state, tensors=tensors, plan=plan,
+                        schedule=schedule)  # fmt: skip

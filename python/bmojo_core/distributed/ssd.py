@@ -130,12 +130,10 @@ def mamba_chunk_scan_combined(
         check_args(*args, D, z, dt_bias, initial_states if rank == 0 else None, seq_idx,
                    dt_limit)  # fmt: skip
         b, length, h, p = x.shape
-        grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
         return {"dtype": compute_dtype(x, dt, A, B, C, D, z, dt_bias, initial_states),
-                "shape": (b, h, p, B.shape[3]), "grad": grad,
-                "work": b * h * p * B.shape[3] * length, "most": h}  # fmt: skip
+                "shape": (b, h, p, B.shape[3]), "length": length, "most": h}  # fmt: skip
 
-    def plan(blocks, keep):
+    def plan(blocks, keep, info):
         def run(inputs, h):
             xx, dd, aa, bb, cc, dv, zz, bias, _, sq = inputs
             return _ssd(xx, dd, aa, bb, cc, chunk_size, dv, zz, bias, h, sq, None,
@@ -143,10 +141,8 @@ def mamba_chunk_scan_combined(
 
         axes = [("c", 2), ("c", 2), ("c", 0), ("g", 2), ("g", 2), ("c", 0), ("c", 2),
                 ("c", 0), ("c", 1), None]  # fmt: skip
-        b, _, h, p = x.shape
-        return Plan(tensors, axes, 8, run, 2, (b, h, p, B.shape[3]),
-                    compute_dtype(*tensors[:9]), block_ranges(h, [B.shape[2]], blocks),
-                    keep)  # fmt: skip
+        return Plan(tensors, axes, 8, run, 2, info["shape"], info["dtype"],
+                    block_ranges(x.shape[2], [B.shape[2]], blocks), keep)  # fmt: skip
 
     def steps(cdt):
         return _dt(dt, dt_bias, bool(dt_softplus), tuple(dt_limit), cdt)
@@ -162,5 +158,5 @@ def mamba_chunk_scan_combined(
         return _ssd(*args, D, z, dt_bias, h_in, seq_idx, None, dt_softplus, dt_limit)
 
     return sharded_scan(group, seq_idx, "x", check, None, from_zero, decay, from_state,
-                        return_final_states, initial_states, plan=plan,
+                        return_final_states, initial_states, tensors=tensors, plan=plan,
                         schedule=schedule)  # fmt: skip
